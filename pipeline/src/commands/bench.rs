@@ -1,0 +1,134 @@
+//! `awq bench eval`: perplexity-evaluation throughput, reported against a roofline measured
+//! in the same run (the f32 GEMM rate of this machine on the model's own shapes).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde::Serialize;
+use tp_runtime::ModelConfig;
+use tp_runtime::backend::cpu::matmul_transposed;
+
+use super::eval::{EvalArgs, EvalReport, evaluate_checkpoint, write_json};
+use crate::progress::log;
+use crate::provenance;
+
+/// `awq bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Perplexity-evaluation tokens/s against this machine's measured GEMM roofline.
+    Eval(EvalArgs),
+}
+
+/// The same-run baseline: how fast this machine multiplies f32 matrices of the model's shape.
+#[derive(Debug, Serialize)]
+pub struct GemmBaseline {
+    pub name: &'static str,
+    /// `[m, k] × [k, n]`.
+    pub shape: [usize; 3],
+    pub gflops: f64,
+    /// Model FLOPs per evaluated token (linear layers, lm_head, attention at this ctx).
+    pub flops_per_token: f64,
+    /// Tokens/s if every FLOP ran at the measured GEMM rate.
+    pub roofline_tokens_per_second: f64,
+}
+
+/// `awq bench eval`'s report.
+#[derive(Debug, Serialize)]
+pub struct BenchEvalReport {
+    pub eval: EvalReport,
+    pub baseline: GemmBaseline,
+    /// Measured tokens/s over the roofline.
+    pub fraction_of_roofline: f64,
+}
+
+/// FLOPs per token of a forward pass at context `ctx` (multiply-add = 2).
+pub fn flops_per_token(c: &ModelConfig, ctx: usize) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let (q, kv) = (c.q_features() as f64, c.kv_features() as f64);
+    let layer_params = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let linear = 2.0 * (layer_params * c.num_hidden_layers as f64 + c.vocab_size as f64 * h);
+    // Scores and weighted values, each 2·head_dim FLOPs per visible key; on average
+    // (ctx + 1) / 2 keys are visible.
+    let attention = 2.0 * 2.0 * q * (ctx as f64 + 1.0) / 2.0 * c.num_hidden_layers as f64;
+    linear + attention
+}
+
+fn gemm_gflops(m: usize, k: usize, n: usize) -> f64 {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let mut out = vec![0f32; m * n];
+    matmul_transposed(&x, &w, &mut out, m, k, n);
+    let start = Instant::now();
+    let mut reps = 0u32;
+    while start.elapsed().as_secs_f64() < 2.0 {
+        matmul_transposed(&x, &w, &mut out, m, k, n);
+        reps += 1;
+    }
+    2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Runs a bench subcommand.
+pub fn run(command: &BenchCommand) -> Result<()> {
+    let BenchCommand::Eval(args) = command;
+    let threads = provenance::set_threads(args.threads)?;
+    let eval = evaluate_checkpoint(args, threads)?;
+    let c = &eval.model.config;
+    let shape = [args.ctx, c.hidden_size, c.intermediate_size];
+    log(format!("measuring the f32 GEMM rate on {shape:?}"));
+    let gflops = gemm_gflops(shape[0], shape[1], shape[2]);
+    let flops = flops_per_token(c, args.ctx);
+    let roofline = gflops * 1e9 / flops;
+    let report = BenchEvalReport {
+        fraction_of_roofline: eval.tokens_per_second / roofline,
+        baseline: GemmBaseline {
+            name: "f32 GEMM roofline (gemm crate, same run)",
+            shape,
+            gflops,
+            flops_per_token: flops,
+            roofline_tokens_per_second: roofline,
+        },
+        eval,
+    };
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| perplexity ({}, ctx {}, {} windows) | {:.4} |",
+        report.eval.protocol, report.eval.ctx, report.eval.windows, report.eval.ppl
+    );
+    println!(
+        "| evaluation tokens/s ({} threads) | {:.1} |",
+        threads, report.eval.tokens_per_second
+    );
+    println!("| baseline: f32 GEMM {:?} | {:.1} GFLOP/s |", shape, gflops);
+    println!(
+        "| roofline tokens/s ({:.3} GFLOP/token) | {:.1} |",
+        flops / 1e9,
+        roofline
+    );
+    println!("| fraction of roofline | {:.3} |", report.fraction_of_roofline);
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+        log(format!("report written to {}", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_flops_match_hand_count() {
+        let c = ModelConfig::from_json(
+            &serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":576,"intermediate_size":1536,
+                "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
+                "vocab_size":49152,"tie_word_embeddings":true}),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        // 2 × 134.5 M parameters in linear layers and lm_head (ANCHORS.md: ≈ 0.27 GFLOP).
+        let linear = flops_per_token(&c, 0) - 2.0 * 2.0 * 576.0 * 0.5 * 30.0;
+        assert!((linear / 1e9 - 0.269).abs() < 0.002, "{linear}");
+    }
+}

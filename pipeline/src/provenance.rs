@@ -1,0 +1,104 @@
+//! What every report records so that a number can be traced and rerun: tool version and
+//! commit, machine, threads, peak memory, and fingerprints of inputs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tp_runtime::digest::sha256_file;
+
+/// The tool that produced a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ToolInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub git_commit: &'static str,
+}
+
+/// This build of `awq`.
+pub fn tool() -> ToolInfo {
+    ToolInfo {
+        name: "awq",
+        version: env!("CARGO_PKG_VERSION"),
+        git_commit: env!("AWQ_GIT_COMMIT"),
+    }
+}
+
+/// A short description of the machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub os: &'static str,
+    pub arch: &'static str,
+    pub cpu: Option<String>,
+    pub logical_cpus: usize,
+    pub memory_bytes: Option<u64>,
+}
+
+fn proc_field(file: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|rest| rest.trim_start_matches([':', ' ', '\t']).trim().to_string())
+}
+
+/// The machine we run on.
+pub fn machine() -> Machine {
+    Machine {
+        os: std::env::consts::OS,
+        arch: std::env::consts::ARCH,
+        cpu: proc_field("/proc/cpuinfo", "model name"),
+        logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_bytes: proc_field("/proc/meminfo", "MemTotal")
+            .and_then(|v| v.trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024),
+    }
+}
+
+/// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_field("/proc/self/status", "VmHWM")
+        .and_then(|v| v.trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// A file's identity in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileDigest {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Size and SHA-256 of one file.
+pub fn digest(path: &Path) -> Result<FileDigest> {
+    let bytes = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .len();
+    Ok(FileDigest {
+        path: path.display().to_string(),
+        bytes,
+        sha256: sha256_file(path)?,
+    })
+}
+
+/// Digests of every regular file directly inside `dir`, sorted by name.
+pub fn digest_dir(dir: &Path) -> Result<Vec<FileDigest>> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| digest(p)).collect()
+}
+
+/// Sets the size of rayon's global pool (every parallel loop and product uses it).
+pub fn set_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("starting the thread pool")?;
+    Ok(n)
+}

@@ -1,0 +1,117 @@
+//! The `awq` binary end to end: evaluation under the llama.cpp protocol with its JSON report,
+//! and clean failures on bad input.
+
+use std::process::Command;
+
+fn awq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_awq"))
+}
+
+#[test]
+fn llamacpp_protocol_report_matches_reference() {
+    let (Some(model), Some(data), Some(reference)) = (
+        testkit::smollm2_f32(),
+        testkit::shared("data/wikitext-2-raw/wiki.test.raw"),
+        testkit::shared("ref/smollm2-135m/ppl_reference.json"),
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("eval.json");
+    let out = awq()
+        .args(["eval", model.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args([
+            "--ctx",
+            "512",
+            "--windows",
+            "40",
+            "--protocol",
+            "llamacpp",
+            "--batch",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = testkit::read_json(&json);
+    let reference = testkit::read_json(&reference);
+    let want = reference["transformers"]["ctx512_first40"]["llamacpp_second_half"]["ppl"]
+        .as_f64()
+        .unwrap();
+    let ppl = report["ppl"].as_f64().unwrap();
+    assert!(
+        (ppl - want).abs() / want < 5e-4,
+        "PPL {ppl} vs transformers {want}"
+    );
+    assert_eq!(report["predictions"], 10_200);
+    assert_eq!(report["protocol"], "llamacpp");
+    assert_eq!(report["windows"], 40);
+    assert_eq!(report["windows_available"], 592);
+    // SmolLM2's tokenizer adds no BOS, so llama-perplexity keeps each window's first token.
+    assert!(report["bos"].is_null());
+    assert_eq!(report["data"]["tokens"], 303_415);
+    assert_eq!(report["data"]["file"]["sha256"], reference["data"]["sha256"]);
+    let files = report["model"]["files"].as_array().unwrap();
+    let weights = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("model.safetensors"))
+        .unwrap();
+    assert_eq!(weights["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(report["tokenizer"]["sha256"].as_str().unwrap().len(), 64);
+    for key in ["tokens_per_second", "eval_seconds", "wall_seconds"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(report["threads"].as_u64().unwrap() >= 1);
+    assert_eq!(report["tool"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(!report["tool"]["git_commit"].as_str().unwrap().is_empty());
+    // Weights are used in place from the mapped file: peak memory stays near its size.
+    let model_bytes = weights["bytes"].as_f64().unwrap();
+    let peak = report["peak_rss_bytes"].as_f64().unwrap();
+    assert!(
+        peak < 1.5 * model_bytes,
+        "peak RSS {peak} for a {model_bytes}-byte model"
+    );
+}
+
+#[test]
+fn bad_model_folder_fails_cleanly() {
+    let Some(data) = testkit::shared("data/wikitext-2-raw/wiki.test.raw") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = awq()
+        .args([
+            "eval",
+            tmp.path().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--ctx",
+            "512",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("error:") && stderr.contains("tokenizer.json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn missing_gguf_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = awq()
+        .args(["import-gguf", "/nonexistent/model.gguf", "--out"])
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!tmp.path().join("out").exists());
+}

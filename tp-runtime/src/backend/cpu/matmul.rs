@@ -1,0 +1,81 @@
+//! Dense f32 products through the `gemm` crate.
+
+use gemm::{Parallelism, gemm};
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_THRESHOLD: usize = 1 << 18;
+
+fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * k * n >= PARALLEL_THRESHOLD && rayon::current_thread_index().is_none() {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, where `w` is a PyTorch-layout weight (`[out, in]`).
+///
+/// Runs on the rayon pool when called from outside it and the product is large enough;
+/// inside a rayon task it stays on that task's thread.
+pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: the three slices have exactly the extents the strides below describe:
+    // out is m×n row-major, x is m×k row-major, and rhs(r, c) = w[c·k + r] is k×n.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, k, n),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive_product() {
+        let (m, k, n) = (37, 53, 29);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let mut out = vec![f32::NAN; m * n];
+        matmul_transposed(&x, &w, &mut out, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                assert!((out[i * n + j] as f64 - want).abs() < 1e-4, "({i},{j})");
+            }
+        }
+    }
+}

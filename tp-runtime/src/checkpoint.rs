@@ -1,0 +1,520 @@
+//! Memory-mapped safetensors checkpoints: one `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::{Deref, Range};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{Error, Result};
+
+/// Name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One memory-mapped safetensors file.
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+#[derive(Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the mapped file.
+    range: Range<usize>,
+}
+
+/// A checkpoint directory whose tensors are read lazily from memory-mapped files.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<Arc<MappedFile>>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("files", &self.files.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        if index_path.exists() {
+            let weight_map = read_index(&index_path)?;
+            let mut shard_names: Vec<&String> = weight_map.values().collect();
+            shard_names.sort();
+            shard_names.dedup();
+            for shard in shard_names {
+                let listed: Vec<&str> = weight_map
+                    .iter()
+                    .filter(|(_, file)| *file == shard)
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                checkpoint.add_file(&dir.join(shard), Some((&index_path, &listed)))?;
+            }
+        } else if single_path.exists() {
+            checkpoint.add_file(&single_path, None)?;
+        } else {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
+                ),
+            ));
+        }
+        Ok(checkpoint)
+    }
+
+    /// Maps one safetensors file and registers its tensors; with `listed`, checks that the
+    /// file holds exactly the tensors the index assigns to it.
+    fn add_file(&mut self, path: &Path, listed: Option<(&Path, &[&str])>) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and we never hand out mutable views; a
+        // concurrent writer would be a user error, as with every mmap-based loader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let data_start = 8 + header_len;
+        let file_index = self.files.len();
+        let mut names: Vec<String> = Vec::new();
+        for (name, info) in metadata.tensors() {
+            let (start, end) = info.data_offsets;
+            let entry = TensorEntry {
+                file: file_index,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: data_start + start..data_start + end,
+            };
+            if self.tensors.insert(name.clone(), entry).is_some() {
+                return Err(Error::Safetensors {
+                    path: path.to_owned(),
+                    message: format!("tensor `{name}` also appears in another shard"),
+                });
+            }
+            names.push(name);
+        }
+        if let Some((index_path, listed)) = listed {
+            for want in listed {
+                if !names.iter().any(|n| n == want) {
+                    return Err(Error::Safetensors {
+                        path: path.to_owned(),
+                        message: format!(
+                            "{} assigns tensor `{want}` to this shard, but the shard does not hold it",
+                            index_path.display()
+                        ),
+                    });
+                }
+            }
+            if let Some(extra) = names.iter().find(|n| !listed.contains(&n.as_str())) {
+                return Err(Error::Safetensors {
+                    path: path.to_owned(),
+                    message: format!(
+                        "shard holds tensor `{extra}`, which {} does not assign to it",
+                        index_path.display()
+                    ),
+                });
+            }
+        }
+        self.files.push(Arc::new(MappedFile {
+            path: path.to_owned(),
+            mmap,
+        }));
+        Ok(())
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The safetensors files, in the order they were opened.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
+    }
+
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// A handle to the named tensor; an error naming the checkpoint if it is absent.
+    pub fn tensor(&self, name: &str) -> Result<TensorRef> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.dir.clone(),
+            name: name.into(),
+        })?;
+        Ok(TensorRef {
+            file: Arc::clone(&self.files[entry.file]),
+            name: name.into(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            range: entry.range.clone(),
+        })
+    }
+
+    /// Like [`Checkpoint::tensor`], also checking the shape.
+    pub fn tensor_with_shape(&self, name: &str, expected: &[usize]) -> Result<TensorRef> {
+        let t = self.tensor(name)?;
+        t.expect_shape(expected)?;
+        Ok(t)
+    }
+}
+
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_owned(),
+        source,
+    })?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::MissingKey {
+            path: path.to_owned(),
+            key: "weight_map".into(),
+            expected: "an object from tensor name to shard file name",
+        })?;
+    map.iter()
+        .map(|(name, file)| {
+            let file = file.as_str().ok_or_else(|| Error::BadValue {
+                path: path.to_owned(),
+                key: format!("weight_map.{name}"),
+                message: format!("expected a file name, found {file}"),
+            })?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::BadValue {
+                    path: path.to_owned(),
+                    key: format!("weight_map.{name}"),
+                    message: format!("shard `{file}` must be a plain file name in the same directory"),
+                });
+            }
+            Ok((name.clone(), file.to_owned()))
+        })
+        .collect()
+}
+
+/// A cheap, clonable handle to one tensor inside a mapped file.
+#[derive(Clone)]
+pub struct TensorRef {
+    file: Arc<MappedFile>,
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+impl fmt::Debug for TensorRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:?} {:?} in {}",
+            self.name,
+            self.dtype,
+            self.shape,
+            self.file.path.display()
+        )
+    }
+}
+
+impl TensorRef {
+    /// The tensor's name in the checkpoint.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file that holds it.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    /// Its element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Its shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The raw little-endian bytes, straight from the mapping.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.mmap[self.range.clone()]
+    }
+
+    /// An error unless the shape equals `expected`.
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.file.path.clone(),
+                name: self.name.clone(),
+                found: self.shape.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn unsupported(&self, expected: &'static str) -> Error {
+        Error::UnsupportedDtype {
+            path: self.file.path.clone(),
+            name: self.name.clone(),
+            found: format!("{:?}", self.dtype),
+            expected,
+        }
+    }
+
+    /// The values as f32: borrowed from the mapping when stored as aligned f32, converted
+    /// otherwise. Non-finite values are refused, naming the tensor.
+    pub fn to_f32(&self) -> Result<F32Data> {
+        let data = match self.dtype {
+            Dtype::F32 if bytemuck::try_cast_slice::<u8, f32>(self.bytes()).is_ok() => {
+                F32Data::Mapped(self.clone())
+            }
+            Dtype::F32 => F32Data::Owned(
+                self.bytes()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            Dtype::F16 => F32Data::Owned(
+                self.bytes()
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            ),
+            Dtype::BF16 => F32Data::Owned(
+                self.bytes()
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            ),
+            _ => return Err(self.unsupported("F32, F16 or BF16")),
+        };
+        if let Some(index) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                path: self.file.path.clone(),
+                name: self.name.clone(),
+                index,
+            });
+        }
+        Ok(data)
+    }
+
+    /// The values of an I32 tensor (packed quantized weights).
+    pub fn to_i32(&self) -> Result<Vec<i32>> {
+        if self.dtype != Dtype::I32 {
+            return Err(self.unsupported("I32"));
+        }
+        Ok(self
+            .bytes()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+/// f32 values either borrowed from a mapped file or owned.
+#[derive(Clone)]
+pub enum F32Data {
+    /// Zero-copy view of an aligned little-endian f32 tensor.
+    Mapped(TensorRef),
+    /// Converted or computed values.
+    Owned(Vec<f32>),
+}
+
+impl Deref for F32Data {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            // Alignment was checked when the variant was built.
+            F32Data::Mapped(t) => bytemuck::cast_slice(t.bytes()),
+            F32Data::Owned(v) => v,
+        }
+    }
+}
+
+impl From<Vec<f32>> for F32Data {
+    fn from(v: Vec<f32>) -> Self {
+        F32Data::Owned(v)
+    }
+}
+
+impl fmt::Debug for F32Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            F32Data::Mapped(t) => write!(f, "F32Data::Mapped({t:?})"),
+            F32Data::Owned(v) => write!(f, "F32Data::Owned({} values)", v.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn write(dir: &Path, name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> PathBuf {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let path = dir.join(name);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn reads_f32_zero_copy_and_f16_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let half: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect();
+        write(
+            dir.path(),
+            SINGLE_FILE,
+            &[
+                ("a", Dtype::F32, vec![2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                ("b", Dtype::F16, vec![2], half),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let a = ck.tensor_with_shape("a", &[2, 2]).unwrap().to_f32().unwrap();
+        assert!(matches!(a, F32Data::Mapped(_)));
+        assert_eq!(&*a, &[1.0, 2.0, 3.0, 4.0]);
+        let b = ck.tensor("b").unwrap().to_f32().unwrap();
+        assert_eq!(&*b, &[1.5, -2.0]);
+        let err = ck.tensor_with_shape("a", &[4]).unwrap_err().to_string();
+        assert!(
+            err.contains("`a`") && err.contains("[2, 2]") && err.contains("[4]"),
+            "{err}"
+        );
+        let err = ck.tensor("c").unwrap_err().to_string();
+        assert!(err.contains("`c` is missing"), "{err}");
+    }
+
+    #[test]
+    fn truncated_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            SINGLE_FILE,
+            &[("a", Dtype::F32, vec![4], f32_bytes(&[1.0; 4]))],
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn header_longer_than_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = 1_000_000u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(dir.path().join(SINGLE_FILE), bytes).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("invalid header length"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            SINGLE_FILE,
+            &[("w", Dtype::F32, vec![3], f32_bytes(&[1.0, f32::NAN, 0.0]))],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let err = ck.tensor("w").unwrap().to_f32().unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("element 1"), "{err}");
+    }
+
+    #[test]
+    fn sharded_checkpoint_must_agree_with_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "model-00001-of-00002.safetensors",
+            &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
+        );
+        write(
+            dir.path(),
+            "model-00002-of-00002.safetensors",
+            &[("b", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
+        );
+        let index = |b_file: &str| {
+            format!(
+                r#"{{"metadata":{{}},"weight_map":{{"a":"model-00001-of-00002.safetensors","b":"{b_file}"}}}}"#
+            )
+        };
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            index("model-00002-of-00002.safetensors"),
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(&*ck.tensor("b").unwrap().to_f32().unwrap(), &[2.0]);
+        assert_eq!(ck.files().count(), 2);
+
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            index("model-00001-of-00002.safetensors"),
+        )
+        .unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("assigns tensor `b`"), "{err}");
+    }
+
+    #[test]
+    fn empty_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no model.safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,392 @@
+//! `config.json` of a Hugging Face Llama-family checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+/// The model families we run; they share one decoder and differ in biases and defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Architecture {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM` (a Llama with an optional sliding window).
+    Mistral,
+    /// `Qwen2ForCausalLM` (a Llama with q/k/v biases).
+    Qwen2,
+}
+
+impl Architecture {
+    /// The class name transformers writes in `architectures`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// The `model_type` transformers writes.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Parses a class name from `architectures`.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Mistral, Self::Qwen2]
+            .into_iter()
+            .find(|a| a.hf_name() == name)
+    }
+}
+
+/// The shape and constants of a Llama-family decoder, read from `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub vocab_size: usize,
+    /// q/k/v projections carry a bias (Qwen2 always; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Keys further back than this many positions are masked (Mistral).
+    pub sliding_window: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&value, path)
+    }
+
+    /// Checks a parsed `config.json`; `path` is only used in error messages.
+    pub fn from_json(value: &Value, path: &Path) -> Result<Self> {
+        let keys = Keys {
+            map: value.as_object().ok_or_else(|| Error::BadValue {
+                path: path.to_owned(),
+                key: "(top level)".into(),
+                message: "expected a JSON object".into(),
+            })?,
+            path: path.to_owned(),
+        };
+        let architecture = keys.architecture()?;
+        let hidden_size = keys.usize("hidden_size")?;
+        let num_attention_heads = keys.usize("num_attention_heads")?;
+        let num_key_value_heads = keys
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        let head_dim = match keys.opt_usize("head_dim")? {
+            Some(d) => d,
+            None => {
+                if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                    return Err(keys.bad(
+                        "head_dim",
+                        format!("absent, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if num_attention_heads == 0 || num_key_value_heads == 0 {
+            return Err(keys.bad("num_attention_heads", "heads must be positive".into()));
+        }
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(keys.bad(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        if head_dim % 2 != 0 {
+            return Err(keys.bad(
+                "head_dim",
+                format!("{head_dim} is odd; rotary embeddings need an even head_dim"),
+            ));
+        }
+        let act = keys.opt_str("hidden_act")?.unwrap_or("silu");
+        if act != "silu" {
+            return Err(keys.bad("hidden_act", format!("`{act}` is not supported (only silu)")));
+        }
+        if keys.opt_bool("mlp_bias")?.unwrap_or(false) {
+            return Err(keys.bad("mlp_bias", "MLP biases are not supported".into()));
+        }
+        let attention_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let sliding_window = match architecture {
+            Architecture::Mistral => keys.opt_usize("sliding_window")?,
+            Architecture::Qwen2 if keys.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(keys.bad(
+                    "use_sliding_window",
+                    "Qwen2 sliding-window attention is not supported".into(),
+                ));
+            }
+            _ => None,
+        };
+        let rope_theta = keys.rope_theta()?;
+        let config = ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: keys.usize("intermediate_size")?,
+            num_hidden_layers: keys.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: keys.f64("rms_norm_eps")? as f32,
+            rope_theta,
+            tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            vocab_size: keys.usize("vocab_size")?,
+            qkv_bias,
+            o_bias,
+            sliding_window,
+            max_position_embeddings: keys.opt_usize("max_position_embeddings")?,
+            bos_token_id: keys.opt_token_id("bos_token_id")?,
+            eos_token_id: keys.opt_token_id("eos_token_id")?,
+        };
+        for (key, v) in [
+            ("hidden_size", config.hidden_size),
+            ("intermediate_size", config.intermediate_size),
+            ("num_hidden_layers", config.num_hidden_layers),
+            ("vocab_size", config.vocab_size),
+        ] {
+            if v == 0 {
+                return Err(keys.bad(key, "must be positive".into()));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Output features of q_proj: `num_attention_heads × head_dim`.
+    pub fn q_features(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Output features of k_proj and v_proj: `num_key_value_heads × head_dim`.
+    pub fn kv_features(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+}
+
+/// Typed access to a config object, with errors that name the file and key.
+struct Keys<'a> {
+    map: &'a Map<String, Value>,
+    path: PathBuf,
+}
+
+impl Keys<'_> {
+    fn bad(&self, key: &str, message: String) -> Error {
+        Error::BadValue {
+            path: self.path.clone(),
+            key: key.into(),
+            message,
+        }
+    }
+
+    fn missing(&self, key: &str, expected: &'static str) -> Error {
+        Error::MissingKey {
+            path: self.path.clone(),
+            key: key.into(),
+            expected,
+        }
+    }
+
+    /// The value under `key`, treating JSON `null` as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.missing(key, "a non-negative integer"))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| self.bad(key, format!("expected a non-negative integer, found {v}")))
+            })
+            .transpose()
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        let v = self.get(key).ok_or_else(|| self.missing(key, "a number"))?;
+        v.as_f64()
+            .ok_or_else(|| self.bad(key, format!("expected a number, found {v}")))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.bad(key, format!("expected true or false, found {v}")))
+            })
+            .transpose()
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        self.get(key)
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.bad(key, format!("expected a string, found {v}")))
+            })
+            .transpose()
+    }
+
+    /// A token id, or the first of a list of ids (transformers allows both for eos).
+    fn opt_token_id(&self, key: &str) -> Result<Option<u32>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let first = match v {
+            Value::Array(items) => items.first(),
+            other => Some(other),
+        };
+        first
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| self.bad(key, format!("expected a token id, found {v}")))
+            })
+            .transpose()
+    }
+
+    fn architecture(&self) -> Result<Architecture> {
+        let list = self
+            .get("architectures")
+            .ok_or_else(|| self.missing("architectures", "a list holding one architecture name"))?;
+        let name = list
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.bad("architectures", format!("expected a list of names, found {list}")))?;
+        Architecture::from_hf_name(name).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: self.path.clone(),
+            found: name.into(),
+        })
+    }
+
+    /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
+    /// rope scaling other than "default" is refused rather than silently ignored.
+    fn rope_theta(&self) -> Result<f64> {
+        for key in ["rope_scaling", "rope_parameters"] {
+            if let Some(params) = self.get(key) {
+                let kind = params
+                    .get("rope_type")
+                    .or_else(|| params.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                if kind != "default" {
+                    return Err(self.bad(key, format!("rope type `{kind}` is not supported (only default)")));
+                }
+            }
+        }
+        if let Some(theta) = self.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+            return theta.as_f64().ok_or_else(|| {
+                self.bad(
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {theta}"),
+                )
+            });
+        }
+        match self.get("rope_theta") {
+            Some(theta) => theta
+                .as_f64()
+                .ok_or_else(|| self.bad("rope_theta", format!("expected a number, found {theta}"))),
+            // transformers' default for every family we support.
+            None => Ok(10_000.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(&serde_json::from_str(json).unwrap(), Path::new("config.json"))
+    }
+
+    const BASE: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
+        "vocab_size":100,"rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#;
+
+    #[test]
+    fn reads_defaults_and_rope_parameters() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.q_features(), 64);
+        assert_eq!(c.kv_features(), 32);
+    }
+
+    #[test]
+    fn reads_legacy_rope_theta() {
+        let c = parse(&BASE.replace(
+            r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#,
+            r#""rope_theta":1234.0"#,
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 1234.0);
+    }
+
+    #[test]
+    fn missing_key_names_file_and_key() {
+        let err = parse(&BASE.replace(r#""vocab_size":100,"#, "")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("config.json") && msg.contains("vocab_size"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_architecture_is_refused() {
+        let err = parse(&BASE.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedArchitecture { ref found, .. } if found == "GPT2LMHeadModel")
+        );
+        assert!(err.to_string().contains("GPT2LMHeadModel"));
+    }
+
+    #[test]
+    fn rope_scaling_is_refused() {
+        let err = parse(&BASE.replace(r#""rope_type":"default""#, r#""rope_type":"llama3""#)).unwrap_err();
+        assert!(err.to_string().contains("llama3"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_only() {
+        let c = parse(&BASE.replace("LlamaForCausalLM", "Qwen2ForCausalLM")).unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn kv_heads_must_divide_heads() {
+        let err =
+            parse(&BASE.replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#)).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    }
+}

@@ -1,0 +1,441 @@
+//! GGUF → Hugging Face checkpoint folder: safetensors with HF names and layouts,
+//! `config.json`, and the tokenizer files.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+use safetensors::{Dtype, View};
+use serde_json::{Value, json};
+
+use super::reader::{GgufFile, GgufTensor, MetaValue};
+use super::vocab::{GgufTokenizer, build_tokenizer};
+use crate::checkpoint::SINGLE_FILE;
+use crate::config::{Architecture, ModelConfig};
+use crate::{Error, Result, atomic};
+
+/// Element type of the written safetensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputDtype {
+    /// Exact: every dequantized value is representable.
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl OutputDtype {
+    /// The name used in `config.json` (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            OutputDtype::F32 => "float32",
+            OutputDtype::F16 => "float16",
+            OutputDtype::BF16 => "bfloat16",
+        }
+    }
+}
+
+/// What an import produced.
+#[derive(Clone, Debug)]
+pub struct ImportSummary {
+    pub config: ModelConfig,
+    pub tensors: usize,
+    pub safetensors_bytes: u64,
+}
+
+/// Hyper-parameters read from `{arch}.*` keys.
+struct Hparams {
+    architecture: Architecture,
+    /// llama.cpp's converter permutes q/k rows of "llama" models for its rotary layout.
+    permuted_qk: bool,
+    layers: usize,
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rms_eps: f64,
+    rope_theta: f64,
+    context: Option<u64>,
+    vocab: usize,
+}
+
+fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
+    let arch = gguf.get_str("general.architecture")?;
+    let (architecture, permuted_qk) = match arch {
+        "llama" => (Architecture::Llama, true),
+        "qwen2" => (Architecture::Qwen2, false),
+        other => {
+            return Err(gguf.error(format!(
+                "general.architecture = `{other}` is not supported (supported: llama, qwen2)"
+            )));
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let usize_key = |k: &str| gguf.get_u64(&key(k)).map(|v| v as usize);
+    let hidden = usize_key("embedding_length")?;
+    let heads = usize_key("attention.head_count")?;
+    let kv_heads = match gguf.metadata.get(&key("attention.head_count_kv")) {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| gguf.error(format!("`{}` is not an integer", key("attention.head_count_kv"))))?
+            as usize,
+        None => heads,
+    };
+    if heads == 0 || kv_heads == 0 || hidden % heads != 0 {
+        return Err(gguf.error(format!(
+            "{hidden} embedding features do not split into {heads} heads"
+        )));
+    }
+    let head_dim = match gguf.metadata.get(&key("attention.key_length")) {
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => hidden / heads,
+    };
+    if let Some(rot) = gguf
+        .metadata
+        .get(&key("rope.dimension_count"))
+        .and_then(MetaValue::as_u64)
+        && rot as usize != head_dim
+    {
+        return Err(gguf.error(format!(
+            "partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"
+        )));
+    }
+    if gguf.metadata.contains_key(&key("rope.scaling.type")) {
+        let kind = gguf.get_str(&key("rope.scaling.type")).unwrap_or("?");
+        if kind != "none" {
+            return Err(gguf.error(format!("rope scaling `{kind}` is not supported")));
+        }
+    }
+    Ok(Hparams {
+        architecture,
+        permuted_qk,
+        layers: usize_key("block_count")?,
+        hidden,
+        intermediate: usize_key("feed_forward_length")?,
+        heads,
+        kv_heads,
+        head_dim,
+        rms_eps: gguf.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: match gguf.metadata.get(&key("rope.freq_base")) {
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| gguf.error(format!("`{}` is not a number", key("rope.freq_base"))))?,
+            None => 10_000.0,
+        },
+        context: gguf
+            .metadata
+            .get(&key("context_length"))
+            .and_then(MetaValue::as_u64),
+        vocab: match gguf.metadata.get(&key("vocab_size")).and_then(MetaValue::as_u64) {
+            Some(v) => v as usize,
+            None => vocab,
+        },
+    })
+}
+
+/// What a GGUF tensor becomes in the HF checkpoint.
+struct Mapped {
+    hf_name: String,
+    /// Number of heads whose rows llama.cpp permuted, if any.
+    unpermute_heads: Option<usize>,
+    expected_shape: Vec<usize>,
+}
+
+fn map_tensor(gguf: &GgufFile, hp: &Hparams, name: &str) -> Result<Mapped> {
+    let q = hp.heads * hp.head_dim;
+    let kv = hp.kv_heads * hp.head_dim;
+    let (h, i) = (hp.hidden, hp.intermediate);
+    let unknown = || gguf.error(format!("tensor `{name}` has no Hugging Face counterpart we know"));
+    let simple = |hf: &str, shape: Vec<usize>| Mapped {
+        hf_name: hf.into(),
+        unpermute_heads: None,
+        expected_shape: shape,
+    };
+    match name {
+        "token_embd.weight" => return Ok(simple("model.embed_tokens.weight", vec![hp.vocab, h])),
+        "output_norm.weight" => return Ok(simple("model.norm.weight", vec![h])),
+        "output.weight" => return Ok(simple("lm_head.weight", vec![hp.vocab, h])),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let layer: usize = layer.parse().map_err(|_| unknown())?;
+    if layer >= hp.layers {
+        return Err(gguf.error(format!(
+            "tensor `{name}` belongs to layer {layer}, but there are {} layers",
+            hp.layers
+        )));
+    }
+    let permute = |heads: usize| hp.permuted_qk.then_some(heads);
+    let (hf, unpermute_heads, shape) = match rest {
+        "attn_norm.weight" => ("input_layernorm.weight", None, vec![h]),
+        "ffn_norm.weight" => ("post_attention_layernorm.weight", None, vec![h]),
+        "attn_q.weight" => ("self_attn.q_proj.weight", permute(hp.heads), vec![q, h]),
+        "attn_k.weight" => ("self_attn.k_proj.weight", permute(hp.kv_heads), vec![kv, h]),
+        "attn_v.weight" => ("self_attn.v_proj.weight", None, vec![kv, h]),
+        "attn_output.weight" => ("self_attn.o_proj.weight", None, vec![h, q]),
+        "attn_q.bias" => ("self_attn.q_proj.bias", permute(hp.heads), vec![q]),
+        "attn_k.bias" => ("self_attn.k_proj.bias", permute(hp.kv_heads), vec![kv]),
+        "attn_v.bias" => ("self_attn.v_proj.bias", None, vec![kv]),
+        "ffn_gate.weight" => ("mlp.gate_proj.weight", None, vec![i, h]),
+        "ffn_up.weight" => ("mlp.up_proj.weight", None, vec![i, h]),
+        "ffn_down.weight" => ("mlp.down_proj.weight", None, vec![h, i]),
+        _ => return Err(unknown()),
+    };
+    Ok(Mapped {
+        hf_name: format!("model.layers.{layer}.{hf}"),
+        unpermute_heads,
+        expected_shape: shape,
+    })
+}
+
+/// Undoes llama.cpp's rotary row permutation. Within each head of `d` rows, llama.cpp
+/// stores HF row `p·d/2 + j` at row `2j + p` (interleaved halves).
+fn unpermute_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
+    let rows = values.len() / row_len;
+    let d = rows / heads;
+    let mut out = vec![0f32; values.len()];
+    for head in 0..heads {
+        for j in 0..d / 2 {
+            for p in 0..2 {
+                let src = head * d + 2 * j + p;
+                let dst = head * d + p * (d / 2) + j;
+                out[dst * row_len..(dst + 1) * row_len]
+                    .copy_from_slice(&values[src * row_len..(src + 1) * row_len]);
+            }
+        }
+    }
+    out
+}
+
+/// One converted tensor, ready for serialization.
+struct OutTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &OutTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn encode(values: &[f32], dtype: OutputDtype) -> (Dtype, Vec<u8>) {
+    match dtype {
+        OutputDtype::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        OutputDtype::F16 => (
+            Dtype::F16,
+            values
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        OutputDtype::BF16 => (
+            Dtype::BF16,
+            values
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+    }
+}
+
+fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) -> Result<(String, OutTensor)> {
+    let mapped = map_tensor(gguf, hp, &t.name)?;
+    let shape = t.torch_shape();
+    if shape != mapped.expected_shape {
+        return Err(gguf.error(format!(
+            "tensor `{}` has shape {shape:?}, but the metadata implies {:?}",
+            t.name, mapped.expected_shape
+        )));
+    }
+    let mut values = gguf.dequantize(t)?;
+    if let Some(heads) = mapped.unpermute_heads {
+        let row_len = if shape.len() == 2 { shape[1] } else { 1 };
+        values = unpermute_rows(&values, heads, row_len);
+    }
+    // Norm weights are kept in f32 like every other tensor unless a smaller dtype is asked for.
+    let (dtype, data) = encode(&values, dtype);
+    Ok((mapped.hf_name, OutTensor { dtype, shape, data }))
+}
+
+fn config_json(gguf: &GgufFile, hp: &Hparams, tok: &GgufTokenizer, tied: bool, dtype: OutputDtype) -> Value {
+    let mut config = json!({
+        "architectures": [hp.architecture.hf_name()],
+        "model_type": hp.architecture.model_type(),
+        "hidden_act": "silu",
+        "hidden_size": hp.hidden,
+        "intermediate_size": hp.intermediate,
+        "num_hidden_layers": hp.layers,
+        "num_attention_heads": hp.heads,
+        "num_key_value_heads": hp.kv_heads,
+        "head_dim": hp.head_dim,
+        "rms_norm_eps": hp.rms_eps,
+        "rope_theta": hp.rope_theta,
+        "rope_parameters": {"rope_theta": hp.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": tied,
+        "vocab_size": hp.vocab,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "use_cache": true,
+        "torch_dtype": dtype.torch_name(),
+        "bos_token_id": tok.special.bos,
+        "eos_token_id": tok.special.eos,
+        "pad_token_id": tok.special.pad,
+        "unk_token_id": tok.special.unk,
+    });
+    let obj = config.as_object_mut().expect("json! object");
+    if let Some(ctx) = hp.context {
+        obj.insert("max_position_embeddings".into(), ctx.into());
+    }
+    match hp.architecture {
+        Architecture::Qwen2 => {
+            obj.insert("use_sliding_window".into(), false.into());
+        }
+        _ => {
+            obj.insert("attention_bias".into(), false.into());
+        }
+    }
+    if let Some(name) = gguf.metadata.get("general.name").and_then(MetaValue::as_str) {
+        obj.insert("_name_or_path".into(), name.into());
+    }
+    config
+}
+
+fn tokenizer_config_json(gguf: &GgufFile, tok: &GgufTokenizer) -> Value {
+    let mut cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tok.special.add_bos,
+        "add_eos_token": tok.special.add_eos,
+        "clean_up_tokenization_spaces": false,
+    });
+    let obj = cfg.as_object_mut().expect("json! object");
+    for (key, id) in [
+        ("bos_token", tok.special.bos),
+        ("eos_token", tok.special.eos),
+        ("unk_token", tok.special.unk),
+        ("pad_token", tok.special.pad),
+    ] {
+        if let Some(t) = tok.token(id) {
+            obj.insert(key.into(), t.into());
+        }
+    }
+    if let Some(t) = gguf
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(MetaValue::as_str)
+    {
+        obj.insert("chat_template".into(), t.into());
+    }
+    cfg
+}
+
+fn special_tokens_map_json(tok: &GgufTokenizer) -> Value {
+    let mut map = serde_json::Map::new();
+    for (key, id) in [
+        ("bos_token", tok.special.bos),
+        ("eos_token", tok.special.eos),
+        ("unk_token", tok.special.unk),
+        ("pad_token", tok.special.pad),
+    ] {
+        if let Some(t) = tok.token(id) {
+            map.insert(key.into(), t.into());
+        }
+    }
+    Value::Object(map)
+}
+
+fn write_json(dir: &Path, name: &str, value: &Value) -> Result<()> {
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+}
+
+/// Converts a GGUF file into a Hugging Face checkpoint folder at `out`.
+///
+/// The folder is built under a temporary name and renamed when complete; an existing
+/// non-empty `out` is refused unless `replace` is set.
+pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -> Result<ImportSummary> {
+    if atomic::is_occupied(out) && !replace {
+        return Err(Error::Invalid(format!(
+            "{}: already exists and is not empty (choose another output folder or pass --force)",
+            out.display()
+        )));
+    }
+    let gguf = GgufFile::open(path)?;
+    let tok = build_tokenizer(&gguf)?;
+    let hp = hparams(&gguf, tok.tokens.len())?;
+    let tied = gguf.tensor("output.weight").is_none();
+    let tensors: Vec<(String, OutTensor)> = gguf
+        .tensors
+        .par_iter()
+        .map(|t| convert(&gguf, &hp, t, dtype))
+        .collect::<Result<_>>()?;
+    let safetensors_bytes = tensors.iter().map(|(_, t)| t.data.len() as u64).sum();
+    let config = config_json(&gguf, &hp, &tok, tied, dtype);
+    // Check that what we write is a model we can load.
+    let parsed = ModelConfig::from_json(&config, &out.join("config.json"))?;
+    for name in crate::model::required_tensor_names(&parsed) {
+        if !tensors.iter().any(|(n, _)| *n == name) {
+            return Err(gguf.error(format!("the file has no tensor for `{name}`")));
+        }
+    }
+    let count = tensors.len();
+    atomic::write_dir(out, replace, |dir| {
+        let st_path = dir.join(SINGLE_FILE);
+        let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
+        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        safetensors::serialize_to_file(views, Some(metadata), &st_path).map_err(|e| Error::Safetensors {
+            path: st_path.clone(),
+            message: e.to_string(),
+        })?;
+        write_json(dir, "config.json", &config)?;
+        let generation = json!({
+            "bos_token_id": tok.special.bos,
+            "eos_token_id": tok.special.eos,
+            "pad_token_id": tok.special.pad,
+        });
+        write_json(dir, "generation_config.json", &generation)?;
+        let tok_path = dir.join("tokenizer.json");
+        tok.tokenizer
+            .save(&tok_path, true)
+            .map_err(|e| Error::Tokenizer {
+                path: tok_path.clone(),
+                message: e.to_string(),
+            })?;
+        write_json(dir, "tokenizer_config.json", &tokenizer_config_json(&gguf, &tok))?;
+        write_json(dir, "special_tokens_map.json", &special_tokens_map_json(&tok))?;
+        Ok(())
+    })?;
+    Ok(ImportSummary {
+        config: parsed,
+        tensors: count,
+        safetensors_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // Two heads of four rows, one column: HF rows 0..8.
+        let hf: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        // llama.cpp's permute: per head, reshape (2, d/2) -> swap -> (d/2, 2).
+        let permuted = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0];
+        assert_eq!(unpermute_rows(&permuted, 2, 1), hf);
+    }
+}

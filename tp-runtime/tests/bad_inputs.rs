@@ -1,0 +1,134 @@
+//! Broken checkpoints give errors that name the file and the tensor or key, never a panic.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use tp_runtime::{Checkpoint, CpuBackend, Model};
+
+/// A copy of tiny-llama in a temporary folder.
+fn copy_tiny() -> Option<(tempfile::TempDir, PathBuf)> {
+    let src = testkit::shared("ref/tiny/tiny-llama")?;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(name), dir.join(name)).unwrap();
+    }
+    Some((tmp, dir))
+}
+
+/// Rewrites `dir/model.safetensors`, letting `edit` drop or replace tensors.
+fn rewrite(dir: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>) {
+    let ck = Checkpoint::open(dir).unwrap();
+    let kept: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            let t = ck.tensor(n).unwrap();
+            edit(n, t.shape().to_vec(), t.bytes().to_vec()).map(|(s, b)| (n.to_string(), s, b))
+        })
+        .collect();
+    drop(ck);
+    let views: Vec<(String, TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    match Model::load(dir, CpuBackend::new()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_tensor_names_the_tensor() {
+    let Some((_tmp, dir)) = copy_tiny() else { return };
+    rewrite(&dir, |n, s, b| {
+        (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_shapes() {
+    let Some((_tmp, dir)) = copy_tiny() else { return };
+    rewrite(&dir, |n, s, b| {
+        if n == "model.layers.0.self_attn.k_proj.weight" {
+            // [64, 256] stored as [128, 128]: same bytes, wrong shape.
+            Some((vec![128, 128], b))
+        } else {
+            Some((s, b))
+        }
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("model.layers.0.self_attn.k_proj.weight"), "{err}");
+    assert!(err.contains("[128, 128]") && err.contains("[64, 256]"), "{err}");
+}
+
+#[test]
+fn config_problems_name_file_and_key() {
+    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let path = dir.join("config.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
+    config.as_object_mut().unwrap().remove("intermediate_size");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("intermediate_size"),
+        "{err}"
+    );
+
+    std::fs::write(&path, original.replace("LlamaForCausalLM", "FalconForCausalLM")).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("unsupported architecture `FalconForCausalLM`"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "{ not json").unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("invalid JSON"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_and_oversized_headers_name_the_file() {
+    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+
+    let mut huge = bytes.clone();
+    huge[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
+    std::fs::write(&path, &huge).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("header"),
+        "{err}"
+    );
+
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("header too small"), "{err}");
+}

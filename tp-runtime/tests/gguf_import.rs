@@ -1,0 +1,320 @@
+//! GGUF import end to end: the tiny reference models are written as GGUF files the way
+//! llama.cpp's converter writes them (q/k rows permuted for "llama"), imported back, and
+//! must still reproduce transformers' logits. Malformed GGUF files are clear errors.
+
+use std::path::Path;
+
+use tp_runtime::gguf::{OutputDtype, import_gguf};
+use tp_runtime::{Checkpoint, CpuBackend, Model, ModelConfig, SeqLayout};
+
+/// A minimal GGUF v3 writer for f32 tensors.
+#[derive(Default)]
+struct GgufWriter {
+    kv: Vec<u8>,
+    kv_count: u64,
+    tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+impl GgufWriter {
+    fn key(&mut self, key: &str, ty: u32) {
+        put_str(&mut self.kv, key);
+        self.kv.extend(ty.to_le_bytes());
+        self.kv_count += 1;
+    }
+    fn u32(&mut self, key: &str, v: u32) {
+        self.key(key, 4);
+        self.kv.extend(v.to_le_bytes());
+    }
+    fn f32(&mut self, key: &str, v: f32) {
+        self.key(key, 6);
+        self.kv.extend(v.to_le_bytes());
+    }
+    fn string(&mut self, key: &str, v: &str) {
+        self.key(key, 8);
+        put_str(&mut self.kv, v);
+    }
+    fn strings(&mut self, key: &str, items: &[String]) {
+        self.key(key, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((items.len() as u64).to_le_bytes());
+        for s in items {
+            put_str(&mut self.kv, s);
+        }
+    }
+    fn i32s(&mut self, key: &str, items: &[i32]) {
+        self.key(key, 9);
+        self.kv.extend(5u32.to_le_bytes());
+        self.kv.extend((items.len() as u64).to_le_bytes());
+        for v in items {
+            self.kv.extend(v.to_le_bytes());
+        }
+    }
+    /// `shape` in PyTorch order; stored reversed, as ggml does.
+    fn tensor(&mut self, name: &str, shape: &[usize], values: Vec<f32>) {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.into(), dims, values));
+    }
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend(self.kv_count.to_le_bytes());
+        out.extend(&self.kv);
+        let mut offset = 0u64;
+        for (name, dims, values) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes()); // F32
+            out.extend(offset.to_le_bytes());
+            offset = (offset + 4 * values.len() as u64).next_multiple_of(32);
+        }
+        out.resize(out.len().next_multiple_of(32), 0);
+        for (_, _, values) in &self.tensors {
+            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            out.resize(out.len().next_multiple_of(32), 0);
+        }
+        out
+    }
+}
+
+/// GPT-2's byte-to-character table: printable bytes stand for themselves, the rest are
+/// shifted past 255.
+fn byte_level_alphabet() -> Vec<String> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            char::from_u32(c).unwrap().to_string()
+        })
+        .collect()
+}
+
+/// llama.cpp's rotary permutation: within each head, HF row `p·d/2 + j` goes to row `2j + p`.
+fn permute_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
+    let d = values.len() / row_len / heads;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for p in 0..2 {
+            for j in 0..d / 2 {
+                let src = h * d + p * (d / 2) + j;
+                let dst = h * d + 2 * j + p;
+                out[dst * row_len..(dst + 1) * row_len]
+                    .copy_from_slice(&values[src * row_len..(src + 1) * row_len]);
+            }
+        }
+    }
+    out
+}
+
+/// Writes the HF checkpoint at `dir` as a GGUF file the way llama.cpp's converter would.
+fn write_gguf(dir: &Path, path: &Path) {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ck = Checkpoint::open(dir).unwrap();
+    let (arch, permute) = match config.architecture {
+        tp_runtime::Architecture::Qwen2 => ("qwen2", false),
+        _ => ("llama", true),
+    };
+    let mut w = GgufWriter::default();
+    w.string("general.architecture", arch);
+    w.u32(&format!("{arch}.block_count"), config.num_hidden_layers as u32);
+    w.u32(&format!("{arch}.embedding_length"), config.hidden_size as u32);
+    w.u32(
+        &format!("{arch}.feed_forward_length"),
+        config.intermediate_size as u32,
+    );
+    w.u32(
+        &format!("{arch}.attention.head_count"),
+        config.num_attention_heads as u32,
+    );
+    w.u32(
+        &format!("{arch}.attention.head_count_kv"),
+        config.num_key_value_heads as u32,
+    );
+    w.u32(&format!("{arch}.rope.dimension_count"), config.head_dim as u32);
+    w.u32(&format!("{arch}.context_length"), 1024);
+    w.f32(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        config.rms_norm_eps,
+    );
+    w.f32(&format!("{arch}.rope.freq_base"), config.rope_theta as f32);
+    let mut tokens = byte_level_alphabet();
+    let mut types = vec![1; 256];
+    for i in 256..config.vocab_size {
+        tokens.push(format!("<extra_{i}>"));
+        types.push(3);
+    }
+    w.string("tokenizer.ggml.model", "gpt2");
+    w.string("tokenizer.ggml.pre", "smollm");
+    w.strings("tokenizer.ggml.tokens", &tokens);
+    w.i32s("tokenizer.ggml.token_type", &types);
+    w.strings("tokenizer.ggml.merges", &[]);
+
+    let f32s = |name: &str| ck.tensor(name).unwrap().to_f32().unwrap().to_vec();
+    let h = config.hidden_size;
+    w.tensor(
+        "token_embd.weight",
+        &[config.vocab_size, h],
+        f32s("model.embed_tokens.weight"),
+    );
+    w.tensor("output_norm.weight", &[h], f32s("model.norm.weight"));
+    if !config.tie_word_embeddings {
+        w.tensor("output.weight", &[config.vocab_size, h], f32s("lm_head.weight"));
+    }
+    for l in 0..config.num_hidden_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let shape = |s: &str| ck.tensor(&hf(s)).unwrap().shape().to_vec();
+        let mut put = |gguf: &str, name: &str, heads: Option<usize>| {
+            let s = shape(name);
+            let mut v = f32s(&hf(name));
+            if let (Some(heads), true) = (heads, permute) {
+                let row_len = if s.len() == 2 { s[1] } else { 1 };
+                v = permute_rows(&v, heads, row_len);
+            }
+            w.tensor(&format!("blk.{l}.{gguf}"), &s, v);
+        };
+        put("attn_norm.weight", "input_layernorm.weight", None);
+        put("ffn_norm.weight", "post_attention_layernorm.weight", None);
+        put(
+            "attn_q.weight",
+            "self_attn.q_proj.weight",
+            Some(config.num_attention_heads),
+        );
+        put(
+            "attn_k.weight",
+            "self_attn.k_proj.weight",
+            Some(config.num_key_value_heads),
+        );
+        put("attn_v.weight", "self_attn.v_proj.weight", None);
+        put("attn_output.weight", "self_attn.o_proj.weight", None);
+        put("ffn_gate.weight", "mlp.gate_proj.weight", None);
+        put("ffn_up.weight", "mlp.up_proj.weight", None);
+        put("ffn_down.weight", "mlp.down_proj.weight", None);
+        if config.qkv_bias {
+            put(
+                "attn_q.bias",
+                "self_attn.q_proj.bias",
+                Some(config.num_attention_heads),
+            );
+            put(
+                "attn_k.bias",
+                "self_attn.k_proj.bias",
+                Some(config.num_key_value_heads),
+            );
+            put("attn_v.bias", "self_attn.v_proj.bias", None);
+        }
+    }
+    std::fs::write(path, w.bytes()).unwrap();
+}
+
+/// Imports the tiny model through GGUF and compares the last-position logits of both
+/// reference sequences with transformers'.
+fn roundtrip(name: &str) {
+    let Some(dir) = testkit::shared(&format!("ref/tiny/{name}")) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    write_gguf(&dir, &gguf);
+    let out = tmp.path().join("imported");
+    let summary = import_gguf(&gguf, &out, OutputDtype::F32, false).unwrap();
+    assert_eq!(summary.config.num_hidden_layers, 3);
+
+    let reference = testkit::read_json(&dir.join("reference.json"));
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(reference["last4_logits"].clone()).unwrap();
+    let model = Model::load(&out, CpuBackend::new()).unwrap();
+    for (seq, want) in ids.iter().zip(&want) {
+        let hidden = model
+            .forward(seq, &SeqLayout::single(seq.len()).unwrap())
+            .unwrap();
+        let got = model.logits(&hidden, &[seq.len() - 1]).unwrap().remove(0);
+        let err = got
+            .iter()
+            .zip(&want[3])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "{name}: logits after GGUF import differ by {err}");
+    }
+    // The tokenizer written beside the weights loads; with no merges every byte is a token.
+    let tok = tp_runtime::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.encode("a1", false).unwrap(), vec![b'a' as u32, b'1' as u32]);
+}
+
+#[test]
+fn tiny_llama_through_gguf() {
+    roundtrip("tiny-llama");
+}
+
+#[test]
+fn tiny_llama_tied_through_gguf() {
+    roundtrip("tiny-llama-tied");
+}
+
+#[test]
+fn tiny_qwen2_through_gguf() {
+    roundtrip("tiny-qwen2");
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    write_gguf(&dir, &gguf);
+    let bytes = std::fs::read(&gguf).unwrap();
+    for cut in [100, bytes.len() - 1000] {
+        std::fs::write(&gguf, &bytes[..cut]).unwrap();
+        let out = tmp.path().join("out");
+        let err = import_gguf(&gguf, &out, OutputDtype::F32, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.gguf") && err.contains("truncated"), "{err}");
+        assert!(!out.exists(), "nothing may be written for a bad input");
+    }
+    std::fs::write(&gguf, b"not a gguf file at all").unwrap();
+    let err = import_gguf(&gguf, &tmp.path().join("out"), OutputDtype::F32, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+#[test]
+fn existing_output_is_not_overwritten() {
+    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    write_gguf(&dir, &gguf);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"mine").unwrap();
+    let err = import_gguf(&gguf, &out, OutputDtype::F32, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
+    import_gguf(&gguf, &out, OutputDtype::F16, true).unwrap();
+    assert!(!out.join("keep.txt").exists());
+    let ck = Checkpoint::open(&out).unwrap();
+    assert_eq!(
+        ck.tensor("model.norm.weight").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
+}
