@@ -50,6 +50,7 @@ fn layer(rng: &mut ChaCha8Rng) -> DecoderLayer<CpuBackend> {
 }
 
 fn bench(c: &mut Criterion) {
+    tp_runtime::backend::cpu::retain_freed_memory();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let backend = CpuBackend::new();
     let layer = layer(&mut rng);
@@ -66,6 +67,7 @@ fn bench(c: &mut Criterion) {
             scale: 1.0 / (HEAD_DIM as f32).sqrt(),
         },
         rms_norm_eps: 1e-5,
+        comm: None,
     };
     let input = backend
         .tensor(&random(&mut rng, TOKENS * HIDDEN, 1.0), TOKENS, HIDDEN)

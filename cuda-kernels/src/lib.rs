@@ -1,4 +1,20 @@
 //! # cuda-kernels
 //!
-//! CUDA kernels and their cudarc bindings. Its code arrives with the CUDA backend; until then
-//! the crate is empty.
+//! The project's CUDA kernels and their bindings, on cudarc with run-time loading: nothing
+//! CUDA is needed to build, and every entry point probes for the driver, NVRTC and cuBLAS
+//! before touching them (cudarc would panic on a missing library; we return an error).
+//!
+//! - [`source`]: the `.cu` sources, included as strings;
+//! - [`compile`]: NVRTC compilation for a device's own architecture, and the compile check
+//!   (registers, spills) that CI runs without a GPU;
+//! - [`gpu`]: one device — context, stream, compiled modules cached per device, cuBLAS — with
+//!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend.
+
+pub mod compile;
+mod error;
+pub mod gpu;
+pub mod source;
+
+pub use cudarc;
+pub use error::{KernelError, Result};
+pub use gpu::{Gpu, cuda_available};

@@ -1,14 +1,18 @@
 //! `awq`: quantize Llama-family models to 4-bit AWQ, run them, and measure them.
 
 mod commands;
+mod job;
+mod manifest;
 mod progress;
 mod provenance;
+mod report;
+mod runner;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, eval, import};
+use commands::{batch, bench, eval, import, inspect, plan, quantize, run};
 
 #[derive(Debug, Parser)]
 #[command(name = "awq", version, about, long_about = None)]
@@ -19,8 +23,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a job file: import → evaluate the original → quantize → evaluate → report.
+    Run(run::RunArgs),
+    /// Check job files without computing anything.
+    Validate(run::ValidateArgs),
+    /// Run the entries of a zoo file, each as a job in its own folder.
+    Batch(batch::BatchArgs),
+    /// Describe a checkpoint folder and check an AWQ checkpoint's format.
+    Inspect(inspect::InspectArgs),
+    /// Show the tensor-parallel shard plan: per rank, each tensor's shape, bytes and padding.
+    Plan(plan::PlanArgs),
     /// Convert a GGUF file into a Hugging Face checkpoint folder.
     ImportGguf(import::ImportArgs),
+    /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
+    Quantize(quantize::QuantizeArgs),
     /// Perplexity of a checkpoint on a text file.
     Eval(eval::EvalArgs),
     /// Benchmarks.
@@ -29,9 +45,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`awq plan … | head`) instead of failing on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    tp_runtime::backend::cpu::retain_freed_memory();
     let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Validate(args) => run::validate(args),
+        Command::Batch(args) => batch::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::ImportGguf(args) => import::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(command) => bench::run(command),
     };

@@ -1,22 +1,36 @@
-//! Progress display: an indicatif bar on a terminal, timestamped log lines otherwise (CI).
+//! Progress display: one indicatif multi-progress view on a terminal (the job's steps, then
+//! layers or windows of the current step), timestamped log lines otherwise (CI logs).
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-/// Prints a log line with a UTC timestamp to stderr.
+/// Whether stderr is an interactive terminal.
+pub fn interactive() -> bool {
+    static INTERACTIVE: OnceLock<bool> = OnceLock::new();
+    *INTERACTIVE.get_or_init(|| std::io::stderr().is_terminal())
+}
+
+/// The one view every bar joins.
+fn view() -> &'static MultiProgress {
+    static VIEW: OnceLock<MultiProgress> = OnceLock::new();
+    VIEW.get_or_init(MultiProgress::new)
+}
+
+/// Prints a log line with a UTC timestamp to stderr (above the bars on a terminal).
 pub fn log(message: impl AsRef<str>) {
-    eprintln!(
+    let line = format!(
         "[{}] {}",
         humantime::format_rfc3339_seconds(SystemTime::now()),
         message.as_ref()
     );
-}
-
-/// Whether stderr is an interactive terminal.
-pub fn interactive() -> bool {
-    std::io::stderr().is_terminal()
+    if interactive() {
+        let _ = view().println(line);
+    } else {
+        eprintln!("{line}");
+    }
 }
 
 /// Progress over a known number of steps, with a free-form status after the count.
@@ -25,17 +39,29 @@ pub struct Progress {
     label: String,
     total: u64,
     log_every: u64,
+    logs: bool,
 }
 
 impl Progress {
-    /// `total` steps of `label` (e.g. "windows").
+    /// A bar on a terminal; about twenty log lines otherwise.
     pub fn new(label: &str, total: u64) -> Self {
+        Self::build(label, total, true)
+    }
+
+    /// A bar on a terminal and nothing otherwise (for progress the caller logs itself).
+    pub fn bar_only(label: &str, total: u64) -> Self {
+        Self::build(label, total, false)
+    }
+
+    fn build(label: &str, total: u64, logs: bool) -> Self {
         let bar = interactive().then(|| {
-            let bar = ProgressBar::new(total);
+            let bar = view().add(ProgressBar::new(total));
             bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(label.to_string());
             bar
@@ -45,6 +71,7 @@ impl Progress {
             label: label.to_string(),
             total,
             log_every: (total / 20).max(1),
+            logs,
         }
     }
 
@@ -55,17 +82,24 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(message);
             }
-            None if done.is_multiple_of(self.log_every) || done == self.total || done == 1 => {
+            None if self.logs && (done.is_multiple_of(self.log_every) || done == self.total || done == 1) => {
                 log(format!("{} {done}/{} {message}", self.label, self.total));
             }
             None => {}
         }
     }
 
-    /// Removes the bar.
+    /// Removes the bar from the view.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            view().remove(bar);
         }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tp_runtime::digest::sha256_file;
 
 /// The tool that produced a report.
@@ -61,8 +61,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
+/// Starts a new peak-RSS measurement (Linux: writing 5 to `/proc/self/clear_refs` resets
+/// `VmHWM`), so that one step of a job reports its own peak rather than the process's.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// A file's identity in a report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {
     pub path: String,
     pub bytes: u64,

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod awq;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,4 +91,187 @@ pub fn smollm2_f32() -> Option<PathBuf> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// GPT-2's byte-to-character table: printable bytes stand for themselves, the others are
+/// shifted past 255. Token `b` of a byte-level vocabulary is `byte_level_alphabet()[b]`.
+pub fn byte_level_alphabet() -> Vec<String> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            char::from_u32(c).expect("valid char").to_string()
+        })
+        .collect()
+}
+
+/// Writes `dir/tokenizer.json`: a byte-level BPE without merges whose ids 0..256 are the
+/// bytes, padded with `<extra_i>` special tokens up to `vocab` entries.
+pub fn write_byte_tokenizer(dir: &Path, vocab: usize) {
+    use tokenizers::models::bpe::{BPE, Vocab};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut map = Vocab::default();
+    for (i, t) in byte_level_alphabet().into_iter().enumerate() {
+        map.insert(t, i as u32);
+    }
+    let extra: Vec<String> = (256..vocab).map(|i| format!("<extra_{i}>")).collect();
+    for (i, t) in extra.iter().enumerate() {
+        map.insert(t.clone(), (256 + i) as u32);
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(map, Vec::new())
+        .build()
+        .expect("valid BPE");
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(
+        true, true, true,
+    )));
+    tok.add_special_tokens(extra.into_iter().map(|t| tokenizers::AddedToken::from(t, true)))
+        .expect("special tokens");
+    tok.save(dir.join("tokenizer.json"), false)
+        .expect("write tokenizer.json");
+}
+
+/// A copy of the tiny reference model `name` with a byte-level tokenizer, in a temporary
+/// folder (kept alive by the returned guard).
+pub fn tiny_with_tokenizer(name: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+    let src = shared(&format!("ref/tiny/{name}"))?;
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).expect("create model folder");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(file), dir.join(file)).expect("copy tiny model");
+    }
+    let vocab = read_json(&dir.join("config.json"))["vocab_size"]
+        .as_u64()
+        .expect("vocab_size") as usize;
+    write_byte_tokenizer(&dir, vocab);
+    Some((tmp, dir))
+}
+
+/// Shape of a synthetic Llama model.
+#[derive(Clone, Debug)]
+pub struct SyntheticLlama {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub seed: u64,
+}
+
+impl SyntheticLlama {
+    /// Writes `config.json`, `model.safetensors` (f32, weights N(0, 1/in_features)-like
+    /// uniform, norms around 1) and a byte-level `tokenizer.json` into `dir`.
+    pub fn write(&self, dir: &Path) {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        std::fs::create_dir_all(dir).expect("create model folder");
+        let head_dim = self.hidden / self.heads;
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": false, "vocab_size": self.vocab,
+            "bos_token_id": null, "eos_token_id": null, "torch_dtype": "float32"
+        });
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config).unwrap(),
+        )
+        .unwrap();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|_| (offset + scale * rng.random_range(-1.0f32..1.0)).to_le_bytes())
+                .collect();
+            tensors.push((name, shape, bytes));
+        };
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let (q, kv) = (self.heads * head_dim, self.kv_heads * head_dim);
+        let w = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
+        put("model.embed_tokens.weight".into(), vec![v, h], 1.0, 0.0);
+        put("lm_head.weight".into(), vec![v, h], w(h), 0.0);
+        put("model.norm.weight".into(), vec![h], 0.2, 1.0);
+        for l in 0..self.layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            put(p("input_layernorm.weight"), vec![h], 0.2, 1.0);
+            put(p("post_attention_layernorm.weight"), vec![h], 0.2, 1.0);
+            put(p("self_attn.q_proj.weight"), vec![q, h], w(h), 0.0);
+            put(p("self_attn.k_proj.weight"), vec![kv, h], w(h), 0.0);
+            put(p("self_attn.v_proj.weight"), vec![kv, h], w(h), 0.0);
+            put(p("self_attn.o_proj.weight"), vec![h, q], w(q), 0.0);
+            put(p("mlp.gate_proj.weight"), vec![i, h], w(h), 0.0);
+            put(p("mlp.up_proj.weight"), vec![i, h], w(h), 0.0);
+            put(p("mlp.down_proj.weight"), vec![h, i], w(i), 0.0);
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write weights");
+        write_byte_tokenizer(dir, self.vocab);
+    }
+}
+
+/// Calibration-like text: `lines` lines of varied words, deterministic.
+pub fn synthetic_text(lines: usize) -> String {
+    let words = [
+        "the",
+        "model",
+        "weights",
+        "are",
+        "quantized",
+        "to",
+        "four",
+        "bits",
+        "with",
+        "groups",
+        "of",
+        "scales",
+        "and",
+        "zero",
+        "points",
+        "while",
+        "activations",
+        "stay",
+        "in",
+        "float",
+        "precision",
+        "for",
+        "every",
+        "layer",
+        "river",
+        "mountain",
+        "1234",
+        "city",
+        "music",
+        "history",
+        "is",
+        "long",
+    ];
+    (0..lines)
+        .map(|l| {
+            let n = 8 + (l * 7) % 23;
+            let line: Vec<&str> = (0..n)
+                .map(|k| words[(l * 31 + k * 17 + k * k) % words.len()])
+                .collect();
+            line.join(" ") + ".\n"
+        })
+        .collect()
 }

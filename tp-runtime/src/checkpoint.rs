@@ -7,8 +7,9 @@ use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytemuck::Pod;
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
@@ -183,6 +184,16 @@ impl Checkpoint {
         })
     }
 
+    /// Releases the resident pages of every tensor whose name starts with `prefix`
+    /// (see [`TensorRef::release_pages`]).
+    pub fn release_prefix(&self, prefix: &str) {
+        for name in self.tensors.keys().filter(|n| n.starts_with(prefix)) {
+            if let Ok(t) = self.tensor(name) {
+                t.release_pages();
+            }
+        }
+    }
+
     /// Like [`Checkpoint::tensor`], also checking the shape.
     pub fn tensor_with_shape(&self, name: &str, expected: &[usize]) -> Result<TensorRef> {
         let t = self.tensor(name)?;
@@ -278,6 +289,70 @@ impl TensorRef {
         &self.file.mmap[self.range.clone()]
     }
 
+    /// Rows `range` of the outermost dimension: a view of the same mapping, no copy.
+    pub fn rows(&self, range: Range<usize>) -> Result<TensorRef> {
+        let outer = self.shape.first().copied().unwrap_or(1);
+        if range.start > range.end || range.end > outer {
+            return Err(Error::Invalid(format!(
+                "{}: rows {range:?} of tensor `{}` with {outer} rows",
+                self.file.path.display(),
+                self.name
+            )));
+        }
+        let row_bytes = self.range.len() / outer.max(1);
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = range.len();
+        }
+        Ok(TensorRef {
+            file: Arc::clone(&self.file),
+            name: format!("{}[{}..{}]", self.name, range.start, range.end),
+            dtype: self.dtype,
+            shape,
+            range: self.range.start + range.start * row_bytes..self.range.start + range.end * row_bytes,
+        })
+    }
+
+    /// Columns `range` of every row of a 2-D tensor, as raw bytes (only those are read).
+    fn column_bytes(&self, range: Range<usize>) -> Result<(Vec<u8>, usize)> {
+        let [rows, cols] = self.shape[..] else {
+            return Err(Error::Invalid(format!("tensor `{}` is not 2-D", self.name)));
+        };
+        if range.start > range.end || range.end > cols {
+            return Err(Error::Invalid(format!(
+                "{}: columns {range:?} of tensor `{}` with {cols} columns",
+                self.file.path.display(),
+                self.name
+            )));
+        }
+        let elem = self.dtype.bitsize() / 8;
+        let bytes = self.bytes();
+        let mut out = Vec::with_capacity(rows * range.len() * elem);
+        for r in 0..rows {
+            let row = &bytes[r * cols * elem..(r + 1) * cols * elem];
+            out.extend_from_slice(&row[range.start * elem..range.end * elem]);
+        }
+        Ok((out, rows))
+    }
+
+    /// Columns `range` of every row of a 2-D float tensor, as f32.
+    pub fn columns_f32(&self, range: Range<usize>) -> Result<Vec<f32>> {
+        let (bytes, _) = self.column_bytes(range)?;
+        self.convert_f32(&bytes).map(|d| d.to_vec())
+    }
+
+    /// Columns `range` of every row of a 2-D I32 tensor.
+    pub fn columns_i32(&self, range: Range<usize>) -> Result<Vec<i32>> {
+        if self.dtype != Dtype::I32 {
+            return Err(self.unsupported("I32"));
+        }
+        let (bytes, _) = self.column_bytes(range)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
     /// An error unless the shape equals `expected`.
     pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
         if self.shape != expected {
@@ -303,85 +378,119 @@ impl TensorRef {
     /// The values as f32: borrowed from the mapping when stored as aligned f32, converted
     /// otherwise. Non-finite values are refused, naming the tensor.
     pub fn to_f32(&self) -> Result<F32Data> {
-        let data = match self.dtype {
-            Dtype::F32 if bytemuck::try_cast_slice::<u8, f32>(self.bytes()).is_ok() => {
-                F32Data::Mapped(self.clone())
-            }
-            Dtype::F32 => F32Data::Owned(
-                self.bytes()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::F16 => F32Data::Owned(
-                self.bytes()
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::BF16 => F32Data::Owned(
-                self.bytes()
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
+        if self.dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(self.bytes()).is_ok() {
+            let data = HostData::Mapped(self.clone());
+            self.check_finite(&data)?;
+            return Ok(data);
+        }
+        self.convert_f32(self.bytes())
+    }
+
+    /// `bytes` (of this tensor's dtype) converted to f32, refusing non-finite values.
+    fn convert_f32(&self, bytes: &[u8]) -> Result<F32Data> {
+        let data: Vec<f32> = match self.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             _ => return Err(self.unsupported("F32, F16 or BF16")),
         };
-        if let Some(index) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                path: self.file.path.clone(),
-                name: self.name.clone(),
-                index,
-            });
-        }
+        let data = HostData::Owned(data);
+        self.check_finite(&data)?;
         Ok(data)
     }
 
-    /// The values of an I32 tensor (packed quantized weights).
-    pub fn to_i32(&self) -> Result<Vec<i32>> {
+    fn check_finite(&self, data: &[f32]) -> Result<()> {
+        match data.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(index) => Err(Error::NonFinite {
+                path: self.file.path.clone(),
+                name: self.name.clone(),
+                index,
+            }),
+        }
+    }
+
+    /// The values of an I32 tensor (packed quantized weights), borrowed when aligned.
+    pub fn to_i32(&self) -> Result<HostData<i32>> {
         if self.dtype != Dtype::I32 {
             return Err(self.unsupported("I32"));
         }
-        Ok(self
-            .bytes()
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        Ok(if bytemuck::try_cast_slice::<u8, i32>(self.bytes()).is_ok() {
+            HostData::Mapped(self.clone())
+        } else {
+            HostData::Owned(
+                self.bytes()
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Drops the tensor's pages from this process's resident memory; a later read faults
+    /// them back in from the file. Lets a model larger than RAM be streamed layer by layer.
+    pub fn release_pages(&self) {
+        if self.range.is_empty() {
+            return;
+        }
+        // SAFETY: the mapping is a read-only shared mapping of a file. MADV_DONTNEED on it
+        // discards no data: the next access re-reads the same bytes from the page cache or
+        // the file, so no live reference can observe a change. Failure only means the pages
+        // stay resident.
+        let _ = unsafe {
+            self.file.mmap.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            )
+        };
     }
 }
 
-/// f32 values either borrowed from a mapped file or owned.
+/// Values either borrowed from a mapped file or owned.
 #[derive(Clone)]
-pub enum F32Data {
-    /// Zero-copy view of an aligned little-endian f32 tensor.
+pub enum HostData<T: Pod> {
+    /// Zero-copy view of an aligned little-endian tensor.
     Mapped(TensorRef),
     /// Converted or computed values.
-    Owned(Vec<f32>),
+    Owned(Vec<T>),
 }
 
-impl Deref for F32Data {
-    type Target = [f32];
+/// f32 values either borrowed from a mapped file or owned.
+pub type F32Data = HostData<f32>;
 
-    fn deref(&self) -> &[f32] {
+impl<T: Pod> Deref for HostData<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
         match self {
-            // Alignment was checked when the variant was built.
-            F32Data::Mapped(t) => bytemuck::cast_slice(t.bytes()),
-            F32Data::Owned(v) => v,
+            // Alignment and element size were checked when the variant was built.
+            HostData::Mapped(t) => bytemuck::cast_slice(t.bytes()),
+            HostData::Owned(v) => v,
         }
     }
 }
 
-impl From<Vec<f32>> for F32Data {
-    fn from(v: Vec<f32>) -> Self {
-        F32Data::Owned(v)
+impl<T: Pod> From<Vec<T>> for HostData<T> {
+    fn from(v: Vec<T>) -> Self {
+        HostData::Owned(v)
     }
 }
 
-impl fmt::Debug for F32Data {
+impl<T: Pod> fmt::Debug for HostData<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            F32Data::Mapped(t) => write!(f, "F32Data::Mapped({t:?})"),
-            F32Data::Owned(v) => write!(f, "F32Data::Owned({} values)", v.len()),
+            HostData::Mapped(t) => write!(f, "HostData::Mapped({t:?})"),
+            HostData::Owned(v) => write!(f, "HostData::Owned({} values)", v.len()),
         }
     }
 }
@@ -422,7 +531,7 @@ mod tests {
         );
         let ck = Checkpoint::open(dir.path()).unwrap();
         let a = ck.tensor_with_shape("a", &[2, 2]).unwrap().to_f32().unwrap();
-        assert!(matches!(a, F32Data::Mapped(_)));
+        assert!(matches!(a, HostData::Mapped(_)));
         assert_eq!(&*a, &[1.0, 2.0, 3.0, 4.0]);
         let b = ck.tensor("b").unwrap().to_f32().unwrap();
         assert_eq!(&*b, &[1.5, -2.0]);
@@ -433,6 +542,31 @@ mod tests {
         );
         let err = ck.tensor("c").unwrap_err().to_string();
         assert!(err.contains("`c` is missing"), "{err}");
+    }
+
+    #[test]
+    fn row_views_and_column_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let words: Vec<u8> = (0..6i32).flat_map(|v| v.to_le_bytes()).collect();
+        write(
+            dir.path(),
+            SINGLE_FILE,
+            &[
+                ("m", Dtype::F32, vec![3, 4], f32_bytes(&values)),
+                ("q", Dtype::I32, vec![2, 3], words),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let m = ck.tensor("m").unwrap();
+        let rows = m.rows(1..3).unwrap();
+        assert_eq!(rows.shape(), &[2, 4]);
+        let data = rows.to_f32().unwrap();
+        assert!(matches!(data, HostData::Mapped(_)));
+        assert_eq!(&*data, &values[4..12]);
+        assert_eq!(m.columns_f32(1..3).unwrap(), vec![1.0, 2.0, 5.0, 6.0, 9.0, 10.0]);
+        assert_eq!(ck.tensor("q").unwrap().columns_i32(2..3).unwrap(), vec![2, 5]);
+        assert!(m.rows(2..4).is_err() && m.columns_f32(3..5).is_err());
     }
 
     #[test]

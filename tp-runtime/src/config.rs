@@ -68,6 +68,45 @@ pub struct ModelConfig {
     pub max_position_embeddings: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Present for AWQ checkpoints.
+    pub quantization: Option<QuantizationConfig>,
+}
+
+/// `quantization_config` of an AWQ checkpoint in the "gemm" layout: 4-bit weights with a zero
+/// point, grouped along the input dimension.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QuantizationConfig {
+    pub group_size: usize,
+    /// Module names (or name fragments) left unquantized.
+    pub modules_to_not_convert: Vec<String>,
+}
+
+impl QuantizationConfig {
+    /// The `quantization_config` object written into `config.json`; the keys vLLM,
+    /// transformers, LMDeploy and TGI read.
+    pub fn to_json(&self) -> Value {
+        let modules = if self.modules_to_not_convert.is_empty() {
+            Value::Null
+        } else {
+            self.modules_to_not_convert.clone().into()
+        };
+        serde_json::json!({
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": self.group_size,
+            "zero_point": true,
+            "version": "gemm",
+            "modules_to_not_convert": modules,
+        })
+    }
+
+    /// Whether the projection at `module_path` (e.g. `model.layers.3.mlp.up_proj`) is quantized.
+    pub fn converts(&self, module_path: &str) -> bool {
+        !self
+            .modules_to_not_convert
+            .iter()
+            .any(|m| module_path.contains(m.as_str()))
+    }
 }
 
 impl ModelConfig {
@@ -165,6 +204,7 @@ impl ModelConfig {
             max_position_embeddings: keys.opt_usize("max_position_embeddings")?,
             bos_token_id: keys.opt_token_id("bos_token_id")?,
             eos_token_id: keys.opt_token_id("eos_token_id")?,
+            quantization: keys.quantization()?,
         };
         for (key, v) in [
             ("hidden_size", config.hidden_size),
@@ -290,6 +330,59 @@ impl Keys<'_> {
         })
     }
 
+    /// `quantization_config`, accepted only for AWQ 4-bit "gemm" checkpoints.
+    fn quantization(&self) -> Result<Option<QuantizationConfig>> {
+        let Some(q) = self.get("quantization_config") else {
+            return Ok(None);
+        };
+        let key = "quantization_config";
+        let field = |name: &str| q.get(name).filter(|v| !v.is_null());
+        let method = field("quant_method").and_then(Value::as_str).unwrap_or("?");
+        if !method.eq_ignore_ascii_case("awq") {
+            return Err(self.bad(
+                key,
+                format!("quant_method `{method}` is not supported (only awq)"),
+            ));
+        }
+        let bits = field("bits").or_else(|| field("w_bit")).and_then(Value::as_u64);
+        if bits != Some(4) {
+            return Err(self.bad(key, format!("bits {bits:?} is not supported (only 4)")));
+        }
+        if field("zero_point").and_then(Value::as_bool) == Some(false) {
+            return Err(self.bad(key, "zero_point = false is not supported".into()));
+        }
+        let version = field("version").and_then(Value::as_str).unwrap_or("gemm");
+        if !version.eq_ignore_ascii_case("gemm") {
+            return Err(self.bad(key, format!("version `{version}` is not supported (only gemm)")));
+        }
+        let group_size = field("group_size")
+            .or_else(|| field("q_group_size"))
+            .and_then(Value::as_u64)
+            .filter(|&g| g > 0)
+            .ok_or_else(|| self.bad(key, "group_size must be a positive integer".into()))?;
+        let modules_to_not_convert = match field("modules_to_not_convert") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| self.bad(key, format!("modules_to_not_convert holds {v}, not a name")))
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(self.bad(
+                    key,
+                    format!("modules_to_not_convert must be a list, found {other}"),
+                ));
+            }
+        };
+        Ok(Some(QuantizationConfig {
+            group_size: group_size as usize,
+            modules_to_not_convert,
+        }))
+    }
+
     /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
     /// rope scaling other than "default" is refused rather than silently ignored.
     fn rope_theta(&self) -> Result<f64> {
@@ -381,6 +474,24 @@ mod tests {
     fn qwen2_has_qkv_bias_only() {
         let c = parse(&BASE.replace("LlamaForCausalLM", "Qwen2ForCausalLM")).unwrap();
         assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn awq_quantization_config_round_trips() {
+        let q = QuantizationConfig {
+            group_size: 64,
+            modules_to_not_convert: vec![],
+        };
+        let mut value: Value = serde_json::from_str(BASE).unwrap();
+        value["quantization_config"] = q.to_json();
+        let c = ModelConfig::from_json(&value, Path::new("config.json")).unwrap();
+        assert_eq!(c.quantization, Some(q));
+        value["quantization_config"]["version"] = "gemv".into();
+        let err = ModelConfig::from_json(&value, Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("gemv"), "{err}");
+        value["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4});
+        let err = ModelConfig::from_json(&value, Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("gptq"), "{err}");
     }
 
     #[test]

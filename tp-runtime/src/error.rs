@@ -73,6 +73,9 @@ pub enum Error {
     /// The tokenizer could not be loaded, built or run.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// The GPU, its driver or one of its libraries failed or is missing.
+    #[error("{0}")]
+    Device(String),
     /// A caller asked for something impossible (bad context length, empty batch, ...).
     #[error("{0}")]
     Invalid(String),

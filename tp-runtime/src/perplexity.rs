@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Prediction, SeqLayout};
-use crate::model::Model;
+use crate::backend::{Prediction, SeqLayout};
+use crate::model::Scorer;
 use crate::{Error, Result};
 
 /// Which predictions of a window are scored.
@@ -180,8 +180,8 @@ pub struct PerplexityResult {
 
 /// Scores the windows of `plan` over `tokens`, `batch` windows per forward pass, calling
 /// `on_window` after each window with its score and the running tally.
-pub fn evaluate<B: Backend>(
-    model: &Model<B>,
+pub fn evaluate<S: Scorer>(
+    model: &S,
     tokens: &[u32],
     plan: &WindowPlan,
     batch: usize,
@@ -212,8 +212,7 @@ pub fn evaluate<B: Backend>(
             spans.push((index, first..predictions.len()));
         }
         let layout = SeqLayout::new(&vec![plan.ctx; group.len()])?;
-        let hidden = model.forward(&ids, &layout)?;
-        let nll = model.token_nll(&hidden, &predictions)?;
+        let nll = model.score(&ids, &layout, &predictions)?;
         for (index, span) in spans {
             let score = WindowScore {
                 index,

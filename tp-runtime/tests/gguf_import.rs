@@ -85,24 +85,6 @@ impl GgufWriter {
     }
 }
 
-/// GPT-2's byte-to-character table: printable bytes stand for themselves, the rest are
-/// shifted past 255.
-fn byte_level_alphabet() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut shifted = 0;
-    (0..256u32)
-        .map(|b| {
-            let c = if printable(b) {
-                b
-            } else {
-                shifted += 1;
-                255 + shifted
-            };
-            char::from_u32(c).unwrap().to_string()
-        })
-        .collect()
-}
-
 /// llama.cpp's rotary permutation: within each head, HF row `p·d/2 + j` goes to row `2j + p`.
 fn permute_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
     let d = values.len() / row_len / heads;
@@ -151,7 +133,7 @@ fn write_gguf(dir: &Path, path: &Path) {
         config.rms_norm_eps,
     );
     w.f32(&format!("{arch}.rope.freq_base"), config.rope_theta as f32);
-    let mut tokens = byte_level_alphabet();
+    let mut tokens = testkit::byte_level_alphabet();
     let mut types = vec![1; 256];
     for i in 256..config.vocab_size {
         tokens.push(format!("<extra_{i}>"));

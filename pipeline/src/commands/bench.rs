@@ -10,6 +10,7 @@ use tp_runtime::ModelConfig;
 use tp_runtime::backend::cpu::matmul_transposed;
 
 use super::eval::{EvalArgs, EvalReport, evaluate_checkpoint, write_json};
+use super::quantize::{QuantizeArgs, QuantizeRunReport, quantize_checkpoint};
 use crate::progress::log;
 use crate::provenance;
 
@@ -18,6 +19,11 @@ use crate::provenance;
 pub enum BenchCommand {
     /// Perplexity-evaluation tokens/s against this machine's measured GEMM roofline.
     Eval(EvalArgs),
+    /// Quantization time against the arithmetic floor of the search, from this machine's
+    /// GEMM rate measured in the same run.
+    Quantize(QuantizeArgs),
+    /// The W4A16 kernels against cuBLAS f16 on Llama-2-7B shapes (needs a GPU).
+    Kernels(super::bench_kernels::KernelBenchArgs),
 }
 
 /// The same-run baseline: how fast this machine multiplies f32 matrices of the model's shape.
@@ -70,7 +76,115 @@ fn gemm_gflops(m: usize, k: usize, n: usize) -> f64 {
 
 /// Runs a bench subcommand.
 pub fn run(command: &BenchCommand) -> Result<()> {
-    let BenchCommand::Eval(args) = command;
+    match command {
+        BenchCommand::Eval(args) => bench_eval(args),
+        BenchCommand::Quantize(args) => bench_quantize(args),
+        BenchCommand::Kernels(args) => super::bench_kernels::run(args),
+    }
+}
+
+/// FLOPs of AWQ's search on one layer with `tokens` calibration tokens in blocks of
+/// `seq_len`: the capture forward, a reference and 20 trials of each block-inspected group,
+/// and the Gram form of the linear-inspected groups. The clip search is left out (under 1 %).
+pub fn awq_layer_flops(c: &ModelConfig, tokens: f64, seq_len: usize) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let (q, kv) = (c.q_features() as f64, c.kv_features() as f64);
+    let attention =
+        tokens * 2.0 * (h * q + 2.0 * h * kv + q * h) + tokens * 4.0 * q * (seq_len as f64 + 1.0) / 2.0;
+    let mlp = tokens * 2.0 * 3.0 * h * i;
+    let trials = awq_pack::search::GRID as f64;
+    let gram_group = |k: f64, out: f64| 2.0 * tokens * k * k + trials * 2.0 * out * k * k;
+    let mut flops = attention + mlp; // capture
+    flops += (trials + 1.0) * attention + (trials + 1.0) * mlp;
+    if c.kv_features() == c.hidden_size {
+        flops += gram_group(q, h);
+    }
+    flops + gram_group(i, h)
+}
+
+/// The same-run baseline of a quantization: its arithmetic at the measured GEMM rate.
+#[derive(Debug, Serialize)]
+pub struct QuantizeFloor {
+    pub name: &'static str,
+    pub gemm_gflops: f64,
+    pub search_flops: f64,
+    pub floor_seconds: f64,
+}
+
+/// `awq bench quantize`'s report.
+#[derive(Debug, Serialize)]
+pub struct BenchQuantizeReport {
+    pub run: QuantizeRunReport,
+    pub baseline: QuantizeFloor,
+    /// Floor over measured search time (capture + scale search).
+    pub fraction_of_floor: f64,
+}
+
+fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
+    let threads = provenance::set_threads(args.threads)?;
+    let run = quantize_checkpoint(
+        &args.model,
+        &args.out,
+        &args.options()?,
+        args.calib.as_deref(),
+        threads,
+    )?;
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let q = &run.quantization;
+    let tokens = q.calibration.as_ref().map_or(0, |c| c.tokens) as f64;
+    let shape = [4096, config.hidden_size, config.intermediate_size];
+    log(format!("measuring the f32 GEMM rate on {shape:?}"));
+    let gflops = gemm_gflops(shape[0], shape[1], shape[2]);
+    let flops = awq_layer_flops(&config, tokens, args.seq_len) * config.num_hidden_layers as f64;
+    let floor = flops / (gflops * 1e9);
+    let s = &q.seconds;
+    let searched = s.capture + s.scale_search;
+    let report = BenchQuantizeReport {
+        fraction_of_floor: floor / searched,
+        baseline: QuantizeFloor {
+            name: "AWQ search FLOPs at the f32 GEMM rate (gemm crate, same run)",
+            gemm_gflops: gflops,
+            search_flops: flops,
+            floor_seconds: floor,
+        },
+        run,
+    };
+    let s = &report.run.quantization.seconds;
+    println!("| measure | seconds |");
+    println!("|---|---|");
+    for (name, v) in [
+        ("total", s.total),
+        ("calibration data", s.calibration_data),
+        ("capture", s.capture),
+        ("scale search", s.scale_search),
+        ("clip search", s.clip_search),
+        ("quantize + pack", s.quantize_pack),
+        ("write", s.write),
+    ] {
+        println!("| {name} | {v:.1} |");
+    }
+    println!(
+        "| baseline: search FLOPs ({:.1} TFLOP) at {:.0} GFLOP/s | {:.1} |",
+        flops / 1e12,
+        gflops,
+        floor
+    );
+    println!(
+        "| capture + scale search over that floor | {:.2}x |",
+        1.0 / report.fraction_of_floor
+    );
+    println!(
+        "| peak RSS | {:.0} MB |",
+        report.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6
+    );
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+        log(format!("report written to {}", path.display()));
+    }
+    Ok(())
+}
+
+fn bench_eval(args: &EvalArgs) -> Result<()> {
     let threads = provenance::set_threads(args.threads)?;
     let eval = evaluate_checkpoint(args, threads)?;
     let c = &eval.model.config;

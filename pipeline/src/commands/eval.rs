@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use tp_runtime::perplexity::{Protocol, WindowPlan, evaluate};
-use tp_runtime::{CpuBackend, Model, ModelConfig, Tokenizer};
+use tp_runtime::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
+use tp_runtime::{Backend, CpuBackend, CudaBackend, Model, ModelConfig, Scorer, ShardPlan, TensorParallel, Tokenizer};
 
 use crate::progress::{Progress, log};
 use crate::provenance::{self, FileDigest, Machine, ToolInfo};
@@ -17,6 +17,7 @@ use crate::provenance::{self, FileDigest, Machine, ToolInfo};
 #[serde(rename_all = "lowercase")]
 pub enum BackendArg {
     Cpu,
+    Cuda,
 }
 
 /// Arguments of `awq eval`.
@@ -47,6 +48,9 @@ pub struct EvalArgs {
     pub batch: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
+    /// Tensor-parallel ranks (CPU: in-process ranks, one thread each; CUDA: one GPU each).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
@@ -77,6 +81,12 @@ pub struct EvalReport {
     pub machine: Machine,
     pub backend: String,
     pub threads: usize,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
+    /// The shard plan, when tp > 1.
+    pub shard_plan: Option<ShardPlan>,
+    /// Weight bytes held by each rank.
+    pub rank_weight_bytes: Vec<usize>,
     pub model: ModelInfo,
     pub tokenizer: FileDigest,
     pub data: DataInfo,
@@ -109,6 +119,44 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
+/// A loaded model (one rank or a group) that can name its backend and its ranks' bytes.
+trait Loaded: Scorer {
+    fn backend_name(&self) -> String;
+    fn rank_bytes(&self) -> Vec<usize>;
+}
+
+impl<B: Backend> Loaded for Model<B> {
+    fn backend_name(&self) -> String {
+        self.backend().name()
+    }
+    fn rank_bytes(&self) -> Vec<usize> {
+        vec![self.weight_bytes()]
+    }
+}
+
+impl<B: Backend> Loaded for TensorParallel<B> {
+    fn backend_name(&self) -> String {
+        format!("{} × {} ranks", self.ranks()[0].backend().name(), self.ranks().len())
+    }
+    fn rank_bytes(&self) -> Vec<usize> {
+        self.rank_weight_bytes()
+    }
+}
+
+/// Scores with a loaded model: the result, the backend's name, bytes per rank, load seconds.
+fn score(
+    model: impl Loaded,
+    load: Instant,
+    tokens: &[u32],
+    plan: &WindowPlan,
+    batch: usize,
+    on_window: impl FnMut(&WindowScore, &Tally),
+) -> Result<(PerplexityResult, String, Vec<usize>, f64)> {
+    let load_seconds = load.elapsed().as_secs_f64();
+    let result = evaluate(&model, tokens, plan, batch, on_window)?;
+    Ok((result, model.backend_name(), model.rank_bytes(), load_seconds))
+}
+
 /// Loads, tokenizes and scores; shared by `awq eval` and `awq bench eval`.
 pub fn evaluate_checkpoint(args: &EvalArgs, threads: usize) -> Result<EvalReport> {
     let wall = Instant::now();
@@ -132,29 +180,39 @@ pub fn evaluate_checkpoint(args: &EvalArgs, threads: usize) -> Result<EvalReport
         plan.ctx,
         plan.protocol
     ));
-    let load = Instant::now();
-    let model = match args.backend {
-        BackendArg::Cpu => Model::load(&args.model, CpuBackend::new())?,
-    };
-    let load_seconds = load.elapsed().as_secs_f64();
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    // Checked before any weight is read.
+    let shard_plan = (args.tp != 1)
+        .then(|| ShardPlan::new(&config, args.tp))
+        .transpose()?;
     let progress = Progress::new("windows", plan.windows as u64);
-    let result = evaluate(&model, &tokens, &plan, args.batch, |_, tally| {
+    let on_window = |_: &WindowScore, tally: &Tally| {
         progress.update(
             tally.windows as u64,
             format!("ppl {:.4} {:.0} tokens/s", tally.ppl(), tally.tokens_per_second()),
         );
-    })?;
+    };
+    let load = Instant::now();
+    let (result, backend, rank_weight_bytes, load_seconds) = match (args.backend, args.tp) {
+        (BackendArg::Cpu, 1) => score(Model::load(&args.model, CpuBackend::new())?, load, &tokens, &plan, args.batch, on_window)?,
+        (BackendArg::Cuda, 1) => score(Model::load(&args.model, CudaBackend::new(0)?)?, load, &tokens, &plan, args.batch, on_window)?,
+        (BackendArg::Cpu, tp) => score(TensorParallel::load_cpu(&args.model, tp)?, load, &tokens, &plan, args.batch, on_window)?,
+        (BackendArg::Cuda, tp) => score(TensorParallel::load_cuda(&args.model, tp)?, load, &tokens, &plan, args.batch, on_window)?,
+    };
     progress.finish();
     Ok(EvalReport {
         schema_version: 1,
         kind: "perplexity",
         tool: provenance::tool(),
         machine: provenance::machine(),
-        backend: tp_runtime::Backend::name(model.backend()),
+        backend,
         threads,
+        tp: args.tp,
+        shard_plan,
+        rank_weight_bytes,
         model: ModelInfo {
             dir: args.model.display().to_string(),
-            config: model.config().clone(),
+            config,
             files: provenance::digest_dir(&args.model)?,
         },
         tokenizer: provenance::digest(tokenizer.path())?,

@@ -1,5 +1,11 @@
 //! One module per `awq` subcommand.
 
+pub mod batch;
 pub mod bench;
+pub mod bench_kernels;
 pub mod eval;
 pub mod import;
+pub mod inspect;
+pub mod plan;
+pub mod quantize;
+pub mod run;

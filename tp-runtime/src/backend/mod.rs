@@ -2,13 +2,16 @@
 //! written once against [`Backend`]; each device implements it.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::ops::Range;
 
 use crate::Result;
+use crate::awq::AwqGemm;
 use crate::checkpoint::F32Data;
 
 pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
 
 /// How the rows of an activation matrix split into independent sequences.
 ///
@@ -121,6 +124,8 @@ pub enum LinearWeight {
         out_features: usize,
         in_features: usize,
     },
+    /// 4-bit AWQ in the "gemm" layout.
+    Awq(AwqGemm),
 }
 
 impl LinearWeight {
@@ -128,6 +133,7 @@ impl LinearWeight {
     pub fn out_features(&self) -> usize {
         match self {
             LinearWeight::Dense { out_features, .. } => *out_features,
+            LinearWeight::Awq(w) => w.out_features,
         }
     }
 
@@ -135,6 +141,7 @@ impl LinearWeight {
     pub fn in_features(&self) -> usize {
         match self {
             LinearWeight::Dense { in_features, .. } => *in_features,
+            LinearWeight::Awq(w) => w.in_features,
         }
     }
 }
@@ -146,17 +153,25 @@ pub struct Prediction {
     pub target: u32,
 }
 
+/// Bytes a weight occupies in its backend's memory.
+pub trait ByteSize {
+    /// Bytes held.
+    fn byte_size(&self) -> usize;
+}
+
 /// The operations a decoder needs, on one device. Activations are row-major
 /// `[rows, features]` f32 matrices.
 pub trait Backend: Send + Sync {
     /// Activations in the backend's memory.
     type Tensor: Send + Sync;
+    /// The flat storage behind a tensor, as collectives see it (`[f32]` on the host).
+    type Buffer: ?Sized;
     /// A dense `[rows, cols]` weight (embedding table, lm_head).
-    type Matrix: Send + Sync;
+    type Matrix: Send + Sync + ByteSize;
     /// A linear layer's weight in the backend's preferred layout.
-    type Linear: Send + Sync;
+    type Linear: Send + Sync + ByteSize;
     /// A 1-D weight (norm weight, bias).
-    type Vector: Send + Sync;
+    type Vector: Send + Sync + ByteSize;
 
     /// A short name for reports ("cpu", "cuda:0").
     fn name(&self) -> String;
@@ -173,9 +188,14 @@ pub trait Backend: Send + Sync {
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// `(rows, cols)` of an activation tensor.
     fn dims(&self, x: &Self::Tensor) -> (usize, usize);
+    /// The storage of a tensor, for collectives.
+    fn buffer<'a>(&self, x: &'a Self::Tensor) -> &'a Self::Buffer;
+    /// The mutable storage of a tensor, for collectives.
+    fn buffer_mut<'a>(&self, x: &'a mut Self::Tensor) -> &'a mut Self::Buffer;
 
-    /// Rows `ids` of an embedding table.
-    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Embeddings of `ids` from a table holding the ids `first_id..first_id + rows`; ids
+    /// outside that range (held by another rank) get zero rows.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], first_id: usize) -> Result<Self::Tensor>;
     /// `x / rms(x) * weight`, row by row.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
     /// `x · Wᵀ (+ bias)`.
@@ -202,16 +222,34 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `-log softmax(hidden[row] · lm_headᵀ)[target]` for each prediction, without keeping
-    /// the logits of more than a few rows at a time.
-    fn token_nll(
+    /// For each prediction, over the vocabulary slice `lm_head` holds (ids `first_id..`):
+    /// `[max logit, Σ exp(logit − max), logit of the target or 0 when another rank holds
+    /// it]`, as a `[predictions, 3]` tensor. Logits are computed a few rows at a time and
+    /// never all kept.
+    fn nll_parts(
         &self,
         hidden: &Self::Tensor,
         lm_head: &Self::Matrix,
         predictions: &[Prediction],
-    ) -> Result<Vec<f32>>;
-    /// Full logits of the given rows, on the host.
-    fn logits(&self, hidden: &Self::Tensor, lm_head: &Self::Matrix, rows: &[usize]) -> Result<Vec<Vec<f32>>>;
+        first_id: usize,
+    ) -> Result<Self::Tensor>;
+    /// `[rows.len(), lm_head rows]` logits of the selected rows.
+    fn logits(&self, hidden: &Self::Tensor, lm_head: &Self::Matrix, rows: &[usize]) -> Result<Self::Tensor>;
+}
+
+/// Negative log-likelihoods from the `[max, Σ exp(l − max), target logit]` parts of every
+/// vocabulary slice (`parts[slice][prediction][3]`, flattened).
+pub fn combine_nll_parts(parts: &[f32], slices: usize) -> Vec<f32> {
+    let n = parts.len() / (3 * slices);
+    (0..n)
+        .map(|i| {
+            let part = |s: usize, k: usize| parts[(s * n + i) * 3 + k] as f64;
+            let max = (0..slices).map(|s| part(s, 0)).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..slices).map(|s| part(s, 1) * (part(s, 0) - max).exp()).sum();
+            let target: f64 = (0..slices).map(|s| part(s, 2)).sum();
+            (max + sum.ln() - target) as f32
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -226,6 +264,24 @@ mod tests {
         assert_eq!(l.sequences().collect::<Vec<_>>(), vec![0..3, 3..5]);
         assert!(SeqLayout::new(&[2, 0]).is_err());
         assert!(SeqLayout::new(&[]).is_err());
+    }
+
+    #[test]
+    fn nll_parts_combine_like_one_softmax() {
+        let logits = [1.0f64, 3.0, -2.0, 0.5, 2.5, 1.5];
+        let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+        // Two slices of three ids; the target (id 4) is in the second.
+        let part = |s: &[f64], target: Option<usize>| {
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            [
+                max as f32,
+                s.iter().map(|l| (l - max).exp()).sum::<f64>() as f32,
+                target.map_or(0.0, |t| s[t] as f32),
+            ]
+        };
+        let parts: Vec<f32> = [part(&logits[..3], None), part(&logits[3..], Some(1))].concat();
+        let nll = combine_nll_parts(&parts, 2);
+        assert!((nll[0] as f64 - (lse - 2.5)).abs() < 1e-6);
     }
 
     #[test]

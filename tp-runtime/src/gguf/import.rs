@@ -10,7 +10,7 @@ use safetensors::{Dtype, View};
 use serde_json::{Value, json};
 
 use super::reader::{GgufFile, GgufTensor, MetaValue};
-use super::vocab::{GgufTokenizer, build_tokenizer};
+use super::vocab::{GgufTokenizer, SpecialTokens, build_tokenizer, special_tokens};
 use crate::checkpoint::SINGLE_FILE;
 use crate::config::{Architecture, ModelConfig};
 use crate::{Error, Result, atomic};
@@ -271,7 +271,13 @@ fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) ->
     Ok((mapped.hf_name, OutTensor { dtype, shape, data }))
 }
 
-fn config_json(gguf: &GgufFile, hp: &Hparams, tok: &GgufTokenizer, tied: bool, dtype: OutputDtype) -> Value {
+fn config_json(
+    gguf: &GgufFile,
+    hp: &Hparams,
+    special: &SpecialTokens,
+    tied: bool,
+    dtype: OutputDtype,
+) -> Value {
     let mut config = json!({
         "architectures": [hp.architecture.hf_name()],
         "model_type": hp.architecture.model_type(),
@@ -291,10 +297,10 @@ fn config_json(gguf: &GgufFile, hp: &Hparams, tok: &GgufTokenizer, tied: bool, d
         "mlp_bias": false,
         "use_cache": true,
         "torch_dtype": dtype.torch_name(),
-        "bos_token_id": tok.special.bos,
-        "eos_token_id": tok.special.eos,
-        "pad_token_id": tok.special.pad,
-        "unk_token_id": tok.special.unk,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "pad_token_id": special.pad,
+        "unk_token_id": special.unk,
     });
     let obj = config.as_object_mut().expect("json! object");
     if let Some(ctx) = hp.context {
@@ -363,6 +369,21 @@ fn write_json(dir: &Path, name: &str, value: &Value) -> Result<()> {
     std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
 }
 
+/// The configuration the import of a GGUF file would write, read from its metadata alone
+/// (no tensor is dequantized): enough to validate settings before any compute.
+pub fn gguf_model_config(path: &Path) -> Result<ModelConfig> {
+    let gguf = GgufFile::open(path)?;
+    let vocab = gguf
+        .metadata
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .map_or(0, <[MetaValue]>::len);
+    let hp = hparams(&gguf, vocab)?;
+    let tied = gguf.tensor("output.weight").is_none();
+    let config = config_json(&gguf, &hp, &special_tokens(&gguf), tied, OutputDtype::F32);
+    ModelConfig::from_json(&config, path)
+}
+
 /// Converts a GGUF file into a Hugging Face checkpoint folder at `out`.
 ///
 /// The folder is built under a temporary name and renamed when complete; an existing
@@ -384,7 +405,7 @@ pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -
         .map(|t| convert(&gguf, &hp, t, dtype))
         .collect::<Result<_>>()?;
     let safetensors_bytes = tensors.iter().map(|(_, t)| t.data.len() as u64).sum();
-    let config = config_json(&gguf, &hp, &tok, tied, dtype);
+    let config = config_json(&gguf, &hp, &tok.special, tied, dtype);
     // Check that what we write is a model we can load.
     let parsed = ModelConfig::from_json(&config, &out.join("config.json"))?;
     for name in crate::model::required_tensor_names(&parsed) {
@@ -393,7 +414,7 @@ pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -
         }
     }
     let count = tensors.len();
-    atomic::write_dir(out, replace, |dir| {
+    atomic::write_dir::<_, Error>(out, replace, |dir| {
         let st_path = dir.join(SINGLE_FILE);
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
         let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();

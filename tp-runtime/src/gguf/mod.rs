@@ -7,6 +7,6 @@ mod reader;
 mod vocab;
 
 pub use dequant::{GgmlType, dequantize};
-pub use import::{ImportSummary, OutputDtype, import_gguf};
+pub use import::{ImportSummary, OutputDtype, gguf_model_config, import_gguf};
 pub use reader::{GgufFile, GgufTensor, MetaValue};
-pub use vocab::{GgufTokenizer, SpecialTokens, build_tokenizer};
+pub use vocab::{GgufTokenizer, SpecialTokens, build_tokenizer, special_tokens};

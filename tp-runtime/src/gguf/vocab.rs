@@ -80,6 +80,24 @@ fn pre_tokenizer(gguf: &GgufFile, pre: &str) -> Result<PreTokenizerWrapper> {
     })
 }
 
+/// The special-token ids and flags of the GGUF metadata.
+pub fn special_tokens(gguf: &GgufFile) -> SpecialTokens {
+    let flag = |key: &str| {
+        gguf.metadata
+            .get(key)
+            .and_then(MetaValue::as_bool)
+            .unwrap_or(false)
+    };
+    SpecialTokens {
+        bos: optional_id(gguf, "tokenizer.ggml.bos_token_id"),
+        eos: optional_id(gguf, "tokenizer.ggml.eos_token_id"),
+        unk: optional_id(gguf, "tokenizer.ggml.unknown_token_id"),
+        pad: optional_id(gguf, "tokenizer.ggml.padding_token_id"),
+        add_bos: flag("tokenizer.ggml.add_bos_token"),
+        add_eos: flag("tokenizer.ggml.add_eos_token"),
+    }
+}
+
 /// Builds the tokenizer described by the GGUF metadata (`tokenizer.ggml.*`).
 pub fn build_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer> {
     let model = gguf.get_str("tokenizer.ggml.model")?;
@@ -126,22 +144,7 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer> {
         .build()
         .map_err(|e| gguf.error(format!("building the BPE model: {e}")))?;
 
-    let special = SpecialTokens {
-        bos: optional_id(gguf, "tokenizer.ggml.bos_token_id"),
-        eos: optional_id(gguf, "tokenizer.ggml.eos_token_id"),
-        unk: optional_id(gguf, "tokenizer.ggml.unknown_token_id"),
-        pad: optional_id(gguf, "tokenizer.ggml.padding_token_id"),
-        add_bos: gguf
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(MetaValue::as_bool)
-            .unwrap_or(false),
-        add_eos: gguf
-            .metadata
-            .get("tokenizer.ggml.add_eos_token")
-            .and_then(MetaValue::as_bool)
-            .unwrap_or(false),
-    };
+    let special = special_tokens(gguf);
 
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer(gguf, pre)?));

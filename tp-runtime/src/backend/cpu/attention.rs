@@ -4,26 +4,12 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::CpuTensor;
+use super::{CpuTensor, SharedOut, exp_in_place};
 use crate::backend::{AttentionSpec, SeqLayout};
 use crate::{Error, Result};
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 64;
-
-/// A raw output pointer shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint (row block, head) regions of the output; see `attention`.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer; a method so that closures capture the whole (Send) wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// One task: query rows `q_start..q_end` of head `head`, attending to keys from
 /// `k_start` up to `q_end` of the same sequence.
@@ -125,12 +111,9 @@ pub fn attention(
                 let lo = (query + 1).saturating_sub(window).max(t.k_start) - t.k_start;
                 let visible = &mut row[lo..=hi];
                 let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in visible.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
+                visible.iter_mut().for_each(|s| *s -= max);
+                exp_in_place(visible);
+                let inv = 1.0 / visible.iter().sum::<f32>();
                 visible.iter_mut().for_each(|s| *s *= inv);
                 row[..lo].fill(0.0);
                 row[hi + 1..].fill(0.0);

@@ -56,6 +56,41 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usi
     }
 }
 
+/// `scale · xᵀ x` for a row-major `[rows, cols]` matrix: the `[cols, cols]` Gram matrix.
+pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
+    let mut out = vec![0f32; cols * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    // SAFETY: lhs(r, t) = x[t·cols + r] is xᵀ (cols×rows); rhs(t, c) = x[t·cols + c] is x
+    // (rows×cols); out is cols×cols row-major.
+    unsafe {
+        gemm(
+            cols,
+            cols,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            x.as_ptr(),
+            cols as isize,
+            1,
+            x.as_ptr(),
+            1,
+            cols as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism(cols, rows, cols),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +110,19 @@ mod tests {
             for j in 0..n {
                 let want: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
                 assert!((out[i * n + j] as f64 - want).abs() < 1e-4, "({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn gram_is_xt_x() {
+        let (rows, cols) = (7, 3);
+        let x: Vec<f32> = (0..rows * cols).map(|i| (i % 5) as f32 - 2.0).collect();
+        let g = gram(&x, rows, cols, 0.5);
+        for a in 0..cols {
+            for b in 0..cols {
+                let want: f32 = (0..rows).map(|t| x[t * cols + a] * x[t * cols + b]).sum::<f32>() * 0.5;
+                assert_eq!(g[a * cols + b], want);
             }
         }
     }

@@ -2,15 +2,50 @@
 //! and heads. It is also the reference twin of every GPU kernel.
 
 mod attention;
+mod math;
 mod matmul;
+mod w4a16;
 
 use rayon::prelude::*;
 
-use super::{AttentionSpec, Backend, LinearWeight, Prediction, RopeFrequencies, SeqLayout};
+use super::{AttentionSpec, Backend, ByteSize, LinearWeight, Prediction, RopeFrequencies, SeqLayout};
 use crate::checkpoint::F32Data;
 use crate::{Error, Result};
 
-pub use matmul::matmul_transposed;
+pub use math::exp_in_place;
+pub use matmul::{gram, matmul_transposed};
+pub use w4a16::CpuAwq;
+
+/// Keeps freed activation buffers inside the process.
+///
+/// glibc hands large freed blocks back to the kernel; every fresh buffer of the next layer
+/// then page-faults its way in, which costs about a fifth of a decoder layer's time at 512
+/// tokens. Raising the mmap and trim thresholds makes such buffers reuse heap memory. Call
+/// once at startup; a no-op outside glibc.
+pub fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; it is called before any
+    // buffer depends on them and accepts any value.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+/// A raw output pointer shared by rayon tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every user hands each task a region of the output no other task touches.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer; a method so that closures capture the whole (Send) wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// f32 activations `[rows, cols]`, row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +86,39 @@ pub struct CpuMatrix {
 pub enum CpuLinear {
     /// `[out_features, in_features]` f32.
     Dense(CpuMatrix),
+    /// 4-bit AWQ, kept packed.
+    Awq(CpuAwq),
+}
+
+impl ByteSize for CpuMatrix {
+    fn byte_size(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+impl ByteSize for CpuLinear {
+    fn byte_size(&self) -> usize {
+        match self {
+            CpuLinear::Dense(m) => m.byte_size(),
+            CpuLinear::Awq(w) => w.bytes(),
+        }
+    }
+}
+
+impl ByteSize for F32Data {
+    fn byte_size(&self) -> usize {
+        self.len() * 4
+    }
+}
+
+impl CpuLinear {
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            CpuLinear::Dense(m) => (m.rows, m.cols),
+            CpuLinear::Awq(w) => (w.out_features, w.in_features),
+        }
+    }
 }
 
 /// Runs everything on the host's cores.
@@ -74,15 +142,25 @@ fn same_dims(what: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
     Ok(())
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// `y = silu(g) · u = g / (1 + exp(−g)) · u`, element-wise.
+fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+    for (y, &g) in y.iter_mut().zip(g) {
+        *y = -g;
+    }
+    exp_in_place(y);
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = g / (1.0 + *y) * u;
+    }
 }
 
-/// `log Σ exp(l)`, accumulated in f64 for a stable sum over large vocabularies.
-fn log_sum_exp(logits: &[f32]) -> f32 {
+/// `(max, Σ exp(l − max))` of a row of logits, overwriting it with `exp(l − max)`; the sum
+/// is accumulated in f64 for a stable total over large vocabularies.
+fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
-    (max as f64 + sum.ln()) as f32
+    logits.iter_mut().for_each(|l| *l -= max);
+    exp_in_place(logits);
+    let sum: f64 = logits.iter().map(|&e| e as f64).sum();
+    (max, sum as f32)
 }
 
 /// Rows per lm_head product when scoring: bounds the logits kept at once.
@@ -90,6 +168,7 @@ const NLL_CHUNK_ROWS: usize = 128;
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
+    type Buffer = [f32];
     type Matrix = CpuMatrix;
     type Linear = CpuLinear;
     type Vector = F32Data;
@@ -115,6 +194,7 @@ impl Backend for CpuBackend {
                 out_features,
                 in_features,
             } => Ok(CpuLinear::Dense(self.matrix(data, out_features, in_features)?)),
+            LinearWeight::Awq(w) => Ok(CpuLinear::Awq(CpuAwq::new(w)?)),
         }
     }
 
@@ -134,18 +214,21 @@ impl Backend for CpuBackend {
         (x.rows, x.cols)
     }
 
-    fn embed(&self, table: &CpuMatrix, ids: &[u32]) -> Result<CpuTensor> {
+    fn buffer<'a>(&self, x: &'a CpuTensor) -> &'a [f32] {
+        &x.data
+    }
+
+    fn buffer_mut<'a>(&self, x: &'a mut CpuTensor) -> &'a mut [f32] {
+        &mut x.data
+    }
+
+    fn embed(&self, table: &CpuMatrix, ids: &[u32], first_id: usize) -> Result<CpuTensor> {
         let cols = table.cols;
         let mut out = vec![0f32; ids.len() * cols];
         for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
-            let id = id as usize;
-            if id >= table.rows {
-                return Err(Error::Invalid(format!(
-                    "token id {id} is outside the vocabulary of {} entries",
-                    table.rows
-                )));
+            if let Some(local) = (id as usize).checked_sub(first_id).filter(|&l| l < table.rows) {
+                row.copy_from_slice(&table.data[local * cols..(local + 1) * cols]);
             }
-            row.copy_from_slice(&table.data[id * cols..(id + 1) * cols]);
         }
         CpuTensor::new(out, ids.len(), cols)
     }
@@ -172,30 +255,32 @@ impl Backend for CpuBackend {
     }
 
     fn linear_forward(&self, x: &CpuTensor, weight: &CpuLinear, bias: Option<&F32Data>) -> Result<CpuTensor> {
-        let CpuLinear::Dense(w) = weight;
-        if x.cols != w.cols {
+        let (out_features, in_features) = weight.shape();
+        if x.cols != in_features {
             return Err(Error::Invalid(format!(
-                "linear: input has {} features, weight expects {}",
-                x.cols, w.cols
+                "linear: input has {} features, weight expects {in_features}",
+                x.cols
             )));
         }
-        let mut out = vec![0f32; x.rows * w.rows];
-        matmul_transposed(&x.data, &w.data, &mut out, x.rows, w.cols, w.rows);
+        let mut out = vec![0f32; x.rows * out_features];
+        match weight {
+            CpuLinear::Dense(w) => matmul_transposed(&x.data, &w.data, &mut out, x.rows, w.cols, w.rows),
+            CpuLinear::Awq(w) => w.matmul(&x.data, x.rows, &mut out),
+        }
         if let Some(bias) = bias {
-            if bias.len() != w.rows {
+            if bias.len() != out_features {
                 return Err(Error::Invalid(format!(
-                    "linear: bias of {} for {} outputs",
-                    bias.len(),
-                    w.rows
+                    "linear: bias of {} for {out_features} outputs",
+                    bias.len()
                 )));
             }
-            out.par_chunks_mut(w.rows).for_each(|row| {
+            out.par_chunks_mut(out_features).for_each(|row| {
                 for (y, &b) in row.iter_mut().zip(bias.iter()) {
                     *y += b;
                 }
             });
         }
-        CpuTensor::new(out, x.rows, w.rows)
+        CpuTensor::new(out, x.rows, out_features)
     }
 
     fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<CpuTensor> {
@@ -243,11 +328,7 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; gate.data.len()];
         out.par_chunks_mut(4096)
             .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = silu(g) * u;
-                }
-            });
+            .for_each(|(y, (g, u))| silu_mul_into(y, g, u));
         CpuTensor::new(out, gate.rows, gate.cols)
     }
 
@@ -260,38 +341,36 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn token_nll(
+    fn nll_parts(
         &self,
         hidden: &CpuTensor,
         lm_head: &CpuMatrix,
         predictions: &[Prediction],
-    ) -> Result<Vec<f32>> {
-        let mut nll = Vec::with_capacity(predictions.len());
+        first_id: usize,
+    ) -> Result<CpuTensor> {
+        let mut parts = Vec::with_capacity(predictions.len() * 3);
         for chunk in predictions.chunks(NLL_CHUNK_ROWS) {
-            if let Some(p) = chunk
-                .iter()
-                .find(|p| p.row >= hidden.rows || p.target as usize >= lm_head.rows)
-            {
-                return Err(Error::Invalid(format!(
-                    "prediction of token {} at row {} is out of range ({} rows, vocabulary {})",
-                    p.target, p.row, hidden.rows, lm_head.rows
-                )));
-            }
             let rows: Vec<usize> = chunk.iter().map(|p| p.row).collect();
-            let logits = self.logits_flat(hidden, lm_head, &rows)?;
-            nll.par_extend(
-                logits
-                    .par_chunks(lm_head.rows)
-                    .zip(chunk.par_iter())
-                    .map(|(l, p)| log_sum_exp(l) - l[p.target as usize]),
-            );
+            let mut logits = self.logits_flat(hidden, lm_head, &rows)?;
+            let chunk_parts: Vec<[f32; 3]> = logits
+                .par_chunks_mut(lm_head.rows)
+                .zip(chunk.par_iter())
+                .map(|(l, p)| {
+                    let target = (p.target as usize)
+                        .checked_sub(first_id)
+                        .filter(|&t| t < l.len())
+                        .map_or(0.0, |t| l[t]);
+                    let (max, sum) = max_and_sum_exp_in_place(l);
+                    [max, sum, target]
+                })
+                .collect();
+            parts.extend(chunk_parts.into_iter().flatten());
         }
-        Ok(nll)
+        CpuTensor::new(parts, predictions.len(), 3)
     }
 
-    fn logits(&self, hidden: &CpuTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let flat = self.logits_flat(hidden, lm_head, rows)?;
-        Ok(flat.chunks(lm_head.rows).map(<[f32]>::to_vec).collect())
+    fn logits(&self, hidden: &CpuTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<CpuTensor> {
+        CpuTensor::new(self.logits_flat(hidden, lm_head, rows)?, rows.len(), lm_head.rows)
     }
 }
 
@@ -322,9 +401,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_sum_exp_is_stable() {
-        let l = [1000.0f32, 1000.0];
-        assert!((log_sum_exp(&l) - (1000.0 + 2f32.ln())).abs() < 1e-4);
+    fn max_and_sum_are_stable() {
+        let mut l = [1000.0f32, 1000.0];
+        assert_eq!(max_and_sum_exp_in_place(&mut l), (1000.0, 2.0));
     }
 
     #[test]
@@ -342,23 +421,29 @@ mod tests {
     }
 
     #[test]
-    fn nll_matches_direct_softmax() {
+    fn nll_parts_match_direct_softmax() {
         let b = CpuBackend;
         let lm = b.matrix(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0].into(), 3, 2).unwrap();
         let h = b.tensor(&[0.5, -1.0], 1, 2).unwrap();
-        let nll = b.token_nll(&h, &lm, &[Prediction { row: 0, target: 2 }]).unwrap();
+        let parts = b
+            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 2 }], 0)
+            .unwrap();
+        let nll = crate::backend::combine_nll_parts(&parts.data, 1);
         let logits = [0.5f64, -1.0, -0.5];
         let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
         assert!((nll[0] as f64 - (lse - logits[2])).abs() < 1e-6);
-        assert!(b.token_nll(&h, &lm, &[Prediction { row: 0, target: 3 }]).is_err());
+        // A target another rank holds contributes no logit here.
+        let parts = b
+            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 7 }], 0)
+            .unwrap();
+        assert_eq!(parts.data[2], 0.0);
     }
 
     #[test]
-    fn embed_refuses_out_of_range_ids() {
+    fn embed_zeroes_ids_of_other_shards() {
         let b = CpuBackend;
-        let table = b.matrix(vec![0.0; 6].into(), 3, 2).unwrap();
-        assert!(b.embed(&table, &[2]).is_ok());
-        let err = b.embed(&table, &[3]).unwrap_err().to_string();
-        assert!(err.contains("token id 3"), "{err}");
+        let table = b.matrix(vec![1.0, 2.0, 3.0, 4.0].into(), 2, 2).unwrap();
+        let x = b.embed(&table, &[4, 5, 1], 4).unwrap();
+        assert_eq!(x.data, vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0]);
     }
 }

@@ -1,0 +1,246 @@
+//! Layer-by-layer capture of the inputs of every projection group over the calibration
+//! blocks. Only the current layer's weights are resident: each layer is read from the
+//! memory-mapped checkpoint when its turn comes and its pages are released afterwards, so a
+//! model much larger than RAM streams through.
+
+use rayon::prelude::*;
+use tp_runtime::backend::cpu::CpuTensor;
+use tp_runtime::model::{DecoderLayer, ForwardContext, Projection};
+use tp_runtime::{Backend, Checkpoint, CpuBackend, ModelConfig, SeqLayout};
+
+use crate::{CalibError, Result};
+
+/// Tokens per forward pass while capturing: bounds the transient MLP activations.
+const TOKENS_PER_CHUNK: usize = 4096;
+
+/// The inputs of one decoder layer's projection groups over every calibration token.
+#[derive(Clone, Debug)]
+pub struct LayerInputs {
+    /// Input of q/k/v (the normed residual), `[tokens, hidden]`.
+    pub attn: CpuTensor,
+    /// Input of o_proj (attention output), `[tokens, q_features]`.
+    pub o: CpuTensor,
+    /// Input of gate/up (the normed residual), `[tokens, hidden]`.
+    pub mlp: CpuTensor,
+    /// Input of down_proj (`silu(gate) * up`), `[tokens, intermediate]`.
+    pub down: CpuTensor,
+}
+
+impl LayerInputs {
+    /// The captured input of projection `p`.
+    pub fn of(&self, p: Projection) -> &CpuTensor {
+        match p {
+            Projection::Q | Projection::K | Projection::V => &self.attn,
+            Projection::O => &self.o,
+            Projection::Gate | Projection::Up => &self.mlp,
+            Projection::Down => &self.down,
+        }
+    }
+
+    /// Mutable access to the captured input of projection `p`.
+    pub fn of_mut(&mut self, p: Projection) -> &mut CpuTensor {
+        match p {
+            Projection::Q | Projection::K | Projection::V => &mut self.attn,
+            Projection::O => &mut self.o,
+            Projection::Gate | Projection::Up => &mut self.mlp,
+            Projection::Down => &mut self.down,
+        }
+    }
+}
+
+/// Per-channel mean |x| over the rows, accumulated in f64 in a fixed order (so that the
+/// result does not depend on thread scheduling) and returned as f32.
+pub fn mean_abs(x: &CpuTensor) -> Vec<f32> {
+    const ROWS: usize = 256;
+    let partial: Vec<Vec<f64>> = x
+        .data
+        .par_chunks(ROWS * x.cols)
+        .map(|rows| {
+            let mut acc = vec![0f64; x.cols];
+            for row in rows.chunks_exact(x.cols) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v.abs() as f64;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; x.cols];
+    for p in partial {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total.into_iter().map(|v| (v / x.rows as f64) as f32).collect()
+}
+
+fn check_finite(x: &CpuTensor, layer: usize, what: &'static str) -> Result<()> {
+    match x.data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(CalibError::NonFinite {
+            layer,
+            what,
+            row: i / x.cols,
+            channel: i % x.cols,
+        }),
+    }
+}
+
+/// One layer, loaded, with its captured inputs.
+pub struct LayerCapture {
+    pub index: usize,
+    /// The unmodified layer (weights borrowed from the mapped checkpoint).
+    pub layer: DecoderLayer<CpuBackend>,
+    pub inputs: LayerInputs,
+}
+
+/// Streams a checkpoint's decoder layers over the calibration blocks.
+pub struct LayerStream<'a> {
+    checkpoint: &'a Checkpoint,
+    config: &'a ModelConfig,
+    backend: CpuBackend,
+    /// Residual stream entering the next layer, `[tokens, hidden]`: the output of the
+    /// previous layer with its original (unquantized) weights.
+    x: CpuTensor,
+    seq_len: usize,
+    next: usize,
+}
+
+impl<'a> LayerStream<'a> {
+    /// Embeds the calibration blocks (all of length `seq_len`).
+    pub fn new(checkpoint: &'a Checkpoint, config: &'a ModelConfig, blocks: &[Vec<u32>]) -> Result<Self> {
+        let seq_len = blocks.first().map_or(0, Vec::len);
+        if seq_len == 0 || blocks.iter().any(|b| b.len() != seq_len) {
+            return Err(CalibError::Invalid(
+                "calibration blocks must be non-empty and of equal length".into(),
+            ));
+        }
+        let backend = CpuBackend::new();
+        let name = "model.embed_tokens.weight";
+        let table = checkpoint.tensor_with_shape(name, &[config.vocab_size, config.hidden_size])?;
+        let matrix = backend.matrix(table.to_f32()?, config.vocab_size, config.hidden_size)?;
+        let ids: Vec<u32> = blocks.concat();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+            return Err(CalibError::Invalid(format!(
+                "the tokenizer produced id {id}, outside the model's vocabulary of {}",
+                config.vocab_size
+            )));
+        }
+        let x = backend.embed(&matrix, &ids, 0)?;
+        drop(matrix);
+        table.release_pages();
+        Ok(LayerStream {
+            checkpoint,
+            config,
+            backend,
+            x,
+            seq_len,
+            next: 0,
+        })
+    }
+
+    /// Calibration tokens.
+    pub fn tokens(&self) -> usize {
+        self.x.rows
+    }
+
+    /// Index of the layer [`LayerStream::next_layer`] will return.
+    pub fn next_index(&self) -> usize {
+        self.next
+    }
+
+    /// Loads the next layer, runs it over every block while capturing its projection inputs,
+    /// and advances the residual stream to its (unquantized) output. `None` after the last.
+    pub fn next_layer(&mut self) -> Result<Option<LayerCapture>> {
+        let index = self.next;
+        if index == self.config.num_hidden_layers {
+            return Ok(None);
+        }
+        let c = self.config;
+        let layer = DecoderLayer::load(&self.backend, self.checkpoint, c, index)?;
+        let tokens = self.x.rows;
+        let empty = |cols: usize| CpuTensor {
+            data: vec![0f32; tokens * cols],
+            rows: tokens,
+            cols,
+        };
+        let mut inputs = LayerInputs {
+            attn: empty(c.hidden_size),
+            o: empty(c.q_features()),
+            mlp: empty(c.hidden_size),
+            down: empty(c.intermediate_size),
+        };
+        let blocks_per_chunk = (TOKENS_PER_CHUNK / self.seq_len).max(1);
+        let chunk_rows = blocks_per_chunk * self.seq_len;
+        let hidden = c.hidden_size;
+        for start in (0..tokens).step_by(chunk_rows) {
+            let rows = chunk_rows.min(tokens - start);
+            let layout = SeqLayout::new(&vec![self.seq_len; rows / self.seq_len])?;
+            let ctx = ForwardContext::new(&self.backend, c, &layout)?;
+            let mut x = CpuTensor::new(
+                self.x.data[start * hidden..(start + rows) * hidden].to_vec(),
+                rows,
+                hidden,
+            )?;
+            layer.forward_tapped(&self.backend, &mut x, &ctx, &mut |p, t| {
+                let dst = inputs.of_mut(p);
+                dst.data[start * t.cols..(start + rows) * t.cols].copy_from_slice(&t.data);
+                Ok(())
+            })?;
+            self.x.data[start * hidden..(start + rows) * hidden].copy_from_slice(&x.data);
+        }
+        check_finite(&inputs.attn, index, "q/k/v")?;
+        check_finite(&inputs.o, index, "o_proj")?;
+        check_finite(&inputs.mlp, index, "gate/up")?;
+        check_finite(&inputs.down, index, "down_proj")?;
+        check_finite(&self.x, index, "the next layer")?;
+        self.next += 1;
+        Ok(Some(LayerCapture { index, layer, inputs }))
+    }
+
+    /// Drops layer `index`'s weights from resident memory once the caller is done with it.
+    pub fn release(&self, index: usize) {
+        self.checkpoint.release_prefix(&format!("model.layers.{index}."));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_abs_is_per_channel() {
+        let x = CpuTensor::new(vec![1.0, -2.0, -3.0, 4.0], 2, 2).unwrap();
+        assert_eq!(mean_abs(&x), vec![2.0, 3.0]);
+    }
+
+    #[test]
+    fn capture_matches_full_forward_on_tiny_llama() {
+        let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
+            return;
+        };
+        let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let blocks: Vec<Vec<u32>> = (0..3)
+            .map(|b| (0..40).map(|i| (i * 7 + b * 13) % 512).collect())
+            .collect();
+        let mut stream = LayerStream::new(&checkpoint, &config, &blocks).unwrap();
+        let mut captures = 0;
+        while let Some(cap) = stream.next_layer().unwrap() {
+            assert_eq!(cap.inputs.down.cols, config.intermediate_size);
+            assert_eq!(cap.inputs.attn.rows, 120);
+            stream.release(cap.index);
+            captures += 1;
+        }
+        assert_eq!(captures, config.num_hidden_layers);
+        // The residual stream after the last layer equals the model's own forward pass.
+        let model = tp_runtime::Model::load(&dir, CpuBackend::new()).unwrap();
+        let layout = SeqLayout::new(&[40, 40, 40]).unwrap();
+        let ctx = model.context(&layout).unwrap();
+        let mut x = model.embed(&blocks.concat()).unwrap();
+        for layer in model.layers() {
+            layer.forward(model.backend(), &mut x, &ctx).unwrap();
+        }
+        assert_eq!(x.data, stream.x.data);
+    }
+}

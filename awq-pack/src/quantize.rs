@@ -1,0 +1,407 @@
+//! A whole model: calibration, layer-by-layer AWQ (or RTN), and the AWQ checkpoint folder,
+//! written under a temporary name and renamed when complete.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Instant;
+
+use awq_calib::{CalibSpec, CalibSummary, LayerStream, dataset};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+use tp_runtime::awq::PACK;
+use tp_runtime::config::QuantizationConfig;
+use tp_runtime::model::{DecoderLayer, Projection, layer_tensor_name};
+use tp_runtime::{Checkpoint, CpuBackend, ModelConfig, Tokenizer, atomic};
+
+use crate::layer::{LayerReport, LayerSettings, OutLinear, QuantizedLayer, quantize_layer, rtn_layer};
+use crate::quant::GroupSize;
+use crate::search::Scaling;
+use crate::writer::{SafetensorsStream, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes};
+use crate::{PackError, Result};
+
+/// Files copied unchanged from the input folder when present.
+pub const COPIED_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// How weights are chosen before rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Activation-aware scales and clipping, then rounding.
+    Awq,
+    /// Round to nearest: the baseline every report compares against.
+    Rtn,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::Awq => "awq",
+            Method::Rtn => "rtn",
+        })
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "awq" => Ok(Method::Awq),
+            "rtn" => Ok(Method::Rtn),
+            other => Err(format!("unknown method `{other}` (expected awq or rtn)")),
+        }
+    }
+}
+
+/// Everything `quantize` needs to know.
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    pub method: Method,
+    pub group_size: GroupSize,
+    pub scaling: Scaling,
+    pub clip: bool,
+    /// Calibration data (used by `awq`; ignored by `rtn`).
+    pub calib: CalibSpec,
+    /// Module names (or fragments) left unquantized, as in `quantization_config`.
+    pub modules_to_not_convert: Vec<String>,
+    /// Replace a non-empty output folder.
+    pub replace: bool,
+}
+
+/// Progress of a run.
+pub enum Event<'a> {
+    /// Calibration blocks are ready.
+    Calibrated(&'a CalibSummary),
+    /// A layer is quantized and written.
+    Layer {
+        done: usize,
+        total: usize,
+        report: &'a LayerReport,
+    },
+}
+
+/// Seconds per step over the whole run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSeconds {
+    pub calibration_data: f64,
+    pub capture: f64,
+    pub scale_search: f64,
+    pub clip_search: f64,
+    pub quantize_pack: f64,
+    pub write: f64,
+    pub total: f64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantizeReport {
+    pub method: Method,
+    pub group_size: GroupSize,
+    pub scaling: Scaling,
+    pub clip: bool,
+    pub modules_to_not_convert: Vec<String>,
+    pub calibration: Option<CalibSummary>,
+    pub quantization_config: serde_json::Value,
+    pub layers: Vec<LayerReport>,
+    pub seconds: RunSeconds,
+    pub safetensors_bytes: u64,
+}
+
+/// The projections of layer `layer` that are quantized under `q`.
+fn converted(q: &QuantizationConfig, layer: usize) -> [bool; 7] {
+    Projection::ALL.map(|p| q.converts(&p.prefix(layer)))
+}
+
+/// Checks `options` against a model's configuration without reading any weight: the model
+/// is not already quantized, the group size divides every quantized projection's inputs and
+/// their outputs pack eight to a word.
+pub fn check(config: &ModelConfig, options: &QuantizeOptions) -> Result<()> {
+    if config.quantization.is_some() {
+        return Err(PackError::Invalid(
+            "the model is already quantized (its config has a quantization_config)".into(),
+        ));
+    }
+    let q = QuantizationConfig {
+        group_size: options.group_size.get(),
+        modules_to_not_convert: options.modules_to_not_convert.clone(),
+    };
+    validate(config, &q, options.group_size)
+}
+
+fn validate(config: &ModelConfig, q: &QuantizationConfig, group_size: GroupSize) -> Result<()> {
+    for layer in 0..config.num_hidden_layers {
+        for p in Projection::ALL {
+            if !q.converts(&p.prefix(layer)) {
+                continue;
+            }
+            let (out_features, in_features) = p.shape(config);
+            group_size.groups(in_features, &p.prefix(layer))?;
+            if out_features % PACK != 0 {
+                return Err(PackError::Invalid(format!(
+                    "{}: {out_features} output features are not a multiple of 8 (AWQ packs eight per word)",
+                    p.prefix(layer)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tensors of the output file, in write order.
+fn tensor_specs(config: &ModelConfig, q: &QuantizationConfig) -> Vec<TensorSpec> {
+    let (v, h) = (config.vocab_size, config.hidden_size);
+    let g = q.group_size;
+    let mut specs = vec![TensorSpec::new("model.embed_tokens.weight", Dtype::F16, &[v, h])];
+    for layer in 0..config.num_hidden_layers {
+        specs.push(TensorSpec::new(
+            layer_tensor_name(layer, "input_layernorm.weight"),
+            Dtype::F16,
+            &[h],
+        ));
+        specs.push(TensorSpec::new(
+            layer_tensor_name(layer, "post_attention_layernorm.weight"),
+            Dtype::F16,
+            &[h],
+        ));
+        for (p, converted) in Projection::ALL.into_iter().zip(converted(q, layer)) {
+            let prefix = p.prefix(layer);
+            let (n, k) = p.shape(config);
+            if converted {
+                specs.push(TensorSpec::new(
+                    format!("{prefix}.qweight"),
+                    Dtype::I32,
+                    &[k, n / PACK],
+                ));
+                specs.push(TensorSpec::new(
+                    format!("{prefix}.qzeros"),
+                    Dtype::I32,
+                    &[k / g, n / PACK],
+                ));
+                specs.push(TensorSpec::new(
+                    format!("{prefix}.scales"),
+                    Dtype::F16,
+                    &[k / g, n],
+                ));
+            } else {
+                specs.push(TensorSpec::new(format!("{prefix}.weight"), Dtype::F16, &[n, k]));
+            }
+            if p.has_bias(config) {
+                specs.push(TensorSpec::new(format!("{prefix}.bias"), Dtype::F16, &[n]));
+            }
+        }
+    }
+    specs.push(TensorSpec::new("model.norm.weight", Dtype::F16, &[h]));
+    if !config.tie_word_embeddings {
+        specs.push(TensorSpec::new("lm_head.weight", Dtype::F16, &[v, h]));
+    }
+    specs
+}
+
+fn write_layer(
+    out: &mut SafetensorsStream,
+    layer: usize,
+    q: &QuantizedLayer,
+    config: &ModelConfig,
+) -> Result<()> {
+    out.write(
+        &layer_tensor_name(layer, "input_layernorm.weight"),
+        &f32_as_f16_bytes(&q.input_layernorm),
+    )?;
+    out.write(
+        &layer_tensor_name(layer, "post_attention_layernorm.weight"),
+        &f32_as_f16_bytes(&q.post_attention_layernorm),
+    )?;
+    for (i, p) in Projection::ALL.into_iter().enumerate() {
+        let prefix = p.prefix(layer);
+        match &q.linears[i] {
+            OutLinear::Awq(packed) => {
+                out.write(&format!("{prefix}.qweight"), &i32_bytes(&packed.qweight))?;
+                out.write(&format!("{prefix}.qzeros"), &i32_bytes(&packed.qzeros))?;
+                out.write(&format!("{prefix}.scales"), &f16_bytes(&packed.scales))?;
+            }
+            OutLinear::Dense(w) => out.write(&format!("{prefix}.weight"), &f16_bytes(w))?,
+        }
+        if p.has_bias(config) {
+            let bias = q.biases[i]
+                .as_ref()
+                .expect("config says the projection has a bias");
+            out.write(&format!("{prefix}.bias"), &f32_as_f16_bytes(bias))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a dense tensor to the output as f16.
+fn copy_as_f16(
+    out: &mut SafetensorsStream,
+    checkpoint: &Checkpoint,
+    name: &str,
+    shape: &[usize],
+) -> Result<()> {
+    let t = checkpoint.tensor_with_shape(name, shape)?;
+    out.write(name, &f32_as_f16_bytes(&t.to_f32()?))?;
+    t.release_pages();
+    Ok(())
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).map_err(|e| PackError::io(from, e))?;
+    Ok(())
+}
+
+/// Quantizes the checkpoint in `model_dir` into an AWQ "gemm" checkpoint folder at `out_dir`.
+pub fn quantize(
+    model_dir: &Path,
+    out_dir: &Path,
+    options: &QuantizeOptions,
+    mut on_event: impl FnMut(Event<'_>),
+) -> Result<QuantizeReport> {
+    let total = Instant::now();
+    let config_path = model_dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)?;
+    let qconfig = QuantizationConfig {
+        group_size: options.group_size.get(),
+        modules_to_not_convert: options.modules_to_not_convert.clone(),
+    };
+    if config.quantization.is_some() {
+        return Err(PackError::AlreadyQuantized {
+            path: model_dir.join("config.json"),
+        });
+    }
+    validate(&config, &qconfig, options.group_size)?;
+    if atomic::is_occupied(out_dir) && !options.replace {
+        return Err(PackError::Invalid(format!(
+            "{}: already exists and is not empty (choose another output folder or pass --force)",
+            out_dir.display()
+        )));
+    }
+    let checkpoint = Checkpoint::open(model_dir)?;
+    let mut seconds = RunSeconds::default();
+
+    let calib = match options.method {
+        Method::Awq => {
+            let start = Instant::now();
+            let tokenizer = Tokenizer::from_dir(model_dir)?;
+            let set = dataset::build(&options.calib, &tokenizer)?;
+            seconds.calibration_data = start.elapsed().as_secs_f64();
+            on_event(Event::Calibrated(&set.summary));
+            Some(set)
+        }
+        Method::Rtn => None,
+    };
+
+    let original_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path).map_err(|e| PackError::io(&config_path, e))?,
+    )
+    .map_err(|e| PackError::Invalid(format!("{}: {e}", config_path.display())))?;
+    let specs = tensor_specs(&config, &qconfig);
+    let safetensors_bytes = specs.iter().map(|s| s.bytes() as u64).sum();
+    let layers = config.num_hidden_layers;
+    let mut layer_reports = Vec::with_capacity(layers);
+
+    atomic::write_dir::<_, PackError>(out_dir, options.replace, |dir| {
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut out = SafetensorsStream::create(&dir.join("model.safetensors"), specs, metadata)?;
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        copy_as_f16(&mut out, &checkpoint, "model.embed_tokens.weight", &[v, h])?;
+
+        let mut stream = match &calib {
+            Some(set) => Some(LayerStream::new(&checkpoint, &config, &set.blocks)?),
+            None => None,
+        };
+        let backend = CpuBackend::new();
+        for index in 0..layers {
+            let settings = LayerSettings {
+                group_size: options.group_size,
+                scaling: options.scaling,
+                clip: options.clip,
+                seq_len: options.calib.seq_len,
+                converted: converted(&qconfig, index),
+            };
+            let (quantized, mut report) = match &mut stream {
+                Some(stream) => {
+                    let start = Instant::now();
+                    let mut capture = stream.next_layer()?.expect("one capture per layer");
+                    let capture_seconds = start.elapsed().as_secs_f64();
+                    let result = quantize_layer(&capture.layer, &mut capture.inputs, &config, &settings)?;
+                    drop(capture);
+                    stream.release(index);
+                    let (q, mut r) = result;
+                    r.seconds.capture = capture_seconds;
+                    (q, r)
+                }
+                None => {
+                    let layer = DecoderLayer::load(&backend, &checkpoint, &config, index)?;
+                    let result = rtn_layer(&layer, &config, &settings)?;
+                    drop(layer);
+                    checkpoint.release_prefix(&format!("model.layers.{index}."));
+                    result
+                }
+            };
+            let start = Instant::now();
+            write_layer(&mut out, index, &quantized, &config)?;
+            report.seconds.quantize_pack += start.elapsed().as_secs_f64();
+            seconds.capture += report.seconds.capture;
+            seconds.scale_search += report.seconds.scale_search;
+            seconds.clip_search += report.seconds.clip_search;
+            seconds.quantize_pack += report.seconds.quantize_pack;
+            on_event(Event::Layer {
+                done: index + 1,
+                total: layers,
+                report: &report,
+            });
+            layer_reports.push(report);
+        }
+
+        let start = Instant::now();
+        copy_as_f16(&mut out, &checkpoint, "model.norm.weight", &[h])?;
+        if !config.tie_word_embeddings {
+            copy_as_f16(&mut out, &checkpoint, "lm_head.weight", &[v, h])?;
+        }
+        out.finish()?;
+        let mut new_config = original_config.clone();
+        let obj = new_config
+            .as_object_mut()
+            .ok_or_else(|| PackError::Invalid(format!("{}: not a JSON object", config_path.display())))?;
+        obj.insert("quantization_config".into(), qconfig.to_json());
+        obj.insert("torch_dtype".into(), "float16".into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), "float16".into());
+        }
+        let text = serde_json::to_string_pretty(&new_config).expect("JSON values serialize") + "\n";
+        std::fs::write(dir.join("config.json"), text)
+            .map_err(|e| PackError::io(dir.join("config.json"), e))?;
+        for name in COPIED_FILES {
+            let from = model_dir.join(name);
+            if from.is_file() {
+                copy_file(&from, &dir.join(name))?;
+            }
+        }
+        seconds.write = start.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    seconds.total = total.elapsed().as_secs_f64();
+    Ok(QuantizeReport {
+        method: options.method,
+        group_size: options.group_size,
+        scaling: options.scaling,
+        clip: options.clip && options.method == Method::Awq,
+        modules_to_not_convert: options.modules_to_not_convert.clone(),
+        calibration: calib.map(|c| c.summary),
+        quantization_config: qconfig.to_json(),
+        layers: layer_reports,
+        seconds,
+        safetensors_bytes,
+    })
+}

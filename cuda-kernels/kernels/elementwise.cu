@@ -1,0 +1,96 @@
+// Element-wise and row-wise kernels of the decoder. Activations are f32, row-major.
+// CPU twins: tp-runtime's CpuBackend (rms_norm, rotary, silu_mul, add_assign, embed, ...).
+
+// y[r] = w * x[r] / sqrt(mean(x[r]^2) + eps); one block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ y, int rows, int cols, float eps) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (size_t)row * cols;
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        double v = xr[i];
+        sum += v * v;
+    }
+    sum = block_sum_f64(sum);
+    float inv = 1.0f / sqrtf((float)(sum / cols) + eps);
+    float* yr = y + (size_t)row * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+}
+
+// Rotate-half rotary embeddings in place: for each head, pairs (i, i + d/2) rotate by the
+// angle whose cos and sin are table[row, i] and table[row, d/2 + i].
+extern "C" __global__ void rotary(float* __restrict__ x, const float* __restrict__ table, int rows,
+                                  int cols, int head_dim) {
+    int half = head_dim / 2;
+    int heads = cols / head_dim;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long total = (long long)rows * heads * half;
+    if (idx >= total) return;
+    int i = (int)(idx % half);
+    long long t = idx / half;
+    int h = (int)(t % heads);
+    int row = (int)(t / heads);
+    float* p = x + (size_t)row * cols + (size_t)h * head_dim;
+    float c = table[(size_t)row * head_dim + i];
+    float s = table[(size_t)row * head_dim + half + i];
+    float x1 = p[i], x2 = p[half + i];
+    p[i] = x1 * c - x2 * s;
+    p[half + i] = x2 * c + x1 * s;
+}
+
+// y = silu(g) * u = g / (1 + exp(-g)) * u.
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
+                                    float* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float v = g[i];
+        y[i] = v / (1.0f + expf(-v)) * u[i];
+    }
+}
+
+// x += y.
+extern "C" __global__ void add_assign(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// x[r, c] += b[c].
+extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, int rows, int cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (long long)rows * cols) x[i] += b[i % cols];
+}
+
+// out[r] = table[ids[r] - first_id] when the table holds that id, else zeros (another
+// rank holds it). One block per row.
+extern "C" __global__ void embed(const float* __restrict__ table, const unsigned int* __restrict__ ids,
+                                 float* __restrict__ out, int n, int cols, int first_id, int table_rows) {
+    int r = blockIdx.x;
+    if (r >= n) return;
+    long long local = (long long)ids[r] - first_id;
+    bool held = local >= 0 && local < table_rows;
+    float* o = out + (size_t)r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = held ? table[local * cols + c] : 0.0f;
+}
+
+// out[i] = x[rows[i]]: the hidden states of the scored positions.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const unsigned int* __restrict__ rows,
+                                       float* __restrict__ out, int n, int cols) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    const float* src = x + (size_t)rows[i] * cols;
+    float* dst = out + (size_t)i * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// Fills a buffer with one value (NaN to poison outputs in tests).
+extern "C" __global__ void fill(float* __restrict__ x, float value, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = value;
+}
+
+// f32 -> f16, for the cuBLAS f16 baseline.
+extern "C" __global__ void to_f16(const float* __restrict__ x, half_bits* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f32_to_f16(x[i]);
+}

@@ -1,0 +1,162 @@
+//! `awq bench kernels`: the W4A16 kernels against cuBLAS f16 on the same shapes, in the same
+//! run, with the device's measured copy bandwidth as the yardstick at M = 1.
+
+use anyhow::Result;
+use clap::Args;
+use cuda_kernels::Gpu;
+use cuda_kernels::cudarc::driver::CudaSlice;
+use cuda_kernels::gpu::AwqDeviceWeight;
+use half::f16;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::eval::write_json;
+use crate::progress::log;
+
+/// Arguments of `awq bench kernels`.
+#[derive(Debug, Args)]
+pub struct KernelBenchArgs {
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// AWQ group size of the benchmarked weights.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    pub reps: usize,
+    /// Write the table as JSON here.
+    #[arg(long, value_name = "OUT")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// One measurement.
+#[derive(Debug, Serialize)]
+pub struct KernelRow {
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub w4a16_ms: f32,
+    pub cublas_f16_ms: f32,
+    pub speedup: f64,
+    pub w4a16_tflops: f64,
+    pub w4a16_bytes: usize,
+    /// Bytes moved over time, against the measured copy bandwidth.
+    pub bandwidth_fraction: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct KernelBench {
+    pub device: String,
+    pub copy_bandwidth_gb_s: f64,
+    pub group_size: usize,
+    pub rows: Vec<KernelRow>,
+}
+
+/// Enough copies of a buffer of `bytes` that cycling through them never hits the L2 cache.
+fn copies_for(bytes: usize) -> usize {
+    (512usize << 20).div_ceil(bytes.max(1)).clamp(1, 64)
+}
+
+fn awq_weight(gpu: &Gpu, rng: &mut ChaCha8Rng, k: usize, n: usize, g: usize) -> Result<AwqDeviceWeight> {
+    let words: Vec<u32> = (0..k * n / 8).map(|_| rng.random()).collect();
+    let zeros: Vec<u32> = (0..k / g * n / 8).map(|_| rng.random()).collect();
+    let scales: Vec<u16> = (0..k / g * n).map(|_| f16::from_f32(rng.random_range(0.001..0.01f32)).to_bits()).collect();
+    Ok(AwqDeviceWeight {
+        qweight: gpu.upload(&words)?,
+        qzeros: gpu.upload(&zeros)?,
+        scales: gpu.upload(&scales)?,
+        in_features: k,
+        out_features: n,
+        group_size: g,
+    })
+}
+
+/// Runs `awq bench kernels`.
+pub fn run(args: &KernelBenchArgs) -> Result<()> {
+    let gpu = Gpu::get(args.device)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let bandwidth = gpu.copy_bandwidth(2 << 30)?;
+    log(format!("{}: device-to-device copy {:.0} GB/s", gpu.name(), bandwidth / 1e9));
+    let g = args.group_size;
+    let mut rows = Vec::new();
+    for (k, n) in [(4096, 4096), (4096, 11008), (11008, 4096)] {
+        let w_bytes = k * n / 2 + k / g * n * 2 + k / g * n / 8 * 4;
+        let awq: Vec<AwqDeviceWeight> = (0..copies_for(w_bytes)).map(|_| awq_weight(&gpu, &mut rng, k, n, g)).collect::<Result<_>>()?;
+        let dense: Vec<CudaSlice<f16>> = (0..copies_for(k * n * 2))
+            .map(|_| {
+                let w: Vec<f16> = (0..k * n).map(|_| f16::from_f32(rng.random_range(-0.05..0.05f32))).collect();
+                gpu.upload(&w)
+            })
+            .collect::<cuda_kernels::Result<_>>()?;
+        for m in [1usize, 16, 128, 2048] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let x_dev = gpu.upload(&x)?;
+            let mut x16 = gpu.zeros::<u16>(m * k)?;
+            gpu.to_f16(&x_dev, &mut x16, m * k)?;
+            let x16: CudaSlice<f16> = gpu.upload(&gpu.download(&x16)?.into_iter().map(f16::from_bits).collect::<Vec<_>>())?;
+            let mut y = gpu.zeros::<f32>(m * n)?;
+            let mut y16 = gpu.zeros::<f16>(m * n)?;
+            let mut i = 0usize;
+            let w4a16_ms = gpu.time_ms(args.reps, || {
+                i += 1;
+                gpu.w4a16(&x_dev, &awq[i % awq.len()], &mut y, m)
+            })?;
+            let mut j = 0usize;
+            let cublas_f16_ms = gpu.time_ms(args.reps, || {
+                j += 1;
+                gpu.hgemm_nt(&x16, &dense[j % dense.len()], &mut y16, m, k, n)
+            })?;
+            let bytes = w_bytes + m * k * 4 + m * n * 4;
+            let row = KernelRow {
+                k,
+                n,
+                m,
+                w4a16_ms,
+                cublas_f16_ms,
+                speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
+                w4a16_tflops: 2.0 * (m * k * n) as f64 / (w4a16_ms as f64 / 1e3) / 1e12,
+                w4a16_bytes: bytes,
+                bandwidth_fraction: bytes as f64 / (w4a16_ms as f64 / 1e3) / bandwidth,
+            };
+            log(format!(
+                "K {k} N {n} M {m}: W4A16 {:.4} ms, cuBLAS f16 {:.4} ms ({:.2}x), {:.0}% of copy bandwidth",
+                row.w4a16_ms,
+                row.cublas_f16_ms,
+                row.speedup,
+                100.0 * row.bandwidth_fraction
+            ));
+            rows.push(row);
+        }
+    }
+    println!("\nW4A16 (group {g}) vs cuBLAS f16 on {}; copy bandwidth {:.0} GB/s", gpu.name(), bandwidth / 1e9);
+    println!("| K × N | M | W4A16 ms | cuBLAS f16 ms | speedup | W4A16 TFLOP/s | % of bandwidth |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} × {} | {} | {:.4} | {:.4} | {:.2}× | {:.1} | {:.0} % |",
+            r.k,
+            r.n,
+            r.m,
+            r.w4a16_ms,
+            r.cublas_f16_ms,
+            r.speedup,
+            r.w4a16_tflops,
+            100.0 * r.bandwidth_fraction
+        );
+    }
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &KernelBench {
+                device: gpu.name().to_string(),
+                copy_bandwidth_gb_s: bandwidth / 1e9,
+                group_size: g,
+                rows,
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `awq quantize` on small models: bad inputs fail cleanly with nothing written, and peak
+//! memory does not grow with the number of layers.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use testkit::SyntheticLlama;
+
+fn awq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_awq"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs a quantization expected to fail; checks the message and that `out` was not created.
+fn fails(args: &[&str], out: &Path, expect: &[&str]) {
+    let o = awq(args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "expected `{e}` in: {stderr}");
+    }
+    assert!(!out.exists(), "{} was written", out.display());
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary output left behind");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_and_write_nothing() {
+    let Some((tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
+        return;
+    };
+    let calib = tmp.path().join("calib.txt");
+    std::fs::write(&calib, testkit::synthetic_text(100)).unwrap();
+    let out = tmp.path().join("out");
+    let base = [
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--seq-len",
+        "256",
+    ];
+
+    // A group size that does not divide a layer's inputs names the layer.
+    let mut args = base.to_vec();
+    args.extend(["--group-size", "32", "--samples", "16"]);
+    fails(
+        &args,
+        &out,
+        &["group size 32", "688", "model.layers.0.mlp.down_proj"],
+    );
+
+    // Too little calibration text for the request names the file.
+    let mut args = base.to_vec();
+    args.extend(["--group-size", "16", "--samples", "1000"]);
+    fails(&args, &out, &["calib.txt", "1000 requested"]);
+
+    // An already quantized model.
+    let quantized = tmp.path().join("quantized");
+    let ok = awq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&quantized),
+        "--mode",
+        "rtn",
+        "--group-size",
+        "16",
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let mut args = base.to_vec();
+    args[1] = s(&quantized);
+    args.extend(["--group-size", "16", "--samples", "16"]);
+    fails(&args, &out, &["already quantized"]);
+
+    // NaN in a weight names the tensor.
+    let broken = tmp.path().join("nan-model");
+    copy_with_edit(&model, &broken, "model.layers.1.mlp.up_proj.weight", |w| {
+        w[5] = f32::NAN
+    });
+    let mut args = base.to_vec();
+    args[1] = s(&broken);
+    args.extend(["--group-size", "16", "--samples", "16"]);
+    fails(&args, &out, &["model.layers.1.mlp.up_proj.weight", "non-finite"]);
+
+    // Activations that overflow name the layer.
+    let overflow = tmp.path().join("overflow-model");
+    copy_with_edit(&model, &overflow, "model.layers.1.input_layernorm.weight", |w| {
+        w.fill(1e30)
+    });
+    let mut args = base.to_vec();
+    args[1] = s(&overflow);
+    args.extend(["--group-size", "16", "--samples", "16"]);
+    fails(&args, &out, &["layer 1", "non-finite"]);
+}
+
+/// Copies a model folder, changing one f32 tensor.
+fn copy_with_edit(src: &Path, dst: &Path, name: &str, edit: impl Fn(&mut [f32])) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let ck = tp_runtime::Checkpoint::open(src).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = ck.tensor(n).unwrap();
+            let mut v: Vec<f32> = t
+                .bytes()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            if n == name {
+                edit(&mut v);
+            }
+            (
+                n.to_string(),
+                t.shape().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+fn peak_rss_of_quantizing(layers: usize, dir: &Path) -> (f64, f64) {
+    let model = dir.join(format!("synthetic-{layers}"));
+    let spec = SyntheticLlama {
+        hidden: 512,
+        intermediate: 2048,
+        layers,
+        heads: 8,
+        kv_heads: 8,
+        vocab: 512,
+        seed: 5,
+    };
+    spec.write(&model);
+    let calib = dir.join("calib.txt");
+    std::fs::write(&calib, testkit::synthetic_text(200)).unwrap();
+    let out = dir.join(format!("out-{layers}"));
+    let report = dir.join(format!("report-{layers}.json"));
+    let o = awq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--seq-len",
+        "192",
+        "--samples",
+        "12",
+        "--group-size",
+        "64",
+        "--json",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let peak = testkit::read_json(&report)["peak_rss_bytes"].as_f64().unwrap();
+    let weights = std::fs::metadata(model.join("model.safetensors")).unwrap().len() as f64;
+    (peak, weights)
+}
+
+#[test]
+fn peak_memory_does_not_grow_with_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (small, small_weights) = peak_rss_of_quantizing(2, tmp.path());
+    let (large, large_weights) = peak_rss_of_quantizing(10, tmp.path());
+    let extra_weights = large_weights - small_weights;
+    eprintln!(
+        "peak RSS: 2 layers {:.0} MB, 10 layers {:.0} MB; the 8 extra layers hold {:.0} MB of f32 weights",
+        small / 1e6,
+        large / 1e6,
+        extra_weights / 1e6
+    );
+    // Holding every layer would add all of `extra_weights`; streaming adds (almost) nothing.
+    assert!(
+        large - small < 0.1 * extra_weights,
+        "peak RSS grew by {:.0} MB",
+        (large - small) / 1e6
+    );
+}

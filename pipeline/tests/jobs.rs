@@ -1,0 +1,478 @@
+//! Job files, `awq run`, `awq batch`, `awq validate` and `awq inspect` end to end on small
+//! synthetic models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::SyntheticLlama;
+
+fn awq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_awq"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A folder with a synthetic model, calibration and evaluation text.
+struct Workspace {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Workspace {
+    fn new(layers: usize) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        SyntheticLlama {
+            hidden: 256,
+            intermediate: 1024,
+            layers,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 512,
+            seed: 9,
+        }
+        .write(&root.join("model"));
+        std::fs::write(root.join("calib.txt"), testkit::synthetic_text(300)).unwrap();
+        std::fs::write(root.join("eval.txt"), testkit::synthetic_text(120)).unwrap();
+        Workspace { _tmp: tmp, root }
+    }
+
+    /// A job file quantizing the synthetic model, with `extra` appended.
+    fn job(&self, name: &str, out: &str, extra: &str) -> PathBuf {
+        let body = format!(
+            r#"[model]
+source = "model"
+name = "{name}"
+
+[calibration]
+data = "calib.txt"
+samples = 64
+seq_len = 256
+
+[quant]
+method = "awq"
+group_size = 64
+
+[[eval]]
+kind = "perplexity"
+data = "eval.txt"
+ctx = 128
+windows = 4
+model = "original"
+
+[[eval]]
+kind = "perplexity"
+data = "eval.txt"
+ctx = 128
+windows = 4
+model = "quantized"
+
+[output]
+dir = "{out}"
+{extra}"#
+        );
+        let path = self.root.join(format!("{name}.toml"));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+}
+
+fn digests(dir: &Path) -> Vec<(String, String)> {
+    testkit::awq::folder_digest(dir)
+}
+
+#[test]
+fn job_file_errors_name_line_column_and_suggest() {
+    let w = Workspace::new(2);
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "group_size = 64",
+            "group_sise = 64",
+            &[":12:1:", "did you mean group_size?"],
+        ),
+        (
+            "group_size = 64",
+            "group_size = \"x\"",
+            &[":12:14:", "invalid type"],
+        ),
+        (
+            "group_size = 64",
+            "group_size = 48",
+            &[":12:14:", "group size 48 does not divide"],
+        ),
+        (
+            "method = \"awq\"",
+            "method = \"awq\"\nbits = 8",
+            &[":12:8:", "quant.bits: 8 is not supported"],
+        ),
+        (
+            "windows = 4\nmodel = \"original\"",
+            "windows = 0\nmodel = \"original\"",
+            &[":18:11:", "eval[0].windows: must be at least 1"],
+        ),
+        (
+            "data = \"calib.txt\"",
+            "data = \"missing.txt\"",
+            &[":6:8:", "calibration.data", "missing.txt does not exist"],
+        ),
+        (
+            "name = \"bad\"",
+            "name = \"bad\"\n[runtime]\ntp = 0",
+            &["runtime.tp: must be at least 1"],
+        ),
+        (
+            "name = \"bad\"",
+            "name = \"bad\"\n[runtime]\ntp = 3",
+            &[
+                "runtime.tp",
+                "4 attention heads are not divisible by 3",
+                "tp values that work for this model: 1, 2, 4",
+            ],
+        ),
+        (
+            "ctx = 128\nwindows = 4\nmodel = \"quantized\"",
+            "ctx = 2\nwindows = 4\nmodel = \"quantized\"",
+            &["eval[1].ctx: 2 is too short"],
+        ),
+    ];
+    let base = std::fs::read_to_string(w.job("bad", "out", "")).unwrap();
+    for (from, to, expect) in cases {
+        assert!(base.contains(from), "{from}");
+        let path = w.root.join("bad.toml");
+        std::fs::write(&path, base.replacen(from, to, 1)).unwrap();
+        let o = awq(&["validate", s(&path)]);
+        let msg = text(&o);
+        assert!(!o.status.success(), "{to}: validate passed");
+        assert!(!msg.contains("panicked"), "{msg}");
+        for e in *expect {
+            assert!(msg.contains(e), "{to}: expected `{e}` in {msg}");
+        }
+    }
+    let ok = w.job("good", "out", "");
+    let o = awq(&["validate", s(&ok)]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn run_skips_when_done_and_resumes_after_a_kill() {
+    let w = Workspace::new(4);
+    let job = w.job("resume", "out-a", "");
+    let o = awq(&["run", s(&job)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = w.root.join("out-a");
+    for f in [
+        "manifest.json",
+        "report.json",
+        "report.md",
+        "loss.svg",
+        "quantize.json",
+        "eval-0-original.json",
+        "eval-1-quantized.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(out.join("quantized/model.safetensors").is_file());
+    let report = testkit::read_json(&out.join("report.json"));
+    assert_eq!(report["schema_version"], 1);
+    assert!(report["comparisons"][0]["ppl_quantized"].as_f64().unwrap() > 0.0);
+    assert!(
+        std::fs::read_to_string(out.join("loss.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    let manifest = testkit::read_json(&out.join("manifest.json"));
+    assert_eq!(manifest["steps"].as_object().unwrap().len(), 4);
+
+    // A second run does nothing and says so.
+    let before = digests(&out);
+    let o = awq(&["run", s(&job)]);
+    let msg = text(&o);
+    assert!(
+        o.status.success() && msg.contains("0 steps run, 4 up to date") && msg.contains("nothing to do"),
+        "{msg}"
+    );
+    assert_eq!(digests(&out), before);
+
+    // Kill a second copy of the job during quantization; nothing partial may appear under a
+    // final name, and the rerun must finish with the same checkpoint.
+    let job_b = w.job("resume-b", "out-b", "");
+    let out_b = w.root.join("out-b");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_awq"))
+        .args(["run", s(&job_b)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let quantizing = || {
+        std::fs::read_dir(&out_b)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".quantized.partial-"))
+            })
+            .unwrap_or(false)
+    };
+    while !quantizing() {
+        assert!(Instant::now() < deadline, "quantization never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out_b.join("quantized").exists(),
+        "a partial checkpoint appeared under its final name"
+    );
+    let manifest = testkit::read_json(&out_b.join("manifest.json"));
+    assert!(manifest["steps"].get("quantize").is_none());
+    assert!(manifest["steps"].get("eval-0-original").is_some());
+
+    let o = awq(&["run", s(&job_b)]);
+    let msg = text(&o);
+    assert!(o.status.success(), "{msg}");
+    assert!(
+        msg.contains("leftover") && msg.contains("eval-0-original: up to date"),
+        "{msg}"
+    );
+    assert_eq!(digests(&out_b.join("quantized")), digests(&out.join("quantized")));
+    let ppl = |dir: &Path| {
+        testkit::read_json(&dir.join("eval-1-quantized.json"))["ppl"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(ppl(&out_b), ppl(&out));
+}
+
+#[test]
+fn output_of_another_job_is_not_overwritten() {
+    let w = Workspace::new(2);
+    let a = w.job("first", "shared-out", "");
+    assert!(awq(&["run", s(&a)]).status.success());
+    let b = w.job("second", "shared-out", "\n[runtime]\nthreads = 1\n");
+    let o = awq(&["run", s(&b)]);
+    assert!(
+        !o.status.success() && text(&o).contains("holds the outputs of another job"),
+        "{}",
+        text(&o)
+    );
+    let o = awq(&["run", s(&b), "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::create_dir_all(w.root.join("foreign")).unwrap();
+    std::fs::write(w.root.join("foreign/notes.txt"), "mine").unwrap();
+    let c = w.job("third", "foreign", "");
+    let o = awq(&["run", s(&c)]);
+    assert!(
+        !o.status.success() && text(&o).contains("no manifest.json"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.root.join("foreign/notes.txt")).unwrap(),
+        "mine"
+    );
+}
+
+#[test]
+fn batch_shards_cover_the_zoo_and_survive_a_failure() {
+    let w = Workspace::new(2);
+    let zoo = w.root.join("zoo.toml");
+    std::fs::write(
+        &zoo,
+        r#"[defaults.model]
+source = "model"
+[defaults.calibration]
+data = "calib.txt"
+samples = 32
+seq_len = 256
+[defaults.quant]
+group_size = 64
+[[defaults.eval]]
+kind = "perplexity"
+data = "eval.txt"
+ctx = 128
+windows = 2
+model = "original"
+[[defaults.eval]]
+kind = "perplexity"
+data = "eval.txt"
+ctx = 128
+windows = 2
+model = "quantized"
+[defaults.output]
+dir = "zoo-out"
+
+[[entry]]
+name = "awq-g64"
+[[entry]]
+name = "missing-model"
+[entry.model]
+source = "no-such-model"
+[[entry]]
+name = "rtn-g64"
+[entry.quant]
+method = "rtn"
+[[entry]]
+name = "awq-g32"
+[entry.quant]
+group_size = 32
+"#,
+    )
+    .unwrap();
+    let listed = |shard: &str| -> Vec<String> {
+        let o = awq(&["batch", s(&zoo), "--shard", shard, "--list"]);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.split('\t').nth(1).unwrap().to_string())
+            .collect()
+    };
+    let (a, b) = (listed("0/2"), listed("1/2"));
+    let mut all: Vec<String> = a.iter().chain(&b).cloned().collect();
+    all.sort();
+    assert_eq!(all, vec!["awq-g32", "awq-g64", "missing-model", "rtn-g64"]);
+    assert_eq!(a, vec!["awq-g64", "rtn-g64"]);
+
+    // Without --keep-going an invalid entry stops the shard before anything runs.
+    let o = awq(&["batch", s(&zoo), "--shard", "1/2"]);
+    assert!(
+        !o.status.success() && text(&o).contains("missing-model"),
+        "{}",
+        text(&o)
+    );
+    assert!(!w.root.join("zoo-out/awq-g32").exists());
+    // With it, the others complete and the exit code is still non-zero.
+    let o = awq(&["batch", s(&zoo), "--shard", "1/2", "--keep-going"]);
+    let msg = text(&o);
+    assert!(!o.status.success(), "{msg}");
+    assert!(
+        msg.contains("| missing-model | invalid |") && msg.contains("| awq-g32 | ok |"),
+        "{msg}"
+    );
+    assert!(w.root.join("zoo-out/awq-g32/report.md").is_file());
+    let o = awq(&["batch", s(&zoo), "--shard", "0/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = testkit::read_json(&w.root.join("zoo-out/rtn-g64/quantized/config.json"));
+    assert_eq!(cfg["quantization_config"]["group_size"], 64);
+}
+
+#[test]
+fn inspect_checks_awq_format() {
+    let Some((tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
+        return;
+    };
+    let out = tmp.path().join("q");
+    assert!(
+        awq(&[
+            "quantize",
+            s(&model),
+            "--out",
+            s(&out),
+            "--mode",
+            "rtn",
+            "--group-size",
+            "16"
+        ])
+        .status
+        .success()
+    );
+    let o = awq(&["inspect", s(&out)]);
+    assert!(
+        o.status.success() && text(&o).contains("format: ok"),
+        "{}",
+        text(&o)
+    );
+    // Drop one tensor: inspect names it and fails.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(out.join("config.json"), broken.join("config.json")).unwrap();
+    let ck = tp_runtime::Checkpoint::open(&out).unwrap();
+    let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = ck
+        .names()
+        .into_iter()
+        .filter(|n| *n != "model.layers.1.mlp.up_proj.qzeros")
+        .map(|n| {
+            let t = ck.tensor(n).unwrap();
+            (n.to_string(), t.dtype(), t.shape().to_vec(), t.bytes().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, d, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &broken.join("model.safetensors")).unwrap();
+    let o = awq(&["inspect", s(&broken)]);
+    assert!(
+        !o.status.success() && text(&o).contains("model.layers.1.mlp.up_proj.qzeros` is missing"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn shipped_job_files_validate() {
+    // They reference the fetched model and ../shared.
+    if testkit::smollm2_gguf().is_none() || testkit::shared_dir().is_none() {
+        return;
+    }
+    let jobs = testkit::workspace_root().join("jobs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&jobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && !p.to_string_lossy().contains("zoo"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(|p| s(p)));
+    let o = awq(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    // The example zoo: its two shards cover each entry exactly once.
+    let zoo = jobs.join("zoo-example.toml");
+    let shard = |k: &str| -> Vec<String> {
+        let o = awq(&["batch", s(&zoo), "--shard", k, "--list"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("invalid"),
+            "{}",
+            text(&o)
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.split('\t').nth(1).unwrap().to_string())
+            .collect()
+    };
+    let mut all = shard("0/2");
+    all.extend(shard("1/2"));
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            "smollm2-135m-awq-g32",
+            "smollm2-135m-awq-g64",
+            "smollm2-135m-rtn-g64"
+        ]
+    );
+}

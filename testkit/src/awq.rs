@@ -1,0 +1,111 @@
+//! AWQ checkpoints read back independently of the packer, for tests.
+
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use tp_runtime::Checkpoint;
+
+/// Unpacks one "gemm" linear into a dense `[out, in]` f32 weight, written from AWQ.md §5
+/// alone (not from the packer): `qweight` is `[in, out/8]` int32, nibble `i` of word
+/// `(k, c)` holds output `8c + [0, 2, 4, 6, 1, 3, 5, 7][i]`; `qzeros` is `[in/g, out/8]`
+/// packed the same way; `scales` is `[in/g, out]`; `W[n, k] = (q − z) · s`.
+pub fn unpack_gemm(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    in_f: usize,
+    out_f: usize,
+    g: usize,
+) -> Vec<f32> {
+    const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+    let cols = out_f / 8;
+    let unpack = |words: &[i32], rows: usize| -> Vec<u8> {
+        let mut out = vec![0u8; rows * out_f];
+        for r in 0..rows {
+            for c in 0..cols {
+                let word = words[r * cols + c] as u32;
+                for (i, &o) in ORDER.iter().enumerate() {
+                    out[r * out_f + 8 * c + o] = ((word >> (4 * i)) & 15) as u8;
+                }
+            }
+        }
+        out
+    };
+    let q = unpack(qweight, in_f);
+    let z = unpack(qzeros, in_f / g);
+    let mut w = vec![0f32; out_f * in_f];
+    for k in 0..in_f {
+        for n in 0..out_f {
+            let j = (k / g) * out_f + n;
+            w[n * in_f + k] = (q[k * out_f + n] as f32 - z[j] as f32) * scales[j];
+        }
+    }
+    w
+}
+
+/// Rewrites an AWQ checkpoint folder as a dense f32 one (same config without
+/// `quantization_config`), unpacking every linear with [`unpack_gemm`].
+pub fn dequantize_checkpoint(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut config = crate::read_json(&src.join("config.json"));
+    let g = config["quantization_config"]["group_size"].as_u64().unwrap() as usize;
+    config.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(dst.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dst.join("tokenizer.json")).unwrap();
+    let ck = Checkpoint::open(src).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ck.names() {
+        let t = ck.tensor(name).unwrap();
+        if let Some(prefix) = name.strip_suffix(".qweight") {
+            let qweight = t.to_i32().unwrap();
+            let qzeros = ck.tensor(&format!("{prefix}.qzeros")).unwrap().to_i32().unwrap();
+            let scales = ck.tensor(&format!("{prefix}.scales")).unwrap().to_f32().unwrap();
+            let (in_f, out_f) = (t.shape()[0], t.shape()[1] * 8);
+            let w = unpack_gemm(&qweight, &qzeros, &scales, in_f, out_f, g);
+            tensors.push((
+                format!("{prefix}.weight"),
+                vec![out_f, in_f],
+                w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        } else if !name.ends_with(".qzeros") && !name.ends_with(".scales") {
+            let v = t.to_f32().unwrap();
+            tensors.push((
+                name.to_string(),
+                t.shape().to_vec(),
+                v.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+/// SHA-256 of every file under a folder (recursively), by relative path.
+pub fn folder_digest(dir: &Path) -> Vec<(String, String)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        for p in paths {
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let name = p.strip_prefix(base).unwrap().display().to_string();
+                out.push((name, tp_runtime::digest::sha256_file(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out
+}

@@ -1,0 +1,603 @@
+//! The tensor-parallel shard plan, computed from the configuration alone (AWQ.md §6).
+//!
+//! - q/k/v and gate/up are column-parallel: each rank holds a range of output features
+//!   (for AWQ, whole int32 columns: eight outputs at a time).
+//! - o_proj and down_proj are row-parallel: each rank holds a range of input features (for
+//!   AWQ, whole groups); the partial outputs are summed across ranks and the bias is added
+//!   once.
+//! - Heads split evenly; key/value heads split when `kv_heads % tp == 0` and are replicated
+//!   when `tp % kv_heads == 0`.
+//! - The intermediate dimension is zero-padded to `tp` equal shares of whole units (one
+//!   feature for dense models, `lcm(group, 8)` for AWQ) wherever it does not split evenly:
+//!   padded gate/up outputs are 0 and padded down inputs meet zero weights, which is exact
+//!   because SiLU(0)·0 = 0.
+//! - The vocabulary (embeddings and lm_head) is split when `vocab % tp == 0`, else replicated.
+
+use std::ops::Range;
+
+use serde::Serialize;
+
+use crate::awq::{AwqGemm, PACK};
+use crate::backend::LinearWeight;
+use crate::checkpoint::{Checkpoint, F32Data, HostData};
+use crate::config::ModelConfig;
+use crate::model::Projection;
+use crate::{Error, Result};
+
+/// How a tensor is divided among ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Output features (rows of a `[out, in]` weight).
+    Columns,
+    /// Input features (columns of a `[out, in]` weight).
+    Rows,
+    /// Every rank holds all of it.
+    Replicated,
+}
+
+impl Projection {
+    /// How the projection is divided under tensor parallelism.
+    pub fn split(self) -> Split {
+        match self {
+            Projection::O | Projection::Down => Split::Rows,
+            _ => Split::Columns,
+        }
+    }
+}
+
+/// The plan for all ranks.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ShardPlan {
+    pub tp: usize,
+    pub heads_per_rank: usize,
+    pub kv_heads_per_rank: usize,
+    /// Ranks that share each key/value head (1 when they are split).
+    pub kv_replicas: usize,
+    pub intermediate: usize,
+    pub intermediate_per_rank: usize,
+    /// `intermediate_per_rank · tp`; the difference with `intermediate` is zero padding.
+    pub intermediate_padded: usize,
+    pub vocab: usize,
+    /// Embeddings and lm_head are split over the ranks.
+    pub vocab_parallel: bool,
+    pub group_size: Option<usize>,
+    pub head_dim: usize,
+}
+
+/// One rank's share.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RankShard {
+    pub rank: usize,
+    pub tp: usize,
+    /// Query heads held.
+    pub heads: Range<usize>,
+    /// Key/value heads held.
+    pub kv_heads: Range<usize>,
+    /// Intermediate features held, in the padded index space.
+    pub intermediate: Range<usize>,
+    /// Of which the real (unpadded) ones.
+    pub intermediate_real: Range<usize>,
+    /// Token ids whose embeddings and logits the rank holds.
+    pub vocab: Range<usize>,
+    pub head_dim: usize,
+}
+
+impl RankShard {
+    /// The whole model on one rank.
+    pub fn whole(config: &ModelConfig) -> Self {
+        ShardPlan::new(config, 1).expect("tp = 1 always plans").rank(0)
+    }
+
+    /// Whether this is the whole model (tp = 1).
+    pub fn is_whole(&self) -> bool {
+        self.tp == 1
+    }
+
+    /// The range of projection `p`'s output (column-parallel) or input (row-parallel)
+    /// features this rank holds, in the padded space, and the real part of it.
+    pub fn range(&self, p: Projection) -> (Range<usize>, Range<usize>) {
+        let d = self.head_dim;
+        match p {
+            Projection::Q | Projection::O => {
+                let r = self.heads.start * d..self.heads.end * d;
+                (r.clone(), r)
+            }
+            Projection::K | Projection::V => {
+                let r = self.kv_heads.start * d..self.kv_heads.end * d;
+                (r.clone(), r)
+            }
+            Projection::Gate | Projection::Up | Projection::Down => {
+                (self.intermediate.clone(), self.intermediate_real.clone())
+            }
+        }
+    }
+
+    /// `(out_features, in_features)` of this rank's share of `p`.
+    pub fn shape(&self, config: &ModelConfig, p: Projection) -> (usize, usize) {
+        let (out_features, in_features) = p.shape(config);
+        let n = self.range(p).0.len();
+        match p.split() {
+            Split::Columns => (n, in_features),
+            Split::Rows => (out_features, n),
+            Split::Replicated => (out_features, in_features),
+        }
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
+}
+
+impl ShardPlan {
+    /// Plans `tp` ranks for `config`, or explains why it cannot (naming the sizes and the tp
+    /// values that would work).
+    pub fn new(config: &ModelConfig, tp: usize) -> Result<Self> {
+        Self::plan(config, tp).map_err(|reason| {
+            let valid: Vec<String> = (1..=config.num_attention_heads)
+                .filter(|&t| Self::plan(config, t).is_ok())
+                .map(|t| t.to_string())
+                .collect();
+            Error::Invalid(format!(
+                "tensor parallelism tp = {tp}: {reason}; tp values that work for this model: {}",
+                valid.join(", ")
+            ))
+        })
+    }
+
+    fn plan(config: &ModelConfig, tp: usize) -> std::result::Result<Self, String> {
+        let (heads, kv) = (config.num_attention_heads, config.num_key_value_heads);
+        if tp == 0 {
+            return Err("tp must be at least 1".into());
+        }
+        if tp > heads {
+            return Err(format!("tp exceeds the {heads} attention heads"));
+        }
+        if heads % tp != 0 {
+            return Err(format!("{heads} attention heads are not divisible by {tp}"));
+        }
+        let (kv_heads_per_rank, kv_replicas) = if kv % tp == 0 {
+            (kv / tp, 1)
+        } else if tp.is_multiple_of(kv) {
+            (1, tp / kv)
+        } else {
+            return Err(format!(
+                "{kv} key/value heads can be neither split over nor replicated to {tp} ranks"
+            ));
+        };
+        let d = config.head_dim;
+        let group_size = config.quantization.as_ref().map(|q| q.group_size);
+        if let Some(g) = group_size {
+            let layer0 = |p: Projection| p.prefix(0);
+            if !(heads / tp * d).is_multiple_of(PACK) || !(kv_heads_per_rank * d).is_multiple_of(PACK) {
+                return Err(format!(
+                    "{} would hold {} and {} output features per rank, not whole packs of 8",
+                    layer0(Projection::Q).replace(".q_proj", ".q/k/v_proj"),
+                    heads / tp * d,
+                    kv_heads_per_rank * d
+                ));
+            }
+            if !(heads / tp * d).is_multiple_of(g) {
+                return Err(format!(
+                    "{} would hold {} input features per rank, not a whole number of groups of {g}",
+                    layer0(Projection::O),
+                    heads / tp * d
+                ));
+            }
+        }
+        let unit = group_size.map_or(1, |g| lcm(g, PACK));
+        let intermediate = config.intermediate_size;
+        let intermediate_per_rank = intermediate.div_ceil(tp * unit) * unit;
+        let vocab = config.vocab_size;
+        Ok(ShardPlan {
+            tp,
+            heads_per_rank: heads / tp,
+            kv_heads_per_rank,
+            kv_replicas,
+            intermediate,
+            intermediate_per_rank,
+            intermediate_padded: intermediate_per_rank * tp,
+            vocab,
+            vocab_parallel: tp > 1 && vocab.is_multiple_of(tp),
+            group_size,
+            head_dim: d,
+        })
+    }
+
+    /// Rank `r`'s share.
+    pub fn rank(&self, r: usize) -> RankShard {
+        assert!(r < self.tp, "rank {r} of {}", self.tp);
+        let heads = r * self.heads_per_rank..(r + 1) * self.heads_per_rank;
+        let kv_start = if self.kv_replicas > 1 {
+            r / self.kv_replicas
+        } else {
+            r * self.kv_heads_per_rank
+        };
+        let inter = r * self.intermediate_per_rank..(r + 1) * self.intermediate_per_rank;
+        let real = inter.start.min(self.intermediate)..inter.end.min(self.intermediate);
+        let vocab = if self.vocab_parallel {
+            let per = self.vocab / self.tp;
+            r * per..(r + 1) * per
+        } else {
+            0..self.vocab
+        };
+        RankShard {
+            rank: r,
+            tp: self.tp,
+            heads,
+            kv_heads: kv_start..kv_start + self.kv_heads_per_rank,
+            intermediate: inter,
+            intermediate_real: real,
+            vocab,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// Every rank's share.
+    pub fn ranks(&self) -> Vec<RankShard> {
+        (0..self.tp).map(|r| self.rank(r)).collect()
+    }
+
+    /// Zero padding added to the intermediate dimension in total.
+    pub fn intermediate_padding(&self) -> usize {
+        self.intermediate_padded - self.intermediate
+    }
+}
+
+/// One tensor of a rank's share, as the plan lays it out.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TensorShard {
+    /// The checkpoint tensor it comes from.
+    pub name: String,
+    /// The rank's shape.
+    pub shape: Vec<usize>,
+    /// Zero features the rank adds (padding of the intermediate dimension).
+    pub padding: usize,
+    pub split: Split,
+}
+
+/// The tensors rank `shard` holds for layer `layer` (and, with `globals`, the embeddings,
+/// final norm and lm_head), in checkpoint terms.
+pub fn rank_tensors(
+    config: &ModelConfig,
+    shard: &RankShard,
+    layer: usize,
+    globals: bool,
+) -> Vec<TensorShard> {
+    let mut out = Vec::new();
+    let (v, h) = (shard.vocab.len(), config.hidden_size);
+    let vocab_split = if shard.vocab.len() < config.vocab_size {
+        Split::Rows
+    } else {
+        Split::Replicated
+    };
+    let mut push = |name: String, shape: Vec<usize>, padding: usize, split: Split| {
+        out.push(TensorShard {
+            name,
+            shape,
+            padding,
+            split,
+        })
+    };
+    if globals {
+        push("model.embed_tokens.weight".into(), vec![v, h], 0, vocab_split);
+        if !config.tie_word_embeddings {
+            push("lm_head.weight".into(), vec![v, h], 0, vocab_split);
+        }
+        push("model.norm.weight".into(), vec![h], 0, Split::Replicated);
+    }
+    for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+        push(
+            crate::model::layer_tensor_name(layer, norm),
+            vec![h],
+            0,
+            Split::Replicated,
+        );
+    }
+    for p in Projection::ALL {
+        let prefix = p.prefix(layer);
+        let (n, k) = shard.shape(config, p);
+        let (range, real) = shard.range(p);
+        let padding = range.len() - real.len();
+        let split = if shard.tp == 1 {
+            Split::Replicated
+        } else {
+            p.split()
+        };
+        match &config.quantization {
+            Some(q) if q.converts(&prefix) => {
+                let g = q.group_size;
+                push(format!("{prefix}.qweight"), vec![k, n / PACK], padding, split);
+                push(format!("{prefix}.qzeros"), vec![k / g, n / PACK], padding, split);
+                push(format!("{prefix}.scales"), vec![k / g, n], padding, split);
+            }
+            _ => push(format!("{prefix}.weight"), vec![n, k], padding, split),
+        }
+        if p.has_bias(config) && (p.split() == Split::Columns || shard.rank == 0) {
+            push(
+                format!("{prefix}.bias"),
+                vec![n],
+                if p.split() == Split::Columns { padding } else { 0 },
+                split,
+            );
+        }
+    }
+    out
+}
+
+/// One rank's share of a projection, as read from the checkpoint.
+#[derive(Debug)]
+pub struct LinearShard {
+    pub weight: LinearWeight,
+    pub bias: Option<F32Data>,
+}
+
+/// `rows` rows of `width` values, with `pad` zero rows appended.
+fn pad_rows<T: bytemuck::Pod + Default>(data: HostData<T>, width: usize, pad: usize) -> HostData<T> {
+    if pad == 0 {
+        return data;
+    }
+    let mut v = data.to_vec();
+    v.resize(v.len() + pad * width, T::default());
+    HostData::Owned(v)
+}
+
+/// Each row of `width` values widened by `pad` zeros at its end.
+fn pad_columns<T: bytemuck::Pod + Default>(data: Vec<T>, width: usize, pad: usize) -> Vec<T> {
+    if pad == 0 {
+        return data;
+    }
+    let mut out = Vec::with_capacity(data.len() / width.max(1) * (width + pad));
+    for row in data.chunks_exact(width) {
+        out.extend_from_slice(row);
+        out.extend(std::iter::repeat_n(T::default(), pad));
+    }
+    out
+}
+
+/// Reads rank `shard`'s part of projection `p` of layer `layer`: only its rows or columns
+/// are read, and padded features are zeros (zero weights, or zero scales for AWQ).
+pub fn read_linear(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    layer: usize,
+    p: Projection,
+    shard: &RankShard,
+) -> Result<LinearShard> {
+    let prefix = p.prefix(layer);
+    let (out_features, in_features) = p.shape(config);
+    let (range, real) = shard.range(p);
+    let pad = range.len() - real.len();
+    let split = p.split();
+    let (local_out, local_in) = shard.shape(config, p);
+    let tensor =
+        |suffix: &str, shape: &[usize]| checkpoint.tensor_with_shape(&format!("{prefix}.{suffix}"), shape);
+    // The whole dimension, unpadded: borrow the tensors from the mapping as they are.
+    let whole = pad == 0
+        && real.len()
+            == if split == Split::Rows {
+                in_features
+            } else {
+                out_features
+            };
+    let split = if whole { Split::Replicated } else { split };
+    let weight = match &config.quantization {
+        Some(q) if q.converts(&prefix) => {
+            let g = q.group_size;
+            if in_features % g != 0 || out_features % PACK != 0 {
+                return Err(Error::Invalid(format!(
+                    "{}: `{prefix}` is [{out_features}, {in_features}]; AWQ needs in_features divisible by the group size {g} and out_features by 8",
+                    checkpoint.dir().display()
+                )));
+            }
+            let qweight = tensor("qweight", &[in_features, out_features / PACK])?;
+            let qzeros = tensor("qzeros", &[in_features / g, out_features / PACK])?;
+            let scales = tensor("scales", &[in_features / g, out_features])?;
+            let parts = match split {
+                Split::Columns => {
+                    let words = real.start / PACK..real.end / PACK;
+                    let pad_words = pad / PACK;
+                    (
+                        HostData::Owned(pad_columns(
+                            qweight.columns_i32(words.clone())?,
+                            words.len(),
+                            pad_words,
+                        )),
+                        HostData::Owned(pad_columns(
+                            qzeros.columns_i32(words.clone())?,
+                            words.len(),
+                            pad_words,
+                        )),
+                        HostData::Owned(pad_columns(scales.columns_f32(real.clone())?, real.len(), pad)),
+                    )
+                }
+                Split::Rows => {
+                    let groups = real.start / g..real.end / g;
+                    let out_words = out_features / PACK;
+                    (
+                        pad_rows(qweight.rows(real.clone())?.to_i32()?, out_words, pad),
+                        pad_rows(qzeros.rows(groups.clone())?.to_i32()?, out_words, pad / g),
+                        pad_rows(scales.rows(groups)?.to_f32()?, out_features, pad / g),
+                    )
+                }
+                Split::Replicated => (qweight.to_i32()?, qzeros.to_i32()?, scales.to_f32()?),
+            };
+            if split == Split::Columns {
+                // Only a column block was copied out; the mapped pages are not needed again.
+                [&qweight, &qzeros, &scales]
+                    .iter()
+                    .for_each(|t| t.release_pages());
+            }
+            let (qweight, qzeros, scales) = parts;
+            LinearWeight::Awq(AwqGemm {
+                qweight,
+                qzeros,
+                scales,
+                in_features: local_in,
+                out_features: local_out,
+                group_size: g,
+            })
+        }
+        _ => {
+            let w = tensor("weight", &[out_features, in_features])?;
+            let data = match split {
+                Split::Columns => pad_rows(w.rows(real.clone())?.to_f32()?, in_features, pad),
+                Split::Rows => {
+                    let block = pad_columns(w.columns_f32(real.clone())?, real.len(), pad);
+                    w.release_pages();
+                    HostData::Owned(block)
+                }
+                Split::Replicated => w.to_f32()?,
+            };
+            LinearWeight::Dense {
+                data,
+                out_features: local_out,
+                in_features: local_in,
+            }
+        }
+    };
+    let bias = if !p.has_bias(config) {
+        None
+    } else {
+        let b = tensor("bias", &[out_features])?;
+        match split {
+            Split::Columns => Some(pad_rows(b.rows(real)?.to_f32()?, 1, pad)),
+            // Partial outputs are summed across ranks: the bias joins once, on rank 0.
+            Split::Rows if shard.rank == 0 => Some(b.to_f32()?),
+            Split::Rows => None,
+            Split::Replicated => Some(b.to_f32()?),
+        }
+    };
+    Ok(LinearShard { weight, bias })
+}
+
+/// Rank `shard`'s rows of a `[vocab, hidden]` table (embeddings or lm_head).
+pub fn read_vocab_rows(
+    checkpoint: &Checkpoint,
+    name: &str,
+    config: &ModelConfig,
+    shard: &RankShard,
+) -> Result<F32Data> {
+    let t = checkpoint.tensor_with_shape(name, &[config.vocab_size, config.hidden_size])?;
+    t.rows(shard.vocab.clone())?.to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QuantizationConfig;
+
+    fn config(heads: usize, kv: usize, hidden: usize, inter: usize, group: Option<usize>) -> ModelConfig {
+        let mut value = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":hidden,
+            "intermediate_size":inter,"num_hidden_layers":2,"num_attention_heads":heads,
+            "num_key_value_heads":kv,"rms_norm_eps":1e-5,"vocab_size":49152});
+        if let Some(g) = group {
+            value["quantization_config"] = QuantizationConfig {
+                group_size: g,
+                modules_to_not_convert: vec![],
+            }
+            .to_json();
+        }
+        ModelConfig::from_json(&value, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn smollm2_splits_three_ways_and_refuses_two() {
+        let c = config(9, 3, 576, 1536, Some(64));
+        let plan = ShardPlan::new(&c, 3).unwrap();
+        assert_eq!(
+            (plan.heads_per_rank, plan.kv_heads_per_rank, plan.kv_replicas),
+            (3, 1, 1)
+        );
+        assert_eq!(
+            (plan.intermediate_per_rank, plan.intermediate_padding()),
+            (512, 0)
+        );
+        assert!(plan.vocab_parallel);
+        let r2 = &plan.ranks()[2];
+        assert_eq!(r2.range(Projection::Q).0, 384..576);
+        assert_eq!(r2.range(Projection::K).0, 128..192);
+        assert_eq!(r2.vocab, 32768..49152);
+        let err = ShardPlan::new(&c, 2).unwrap_err().to_string();
+        assert!(err.contains("9 attention heads are not divisible by 2"), "{err}");
+        assert!(
+            err.ends_with("tp values that work for this model: 1, 3, 9"),
+            "{err}"
+        );
+        // tp = 9: one head per rank, each of the 3 kv heads replicated on 3 ranks.
+        let plan = ShardPlan::new(&config(9, 3, 576, 1536, None), 9).unwrap();
+        assert_eq!((plan.kv_heads_per_rank, plan.kv_replicas), (1, 3));
+        assert_eq!(plan.rank(4).kv_heads, 1..2);
+        assert!(
+            ShardPlan::new(&c, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
+        assert!(
+            ShardPlan::new(&c, 12)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds the 9 attention heads")
+        );
+    }
+
+    #[test]
+    fn llama2_7b_like_intermediate_is_padded() {
+        // 11008 = 86 groups of 128: tp = 4 pads to 88 groups, 2816 features per rank.
+        let c = config(32, 32, 4096, 11008, Some(128));
+        let plan = ShardPlan::new(&c, 4).unwrap();
+        assert_eq!(plan.intermediate_per_rank, 2816);
+        assert_eq!(plan.intermediate_padding(), 256);
+        let last = plan.rank(3);
+        assert_eq!(last.intermediate, 8448..11264);
+        assert_eq!(last.intermediate_real, 8448..11008);
+        // Dense models pad only to whole features.
+        let dense = ShardPlan::new(&config(32, 32, 4096, 11009, None), 4).unwrap();
+        assert_eq!(
+            (dense.intermediate_per_rank, dense.intermediate_padding()),
+            (2753, 3)
+        );
+    }
+
+    #[test]
+    fn rank_tensors_list_shapes_and_padding() {
+        let c = config(32, 32, 4096, 11008, Some(128));
+        let plan = ShardPlan::new(&c, 4).unwrap();
+        let last = rank_tensors(&c, &plan.rank(3), 0, true);
+        let find = |name: &str| last.iter().find(|t| t.name == name).unwrap().clone();
+        let gate = find("model.layers.0.mlp.gate_proj.qweight");
+        assert_eq!(
+            (gate.shape, gate.padding, gate.split),
+            (vec![4096, 2816 / 8], 256, Split::Columns)
+        );
+        let down = find("model.layers.0.mlp.down_proj.scales");
+        assert_eq!(
+            (down.shape, down.padding, down.split),
+            (vec![2816 / 128, 4096], 256, Split::Rows)
+        );
+        assert_eq!(find("model.embed_tokens.weight").shape, vec![49152 / 4, 4096]);
+        assert_eq!(
+            rank_tensors(&c, &plan.rank(0), 0, false)
+                .iter()
+                .map(|t| t.padding)
+                .max(),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn misaligned_attention_is_refused() {
+        // 8 heads of 48 → tp = 4 gives o_proj 96 inputs per rank: not whole groups of 64.
+        let c = config(8, 8, 384, 1024, Some(64));
+        let err = ShardPlan::new(&c, 4).unwrap_err().to_string();
+        assert!(
+            err.contains("self_attn.o_proj") && err.contains("96 input features"),
+            "{err}"
+        );
+        assert!(ShardPlan::new(&c, 2).is_ok());
+    }
+}
