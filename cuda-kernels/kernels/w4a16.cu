@@ -1,103 +1,50 @@
-// W4A16 products y[M, N] = x[M, K] . Wt[K, N] straight from the AWQ "gemm" layout:
-// qweight [K, N/8] (nibble i of a word holds column 8c + ORDER[i]), qzeros [K/g, N/8]
-// packed the same way, scales [K/g, N] f16, Wt[k, n] = (q - z) * s.
-// CPU twin: tp-runtime's CpuAwq::matmul.
+// W4A16 products y[M, N] = x[M, K] . Wt[K, N] with f16 activations, 4-bit AWQ weights in
+// the "mma" layout (cuda-kernels/src/layout.rs: each lane's 16-byte load holds the nibbles of
+// its tensor-core B fragments for one 16-deep step of 64 output features), and
+// Wt[k, n] = (q - z) * s rounded to f16 as AutoAWQ's kernels do. CPU twin: tp-runtime's
+// CpuAwq::matmul (and MmaLayout::dequantize for the layout).
 //
-// - w4a16_gemv_m{1,2,4,8}: for M <= 16 (two passes of 8 above 8 rows). Each thread owns one
-//   packed word column (8 outputs) over a slice of K; f32 arithmetic; every slice writes its
-//   own partial sums, which w4a16_reduce adds in slice order (deterministic).
-// - w4a16_gemm_tc: for larger M. 128 x 128 output tiles, K in steps of 32; activations are
-//   rounded to f16 and weights dequantized to f16 in shared memory; tensor cores
-//   (mma.sync m16n8k16, f32 accumulation).
+// - w4a16_mma_m{1,2,4}_{f32,f16}: 16, 32 or 64 rows per block on tensor cores
+//   (mma.sync m16n8k16, f32 accumulation); a block is four warps on one strip of 64 outputs,
+//   each streaming a quarter of the block's K range through its own cp.async pipeline and
+//   dequantizing in registers. K is also split over blocks so that small M fills the GPU;
+//   the last block of each tile to finish adds the partial sums in split order
+//   (deterministic; no float atomics).
+// - w4a16_dequant: the weight as f16 [N, K], for large M, where cuBLAS does the product.
 
-// Column (within its word) held by nibble i: [0, 2, 4, 6, 1, 3, 5, 7][i]. A function, not a
-// table, so that unrolled loops index register arrays with constants.
-__device__ __forceinline__ constexpr int order(int i) { return i < 4 ? 2 * i : 2 * i - 7; }
+#define MMA_WARPS 4
+#define MMA_THREADS (32 * MMA_WARPS)
 
-#define GEMV_THREADS 128
+struct __align__(16) u32x4 {
+    unsigned int x, y, z, w;
+};
 
-template <int MT>
-__device__ void gemv(const float* __restrict__ x, const unsigned int* __restrict__ qweight,
-                     const unsigned int* __restrict__ qzeros, const half_bits* __restrict__ scales,
-                     float* __restrict__ partial, int M, int K, int N, int g, int k_slice, int m0) {
-    extern __shared__ float xs[];  // [MT][k_slice]
-    int n8 = N / 8;
-    int c = blockIdx.x * GEMV_THREADS + threadIdx.x;
-    int slice = blockIdx.y;
-    int k0 = slice * k_slice;
-    int k1 = min(k0 + k_slice, K);
-    for (int e = threadIdx.x; e < MT * k_slice; e += GEMV_THREADS) {
-        int m = e / k_slice, kk = e % k_slice;
-        int gm = m0 + m, gk = k0 + kk;
-        xs[e] = (gm < M && gk < K) ? x[(size_t)gm * K + gk] : 0.0f;
-    }
-    __syncthreads();
-    if (c >= n8) return;
-    float acc[MT][8];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc[m][j] = 0.0f;
-    int group = -1;
-    float s[8], z[8];
-    for (int k = k0; k < k1; k++) {
-        int kg = k / g;
-        if (kg != group) {
-            group = kg;
-            unsigned int zw = qzeros[(size_t)kg * n8 + c];
-            const half_bits* sp = scales + (size_t)kg * N + (size_t)c * 8;
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                z[order(i)] = (float)((zw >> (4 * i)) & 15u);
-                s[i] = f16_to_f32(sp[i]);
-            }
-        }
-        unsigned int w = qweight[(size_t)k * n8 + c];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            int col = order(i);
-            float wv = ((float)((w >> (4 * i)) & 15u) - z[col]) * s[col];
-#pragma unroll
-            for (int m = 0; m < MT; m++) acc[m][col] += xs[m * k_slice + (k - k0)] * wv;
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        int gm = m0 + m;
-        if (gm < M) {
-            float* p = partial + ((size_t)slice * M + gm) * N + (size_t)c * 8;
-#pragma unroll
-            for (int j = 0; j < 8; j++) p[j] = acc[m][j];
-        }
-    }
+__device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {
+    u32x4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
 }
 
-#define GEMV_ENTRY(MT)                                                                              \
-    extern "C" __global__ void w4a16_gemv_m##MT(const float* x, const unsigned int* qweight,        \
-                                                const unsigned int* qzeros, const half_bits* scales, \
-                                                float* partial, int M, int K, int N, int g,          \
-                                                int k_slice, int m0) {                               \
-        gemv<MT>(x, qweight, qzeros, scales, partial, M, K, N, g, k_slice, m0);                     \
-    }
-GEMV_ENTRY(1)
-GEMV_ENTRY(2)
-GEMV_ENTRY(4)
-GEMV_ENTRY(8)
-
-// y[m, n] = sum over slices of partial[slice, m, n], in slice order.
-extern "C" __global__ void w4a16_reduce(const float* __restrict__ partial, float* __restrict__ y, int slices,
-                                        long long mn) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= mn) return;
-    float sum = 0.0f;
-    for (int sl = 0; sl < slices; sl++) sum += partial[(size_t)sl * mn + i];
-    y[i] = sum;
+// L2 only: other blocks wrote these partial sums. Not volatile, so that loads can overlap.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
 }
 
-#define TC_BM 128
-#define TC_BN 128
-#define TC_BK 32
-#define TC_PAD 8
+__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
 
 __device__ __forceinline__ void mma_16816(float* c, const unsigned int* a, const unsigned int* b) {
     asm volatile(
@@ -107,97 +54,347 @@ __device__ __forceinline__ void mma_16816(float* c, const unsigned int* a, const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// 256 threads = 8 warps: 2 along M (64 rows each) x 4 along N (32 columns each); each warp
-// holds 4 x 4 mma tiles of 16 x 8.
-extern "C" __global__ void __launch_bounds__(256) w4a16_gemm_tc(
-    const float* __restrict__ x, const unsigned int* __restrict__ qweight, const unsigned int* __restrict__ qzeros,
-    const half_bits* __restrict__ scales, float* __restrict__ y, int M, int K, int N, int g) {
-    __shared__ __align__(16) half_bits as[TC_BM][TC_BK + TC_PAD];  // (m, k)
-    __shared__ __align__(16) half_bits bs[TC_BN][TC_BK + TC_PAD];  // (n, k): B transposed
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int warp_m = warp >> 2, warp_n = warp & 3;
-    int gid = lane >> 2, tig = lane & 3;
-    int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
-    int n8 = N / 8;
-    float acc[4][4][4];
+// Scales and zeros of one group for a lane's eight features (`sv`: eight f16 scales, `zw`:
+// eight zero nibbles), each duplicated into both halves of an f16x2. Zeros carry the bias of
+// the nibble decoding below: 1024 + z for even tiles, 1024 + 16 z for odd ones.
+__device__ __forceinline__ void build_group(const u32x4& sv, unsigned int zw, unsigned int* z2, unsigned int* s2) {
+    unsigned int sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
-
-    for (int k0 = 0; k0 < K; k0 += TC_BK) {
-        {
-            int r = tid >> 1, c0 = (tid & 1) * 16, gm = m0 + r;
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                int gk = k0 + c0 + i;
-                float val = (gm < M && gk < K) ? x[(size_t)gm * K + gk] : 0.0f;
-                as[r][c0 + i] = f32_to_f16(val);
-            }
-        }
-        for (int t = tid; t < TC_BK * (TC_BN / 8); t += 256) {
-            int kr = t / (TC_BN / 8), wc = t % (TC_BN / 8);
-            int gk = k0 + kr, gc = n0 / 8 + wc;
-            if (gk < K && gc < n8) {
-                unsigned int w = qweight[(size_t)gk * n8 + gc];
-                int kg = gk / g;
-                unsigned int zw = qzeros[(size_t)kg * n8 + gc];
-                const half_bits* sp = scales + (size_t)kg * N + (size_t)gc * 8;
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    int col = order(i);
-                    float q = (float)((w >> (4 * i)) & 15u);
-                    float z = (float)((zw >> (4 * i)) & 15u);
-                    bs[wc * 8 + col][kr] = f32_to_f16((q - z) * f16_to_f32(sp[col]));
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) bs[wc * 8 + i][kr] = 0;
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < TC_BK; kk += 16) {
-            unsigned int a[4][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
-                int r = warp_m * 64 + mi * 16 + gid;
-                a[mi][0] = *reinterpret_cast<const unsigned int*>(&as[r][kk + 2 * tig]);
-                a[mi][1] = *reinterpret_cast<const unsigned int*>(&as[r + 8][kk + 2 * tig]);
-                a[mi][2] = *reinterpret_cast<const unsigned int*>(&as[r][kk + 2 * tig + 8]);
-                a[mi][3] = *reinterpret_cast<const unsigned int*>(&as[r + 8][kk + 2 * tig + 8]);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ni++) {
-                int cn = warp_n * 32 + ni * 8 + gid;
-                b[ni][0] = *reinterpret_cast<const unsigned int*>(&bs[cn][kk + 2 * tig]);
-                b[ni][1] = *reinterpret_cast<const unsigned int*>(&bs[cn][kk + 2 * tig + 8]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_16816(acc[mi][ni], a[mi], b[ni]);
-        }
-        __syncthreads();
+    for (int j = 0; j < 8; j++) {
+        unsigned int h = (sw[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+        s2[j] = h | (h << 16);
+        unsigned int z = (zw >> (4 * j)) & 0xFu;
+        unsigned int zh = ((j & 1) ? z << 4 : z) | 0x6400u;
+        z2[j] = zh | (zh << 16);
     }
+}
+
+// Index of the (group, strip, gid) entry of the zeros; the scales' eight start at 8 times it.
+__device__ __forceinline__ size_t group_at(int gi, int strips, int s, int gid) {
+    return (size_t)(gi * strips + s) * 8 + gid;
+}
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// The B fragments of eight n8 tiles from one lane's 16 bytes (layout.rs). OR-ing nibbles into
+// the mantissa of 1024.0 (0x6400) in place gives 1024 + q (even tiles) or 1024 + 16 q (odd
+// tiles) exactly; subtracting the matching zero leaves (q - z) or 16 (q - z), then the scale.
+// Odd tiles' sums are divided by 16 at the end (exact).
+__device__ __forceinline__ void decode(const u32x4& wv, const unsigned int* z2, const unsigned int* s2,
+                                       unsigned int (*b)[2]) {
+    const unsigned int lo_mask = 0x000F000Fu, hi_mask = 0x00F000F0u, magic = 0x64006400u;
+    unsigned int words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
-    for (int mi = 0; mi < 4; mi++) {
+    for (int w = 0; w < 4; w++) {
+        const unsigned int near = words[w], far = words[w] >> 8;
+        b[2 * w][0] = hmul2(hsub2(and_or(near, lo_mask, magic), z2[2 * w]), s2[2 * w]);
+        b[2 * w][1] = hmul2(hsub2(and_or(far, lo_mask, magic), z2[2 * w]), s2[2 * w]);
+        b[2 * w + 1][0] = hmul2(hsub2(and_or(near, hi_mask, magic), z2[2 * w + 1]), s2[2 * w + 1]);
+        b[2 * w + 1][1] = hmul2(hsub2(and_or(far, hi_mask, magic), z2[2 * w + 1]), s2[2 * w + 1]);
+    }
+}
+
+__device__ __forceinline__ void store_out(float* y, size_t i, float v) { y[i] = v; }
+__device__ __forceinline__ void store_out(half_bits* y, size_t i, float v) { y[i] = f32_to_f16(v); }
+
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared, bypassing L1; zeros instead where `fill` is false.
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, bool fill) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(fill ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(unsigned int dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* a, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(addr));
+}
+
+// Halves per staged A row: 16 plus 8 of padding, so that ldmatrix reads no bank twice.
+#define A_ROW 24
+
+// Bytes of one pipeline stage of one warp: its lanes' weights (32 x 16), MT A tiles of
+// 16 x A_ROW halves, and its lanes' group scales (32 x 16) and zeros (32 x 4).
+template <int MT>
+struct Stage {
+    static constexpr int A = 512;
+    static constexpr int S = A + MT * 16 * A_ROW * 2;
+    static constexpr int Z = S + 512;
+    static constexpr int BYTES = Z + 128;
+};
+
+// One block = four warps on the same strip of 64 outputs, each a quarter of the block's K
+// range. Each warp runs its own STAGES-deep cp.async pipeline (no block-wide barrier in the
+// main loop): one 16-byte weight load per lane and k step, the 16-row A tile, and a group's
+// scales and zeros where the group changes. The four warps' sums meet in shared memory as
+// (w0 + w2) + (w1 + w3).
+template <int MT, int STAGES, typename Out>
+__device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const u32x4* __restrict__ qweight,
+                                          const unsigned int* __restrict__ zeros,
+                                          const half_bits* __restrict__ scales, Out* __restrict__ y,
+                                          float* __restrict__ partial, unsigned int* __restrict__ counters,
+                                          int M, int K, int N, int g, int k_split) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int is_last;
+    constexpr int FRAG = MT * 8 * 4;  // accumulators per lane
+    using St = Stage<MT>;
+    const int strips = (N + 63) / 64, steps = K / 16;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int s = blockIdx.x;
+    const int m0 = blockIdx.z * 16 * MT;
+    const int splits = gridDim.y;
+    const int k_warp = k_split / MMA_WARPS;  // a multiple of 16
+    const int k_beg = blockIdx.y * k_split + warp * k_warp;
+    const int t_beg = k_beg / 16, t_end = min(K, k_beg + k_warp) / 16;
+
+    unsigned char* pipe = smem + warp * STAGES * St::BYTES;
+    const unsigned int pipe_addr = smem_addr(pipe);
+    // This lane copies A row lane / 2 of each m tile, its half lane % 2; rows past M are zeros.
+    const half_bits* xsrc[MT];
+    bool xrow_in[MT];
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++) {
-            int r = m0 + warp_m * 64 + mi * 16 + gid;
-            int c = n0 + warp_n * 32 + ni * 8 + 2 * tig;
-            if (c < N) {
-                if (r < M) {
-                    y[(size_t)r * N + c] = acc[mi][ni][0];
-                    if (c + 1 < N) y[(size_t)r * N + c + 1] = acc[mi][ni][1];
+    for (int mt = 0; mt < MT; mt++) {
+        int m = m0 + 16 * mt + (lane >> 1);
+        xrow_in[mt] = m < M;
+        xsrc[mt] = x + (size_t)(m < M ? m : 0) * K + 8 * (lane & 1) + (size_t)t_beg * 16;
+    }
+    const unsigned int a_copy = St::A + ((lane >> 1) * A_ROW + 8 * (lane & 1)) * 2;
+    const unsigned int a_read = St::A + ((lane & 15) * A_ROW + (lane >> 4) * 8) * 2;
+    const u32x4* wsrc = qweight + ((size_t)s * steps + t_beg) * 32 + lane;
+    // Groups start every g / 16 steps; the first step of the range always loads its group.
+    const int gsteps = g / 16;
+    const size_t group_stride = (size_t)strips * 8;
+    const size_t first_at = group_at(t_beg / gsteps, strips, s, gid);
+    const u32x4* ssrc = reinterpret_cast<const u32x4*>(scales) + first_at;
+    const unsigned int* zsrc = zeros + first_at;
+    int issue_t = t_beg, issue_group_t = t_beg;
+    auto issue = [&](int slot) {
+        if (issue_t < t_end) {
+            const unsigned int st = pipe_addr + slot * St::BYTES;
+            cp_async16(st + lane * 16, wsrc, true);
+            wsrc += 32;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                cp_async16(st + a_copy + mt * 16 * A_ROW * 2, xsrc[mt], xrow_in[mt]);
+                xsrc[mt] += 16;
+            }
+            if (issue_t == issue_group_t) {
+                cp_async16(st + St::S + lane * 16, ssrc, true);
+                cp_async4(st + St::Z + lane * 4, zsrc);
+                ssrc += group_stride;
+                zsrc += group_stride;
+                issue_group_t = (issue_t / gsteps + 1) * gsteps;
+            }
+            issue_t++;
+        }
+        cp_async_commit();  // empty groups too: the waits below count groups
+    };
+
+    float acc[MT][8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) issue(i);
+    int group_t = t_beg;
+    unsigned int z2[8], s2[8];
+    // Unrolled by the pipeline depth, so that every slot offset is a constant.
+    for (int t = t_beg; t < t_end;) {
+#pragma unroll
+        for (int slot = 0; slot < STAGES; slot++) {
+            if (t < t_end) {
+                cp_async_wait<STAGES - 2>();
+                __syncwarp();  // every lane's copies of step t have landed (A rows come from other lanes)
+                const unsigned char* st = pipe + slot * St::BYTES;
+                if (t == group_t) {
+                    build_group(*reinterpret_cast<const u32x4*>(st + St::S + lane * 16),
+                                *reinterpret_cast<const unsigned int*>(st + St::Z + lane * 4), z2, s2);
+                    group_t = (t / gsteps + 1) * gsteps;
                 }
-                if (r + 8 < M) {
-                    y[(size_t)(r + 8) * N + c] = acc[mi][ni][2];
-                    if (c + 1 < N) y[(size_t)(r + 8) * N + c + 1] = acc[mi][ni][3];
-                }
+                const u32x4 wv = *reinterpret_cast<const u32x4*>(st + lane * 16);
+                unsigned int a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+                    ldmatrix_x4(a[mt], pipe_addr + slot * St::BYTES + a_read + mt * 16 * A_ROW * 2);
+                // Refills the slot of step t - 1, which every lane finished reading before the barrier.
+                issue((slot + STAGES - 1) % STAGES);
+                unsigned int b[8][2];
+                decode(wv, z2, s2, b);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int j = 0; j < 8; j++) mma_16816(acc[mt][j], a[mt], b[j]);
+                t++;
             }
         }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 1; j < 8; j += 2)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][j][e] *= 0.0625f;  // odd tiles ran at 16 q
+    __syncthreads();  // the pipelines' memory becomes the reduction's
+
+    float* red = reinterpret_cast<float*>(smem);  // [2][FRAG * 32]
+    float* mine = &acc[0][0][0];
+    if (warp >= 2) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) red[(warp - 2) * FRAG * 32 + i * 32 + lane] = mine[i];
+    }
+    __syncthreads();
+    if (warp < 2) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) mine[i] += red[warp * FRAG * 32 + i * 32 + lane];
+    }
+    __syncthreads();
+    if (warp == 1) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) red[i * 32 + lane] = mine[i];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) mine[i] += red[i * 32 + lane];
+    }
+
+    // Accumulator (mt, j, e) holds row m0 + 16 mt + gid + 8 (e / 2), column 64 s + 8 j + 2 tig + e % 2.
+    if (splits == 1) {
+        if (warp != 0) return;
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int m = m0 + 16 * mt + gid + 8 * (e >> 1), n = 64 * s + 8 * j + 2 * tig + (e & 1);
+                    if (m < M && n < N) store_out(y, (size_t)m * N + n, acc[mt][j][e]);
+                }
+        return;
+    }
+    const int padded = strips * 64;
+    const size_t split_stride = (size_t)M * padded;
+    if (warp == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int m = m0 + 16 * mt + gid + 8 * (e >> 1), n = 64 * s + 8 * j + 2 * tig + (e & 1);
+                    if (m < M) partial[blockIdx.y * split_stride + (size_t)m * padded + n] = acc[mt][j][e];
+                }
+    }
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    __syncthreads();
+    const unsigned int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) {
+        unsigned int prev;
+        asm volatile("atom.global.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counters + tile) : "memory");
+        is_last = prev == (unsigned int)(splits - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    // The last block of the tile adds the splits in order; each thread first issues the loads
+    // of four elements times four splits, so that they wait on L2 together.
+    const int rows = min(16 * MT, M - m0), count = rows * 64;
+    for (int base = tid; base < count; base += 4 * MMA_THREADS) {
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int sp0 = 0; sp0 < splits; sp0 += 4) {
+            float v[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int e = base + i * MMA_THREADS;
+                const float* p = partial + (size_t)(m0 + e / 64) * padded + 64 * s + e % 64;
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    v[i][q] = (e < count && sp0 + q < splits) ? ld_cg(p + (sp0 + q) * split_stride) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    if (sp0 + q < splits) sum[i] += v[i][q];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int e = base + i * MMA_THREADS, m = m0 + e / 64, n = 64 * s + e % 64;
+            if (e < count && n < N) store_out(y, (size_t)m * N + n, sum[i]);
+        }
+    }
+    if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
+}
+
+// Pipeline depth per rows-per-block: deep where a block carries little arithmetic.
+#define MMA_ENTRY(MT, STAGES, NAME, OUT)                                                                  \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) w4a16_mma_m##MT##_##NAME(                 \
+        const half_bits* x, const u32x4* qweight, const unsigned int* zeros, const half_bits* scales,    \
+        OUT* y, float* partial, unsigned int* counters, int M, int K, int N, int g, int k_split) {        \
+        w4a16_mma<MT, STAGES, OUT>(x, qweight, zeros, scales, y, partial, counters, M, K, N, g, k_split); \
+    }
+MMA_ENTRY(1, 8, f32, float)
+MMA_ENTRY(2, 6, f32, float)
+MMA_ENTRY(4, 4, f32, float)
+MMA_ENTRY(1, 8, f16, half_bits)
+MMA_ENTRY(2, 6, f16, half_bits)
+MMA_ENTRY(4, 4, f16, half_bits)
+
+// w16[n, k] (f16, row-major [N, K]) from the "mma" layout. Each warp decodes four k steps of
+// one strip into shared memory, then writes each output row's 128 contiguous bytes whole.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) w4a16_dequant(
+    const u32x4* __restrict__ qweight, const unsigned int* __restrict__ zeros, const half_bits* __restrict__ scales,
+    u32x4* __restrict__ w16, int K, int N, int g) {
+    __shared__ __align__(16) unsigned int tile[MMA_WARPS][64][36];  // 64 rows x 32 words (+4: no conflicts)
+    const int strips = (N + 63) / 64, steps = K / 16, quads = (steps + 3) / 4;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const long long item = (long long)blockIdx.x * MMA_WARPS + warp;
+    if (item >= (long long)strips * quads) return;  // no block-wide barrier below
+    const int s = (int)(item / quads), t0 = (int)(item % quads) * 4;
+    const int n_steps = min(4, steps - t0);
+    unsigned int z2[8], s2[8], b[8][2];
+    for (int u = 0; u < n_steps; u++) {
+        const int t = t0 + u;
+        const size_t at = group_at(t * 16 / g, strips, s, gid);
+        build_group(*reinterpret_cast<const u32x4*>(scales + at * 8), zeros[at], z2, s2);
+        decode(ld_stream(qweight + ((size_t)s * steps + t) * 32 + lane), z2, s2, b);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)  // odd tiles ran at 16 q: times 1/16 (0x2C00), exact
+                tile[warp][8 * j + gid][8 * u + tig + 4 * r] = (j & 1) ? hmul2(b[j][r], 0x2C002C00u) : b[j][r];
+    }
+    __syncwarp();
+    const int vecs = n_steps * 2;  // 16-byte pieces per row
+    for (int e = lane; e < 64 * vecs; e += 32) {
+        const int row = e / vecs, v = e % vecs, n = 64 * s + row;
+        if (n >= N) continue;
+        w16[((size_t)n * K + t0 * 16) / 8 + v] = *reinterpret_cast<const u32x4*>(&tile[warp][row][4 * v]);
     }
 }

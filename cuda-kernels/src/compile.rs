@@ -29,19 +29,27 @@ fn lossy(chars: &[core::ffi::c_char]) -> String {
 
 /// Compiles a module with `arch` (`compute_XX` for PTX, `sm_XX` for SASS) and extra
 /// options; returns the PTX (when requested) and the program log.
-fn compile(source: &KernelSource, arch: &str, extra: &[&str], want_ptx: bool) -> Result<(Option<Vec<u8>>, String)> {
+fn compile(
+    source: &KernelSource,
+    arch: &str,
+    extra: &[&str],
+    want_ptx: bool,
+) -> Result<(Option<Vec<u8>>, String)> {
     if !nvrtc_available() {
         return Err(KernelError::MissingLibrary("NVRTC"));
     }
     let src = CString::new(full_source(source)).expect("kernel sources hold no NUL");
     let name = CString::new(format!("{}.cu", source.name)).expect("module names hold no NUL");
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")))?;
+    let prog =
+        result::create_program(&src, Some(&name)).map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")))?;
     let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("-arch={arch}"));
     options.extend(extra.iter().map(|s| s.to_string()));
     // SAFETY: prog is a live program; it is destroyed below on every path.
     let compiled = unsafe { result::compile_program(prog, &options) };
-    let log = unsafe { result::get_program_log(prog) }.map(|l| lossy(&l)).unwrap_or_default();
+    let log = unsafe { result::get_program_log(prog) }
+        .map(|l| lossy(&l))
+        .unwrap_or_default();
     let ptx = match compiled {
         Err(_) => {
             unsafe {
@@ -54,7 +62,8 @@ fn compile(source: &KernelSource, arch: &str, extra: &[&str], want_ptx: bool) ->
             });
         }
         Ok(()) if want_ptx => {
-            let ptx = unsafe { result::get_ptx(prog) }.map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")));
+            let ptx =
+                unsafe { result::get_ptx(prog) }.map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")));
             ptx.map(|p| Some(p.iter().map(|&c| c as u8).collect::<Vec<u8>>()))
         }
         Ok(()) => Ok(None),
@@ -134,7 +143,14 @@ mod tests {
                    ptxas info    : Used 95 registers, used 1 barriers, 20480 bytes smem\n";
         let k = &parse_resources(log)[0];
         assert_eq!(
-            (k.entry.as_str(), k.registers, k.stack_bytes, k.spill_stores, k.spill_loads, k.shared_bytes),
+            (
+                k.entry.as_str(),
+                k.registers,
+                k.stack_bytes,
+                k.spill_stores,
+                k.spill_loads,
+                k.shared_bytes
+            ),
             ("k", 95, 16, 4, 8, 20480)
         );
     }

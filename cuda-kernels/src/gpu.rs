@@ -8,10 +8,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 
+use half::f16;
+
 use crate::compile::{arch_names, nvrtc_available, ptx};
+use crate::layout::{self, MmaLayout};
 use crate::source::module_of;
 use crate::{KernelError, Result};
 
@@ -30,27 +34,78 @@ pub fn cuda_available() -> Result<usize> {
     Ok(n as usize)
 }
 
-/// An AWQ "gemm" weight on the device, exactly as in the checkpoint.
+/// A 4-bit AWQ weight on the device, in the "mma" layout ([`MmaLayout`]).
 pub struct AwqDeviceWeight {
-    /// `[in, out/8]` packed words.
     pub qweight: CudaSlice<u32>,
-    /// `[in/g, out/8]` packed words.
-    pub qzeros: CudaSlice<u32>,
-    /// `[in/g, out]` f16 bits.
+    pub zeros: CudaSlice<u32>,
+    /// f16 bits.
     pub scales: CudaSlice<u16>,
     pub in_features: usize,
     pub out_features: usize,
     pub group_size: usize,
 }
 
+impl AwqDeviceWeight {
+    /// Uploads a repacked weight.
+    pub fn upload(gpu: &Gpu, layout: &MmaLayout) -> Result<Self> {
+        Ok(AwqDeviceWeight {
+            qweight: gpu.upload(&layout.qweight)?,
+            zeros: gpu.upload(&layout.zeros)?,
+            scales: gpu.upload(&layout.scales)?,
+            in_features: layout.in_features,
+            out_features: layout.out_features,
+            group_size: layout.group_size,
+        })
+    }
+
+    /// Bytes on the device.
+    pub fn byte_size(&self) -> usize {
+        self.qweight.len() * 4 + self.zeros.len() * 4 + self.scales.len() * 2
+    }
+}
+
+/// How a W4A16 product is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4a16Path {
+    /// Fused below [`DEQUANT_MIN_ROWS`] rows, dequantize + cuBLAS from there.
+    Auto,
+    /// The fused tensor-core kernel: weights dequantized in registers.
+    Fused,
+    /// The weight dequantized to f16 in a workspace, then a cuBLAS product (as vLLM does
+    /// for large batches).
+    Dequant,
+}
+
+/// Rows from which [`W4a16Path::Auto`] dequantizes and calls cuBLAS: where that overtook the
+/// fused kernel on the Llama-7B shapes in `awq bench kernels` (H200).
+pub const DEQUANT_MIN_ROWS: usize = 128;
+
+/// Where a W4A16 product writes.
+pub enum W4a16Out<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    F16(&'a mut CudaSlice<f16>),
+}
+
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the element-wise kernels.
 const ELEM_THREADS: u32 = 256;
-/// Word columns per GEMV block (must match GEMV_THREADS in w4a16.cu).
-const GEMV_THREADS: u32 = 128;
-/// Rows at or below which W4A16 uses the GEMV kernel.
-pub const GEMV_MAX_ROWS: usize = 16;
+/// Warps per W4A16 block (MMA_WARPS in w4a16.cu).
+const MMA_WARPS: usize = 4;
+/// Dynamic shared memory the W4A16 kernels may use.
+const MMA_MAX_SHARED: usize = 96 << 10;
+
+/// Dynamic shared memory of `w4a16_mma_m{mt}`: four warps' pipelines (`Stage<MT>` and the
+/// stage counts in w4a16.cu).
+fn mma_shared_bytes(mt: usize) -> usize {
+    let stages = match mt {
+        1 => 8,
+        2 => 6,
+        _ => 4,
+    };
+    let stage = 512 + mt * 16 * 24 * 2 + 512 + 128;
+    MMA_WARPS * stages * stage
+}
 
 /// One device and everything compiled for it.
 pub struct Gpu {
@@ -62,6 +117,18 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    workspace: Mutex<Workspace>,
+}
+
+/// Scratch buffers reused across launches (every launch is on the one stream, so a buffer
+/// is free again as soon as the next launch is queued).
+struct Workspace {
+    /// Split-K partial sums.
+    partial: CudaSlice<f32>,
+    /// Per-tile arrival counters of the split-K reduction; every kernel leaves them zero.
+    counters: CudaSlice<u32>,
+    /// A dequantized f16 weight.
+    weight: CudaSlice<f16>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -88,13 +155,17 @@ fn rows_config(rows: usize) -> LaunchConfig {
 
 fn expect_len<T>(what: &str, buf: &CudaSlice<T>, want: usize) -> Result<()> {
     if buf.len() < want {
-        return Err(KernelError::Shape(format!("{what}: buffer of {} elements, {want} needed", buf.len())));
+        return Err(KernelError::Shape(format!(
+            "{what}: buffer of {} elements, {want} needed",
+            buf.len()
+        )));
     }
     Ok(())
 }
 
 fn int(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| KernelError::Shape(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
+    i32::try_from(v)
+        .map_err(|_| KernelError::Shape(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
 }
 
 impl Gpu {
@@ -119,11 +190,16 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
-        let multiprocessors = ctx.attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )? as usize;
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(Arc::clone(&stream))?;
+        let workspace = Workspace {
+            partial: stream.alloc_zeros::<f32>(1)?,
+            counters: stream.alloc_zeros::<u32>(1)?,
+            weight: stream.alloc_zeros::<f16>(1)?,
+        };
         let gpu = Arc::new(Gpu {
             ordinal,
             name: ctx.name()?,
@@ -133,6 +209,7 @@ impl Gpu {
             stream,
             blas,
             functions: Mutex::new(HashMap::new()),
+            workspace: Mutex::new(workspace),
         });
         devices.insert(ordinal, Arc::clone(&gpu));
         Ok(gpu)
@@ -172,7 +249,15 @@ impl Gpu {
         let source = module_of(entry).ok_or_else(|| KernelError::Shape(format!("no kernel `{entry}`")))?;
         let module = self.ctx.load_module(ptx(source, &self.arch)?)?;
         for &e in source.entries {
-            functions.insert(e, module.load_function(e)?);
+            let f = module.load_function(e)?;
+            if e.starts_with("w4a16_mma") {
+                // Their cp.async pipelines need more than the default 48 KiB.
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    MMA_MAX_SHARED as i32,
+                )?;
+            }
+            functions.insert(e, f);
         }
         Ok(functions[entry].clone())
     }
@@ -210,7 +295,15 @@ impl Gpu {
     }
 
     /// `y[r] = w · x[r] / rms(x[r])`. CPU twin: `CpuBackend::rms_norm`.
-    pub fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
         expect_len("rms_norm x", x, rows * cols)?;
         expect_len("rms_norm weight", w, cols)?;
         expect_len("rms_norm y", y, rows * cols)?;
@@ -224,9 +317,18 @@ impl Gpu {
     }
 
     /// Rotary embeddings in place. CPU twin: `CpuBackend::rotary`.
-    pub fn rotary(&self, x: &mut CudaSlice<f32>, table: &CudaSlice<f32>, rows: usize, cols: usize, head_dim: usize) -> Result<()> {
+    pub fn rotary(
+        &self,
+        x: &mut CudaSlice<f32>,
+        table: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         if head_dim == 0 || head_dim % 2 != 0 || cols % head_dim != 0 {
-            return Err(KernelError::Shape(format!("rotary: {cols} features in heads of {head_dim}")));
+            return Err(KernelError::Shape(format!(
+                "rotary: {cols} features in heads of {head_dim}"
+            )));
         }
         expect_len("rotary x", x, rows * cols)?;
         expect_len("rotary table", table, rows * head_dim)?;
@@ -240,7 +342,13 @@ impl Gpu {
     }
 
     /// `y = silu(g) · u`. CPU twin: `CpuBackend::silu_mul`.
-    pub fn silu_mul(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+    pub fn silu_mul(
+        &self,
+        g: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
         expect_len("silu_mul gate", g, n)?;
         expect_len("silu_mul up", u, n)?;
         expect_len("silu_mul y", y, n)?;
@@ -267,7 +375,13 @@ impl Gpu {
     }
 
     /// `x[r] += bias`. CPU twin: the bias step of `CpuBackend::linear_forward`.
-    pub fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+    pub fn add_bias(
+        &self,
+        x: &mut CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         expect_len("bias x", x, rows * cols)?;
         expect_len("bias", bias, cols)?;
         let f = self.function("add_bias")?;
@@ -295,16 +409,35 @@ impl Gpu {
         expect_len("embed ids", ids, n)?;
         expect_len("embed out", out, n * cols)?;
         let f = self.function("embed")?;
-        let (nn, c, first, tr) = (int("n", n)?, int("cols", cols)?, int("first_id", first_id)?, int("rows", table_rows)?);
+        let (nn, c, first, tr) = (
+            int("n", n)?,
+            int("cols", cols)?,
+            int("first_id", first_id)?,
+            int("rows", table_rows)?,
+        );
         let mut b = self.stream.launch_builder(&f);
-        b.arg(table).arg(ids).arg(out).arg(&nn).arg(&c).arg(&first).arg(&tr);
+        b.arg(table)
+            .arg(ids)
+            .arg(out)
+            .arg(&nn)
+            .arg(&c)
+            .arg(&first)
+            .arg(&tr);
         // SAFETY: sizes checked above; one block per output row.
         unsafe { b.launch(rows_config(n)) }?;
         Ok(())
     }
 
     /// `out[i] = x[rows[i]]`.
-    pub fn gather_rows(&self, x: &CudaSlice<f32>, x_rows: usize, rows: &CudaSlice<u32>, out: &mut CudaSlice<f32>, n: usize, cols: usize) -> Result<()> {
+    pub fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        x_rows: usize,
+        rows: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        cols: usize,
+    ) -> Result<()> {
         expect_len("gather x", x, x_rows * cols)?;
         expect_len("gather rows", rows, n)?;
         expect_len("gather out", out, n * cols)?;
@@ -317,8 +450,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// f32 → f16 bits.
-    pub fn to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>, n: usize) -> Result<()> {
+    /// f32 → f16 (round to nearest even).
+    pub fn to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f16>, n: usize) -> Result<()> {
         expect_len("to_f16 x", x, n)?;
         expect_len("to_f16 y", y, n)?;
         let f = self.function("to_f16")?;
@@ -332,12 +465,24 @@ impl Gpu {
 
     /// Per row of `[rows, vocab]` logits: `[max, Σ exp(l − max), target logit or 0]`.
     /// CPU twin: `CpuBackend::nll_parts`.
-    pub fn nll_parts(&self, logits: &CudaSlice<f32>, targets: &CudaSlice<u32>, parts: &mut CudaSlice<f32>, rows: usize, vocab: usize, first_id: usize) -> Result<()> {
+    pub fn nll_parts(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        parts: &mut CudaSlice<f32>,
+        rows: usize,
+        vocab: usize,
+        first_id: usize,
+    ) -> Result<()> {
         expect_len("nll logits", logits, rows * vocab)?;
         expect_len("nll targets", targets, rows)?;
         expect_len("nll parts", parts, rows * 3)?;
         let f = self.function("nll_parts")?;
-        let (r, v, first) = (int("rows", rows)?, int("vocab", vocab)?, int("first_id", first_id)?);
+        let (r, v, first) = (
+            int("rows", rows)?,
+            int("vocab", vocab)?,
+            int("first_id", first_id)?,
+        );
         let mut b = self.stream.launch_builder(&f);
         b.arg(logits).arg(targets).arg(parts).arg(&r).arg(&v).arg(&first);
         // SAFETY: sizes checked above; one block per row.
@@ -376,11 +521,27 @@ impl Gpu {
         const BQ: usize = 32;
         let bk = if head_dim <= 64 { 32 } else { 16 };
         let smem = (BQ * head_dim + bk * (head_dim + 1) + bk * head_dim + BQ * (bk + 1) + 3 * BQ) * 4;
-        let (r, h, kv, d) = (int("rows", rows)?, int("heads", heads)?, int("kv_heads", kv_heads)?, int("head_dim", head_dim)?);
+        let (r, h, kv, d) = (
+            int("rows", rows)?,
+            int("heads", heads)?,
+            int("kv_heads", kv_heads)?,
+            int("head_dim", head_dim)?,
+        );
         let w = window.map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32);
         let bk = bk as i32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(q).arg(k).arg(v).arg(out).arg(seq_start).arg(&r).arg(&h).arg(&kv).arg(&d).arg(&scale).arg(&w).arg(&bk);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(out)
+            .arg(seq_start)
+            .arg(&r)
+            .arg(&h)
+            .arg(&kv)
+            .arg(&d)
+            .arg(&scale)
+            .arg(&w)
+            .arg(&bk);
         let cfg = LaunchConfig {
             grid_dim: ((rows as u32).div_ceil(BQ as u32).max(1), heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -391,73 +552,146 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y[m, out] = x[m, in] · Wt` for an AWQ "gemm" weight: GEMV kernels up to
-    /// [`GEMV_MAX_ROWS`] rows, tensor cores above. CPU twin: `CpuAwq::matmul`.
-    pub fn w4a16(&self, x: &CudaSlice<f32>, w: &AwqDeviceWeight, y: &mut CudaSlice<f32>, m: usize) -> Result<()> {
+    /// `y[m, out] = x[m, in] · Wt` for an AWQ weight, f16 activations, f32 output, the path
+    /// chosen by `m`. CPU twin: `CpuAwq::matmul` on the same activations rounded to f16.
+    pub fn w4a16(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &AwqDeviceWeight,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+    ) -> Result<()> {
+        self.w4a16_with(W4a16Path::Auto, x, w, W4a16Out::F32(y), m)
+    }
+
+    /// The W4A16 product along a given path, into f32 or f16.
+    pub fn w4a16_with(
+        &self,
+        path: W4a16Path,
+        x: &CudaSlice<f16>,
+        w: &AwqDeviceWeight,
+        y: W4a16Out<'_>,
+        m: usize,
+    ) -> Result<()> {
         let (k, n, g) = (w.in_features, w.out_features, w.group_size);
-        if n % 8 != 0 || g == 0 || k % g != 0 {
-            return Err(KernelError::Shape(format!("w4a16: [{n}, {k}] with group size {g}")));
+        let strips = n.div_ceil(layout::STRIP);
+        let steps = k / layout::STEP;
+        if n % 8 != 0 || g == 0 || g % layout::STEP != 0 || k % g != 0 {
+            return Err(KernelError::Shape(format!(
+                "w4a16: [{n}, {k}] with group size {g}"
+            )));
         }
         expect_len("w4a16 x", x, m * k)?;
-        expect_len("w4a16 y", y, m * n)?;
-        expect_len("w4a16 qweight", &w.qweight, k * n / 8)?;
-        expect_len("w4a16 qzeros", &w.qzeros, k / g * n / 8)?;
-        expect_len("w4a16 scales", &w.scales, k / g * n)?;
+        match &y {
+            W4a16Out::F32(y) => expect_len("w4a16 y", y, m * n)?,
+            W4a16Out::F16(y) => expect_len("w4a16 y", y, m * n)?,
+        }
+        expect_len("w4a16 qweight", &w.qweight, strips * steps * 128)?;
+        expect_len("w4a16 zeros", &w.zeros, k / g * strips * 8)?;
+        expect_len("w4a16 scales", &w.scales, k / g * strips * 64)?;
+        let dequant = match path {
+            W4a16Path::Auto => m >= DEQUANT_MIN_ROWS,
+            W4a16Path::Fused => false,
+            W4a16Path::Dequant => true,
+        };
         let (mm, kk, nn, gg) = (int("m", m)?, int("k", k)?, int("n", n)?, int("group", g)?);
-        if m <= GEMV_MAX_ROWS {
-            let words = n / 8;
-            let blocks_x = (words as u32).div_ceil(GEMV_THREADS);
-            // Enough K slices to put two blocks on every multiprocessor.
-            let target = (2 * self.multiprocessors).div_ceil(blocks_x as usize).max(1);
-            let k_slice = k.div_ceil(target).next_multiple_of(16).max(16);
-            let slices = k.div_ceil(k_slice);
-            let mut partial = self.zeros::<f32>(slices * m * n)?;
-            let ks = int("k_slice", k_slice)?;
-            for m0 in (0..m).step_by(8) {
-                let rows = (m - m0).min(8);
-                let (entry, mt) = match rows {
-                    1 => ("w4a16_gemv_m1", 1),
-                    2 => ("w4a16_gemv_m2", 2),
-                    3 | 4 => ("w4a16_gemv_m4", 4),
-                    _ => ("w4a16_gemv_m8", 8),
-                };
-                let f = self.function(entry)?;
-                let m0i = m0 as i32;
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(x).arg(&w.qweight).arg(&w.qzeros).arg(&w.scales).arg(&mut partial);
-                b.arg(&mm).arg(&kk).arg(&nn).arg(&gg).arg(&ks).arg(&m0i);
-                let cfg = LaunchConfig {
-                    grid_dim: (blocks_x, slices as u32, 1),
-                    block_dim: (GEMV_THREADS, 1, 1),
-                    shared_mem_bytes: (mt * k_slice * 4) as u32,
-                };
-                // SAFETY: sizes checked above; partial holds slices × m × n floats.
-                unsafe { b.launch(cfg) }?;
+        let mut ws = self.workspace.lock().expect("workspace lock");
+        if dequant {
+            if ws.weight.len() < k * n {
+                // SAFETY: fully written by the dequantization below before any read.
+                ws.weight = unsafe { self.stream.alloc::<f16>(k * n) }?;
             }
-            let f = self.function("w4a16_reduce")?;
-            let (sl, mn) = (slices as i32, (m * n) as i64);
+            let f = self.function("w4a16_dequant")?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&partial).arg(y).arg(&sl).arg(&mn);
-            // SAFETY: partial holds slices × m × n floats, y m × n.
-            unsafe { b.launch(elems(m * n)) }?;
-        } else {
-            let f = self.function("w4a16_gemm_tc")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(x).arg(&w.qweight).arg(&w.qzeros).arg(&w.scales).arg(y).arg(&mm).arg(&kk).arg(&nn).arg(&gg);
+            b.arg(&w.qweight)
+                .arg(&w.zeros)
+                .arg(&w.scales)
+                .arg(&mut ws.weight)
+                .arg(&kk)
+                .arg(&nn)
+                .arg(&gg);
+            let warps = strips * steps.div_ceil(4);
             let cfg = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (warps.div_ceil(MMA_WARPS) as u32, 1, 1),
+                block_dim: ((32 * MMA_WARPS) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: sizes checked above; edges are guarded in the kernel.
+            // SAFETY: sizes checked above; one warp per four k steps of a strip, the output [n, k].
             unsafe { b.launch(cfg) }?;
+            return match y {
+                W4a16Out::F16(y) => self.hgemm_nt(x, &ws.weight, y, m, k, n),
+                W4a16Out::F32(y) => self.hgemm_nt_f32(x, &ws.weight, y, m, k, n),
+            };
         }
+        let mt = match m {
+            0..=16 => 1,
+            17..=32 => 2,
+            _ => 4,
+        };
+        let chunks = m.div_ceil(16 * mt).max(1);
+        let tiles = strips * chunks;
+        // Split K over blocks while they still fit in one wave (three per multiprocessor, as
+        // shared memory allows); each split is a multiple of 64 (16 per warp).
+        let wanted = (3 * self.multiprocessors / tiles).clamp(1, steps.div_ceil(MMA_WARPS));
+        let k_split = k.div_ceil(wanted).next_multiple_of(MMA_WARPS * layout::STEP);
+        let splits = k.div_ceil(k_split);
+        if splits > 1 {
+            if ws.partial.len() < splits * m * strips * layout::STRIP {
+                // SAFETY: every element a reduction reads is written first by its split.
+                ws.partial = unsafe { self.stream.alloc::<f32>(splits * m * strips * layout::STRIP) }?;
+            }
+            if ws.counters.len() < tiles {
+                ws.counters = self.stream.alloc_zeros::<u32>(tiles)?;
+            }
+        }
+        let entry = match (mt, &y) {
+            (1, W4a16Out::F32(_)) => "w4a16_mma_m1_f32",
+            (2, W4a16Out::F32(_)) => "w4a16_mma_m2_f32",
+            (_, W4a16Out::F32(_)) => "w4a16_mma_m4_f32",
+            (1, W4a16Out::F16(_)) => "w4a16_mma_m1_f16",
+            (2, W4a16Out::F16(_)) => "w4a16_mma_m2_f16",
+            (_, W4a16Out::F16(_)) => "w4a16_mma_m4_f16",
+        };
+        let f = self.function(entry)?;
+        let ks = int("k_split", k_split)?;
+        let Workspace {
+            partial, counters, ..
+        } = &mut *ws;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x).arg(&w.qweight).arg(&w.zeros).arg(&w.scales);
+        match y {
+            W4a16Out::F32(y) => b.arg(y),
+            W4a16Out::F16(y) => b.arg(y),
+        };
+        b.arg(partial)
+            .arg(counters)
+            .arg(&mm)
+            .arg(&kk)
+            .arg(&nn)
+            .arg(&gg)
+            .arg(&ks);
+        let cfg = LaunchConfig {
+            grid_dim: (strips as u32, splits as u32, chunks as u32),
+            block_dim: ((32 * MMA_WARPS) as u32, 1, 1),
+            shared_mem_bytes: mma_shared_bytes(mt) as u32,
+        };
+        // SAFETY: sizes checked above; the workspace holds splits × m × padded-n partial sums
+        // and a zeroed counter per tile.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ` in f32 through cuBLAS (TF32 off). CPU twin:
     /// `matmul_transposed`.
-    pub fn sgemm_nt(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, m: usize, k: usize, n: usize) -> Result<()> {
+    pub fn sgemm_nt(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         expect_len("sgemm x", x, m * k)?;
         expect_len("sgemm w", w, n * k)?;
         expect_len("sgemm y", y, m * n)?;
@@ -479,7 +713,15 @@ impl Gpu {
     }
 
     /// The same product with f16 operands and output (f32 accumulation): the FP16 baseline.
-    pub fn hgemm_nt(&self, x: &CudaSlice<half::f16>, w: &CudaSlice<half::f16>, y: &mut CudaSlice<half::f16>, m: usize, k: usize, n: usize) -> Result<()> {
+    pub fn hgemm_nt(
+        &self,
+        x: &CudaSlice<half::f16>,
+        w: &CudaSlice<half::f16>,
+        y: &mut CudaSlice<half::f16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         expect_len("hgemm x", x, m * k)?;
         expect_len("hgemm w", w, n * k)?;
         expect_len("hgemm y", y, m * n)?;
@@ -500,20 +742,74 @@ impl Gpu {
         Ok(())
     }
 
-    /// Median milliseconds of `f` over `reps` timed runs (after two warm-ups), timed with
-    /// events on the stream.
-    pub fn time_ms(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
-        for _ in 0..2 {
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ` with f16 operands and an f32 output (f32 accumulation).
+    pub fn hgemm_nt_f32(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        expect_len("hgemm x", x, m * k)?;
+        expect_len("hgemm w", w, n * k)?;
+        expect_len("hgemm y", y, m * n)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (mi, ki, ni) = (int("m", m)?, int("k", k)?, int("n", n)?);
+        let (wp, _w_sync) = w.device_ptr(&self.stream);
+        let (xp, _x_sync) = x.device_ptr(&self.stream);
+        let (yp, _y_sync) = y.device_ptr_mut(&self.stream);
+        // SAFETY: sizes checked above; column-major views of the row-major buffers, as in
+        // sgemm_nt; the pointers stay valid while the guards live.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cudaDataType::CUDA_R_16F,
+                ki,
+                xp as *const _,
+                cudaDataType::CUDA_R_16F,
+                ki,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// Median milliseconds per call of `f`, over `reps` samples of `calls` back-to-back
+    /// calls each (after warm-ups), timed with events on the stream. Several calls per
+    /// sample keep the GPU busy, so that launch latency is not what is measured.
+    pub fn time_ms(&self, reps: usize, calls: usize, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+        let calls = calls.max(1);
+        for _ in 0..calls.min(4) {
             f()?;
         }
         self.synchronize()?;
         let mut times = Vec::with_capacity(reps);
+        // cudarc's default event flags disable timing.
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         for _ in 0..reps.max(1) {
-            let start = self.stream.record_event(None)?;
-            f()?;
-            let end = self.stream.record_event(None)?;
+            let start = self.stream.record_event(timed)?;
+            for _ in 0..calls {
+                f()?;
+            }
+            let end = self.stream.record_event(timed)?;
             end.synchronize()?;
-            times.push(start.elapsed_ms(&end)?);
+            times.push(start.elapsed_ms(&end)? / calls as f32);
         }
         times.sort_by(|a, b| a.total_cmp(b));
         Ok(times[times.len() / 2])
@@ -525,7 +821,7 @@ impl Gpu {
         let n = bytes / 4;
         let src = self.filled(n, 1.0)?;
         let mut dst = self.zeros::<f32>(n)?;
-        let ms = self.time_ms(10, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
+        let ms = self.time_ms(10, 1, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
         Ok(2.0 * (n * 4) as f64 / (ms as f64 / 1e3))
     }
 }

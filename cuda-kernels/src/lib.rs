@@ -7,12 +7,15 @@
 //! - [`source`]: the `.cu` sources, included as strings;
 //! - [`compile`]: NVRTC compilation for a device's own architecture, and the compile check
 //!   (registers, spills) that CI runs without a GPU;
+//! - [`layout`]: the "mma" layout AWQ weights are repacked into at load time, and its CPU
+//!   twin;
 //! - [`gpu`]: one device — context, stream, compiled modules cached per device, cuBLAS — with
 //!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend.
 
 pub mod compile;
 mod error;
 pub mod gpu;
+pub mod layout;
 pub mod source;
 
 pub use cudarc;

@@ -16,7 +16,10 @@ fn every_kernel_compiles_for_sm90() {
         eprintln!("SKIPPED every_kernel_compiles_for_sm90: {reason}");
         return;
     }
-    println!("{:<16} {:<16} {:>9} {:>7} {:>13} {:>12} {:>7}", "module", "kernel", "registers", "stack", "spill stores", "spill loads", "smem");
+    println!(
+        "{:<16} {:<16} {:>9} {:>7} {:>13} {:>12} {:>7}",
+        "module", "kernel", "registers", "stack", "spill stores", "spill loads", "smem"
+    );
     for source in SOURCES {
         let kernels = check(source, "sm_90").unwrap_or_else(|e| panic!("{e}"));
         for entry in source.entries {
@@ -26,9 +29,20 @@ fn every_kernel_compiles_for_sm90() {
                 .unwrap_or_else(|| panic!("{}: entry `{entry}` was not compiled", source.name));
             println!(
                 "{:<16} {:<16} {:>9} {:>7} {:>13} {:>12} {:>7}",
-                source.name, k.entry, k.registers, k.stack_bytes, k.spill_stores, k.spill_loads, k.shared_bytes
+                source.name,
+                k.entry,
+                k.registers,
+                k.stack_bytes,
+                k.spill_stores,
+                k.spill_loads,
+                k.shared_bytes
             );
-            assert_eq!(k.spill_stores + k.spill_loads, 0, "{}: `{entry}` spills registers", source.name);
+            assert_eq!(
+                k.spill_stores + k.spill_loads,
+                0,
+                "{}: `{entry}` spills registers",
+                source.name
+            );
         }
     }
 }

@@ -115,3 +115,32 @@ fn missing_gguf_fails_cleanly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!tmp.path().join("out").exists());
 }
+
+#[test]
+fn cuda_backend_fails_cleanly_without_enough_gpus() {
+    let Some((_tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
+        return;
+    };
+    let data = model.join("text.txt");
+    std::fs::write(&data, testkit::synthetic_text(50)).unwrap();
+    // With no GPU any tp fails; with GPUs, more ranks than any machine has.
+    let (tp, expected) = match cuda_kernels::cuda_available() {
+        Err(_) => ("1", "no CUDA driver found"),
+        Ok(_) => ("4096", "GPUs"),
+    };
+    let out = awq()
+        .arg("eval")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .args(["--ctx", "16", "--backend", "cuda", "--tp", tp])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--backend cuda") && stderr.contains(expected),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -48,10 +48,14 @@ impl TensorParallel<CudaBackend> {
         let plan = ShardPlan::new(&config, tp)?;
         let gpus = cuda_kernels::cuda_available()?;
         if tp > gpus {
-            return Err(Error::Device(format!("tp = {tp} needs {tp} GPUs; this machine has {gpus}")));
+            return Err(Error::Device(format!(
+                "tp = {tp} needs {tp} GPUs; this machine has {gpus}"
+            )));
         }
         if tp > 1 && !nccl_available() {
-            return Err(Error::Device("tp > 1 on GPUs needs NCCL, and libnccl could not be loaded".into()));
+            return Err(Error::Device(
+                "tp > 1 on GPUs needs NCCL, and libnccl could not be loaded".into(),
+            ));
         }
         let id = if tp > 1 { Some(new_unique_id()?) } else { None };
         let checkpoint = Checkpoint::open(dir)?;
@@ -65,7 +69,11 @@ impl TensorParallel<CudaBackend> {
                     let (config, checkpoint, id) = (&config, &checkpoint, &id);
                     s.spawn(move || {
                         let backend = CudaBackend::new(shard.rank)?;
-                        backend.gpu().context().bind_to_thread().map_err(|e| Error::Device(format!("{e:?}")))?;
+                        backend
+                            .gpu()
+                            .context()
+                            .bind_to_thread()
+                            .map_err(|e| Error::Device(format!("{e:?}")))?;
                         let comm: Option<Comm<CudaBackend>> = match id {
                             Some(id) => {
                                 let stream = backend.gpu().stream().clone();
@@ -79,7 +87,10 @@ impl TensorParallel<CudaBackend> {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("a rank panicked while loading".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Invalid("a rank panicked while loading".into())))
+                })
                 .collect()
         });
         let ranks = ranks.into_iter().collect::<Result<Vec<_>>>()?;

@@ -1,11 +1,13 @@
 //! `awq bench kernels`: the W4A16 kernels against cuBLAS f16 on the same shapes, in the same
-//! run, with the device's measured copy bandwidth as the yardstick at M = 1.
+//! run, with the device's measured copy bandwidth as the yardstick at M = 1. Weights rotate
+//! through enough copies that none is read from L2.
 
 use anyhow::Result;
 use clap::Args;
 use cuda_kernels::Gpu;
 use cuda_kernels::cudarc::driver::CudaSlice;
-use cuda_kernels::gpu::AwqDeviceWeight;
+use cuda_kernels::gpu::{AwqDeviceWeight, DEQUANT_MIN_ROWS, W4a16Out, W4a16Path};
+use cuda_kernels::layout::MmaLayout;
 use half::f16;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,12 +39,21 @@ pub struct KernelRow {
     pub k: usize,
     pub n: usize,
     pub m: usize,
+    /// The path `awq` takes at this M (`fused` or `dequant`).
+    pub path: &'static str,
+    /// W4A16 as `awq` runs it: f16 activations in, f16 out.
     pub w4a16_ms: f32,
+    /// The fused tensor-core kernel alone.
+    pub fused_ms: f32,
+    /// Dequantize to f16 + cuBLAS, where measured (M ≥ 16).
+    pub dequant_ms: Option<f32>,
     pub cublas_f16_ms: f32,
+    /// cuBLAS f16 time over W4A16 time.
     pub speedup: f64,
     pub w4a16_tflops: f64,
+    /// Bytes a W4A16 call must move: weights, scales, zeros, activations in and out.
     pub w4a16_bytes: usize,
-    /// Bytes moved over time, against the measured copy bandwidth.
+    /// Those bytes over the time, against the measured copy bandwidth.
     pub bandwidth_fraction: f64,
 }
 
@@ -52,6 +63,7 @@ pub struct KernelBench {
     pub device: String,
     pub copy_bandwidth_gb_s: f64,
     pub group_size: usize,
+    pub calls_per_sample: usize,
     pub rows: Vec<KernelRow>,
 }
 
@@ -60,18 +72,27 @@ fn copies_for(bytes: usize) -> usize {
     (512usize << 20).div_ceil(bytes.max(1)).clamp(1, 64)
 }
 
-fn awq_weight(gpu: &Gpu, rng: &mut ChaCha8Rng, k: usize, n: usize, g: usize) -> Result<AwqDeviceWeight> {
+/// Back-to-back calls per timed sample.
+const CALLS: usize = 20;
+
+/// A random AWQ weight, repacked once and uploaded `copies` times.
+fn awq_weights(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    k: usize,
+    n: usize,
+    g: usize,
+    copies: usize,
+) -> Result<Vec<AwqDeviceWeight>> {
     let words: Vec<u32> = (0..k * n / 8).map(|_| rng.random()).collect();
     let zeros: Vec<u32> = (0..k / g * n / 8).map(|_| rng.random()).collect();
-    let scales: Vec<u16> = (0..k / g * n).map(|_| f16::from_f32(rng.random_range(0.001..0.01f32)).to_bits()).collect();
-    Ok(AwqDeviceWeight {
-        qweight: gpu.upload(&words)?,
-        qzeros: gpu.upload(&zeros)?,
-        scales: gpu.upload(&scales)?,
-        in_features: k,
-        out_features: n,
-        group_size: g,
-    })
+    let scales: Vec<u16> = (0..k / g * n)
+        .map(|_| f16::from_f32(rng.random_range(0.001..0.01f32)).to_bits())
+        .collect();
+    let layout = MmaLayout::from_gemm(&words, &zeros, &scales, k, n, g)?;
+    Ok((0..copies)
+        .map(|_| AwqDeviceWeight::upload(gpu, &layout))
+        .collect::<cuda_kernels::Result<_>>()?)
 }
 
 /// Runs `awq bench kernels`.
@@ -79,42 +100,61 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
     let gpu = Gpu::get(args.device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let bandwidth = gpu.copy_bandwidth(2 << 30)?;
-    log(format!("{}: device-to-device copy {:.0} GB/s", gpu.name(), bandwidth / 1e9));
+    log(format!(
+        "{}: device-to-device copy {:.0} GB/s",
+        gpu.name(),
+        bandwidth / 1e9
+    ));
     let g = args.group_size;
     let mut rows = Vec::new();
     for (k, n) in [(4096, 4096), (4096, 11008), (11008, 4096)] {
         let w_bytes = k * n / 2 + k / g * n * 2 + k / g * n / 8 * 4;
-        let awq: Vec<AwqDeviceWeight> = (0..copies_for(w_bytes)).map(|_| awq_weight(&gpu, &mut rng, k, n, g)).collect::<Result<_>>()?;
+        let awq = awq_weights(&gpu, &mut rng, k, n, g, copies_for(w_bytes))?;
+        let w16: Vec<f16> = (0..k * n)
+            .map(|_| f16::from_f32(rng.random_range(-0.05..0.05f32)))
+            .collect();
         let dense: Vec<CudaSlice<f16>> = (0..copies_for(k * n * 2))
-            .map(|_| {
-                let w: Vec<f16> = (0..k * n).map(|_| f16::from_f32(rng.random_range(-0.05..0.05f32))).collect();
-                gpu.upload(&w)
-            })
+            .map(|_| gpu.upload(&w16))
             .collect::<cuda_kernels::Result<_>>()?;
         for m in [1usize, 16, 128, 2048] {
-            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
-            let x_dev = gpu.upload(&x)?;
-            let mut x16 = gpu.zeros::<u16>(m * k)?;
-            gpu.to_f16(&x_dev, &mut x16, m * k)?;
-            let x16: CudaSlice<f16> = gpu.upload(&gpu.download(&x16)?.into_iter().map(f16::from_bits).collect::<Vec<_>>())?;
-            let mut y = gpu.zeros::<f32>(m * n)?;
-            let mut y16 = gpu.zeros::<f16>(m * n)?;
-            let mut i = 0usize;
-            let w4a16_ms = gpu.time_ms(args.reps, || {
-                i += 1;
-                gpu.w4a16(&x_dev, &awq[i % awq.len()], &mut y, m)
-            })?;
+            let x: Vec<f16> = (0..m * k)
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0f32)))
+                .collect();
+            let x = gpu.upload(&x)?;
+            let mut y = gpu.zeros::<f16>(m * n)?;
+            let mut time = |path: W4a16Path| -> Result<f32> {
+                let mut i = 0usize;
+                Ok(gpu.time_ms(args.reps, CALLS, || {
+                    i += 1;
+                    gpu.w4a16_with(path, &x, &awq[i % awq.len()], W4a16Out::F16(&mut y), m)
+                })?)
+            };
+            let fused_ms = time(W4a16Path::Fused)?;
+            let dequant_ms = if m >= 16 {
+                Some(time(W4a16Path::Dequant)?)
+            } else {
+                None
+            };
+            let dequant = m >= DEQUANT_MIN_ROWS;
+            let w4a16_ms = if dequant {
+                dequant_ms.expect("measured from 16 rows")
+            } else {
+                fused_ms
+            };
             let mut j = 0usize;
-            let cublas_f16_ms = gpu.time_ms(args.reps, || {
+            let cublas_f16_ms = gpu.time_ms(args.reps, CALLS, || {
                 j += 1;
-                gpu.hgemm_nt(&x16, &dense[j % dense.len()], &mut y16, m, k, n)
+                gpu.hgemm_nt(&x, &dense[j % dense.len()], &mut y, m, k, n)
             })?;
-            let bytes = w_bytes + m * k * 4 + m * n * 4;
+            let bytes = w_bytes + m * k * 2 + m * n * 2;
             let row = KernelRow {
                 k,
                 n,
                 m,
+                path: if dequant { "dequant" } else { "fused" },
                 w4a16_ms,
+                fused_ms,
+                dequant_ms,
                 cublas_f16_ms,
                 speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
                 w4a16_tflops: 2.0 * (m * k * n) as f64 / (w4a16_ms as f64 / 1e3) / 1e12,
@@ -122,8 +162,9 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 bandwidth_fraction: bytes as f64 / (w4a16_ms as f64 / 1e3) / bandwidth,
             };
             log(format!(
-                "K {k} N {n} M {m}: W4A16 {:.4} ms, cuBLAS f16 {:.4} ms ({:.2}x), {:.0}% of copy bandwidth",
+                "K {k} N {n} M {m}: W4A16 {:.4} ms ({}), cuBLAS f16 {:.4} ms ({:.2}x), {:.0}% of copy bandwidth",
                 row.w4a16_ms,
+                row.path,
                 row.cublas_f16_ms,
                 row.speedup,
                 100.0 * row.bandwidth_fraction
@@ -131,16 +172,26 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
             rows.push(row);
         }
     }
-    println!("\nW4A16 (group {g}) vs cuBLAS f16 on {}; copy bandwidth {:.0} GB/s", gpu.name(), bandwidth / 1e9);
-    println!("| K × N | M | W4A16 ms | cuBLAS f16 ms | speedup | W4A16 TFLOP/s | % of bandwidth |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\nW4A16 (group {g}, f16 in and out) vs cuBLAS f16 on {}; copy bandwidth {:.0} GB/s; median of {} samples of {CALLS} calls",
+        gpu.name(),
+        bandwidth / 1e9,
+        args.reps
+    );
+    println!(
+        "| K × N | M | W4A16 ms | path | fused ms | dequant+cuBLAS ms | cuBLAS f16 ms | speedup | TFLOP/s | % of bandwidth |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} × {} | {} | {:.4} | {:.4} | {:.2}× | {:.1} | {:.0} % |",
+            "| {} × {} | {} | {:.4} | {} | {:.4} | {} | {:.4} | {:.2}× | {:.1} | {:.0} % |",
             r.k,
             r.n,
             r.m,
             r.w4a16_ms,
+            r.path,
+            r.fused_ms,
+            r.dequant_ms.map_or("–".to_string(), |v| format!("{v:.4}")),
             r.cublas_f16_ms,
             r.speedup,
             r.w4a16_tflops,
@@ -154,6 +205,7 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 device: gpu.name().to_string(),
                 copy_bandwidth_gb_s: bandwidth / 1e9,
                 group_size: g,
+                calls_per_sample: CALLS,
                 rows,
             },
         )?;

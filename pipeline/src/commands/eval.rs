@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tp_runtime::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
-use tp_runtime::{Backend, CpuBackend, CudaBackend, Model, ModelConfig, Scorer, ShardPlan, TensorParallel, Tokenizer};
+use tp_runtime::{
+    Backend, CpuBackend, CudaBackend, Model, ModelConfig, Scorer, ShardPlan, TensorParallel, Tokenizer,
+};
 
 use crate::progress::{Progress, log};
 use crate::provenance::{self, FileDigest, Machine, ToolInfo};
@@ -16,7 +18,9 @@ use crate::provenance::{self, FileDigest, Machine, ToolInfo};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendArg {
+    /// The CPU backend (rayon threads).
     Cpu,
+    /// The CUDA backend (our kernels, cuBLAS, NCCL between GPUs).
     Cuda,
 }
 
@@ -46,6 +50,7 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Where the model runs: cpu, or cuda (GPU 0; GPUs 0..tp with --tp).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
     /// Tensor-parallel ranks (CPU: in-process ranks, one thread each; CUDA: one GPU each).
@@ -136,7 +141,11 @@ impl<B: Backend> Loaded for Model<B> {
 
 impl<B: Backend> Loaded for TensorParallel<B> {
     fn backend_name(&self) -> String {
-        format!("{} × {} ranks", self.ranks()[0].backend().name(), self.ranks().len())
+        format!(
+            "{} × {} ranks",
+            self.ranks()[0].backend().name(),
+            self.ranks().len()
+        )
     }
     fn rank_bytes(&self) -> Vec<usize> {
         self.rank_weight_bytes()
@@ -160,6 +169,17 @@ fn score(
 /// Loads, tokenizes and scores; shared by `awq eval` and `awq bench eval`.
 pub fn evaluate_checkpoint(args: &EvalArgs, threads: usize) -> Result<EvalReport> {
     let wall = Instant::now();
+    if args.backend == BackendArg::Cuda {
+        // Fail before minutes of tokenizing and loading, not after.
+        let gpus = cuda_kernels::cuda_available().context("--backend cuda")?;
+        if args.tp > gpus {
+            anyhow::bail!(
+                "--backend cuda --tp {}: needs {} GPUs; this machine has {gpus}",
+                args.tp,
+                args.tp
+            );
+        }
+    }
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let text = read_text(&args.data)?;
     let tokens = tokenizer.encode(&text, false)?;
@@ -194,10 +214,38 @@ pub fn evaluate_checkpoint(args: &EvalArgs, threads: usize) -> Result<EvalReport
     };
     let load = Instant::now();
     let (result, backend, rank_weight_bytes, load_seconds) = match (args.backend, args.tp) {
-        (BackendArg::Cpu, 1) => score(Model::load(&args.model, CpuBackend::new())?, load, &tokens, &plan, args.batch, on_window)?,
-        (BackendArg::Cuda, 1) => score(Model::load(&args.model, CudaBackend::new(0)?)?, load, &tokens, &plan, args.batch, on_window)?,
-        (BackendArg::Cpu, tp) => score(TensorParallel::load_cpu(&args.model, tp)?, load, &tokens, &plan, args.batch, on_window)?,
-        (BackendArg::Cuda, tp) => score(TensorParallel::load_cuda(&args.model, tp)?, load, &tokens, &plan, args.batch, on_window)?,
+        (BackendArg::Cpu, 1) => score(
+            Model::load(&args.model, CpuBackend::new())?,
+            load,
+            &tokens,
+            &plan,
+            args.batch,
+            on_window,
+        )?,
+        (BackendArg::Cuda, 1) => score(
+            Model::load(&args.model, CudaBackend::new(0)?)?,
+            load,
+            &tokens,
+            &plan,
+            args.batch,
+            on_window,
+        )?,
+        (BackendArg::Cpu, tp) => score(
+            TensorParallel::load_cpu(&args.model, tp)?,
+            load,
+            &tokens,
+            &plan,
+            args.batch,
+            on_window,
+        )?,
+        (BackendArg::Cuda, tp) => score(
+            TensorParallel::load_cuda(&args.model, tp)?,
+            load,
+            &tokens,
+            &plan,
+            args.batch,
+            on_window,
+        )?,
     };
     progress.finish();
     Ok(EvalReport {

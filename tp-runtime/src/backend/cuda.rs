@@ -1,12 +1,14 @@
 //! The CUDA backend: our kernels (`cuda-kernels`, compiled with NVRTC for the device at
 //! first use) and cuBLAS, behind the same trait as the CPU backend, whose operations are
-//! every kernel's CPU twin. Activations stay f32 on the device; AWQ weights stay in their
-//! "gemm" layout and go through the W4A16 kernels; dense weights are f32 (cuBLAS SGEMM).
+//! every kernel's CPU twin. Activations stay f32 on the device (rounded to f16 on their way
+//! into a W4A16 product); AWQ weights are repacked once at load into the kernels' "mma"
+//! layout; dense weights are f32 (cuBLAS SGEMM).
 
 use std::sync::Arc;
 
 use cuda_kernels::cudarc::driver::CudaSlice;
 use cuda_kernels::gpu::AwqDeviceWeight;
+use cuda_kernels::layout::MmaLayout;
 use cuda_kernels::{Gpu, KernelError};
 use half::f16;
 
@@ -55,7 +57,7 @@ impl ByteSize for CudaLinear {
     fn byte_size(&self) -> usize {
         match self {
             CudaLinear::Dense(m) => m.byte_size(),
-            CudaLinear::Awq(w) => w.qweight.len() * 4 + w.qzeros.len() * 4 + w.scales.len() * 2,
+            CudaLinear::Awq(w) => w.byte_size(),
         }
     }
 }
@@ -97,7 +99,11 @@ impl CudaBackend {
 
     fn output(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         let n = rows * cols;
-        let data = if self.poison { self.gpu.filled(n, f32::NAN)? } else { self.gpu.zeros::<f32>(n)? };
+        let data = if self.poison {
+            self.gpu.filled(n, f32::NAN)?
+        } else {
+            self.gpu.zeros::<f32>(n)?
+        };
         Ok(CudaTensor { data, rows, cols })
     }
 
@@ -125,9 +131,23 @@ impl CudaBackend {
         let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let index = self.gpu.upload(&index)?;
         let mut x = self.output(rows.len(), hidden.cols)?;
-        self.gpu.gather_rows(&hidden.data, hidden.rows, &index, &mut x.data, rows.len(), hidden.cols)?;
+        self.gpu.gather_rows(
+            &hidden.data,
+            hidden.rows,
+            &index,
+            &mut x.data,
+            rows.len(),
+            hidden.cols,
+        )?;
         let mut logits = self.output(rows.len(), lm_head.rows)?;
-        self.gpu.sgemm_nt(&x.data, &lm_head.data, &mut logits.data, rows.len(), hidden.cols, lm_head.rows)?;
+        self.gpu.sgemm_nt(
+            &x.data,
+            &lm_head.data,
+            &mut logits.data,
+            rows.len(),
+            hidden.cols,
+            lm_head.rows,
+        )?;
         Ok(logits)
     }
 }
@@ -148,7 +168,10 @@ impl Backend for CudaBackend {
 
     fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CudaMatrix> {
         if data.len() != rows * cols {
-            return Err(Error::Invalid(format!("{} values do not make a [{rows}, {cols}] matrix", data.len())));
+            return Err(Error::Invalid(format!(
+                "{} values do not make a [{rows}, {cols}] matrix",
+                data.len()
+            )));
         }
         Ok(CudaMatrix {
             data: self.gpu.upload(&data)?,
@@ -168,14 +191,15 @@ impl Backend for CudaBackend {
                 w.validate()?;
                 // The scales were f16 in the checkpoint: converting back is exact.
                 let scales: Vec<u16> = w.scales.iter().map(|&s| f16::from_f32(s).to_bits()).collect();
-                Ok(CudaLinear::Awq(AwqDeviceWeight {
-                    qweight: self.gpu.upload(bytemuck::cast_slice::<i32, u32>(&w.qweight))?,
-                    qzeros: self.gpu.upload(bytemuck::cast_slice::<i32, u32>(&w.qzeros))?,
-                    scales: self.gpu.upload(&scales)?,
-                    in_features: w.in_features,
-                    out_features: w.out_features,
-                    group_size: w.group_size,
-                }))
+                let layout = MmaLayout::from_gemm(
+                    bytemuck::cast_slice::<i32, u32>(&w.qweight),
+                    bytemuck::cast_slice::<i32, u32>(&w.qzeros),
+                    &scales,
+                    w.in_features,
+                    w.out_features,
+                    w.group_size,
+                )?;
+                Ok(CudaLinear::Awq(AwqDeviceWeight::upload(&self.gpu, &layout)?))
             }
         }
     }
@@ -188,7 +212,10 @@ impl Backend for CudaBackend {
 
     fn tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         if data.len() != rows * cols {
-            return Err(Error::Invalid(format!("{} values do not make a [{rows}, {cols}] tensor", data.len())));
+            return Err(Error::Invalid(format!(
+                "{} values do not make a [{rows}, {cols}] tensor",
+                data.len()
+            )));
         }
         Ok(CudaTensor {
             data: self.gpu.upload(data)?,
@@ -218,18 +245,31 @@ impl Backend for CudaBackend {
     fn embed(&self, table: &CudaMatrix, ids: &[u32], first_id: usize) -> Result<CudaTensor> {
         let mut out = self.output(ids.len(), table.cols)?;
         let ids_dev = self.gpu.upload(ids)?;
-        self.gpu
-            .embed(&table.data, table.rows, &ids_dev, &mut out.data, ids.len(), table.cols, first_id)?;
+        self.gpu.embed(
+            &table.data,
+            table.rows,
+            &ids_dev,
+            &mut out.data,
+            ids.len(),
+            table.cols,
+            first_id,
+        )?;
         Ok(out)
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32) -> Result<CudaTensor> {
         let mut y = self.output(x.rows, x.cols)?;
-        self.gpu.rms_norm(&x.data, &weight.data, &mut y.data, x.rows, x.cols, eps)?;
+        self.gpu
+            .rms_norm(&x.data, &weight.data, &mut y.data, x.rows, x.cols, eps)?;
         Ok(y)
     }
 
-    fn linear_forward(&self, x: &CudaTensor, weight: &CudaLinear, bias: Option<&CudaVector>) -> Result<CudaTensor> {
+    fn linear_forward(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaLinear,
+        bias: Option<&CudaVector>,
+    ) -> Result<CudaTensor> {
         let (out_features, in_features) = match weight {
             CudaLinear::Dense(m) => (m.rows, m.cols),
             CudaLinear::Awq(w) => (w.out_features, w.in_features),
@@ -242,8 +282,17 @@ impl Backend for CudaBackend {
         }
         let mut y = self.output(x.rows, out_features)?;
         match weight {
-            CudaLinear::Dense(m) => self.gpu.sgemm_nt(&x.data, &m.data, &mut y.data, x.rows, in_features, out_features)?,
-            CudaLinear::Awq(w) => self.gpu.w4a16(&x.data, w, &mut y.data, x.rows)?,
+            CudaLinear::Dense(m) => {
+                self.gpu
+                    .sgemm_nt(&x.data, &m.data, &mut y.data, x.rows, in_features, out_features)?
+            }
+            CudaLinear::Awq(w) => {
+                // W4A16: the activations go in as f16, as in AutoAWQ's and vLLM's kernels.
+                let n = x.rows * x.cols;
+                let mut x16 = self.gpu.zeros::<f16>(n)?;
+                self.gpu.to_f16(&x.data, &mut x16, n)?;
+                self.gpu.w4a16(&x16, w, &mut y.data, x.rows)?
+            }
         }
         if let Some(b) = bias {
             self.gpu.add_bias(&mut y.data, &b.data, x.rows, out_features)?;
@@ -262,7 +311,8 @@ impl Backend for CudaBackend {
                 table.rows, table.cols, x.rows, x.cols
             )));
         }
-        self.gpu.rotary(&mut x.data, &table.data, x.rows, x.cols, head_dim)?;
+        self.gpu
+            .rotary(&mut x.data, &table.data, x.rows, x.cols, head_dim)?;
         Ok(())
     }
 
@@ -276,7 +326,11 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let rows = layout.rows();
         let d = spec.head_dim;
-        for (name, t, cols) in [("q", q, spec.heads * d), ("k", k, spec.kv_heads * d), ("v", v, spec.kv_heads * d)] {
+        for (name, t, cols) in [
+            ("q", q, spec.heads * d),
+            ("k", k, spec.kv_heads * d),
+            ("v", v, spec.kv_heads * d),
+        ] {
             if t.rows != rows || t.cols != cols {
                 return Err(Error::Invalid(format!(
                     "attention: {name} is [{}, {}], expected [{rows}, {cols}]",
@@ -284,7 +338,10 @@ impl Backend for CudaBackend {
                 )));
             }
         }
-        let starts: Vec<u32> = layout.sequences().flat_map(|s| std::iter::repeat_n(s.start as u32, s.len())).collect();
+        let starts: Vec<u32> = layout
+            .sequences()
+            .flat_map(|s| std::iter::repeat_n(s.start as u32, s.len()))
+            .collect();
         let starts = self.gpu.upload(&starts)?;
         let mut out = self.output(rows, spec.heads * d)?;
         self.gpu.attention(
@@ -306,7 +363,8 @@ impl Backend for CudaBackend {
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         Self::same_dims("silu_mul", gate, up)?;
         let mut y = self.output(gate.rows, gate.cols)?;
-        self.gpu.silu_mul(&gate.data, &up.data, &mut y.data, gate.rows * gate.cols)?;
+        self.gpu
+            .silu_mul(&gate.data, &up.data, &mut y.data, gate.rows * gate.cols)?;
         Ok(y)
     }
 
@@ -330,8 +388,14 @@ impl Backend for CudaBackend {
             let targets: Vec<u32> = chunk.iter().map(|p| p.target).collect();
             let targets = self.gpu.upload(&targets)?;
             let mut out = self.output(chunk.len(), 3)?;
-            self.gpu
-                .nll_parts(&logits.data, &targets, &mut out.data, chunk.len(), lm_head.rows, first_id)?;
+            self.gpu.nll_parts(
+                &logits.data,
+                &targets,
+                &mut out.data,
+                chunk.len(),
+                lm_head.rows,
+                first_id,
+            )?;
             parts.extend(self.to_host(&out)?);
         }
         self.tensor(&parts, predictions.len(), 3)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Assembles what scripts/gpu-check.sh needs on a GPU machine that has no Rust toolchain and no
+# network: stripped release binaries (awq and the GPU test programs), an AWQ checkpoint of
+# SmolLM2-135M, the evaluation text and the tiny reference models.
+#
+#   scripts/gpu-bundle.sh DIR [MODEL]     # MODEL: an AWQ checkpoint (default: the main job's;
+#                                         # quantized here, group size 64, when it is absent)
+#   ...copy DIR to the GPU machine...
+#   AWQ_PREBUILT=DIR scripts/gpu-check.sh
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+dir=${1:?usage: scripts/gpu-bundle.sh DIR [MODEL]}
+model=${2:-$root/out/smollm2-135m-awq/quantized}
+shared="${AWQ_SHARED_DIR:-$root/../shared}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+mkdir -p "$dir/bin" "$dir/model" "$dir/shared/data/wikitext-2-raw" "$dir/shared/ref/tiny"
+cargo build --release -p pipeline
+cp "$target/release/awq" "$dir/bin/awq"
+if [ ! -f "$model/config.json" ]; then
+  f32=$(scripts/fetch-model.sh)
+  model="$dir/quantized"
+  echo "gpu-bundle: quantizing $f32 -> $model (AWQ, group size 64)" >&2
+  "$target/release/awq" quantize "$f32" --out "$model" --force --group-size 64 \
+    --calib "$shared/data/calib/wikitext2-valid.txt" >&2
+fi
+cargo test --release --no-run --message-format=json -p cuda-kernels --test compile_check \
+  -p tp-runtime --test cuda_backend --test nccl |
+  python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+' "$dir/bin"
+strip "$dir"/bin/*
+[ "$model" = "$dir/model" ] || cp "$model"/*.json "$model"/*.safetensors "$dir/model/"
+cp "$shared/data/wikitext-2-raw/wiki.test.raw" "$dir/shared/data/wikitext-2-raw/"
+cp -r "$shared"/ref/tiny/tiny-* "$dir/shared/ref/tiny/"
+du -sh "$dir"/*
