@@ -325,7 +325,7 @@ impl Gpu {
         cols: usize,
         head_dim: usize,
     ) -> Result<()> {
-        if head_dim == 0 || head_dim % 2 != 0 || cols % head_dim != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !cols.is_multiple_of(head_dim) {
             return Err(KernelError::Shape(format!(
                 "rotary: {cols} features in heads of {head_dim}"
             )));
@@ -395,6 +395,7 @@ impl Gpu {
 
     /// Embedding rows of `ids` from a table holding ids `first_id..first_id + table_rows`;
     /// others get zero rows. CPU twin: `CpuBackend::embed`.
+    #[allow(clippy::too_many_arguments)]
     pub fn embed(
         &self,
         table: &CudaSlice<f32>,
@@ -507,7 +508,7 @@ impl Gpu {
         scale: f32,
         window: Option<usize>,
     ) -> Result<()> {
-        if head_dim > 128 || head_dim % 4 != 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if head_dim > 128 || !head_dim.is_multiple_of(4) || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(KernelError::Shape(format!(
                 "attention: head_dim {head_dim} (at most 128, a multiple of 4), {heads} heads over {kv_heads} kv heads"
             )));

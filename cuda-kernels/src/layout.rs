@@ -71,7 +71,7 @@ impl MmaLayout {
         n: usize,
         g: usize,
     ) -> Result<Self> {
-        if g == 0 || g % STEP != 0 || k % g != 0 || n % 8 != 0 {
+        if g == 0 || !g.is_multiple_of(STEP) || !k.is_multiple_of(g) || !n.is_multiple_of(8) {
             return Err(KernelError::Shape(format!(
                 "AWQ weight [{n}, {k}] with group size {g}: the GPU kernels need the group size a multiple of {STEP}, in_features a multiple of the group size and out_features of 8"
             )));

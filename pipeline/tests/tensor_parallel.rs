@@ -130,8 +130,9 @@ fn smollm2_at_tp3_matches_tp1() {
     let window0: Vec<u32> =
         Tokenizer::from_dir(&model).unwrap().encode(&text, false).unwrap()[..512].to_vec();
     for dir in [&model, &awq_dir] {
-        let one = eval_report(dir, &data, 1, 40, 512);
-        let three = eval_report(dir, &data, 3, 40, 512);
+        // Ten windows: equality, not the PPL figure, is under test here.
+        let one = eval_report(dir, &data, 1, 10, 512);
+        let three = eval_report(dir, &data, 3, 10, 512);
         let (p1, p3) = (one["ppl"].as_f64().unwrap(), three["ppl"].as_f64().unwrap());
         eprintln!("{}: PPL tp=1 {p1:.6}, tp=3 {p3:.6}", dir.display());
         assert!(
