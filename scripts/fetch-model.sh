@@ -35,5 +35,5 @@ echo "fetch-model: $gguf (sha256 verified)" >&2
 # Re-imported every time (about two seconds) so that the checkpoint always comes from the
 # importer in this checkout.
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p pipeline >&2
-"$root/target/release/awq" import-gguf "$gguf" --out "$model" --force >&2
+"${CARGO_TARGET_DIR:-$root/target}/release/awq" import-gguf "$gguf" --out "$model" --force >&2
 echo "$model"
