@@ -285,19 +285,8 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
     }
 
     // Accumulator (mt, j, e) holds row m0 + 16 mt + gid + 8 (e / 2), column 64 s + 8 j + 2 tig + e % 2.
-    if (splits == 1) {
-        if (warp != 0) return;
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int m = m0 + 16 * mt + gid + 8 * (e >> 1), n = 64 * s + 8 * j + 2 * tig + (e & 1);
-                    if (m < M && n < N) store_out(y, (size_t)m * N + n, acc[mt][j][e]);
-                }
-        return;
-    }
+    // Warp 0 writes the block's sums: the output where K was not split, else this split's
+    // partial sums.
     const int padded = strips * 64;
     const size_t split_stride = (size_t)M * padded;
     if (warp == 0) {
@@ -308,9 +297,15 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int m = m0 + 16 * mt + gid + 8 * (e >> 1), n = 64 * s + 8 * j + 2 * tig + (e & 1);
-                    if (m < M) partial[blockIdx.y * split_stride + (size_t)m * padded + n] = acc[mt][j][e];
+                    if (m >= M) continue;
+                    if (splits == 1) {
+                        if (n < N) store_out(y, (size_t)m * N + n, acc[mt][j][e]);
+                    } else {
+                        partial[blockIdx.y * split_stride + (size_t)m * padded + n] = acc[mt][j][e];
+                    }
                 }
     }
+    if (splits == 1) return;
     asm volatile("fence.acq_rel.gpu;" ::: "memory");
     __syncthreads();
     const unsigned int tile = blockIdx.z * gridDim.x + blockIdx.x;

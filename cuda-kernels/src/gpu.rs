@@ -682,6 +682,43 @@ impl Gpu {
         Ok(())
     }
 
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ` through cuBLAS, all in `T`: column-major views of the
+    /// row-major buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nt<T>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+        m: usize,
+        k: usize,
+        n: usize,
+        one: T,
+        zero: T,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        expect_len("gemm x", x, m * k)?;
+        expect_len("gemm w", w, n * k)?;
+        expect_len("gemm y", y, m * n)?;
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: int("n", n)?,
+            n: int("m", m)?,
+            k: int("k", k)?,
+            alpha: one,
+            lda: int("k", k)?,
+            ldb: int("k", k)?,
+            beta: zero,
+            ldc: int("n", n)?,
+        };
+        // SAFETY: sizes checked above.
+        unsafe { self.blas.gemm(cfg, w, x, y) }?;
+        Ok(())
+    }
+
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ` in f32 through cuBLAS (TF32 off). CPU twin:
     /// `matmul_transposed`.
     pub fn sgemm_nt(
@@ -693,54 +730,20 @@ impl Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        expect_len("sgemm x", x, m * k)?;
-        expect_len("sgemm w", w, n * k)?;
-        expect_len("sgemm y", y, m * n)?;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: int("n", n)?,
-            n: int("m", m)?,
-            k: int("k", k)?,
-            alpha: 1.0f32,
-            lda: int("k", k)?,
-            ldb: int("k", k)?,
-            beta: 0.0f32,
-            ldc: int("n", n)?,
-        };
-        // SAFETY: sizes checked above; column-major views of the row-major buffers.
-        unsafe { self.blas.gemm(cfg, w, x, y) }?;
-        Ok(())
+        self.gemm_nt(x, w, y, m, k, n, 1.0, 0.0)
     }
 
     /// The same product with f16 operands and output (f32 accumulation): the FP16 baseline.
     pub fn hgemm_nt(
         &self,
-        x: &CudaSlice<half::f16>,
-        w: &CudaSlice<half::f16>,
-        y: &mut CudaSlice<half::f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        y: &mut CudaSlice<f16>,
         m: usize,
         k: usize,
         n: usize,
     ) -> Result<()> {
-        expect_len("hgemm x", x, m * k)?;
-        expect_len("hgemm w", w, n * k)?;
-        expect_len("hgemm y", y, m * n)?;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: int("n", n)?,
-            n: int("m", m)?,
-            k: int("k", k)?,
-            alpha: half::f16::ONE,
-            lda: int("k", k)?,
-            ldb: int("k", k)?,
-            beta: half::f16::ZERO,
-            ldc: int("n", n)?,
-        };
-        // SAFETY: sizes checked above.
-        unsafe { self.blas.gemm(cfg, w, x, y) }?;
-        Ok(())
+        self.gemm_nt(x, w, y, m, k, n, f16::ONE, f16::ZERO)
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ` with f16 operands and an f32 output (f32 accumulation).
