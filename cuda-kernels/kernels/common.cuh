@@ -15,54 +15,31 @@ __device__ __forceinline__ float f16_to_f32(half_bits h) {
     return f;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct Add {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct Max {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Block-wide sum (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
+// Block-wide reduction (blockDim.x a multiple of 32, at most 1024) in a fixed order, so the
+// result is the same every run; every thread gets it. `identity` fills the missing warps.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T identity, Op op) {
+    __shared__ T partial[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = lane < warps ? partial[lane] : 0.0f;
-    return warp_sum(v);
-}
-
-__device__ double block_sum_f64(double v) {
-    __shared__ double partial[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = lane < warps ? partial[lane] : 0.0;
-    return warp_sum_f64(v);
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = lane < warps ? partial[lane] : -__int_as_float(0x7f800000);
-    return warp_max(v);
+    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : identity;
+    return warp_reduce(v, op);
 }

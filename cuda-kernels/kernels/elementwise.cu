@@ -12,7 +12,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
         double v = xr[i];
         sum += v * v;
     }
-    sum = block_sum_f64(sum);
+    sum = block_reduce(sum, 0.0, Add());
     float inv = 1.0f / sqrtf((float)(sum / cols) + eps);
     float* yr = y + (size_t)row * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);

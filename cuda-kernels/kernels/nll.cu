@@ -9,10 +9,10 @@ extern "C" __global__ void nll_parts(const float* __restrict__ logits, const uns
     const float* l = logits + (size_t)row * vocab;
     float m = -__int_as_float(0x7f800000);
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, l[i]);
-    m = block_max(m);
+    m = block_reduce(m, -__int_as_float(0x7f800000), Max());
     double s = 0.0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += (double)expf(l[i] - m);
-    s = block_sum_f64(s);
+    s = block_reduce(s, 0.0, Add());
     if (threadIdx.x == 0) {
         long long t = (long long)targets[row] - first_id;
         parts[row * 3 + 0] = m;

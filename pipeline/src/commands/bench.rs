@@ -10,7 +10,7 @@ use tp_runtime::ModelConfig;
 use tp_runtime::backend::cpu::matmul_transposed;
 
 use super::eval::{EvalArgs, EvalReport, evaluate_checkpoint, write_json};
-use super::quantize::{QuantizeArgs, QuantizeRunReport, quantize_checkpoint};
+use super::quantize::{QuantizeArgs, QuantizeRunReport};
 use crate::progress::log;
 use crate::provenance;
 
@@ -121,14 +121,7 @@ pub struct BenchQuantizeReport {
 }
 
 fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
-    let threads = provenance::set_threads(args.threads)?;
-    let run = quantize_checkpoint(
-        &args.model,
-        &args.out,
-        &args.options()?,
-        args.calib.as_deref(),
-        threads,
-    )?;
+    let run = args.execute()?;
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
     let q = &run.quantization;
     let tokens = q.calibration.as_ref().map_or(0, |c| c.tokens) as f64;

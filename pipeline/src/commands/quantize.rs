@@ -105,6 +105,19 @@ impl QuantizeArgs {
             replace: self.force,
         })
     }
+
+    /// Sets the thread count and quantizes as these arguments say: what `awq quantize` and
+    /// `awq bench quantize` share.
+    pub fn execute(&self) -> Result<QuantizeRunReport> {
+        let threads = provenance::set_threads(self.threads)?;
+        quantize_checkpoint(
+            &self.model,
+            &self.out,
+            &self.options()?,
+            self.calib.as_deref(),
+            threads,
+        )
+    }
 }
 
 /// Quantizes `model` into `out` and builds the run report; shared by `awq quantize`,
@@ -189,14 +202,7 @@ pub fn quantize_checkpoint(
 
 /// Runs `awq quantize`.
 pub fn run(args: &QuantizeArgs) -> Result<()> {
-    let threads = provenance::set_threads(args.threads)?;
-    let run = quantize_checkpoint(
-        &args.model,
-        &args.out,
-        &args.options()?,
-        args.calib.as_deref(),
-        threads,
-    )?;
+    let run = args.execute()?;
     let report = &run.quantization;
     let s = &report.seconds;
     println!(
