@@ -362,6 +362,7 @@ pub fn quantize(
                 report: &report,
             });
             layer_reports.push(report);
+            tp_runtime::backend::cpu::release_freed_memory();
         }
 
         let start = Instant::now();

@@ -189,15 +189,18 @@ fn peak_rss_of_quantizing(layers: usize, dir: &Path) -> (f64, f64) {
 fn peak_memory_does_not_grow_with_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let (small, small_weights) = peak_rss_of_quantizing(2, tmp.path());
-    let (large, large_weights) = peak_rss_of_quantizing(10, tmp.path());
+    let (large, large_weights) = peak_rss_of_quantizing(18, tmp.path());
     let extra_weights = large_weights - small_weights;
     eprintln!(
-        "peak RSS: 2 layers {:.0} MB, 10 layers {:.0} MB; the 8 extra layers hold {:.0} MB of f32 weights",
+        "peak RSS: 2 layers {:.0} MB, 18 layers {:.0} MB; the 16 extra layers hold {:.0} MB of f32 weights",
         small / 1e6,
         large / 1e6,
         extra_weights / 1e6
     );
-    // Holding every layer would add all of `extra_weights`; streaming adds (almost) nothing.
+    // Holding every layer would add all of `extra_weights`, holding only the packed outputs
+    // about an eighth of it; streaming adds only what the allocator settles at after the first
+    // few layers (≈ 10 MB here, independent of the layer count). 16 extra layers keep that
+    // plateau well under the bound.
     assert!(
         large - small < 0.1 * extra_weights,
         "peak RSS grew by {:.0} MB",

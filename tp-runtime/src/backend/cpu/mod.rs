@@ -33,6 +33,21 @@ pub fn retain_freed_memory() {
     }
 }
 
+/// Hands the free pages of the heap back to the kernel.
+///
+/// [`retain_freed_memory`] keeps freed buffers for reuse, which lets long-lived buffers
+/// (a layer's outputs, the next layer's inputs) land ever higher in the heap and the
+/// resident set creep up layer after layer. A layer-by-layer streamer calls this between
+/// layers, so that its peak stays that of one layer. A no-op outside glibc.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns pages of free chunks to the kernel; live allocations
+    // are untouched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A raw output pointer shared by rayon tasks that write disjoint regions.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
