@@ -303,3 +303,62 @@ fn tiny_models_match_reference_on_gpu() {
         }
     }
 }
+
+/// W4A16 work captured into a CUDA graph (as `awq bench kernels` times it) and replayed twice
+/// writes the bits the same work writes when launched directly: the graph holds every launch
+/// and the split-K counters are left zero for the next replay.
+#[test]
+fn graph_replay_matches_direct_launches() {
+    use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out, W4a16Path};
+    use cuda_kernels::layout::MmaLayout;
+    use half::f16;
+
+    let Some(g) = gpu("graph_replay_matches_direct_launches") else {
+        return;
+    };
+    let gpu = g.gpu();
+    let mut rng = rng();
+    let (k, n, gs) = (1536, 576, 64);
+    let words: Vec<u32> = (0..k * n / 8).map(|_| rng.random()).collect();
+    let zeros: Vec<u32> = (0..k / gs * n / 8).map(|_| rng.random()).collect();
+    let scales: Vec<u16> = (0..k / gs * n)
+        .map(|_| f16::from_f32(rng.random_range(0.001..0.02f32)).to_bits())
+        .collect();
+    let layout = MmaLayout::from_gemm(&words, &zeros, &scales, k, n, gs).unwrap();
+    let w = AwqDeviceWeight::upload(gpu, &layout).unwrap();
+    for (path, m) in [
+        (W4a16Path::Fused, 1),
+        (W4a16Path::Fused, 16),
+        (W4a16Path::Fused, 64),
+        (W4a16Path::Dequant, 130),
+    ] {
+        let x: Vec<f16> = (0..m * k)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0f32)))
+            .collect();
+        let x = gpu.upload(&x).unwrap();
+        let poison = vec![f16::NAN; m * n];
+        let mut y = gpu.upload(&poison).unwrap();
+        gpu.w4a16_with(path, &x, &w, W4a16Out::F16(&mut y), m).unwrap();
+        let direct = gpu.download(&y).unwrap();
+        assert!(
+            direct.iter().all(|v| v.is_finite()),
+            "{path:?} m{m}: unwritten output"
+        );
+        let graph = gpu
+            .capture(|| gpu.w4a16_with(path, &x, &w, W4a16Out::F16(&mut y), m))
+            .unwrap();
+        for replay in 0..2 {
+            gpu.stream().memcpy_htod(&poison, &mut y).unwrap();
+            graph.launch().unwrap();
+            let replayed = gpu.download(&y).unwrap();
+            assert!(
+                replayed
+                    .iter()
+                    .zip(&direct)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{path:?} m{m}: replay {replay} differs from the direct launch"
+            );
+        }
+        eprintln!("graph replay {path:?} m{m}: bit-identical to the direct launch");
+    }
+}

@@ -55,6 +55,20 @@ pub struct KernelRow {
     pub w4a16_bytes: usize,
     /// Those bytes over the time, against the measured copy bandwidth.
     pub bandwidth_fraction: f64,
+    /// The same calls replayed from a CUDA graph; `None` where the capture failed (the
+    /// reason is logged).
+    pub graph: Option<GraphRow>,
+}
+
+/// Times with the `CALLS` calls of a sample captured once into a CUDA graph and replayed,
+/// so that the host's per-launch cost is paid once per sample instead of once per call.
+#[derive(Debug, Serialize)]
+pub struct GraphRow {
+    /// W4A16 on the path `awq` takes at this M.
+    pub w4a16_ms: f32,
+    pub cublas_f16_ms: f32,
+    pub speedup: f64,
+    pub bandwidth_fraction: f64,
 }
 
 /// The whole run.
@@ -122,31 +136,65 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 .collect();
             let x = gpu.upload(&x)?;
             let mut y = gpu.zeros::<f16>(m * n)?;
-            let mut time = |path: W4a16Path| -> Result<f32> {
+            let mut time = |path: W4a16Path, graph: bool| -> cuda_kernels::Result<f32> {
                 let mut i = 0usize;
-                Ok(gpu.time_ms(args.reps, CALLS, || {
+                let call = || {
                     i += 1;
                     gpu.w4a16_with(path, &x, &awq[i % awq.len()], W4a16Out::F16(&mut y), m)
-                })?)
+                };
+                if graph {
+                    gpu.time_graph_ms(args.reps, CALLS, call)
+                } else {
+                    gpu.time_ms(args.reps, CALLS, call)
+                }
             };
-            let fused_ms = time(W4a16Path::Fused)?;
+            let fused_ms = time(W4a16Path::Fused, false)?;
             let dequant_ms = if m >= 16 {
-                Some(time(W4a16Path::Dequant)?)
+                Some(time(W4a16Path::Dequant, false)?)
             } else {
                 None
             };
             let dequant = m >= DEQUANT_MIN_ROWS;
+            let w4a16_graph_ms = time(
+                if dequant {
+                    W4a16Path::Dequant
+                } else {
+                    W4a16Path::Fused
+                },
+                true,
+            );
             let w4a16_ms = if dequant {
                 dequant_ms.expect("measured from 16 rows")
             } else {
                 fused_ms
             };
-            let mut j = 0usize;
-            let cublas_f16_ms = gpu.time_ms(args.reps, CALLS, || {
-                j += 1;
-                gpu.hgemm_nt(&x, &dense[j % dense.len()], &mut y, m, k, n)
-            })?;
+            let mut cublas = |graph: bool| -> cuda_kernels::Result<f32> {
+                let mut j = 0usize;
+                let call = || {
+                    j += 1;
+                    gpu.hgemm_nt(&x, &dense[j % dense.len()], &mut y, m, k, n)
+                };
+                if graph {
+                    gpu.time_graph_ms(args.reps, CALLS, call)
+                } else {
+                    gpu.time_ms(args.reps, CALLS, call)
+                }
+            };
+            let cublas_f16_ms = cublas(false)?;
             let bytes = w_bytes + m * k * 2 + m * n * 2;
+            let fraction = |ms: f32| bytes as f64 / (ms as f64 / 1e3) / bandwidth;
+            let graph = match (w4a16_graph_ms, cublas(true)) {
+                (Ok(w4a16_ms), Ok(cublas_f16_ms)) => Some(GraphRow {
+                    w4a16_ms,
+                    cublas_f16_ms,
+                    speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
+                    bandwidth_fraction: fraction(w4a16_ms),
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    log(format!("K {k} N {n} M {m}: no CUDA-graph timing: {e}"));
+                    None
+                }
+            };
             let row = KernelRow {
                 k,
                 n,
@@ -159,7 +207,8 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
                 w4a16_tflops: 2.0 * (m * k * n) as f64 / (w4a16_ms as f64 / 1e3) / 1e12,
                 w4a16_bytes: bytes,
-                bandwidth_fraction: bytes as f64 / (w4a16_ms as f64 / 1e3) / bandwidth,
+                bandwidth_fraction: fraction(w4a16_ms),
+                graph,
             };
             log(format!(
                 "K {k} N {n} M {m}: W4A16 {:.4} ms ({}), cuBLAS f16 {:.4} ms ({:.2}x), {:.0}% of copy bandwidth",
@@ -197,6 +246,24 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
             r.w4a16_tflops,
             100.0 * r.bandwidth_fraction
         );
+    }
+    println!("\nThe same calls replayed from CUDA graphs ({CALLS} calls per graph launch)");
+    println!("| K × N | M | W4A16 ms | cuBLAS f16 ms | speedup | % of bandwidth |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        match &r.graph {
+            Some(g) => println!(
+                "| {} × {} | {} | {:.4} | {:.4} | {:.2}× | {:.0} % |",
+                r.k,
+                r.n,
+                r.m,
+                g.w4a16_ms,
+                g.cublas_f16_ms,
+                g.speedup,
+                100.0 * g.bandwidth_fraction
+            ),
+            None => println!("| {} × {} | {} | – | – | – | capture failed |", r.k, r.n, r.m),
+        }
     }
     if let Some(path) = &args.json {
         write_json(
