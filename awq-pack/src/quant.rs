@@ -51,6 +51,16 @@ impl GroupSize {
     }
 }
 
+/// Round half to even, as `f32::round_ties_even`, without its libm call (`rintf`: x86-64's
+/// baseline has no rounding instruction), so that the loops below vectorize. Adding and then
+/// subtracting 1.5·2²³ leaves the nearest integer, ties to even, for |x| < 2²²; beyond that the
+/// result stays within one of `x`, and every caller clamps such values to 0 or 15 anyway.
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Scale (rounded to f16, as stored) and zero point of one group.
 #[inline]
 pub fn group_params(w: &[f32]) -> (f16, u8) {
@@ -60,14 +70,14 @@ pub fn group_params(w: &[f32]) -> (f16, u8) {
         hi = hi.max(v);
     }
     let scale = f16::from_f32((hi - lo).max(1e-5) / MAX_Q as f32);
-    let zero = (-(lo / scale.to_f32()).round_ties_even()).clamp(0.0, MAX_Q as f32) as u8;
+    let zero = (-round_ties_even(lo / scale.to_f32())).clamp(0.0, MAX_Q as f32) as u8;
     (scale, zero)
 }
 
 /// The 4-bit code of `w` under `scale` and `zero`.
 #[inline]
 pub fn code(w: f32, scale: f32, zero: u8) -> u8 {
-    ((w / scale).round_ties_even() + zero as f32).clamp(0.0, MAX_Q as f32) as u8
+    (round_ties_even(w / scale) + zero as f32).clamp(0.0, MAX_Q as f32) as u8
 }
 
 /// Quantizes then dequantizes one group in place.
@@ -180,6 +190,25 @@ mod tests {
         assert_eq!((scale.to_f32(), zero), (1.0, 0));
         let codes: Vec<u8> = w.iter().map(|&v| code(v, 1.0, 0)).collect();
         assert_eq!(codes, vec![0, 2, 4, 15]);
+    }
+
+    #[test]
+    fn rounding_matches_std_below_two_to_the_22() {
+        // Every half-integer (the ties) and a dense sweep of other values, both signs.
+        let ties = (0..1 << 16).map(|i| i as f32 + 0.5);
+        let sweep = (0..1 << 20).map(|i| i as f32 * 3.999_7);
+        for x in ties.chain(sweep).filter(|x| x.abs() < 4_194_304.0) {
+            for x in [x, -x] {
+                assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
+            }
+        }
+        // Beyond 2²², still within one of the input (callers clamp these to 0 or 15).
+        for x in [4_194_304.5f32, -4.0e6 - 0.5, 1.0e9, -1.0e9, 3.0e38] {
+            assert!(
+                (round_ties_even(x) - x).abs() <= 1.0 + x.abs() * f32::EPSILON,
+                "{x}"
+            );
+        }
     }
 
     #[test]
