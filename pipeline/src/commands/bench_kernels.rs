@@ -89,6 +89,21 @@ fn copies_for(bytes: usize) -> usize {
 /// Back-to-back calls per timed sample.
 const CALLS: usize = 20;
 
+/// Median milliseconds per call of `f`: `CALLS` calls launched back to back, or replayed from
+/// a CUDA graph.
+fn per_call_ms(
+    gpu: &Gpu,
+    reps: usize,
+    graph: bool,
+    f: impl FnMut() -> cuda_kernels::Result<()>,
+) -> cuda_kernels::Result<f32> {
+    if graph {
+        gpu.time_graph_ms(reps, CALLS, f)
+    } else {
+        gpu.time_ms(reps, CALLS, f)
+    }
+}
+
 /// A random AWQ weight, repacked once and uploaded `copies` times.
 fn awq_weights(
     gpu: &Gpu,
@@ -136,17 +151,12 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 .collect();
             let x = gpu.upload(&x)?;
             let mut y = gpu.zeros::<f16>(m * n)?;
-            let mut time = |path: W4a16Path, graph: bool| -> cuda_kernels::Result<f32> {
+            let mut time = |path: W4a16Path, graph: bool| {
                 let mut i = 0usize;
-                let call = || {
+                per_call_ms(&gpu, args.reps, graph, || {
                     i += 1;
                     gpu.w4a16_with(path, &x, &awq[i % awq.len()], W4a16Out::F16(&mut y), m)
-                };
-                if graph {
-                    gpu.time_graph_ms(args.reps, CALLS, call)
-                } else {
-                    gpu.time_ms(args.reps, CALLS, call)
-                }
+                })
             };
             let fused_ms = time(W4a16Path::Fused, false)?;
             let dequant_ms = if m >= 16 {
@@ -168,17 +178,12 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
             } else {
                 fused_ms
             };
-            let mut cublas = |graph: bool| -> cuda_kernels::Result<f32> {
+            let mut cublas = |graph: bool| {
                 let mut j = 0usize;
-                let call = || {
+                per_call_ms(&gpu, args.reps, graph, || {
                     j += 1;
                     gpu.hgemm_nt(&x, &dense[j % dense.len()], &mut y, m, k, n)
-                };
-                if graph {
-                    gpu.time_graph_ms(args.reps, CALLS, call)
-                } else {
-                    gpu.time_ms(args.reps, CALLS, call)
-                }
+                })
             };
             let cublas_f16_ms = cublas(false)?;
             let bytes = w_bytes + m * k * 2 + m * n * 2;
