@@ -804,14 +804,18 @@ impl Gpu {
             f()?;
         }
         self.synchronize()?;
-        let mut times = Vec::with_capacity(reps);
+        self.median_ms(reps, calls, || (0..calls).try_for_each(|_| f()))
+    }
+
+    /// Median over `reps` samples of the time `sample` queues, in milliseconds per call for
+    /// `calls` calls per sample, timed with events on the stream.
+    fn median_ms(&self, reps: usize, calls: usize, mut sample: impl FnMut() -> Result<()>) -> Result<f32> {
         // cudarc's default event flags disable timing.
         let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
             let start = self.stream.record_event(timed)?;
-            for _ in 0..calls {
-                f()?;
-            }
+            sample()?;
             let end = self.stream.record_event(timed)?;
             end.synchronize()?;
             times.push(start.elapsed_ms(&end)? / calls as f32);
@@ -846,17 +850,7 @@ impl Gpu {
         graph.upload()?;
         graph.launch()?;
         self.synchronize()?;
-        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            let start = self.stream.record_event(timed)?;
-            graph.launch()?;
-            let end = self.stream.record_event(timed)?;
-            end.synchronize()?;
-            times.push(start.elapsed_ms(&end)? / calls as f32);
-        }
-        times.sort_by(|a, b| a.total_cmp(b));
-        Ok(times[times.len() / 2])
+        self.median_ms(reps, calls, || Ok(graph.launch()?))
     }
 
     /// Device memory bandwidth in bytes/s, from a device-to-device copy of `bytes` (counting
