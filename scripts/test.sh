@@ -10,6 +10,8 @@ scripts/fetch-model.sh >/dev/null
 nvrtc_lib="$(scripts/fetch-nvrtc.sh)"
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export AWQ_REQUIRE_NVRTC=1
+# The fused W4A16 kernels also run on the CPU, compiled as C++ (cuda-kernels/tests/emulated_w4a16.rs).
+export AWQ_REQUIRE_CXX=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings
 AWQ_REQUIRE_FIXTURES=1 cargo test --workspace --release

@@ -10,6 +10,8 @@
 //   dequantizing in registers. K is also split over blocks so that small M fills the GPU;
 //   the last block of each tile to finish adds the partial sums in split order
 //   (deterministic; no float atomics).
+// - w4a16_gemv_m{8,16}_{f32,f16}: up to 8 or 16 rows, weights streamed into registers as
+//   the tensor cores' A operand (no shared memory), split like w4a16_mma.
 // - w4a16_dequant: the weight as f16 [N, K], for large M, where cuBLAS does the product.
 
 #define MMA_WARPS 4
@@ -32,6 +34,15 @@ __device__ __forceinline__ float ld_cg(const float* p) {
     float v;
     asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
+}
+
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// Adds one to a split-K arrival counter; returns the count before.
+__device__ __forceinline__ unsigned int arrive(unsigned int* counter) {
+    unsigned int prev;
+    asm volatile("atom.global.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+    return prev;
 }
 
 __device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
@@ -143,11 +154,96 @@ struct Stage {
     static constexpr int BYTES = Z + 128;
 };
 
+// The end of every fused kernel. The four warps' sums `acc` (FRAG per lane; `at(i, m, n)`
+// gives element i's row and column) meet in `red` (2 x FRAG x 32 floats) as
+// (w0 + w2) + (w1 + w3). Warp 0 writes the block's sums: the output where K was not split,
+// else this split's partial sums; then the last block of each tile to finish adds the partial
+// sums in split order (deterministic; no float atomics). The block covers rows
+// m0 .. m0 + block_rows of strip blockIdx.x; blockIdx.y is its split.
+template <int FRAG, typename Out, typename At>
+__device__ __forceinline__ void finish_tile(float* acc, float* red, At at, Out* __restrict__ y,
+                                            float* __restrict__ partial, unsigned int* __restrict__ counters,
+                                            int M, int N, int m0, int block_rows) {
+    __shared__ int is_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int s = blockIdx.x, splits = gridDim.y;
+    if (warp >= 2) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) red[(warp - 2) * FRAG * 32 + i * 32 + lane] = acc[i];
+    }
+    __syncthreads();
+    if (warp < 2) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) acc[i] += red[warp * FRAG * 32 + i * 32 + lane];
+    }
+    __syncthreads();
+    if (warp == 1) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) red[i * 32 + lane] = acc[i];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) acc[i] += red[i * 32 + lane];
+    }
+
+    const int padded = (N + 63) / 64 * 64;
+    const size_t split_stride = (size_t)M * padded;
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < FRAG; i++) {
+            int m, n;
+            at(i, m, n);
+            if (m >= M) continue;
+            if (splits == 1) {
+                if (n < N) store_out(y, (size_t)m * N + n, acc[i]);
+            } else {
+                partial[blockIdx.y * split_stride + (size_t)m * padded + n] = acc[i];
+            }
+        }
+    }
+    if (splits == 1) return;
+    fence_acq_rel();
+    __syncthreads();
+    const unsigned int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) is_last = arrive(counters + tile) == (unsigned int)(splits - 1);
+    __syncthreads();
+    if (!is_last) return;
+    fence_acq_rel();
+    // Each thread first issues the loads of four elements times four splits, so that they
+    // wait on L2 together.
+    const int rows = min(block_rows, M - m0), count = rows * 64;
+    for (int base = tid; base < count; base += 4 * MMA_THREADS) {
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int sp0 = 0; sp0 < splits; sp0 += 4) {
+            float v[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int e = base + i * MMA_THREADS;
+                const float* p = partial + (size_t)(m0 + e / 64) * padded + 64 * s + e % 64;
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    v[i][q] = (e < count && sp0 + q < splits) ? ld_cg(p + (sp0 + q) * split_stride) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    if (sp0 + q < splits) sum[i] += v[i][q];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int e = base + i * MMA_THREADS, m = m0 + e / 64, n = 64 * s + e % 64;
+            if (e < count && n < N) store_out(y, (size_t)m * N + n, sum[i]);
+        }
+    }
+    if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
+}
+
 // One block = four warps on the same strip of 64 outputs, each a quarter of the block's K
 // range. Each warp runs its own STAGES-deep cp.async pipeline (no block-wide barrier in the
 // main loop): one 16-byte weight load per lane and k step, the 16-row A tile, and a group's
-// scales and zeros where the group changes. The four warps' sums meet in shared memory as
-// (w0 + w2) + (w1 + w3).
+// scales and zeros where the group changes; `finish_tile` adds the warps' and the splits' sums.
 template <int MT, int STAGES, typename Out>
 __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const u32x4* __restrict__ qweight,
                                           const unsigned int* __restrict__ zeros,
@@ -155,7 +251,6 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
                                           float* __restrict__ partial, unsigned int* __restrict__ counters,
                                           int M, int K, int N, int g, int k_split) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int is_last;
     constexpr int FRAG = MT * 8 * 4;  // accumulators per lane
     using St = Stage<MT>;
     const int strips = (N + 63) / 64, steps = K / 16;
@@ -163,7 +258,6 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
     const int gid = lane >> 2, tig = lane & 3;
     const int s = blockIdx.x;
     const int m0 = blockIdx.z * 16 * MT;
-    const int splits = gridDim.y;
     const int k_warp = k_split / MMA_WARPS;  // a multiple of 16
     const int k_beg = blockIdx.y * k_split + warp * k_warp;
     const int t_beg = k_beg / 16, t_end = min(K, k_beg + k_warp) / 16;
@@ -261,90 +355,145 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[mt][j][e] *= 0.0625f;  // odd tiles ran at 16 q
     __syncthreads();  // the pipelines' memory becomes the reduction's
-
-    float* red = reinterpret_cast<float*>(smem);  // [2][FRAG * 32]
-    float* mine = &acc[0][0][0];
-    if (warp >= 2) {
-#pragma unroll
-        for (int i = 0; i < FRAG; i++) red[(warp - 2) * FRAG * 32 + i * 32 + lane] = mine[i];
-    }
-    __syncthreads();
-    if (warp < 2) {
-#pragma unroll
-        for (int i = 0; i < FRAG; i++) mine[i] += red[warp * FRAG * 32 + i * 32 + lane];
-    }
-    __syncthreads();
-    if (warp == 1) {
-#pragma unroll
-        for (int i = 0; i < FRAG; i++) red[i * 32 + lane] = mine[i];
-    }
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-        for (int i = 0; i < FRAG; i++) mine[i] += red[i * 32 + lane];
-    }
-
     // Accumulator (mt, j, e) holds row m0 + 16 mt + gid + 8 (e / 2), column 64 s + 8 j + 2 tig + e % 2.
-    // Warp 0 writes the block's sums: the output where K was not split, else this split's
-    // partial sums.
-    const int padded = strips * 64;
-    const size_t split_stride = (size_t)M * padded;
-    if (warp == 0) {
+    finish_tile<FRAG>(
+        &acc[0][0][0], reinterpret_cast<float*>(smem),
+        [&](int i, int& m, int& n) {
+            const int mt = i / 32, j = (i / 4) % 8, e = i % 4;
+            m = m0 + 16 * mt + gid + 8 * (e >> 1);
+            n = 64 * s + 8 * j + 2 * tig + (e & 1);
+        },
+        y, partial, counters, M, N, m0, 16 * MT);
+}
+
+// Read-only 32-bit load (activations: every block of the row reads them, so L1 keeps them).
+__device__ __forceinline__ unsigned int ld_nc(const unsigned int* p) {
+    unsigned int v;
+    asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// Up to 8 x NT rows, for decoder-sized batches. The weights are the mma's A operand and the
+// activations its B (y^T = W^T x^T): one m16n8k16 covers 16 outputs of 8 rows, so a k step of
+// a strip takes 4 MMAs per 8 rows where w4a16_mma takes 8 per 16. The "mma" layout serves as
+// is: A rows gid and gid + 8 of 16-output tile i are tiles 2i and 2i + 1 of the B fragments.
+// Nothing goes through shared memory: each lane loads its 16 weight bytes and its activation
+// words straight into registers, D steps ahead (a ring of registers), and a group's scales and
+// zeros one group ahead. Blocks, warps and splits of K as in w4a16_mma.
+template <int NT, int D, typename Out>
+__device__ __forceinline__ void w4a16_gemv(const half_bits* __restrict__ x, const u32x4* __restrict__ qweight,
+                                           const unsigned int* __restrict__ zeros,
+                                           const half_bits* __restrict__ scales, Out* __restrict__ y,
+                                           float* __restrict__ partial, unsigned int* __restrict__ counters,
+                                           int M, int K, int N, int g, int k_split) {
+    constexpr int FRAG = NT * 4 * 4;  // accumulators per lane
+    __shared__ float red[2 * FRAG * 32];
+    const int strips = (N + 63) / 64, steps = K / 16;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int s = blockIdx.x;
+    const int m0 = blockIdx.z * 8 * NT;
+    const int k_warp = k_split / MMA_WARPS;  // a multiple of 16
+    const int k_beg = min(K, blockIdx.y * k_split + warp * k_warp);
+    const int t_beg = k_beg / 16, t_end = min(K, k_beg + k_warp) / 16;
+
+    // B fragment of row tile nt: this lane's row m0 + 8 nt + gid, halves 2 tig, 2 tig + 1
+    // (word 0) and 2 tig + 8, 2 tig + 9 (word 4) of each k step. A row past M reads row M - 1
+    // instead: it only feeds output column m0 + 8 nt + gid, which is never written.
+    const unsigned int* xp[NT];
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+    for (int nt = 0; nt < NT; nt++) {
+        const int m = min(m0 + 8 * nt + gid, M - 1);
+        xp[nt] = reinterpret_cast<const unsigned int*>(x + (size_t)m * K + (size_t)t_beg * 16) + tig;
+    }
+    const u32x4* wp = qweight + ((size_t)s * steps + t_beg) * 32 + lane;
+    // The ring: slot d holds the step that is d (mod D) steps past t_beg; `wp` and `xp` point
+    // at the next step to load.
+    u32x4 wq[D];
+    unsigned int xq[D][NT][2];
+    auto load = [&](int d) {
+        wq[d] = ld_stream(wp);
+        wp += 32;
 #pragma unroll
-            for (int j = 0; j < 8; j++)
+        for (int nt = 0; nt < NT; nt++) {
+            xq[d][nt][0] = ld_nc(xp[nt]);
+            xq[d][nt][1] = ld_nc(xp[nt] + 4);
+            xp[nt] += 8;
+        }
+    };
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int m = m0 + 16 * mt + gid + 8 * (e >> 1), n = 64 * s + 8 * j + 2 * tig + (e & 1);
-                    if (m >= M) continue;
-                    if (splits == 1) {
-                        if (n < N) store_out(y, (size_t)m * N + n, acc[mt][j][e]);
-                    } else {
-                        partial[blockIdx.y * split_stride + (size_t)m * padded + n] = acc[mt][j][e];
+    for (int d = 0; d < D; d++)
+        if (t_beg + d < t_end) load(d);
+
+    // The group of the first step now, the next one ahead; `next_t` is where that one starts.
+    const int gsteps = g / 16;
+    const size_t group_stride = (size_t)strips * 8;
+    size_t at = group_at(t_beg / gsteps, strips, s, gid);
+    int next_t = (t_beg / gsteps + 1) * gsteps;
+    unsigned int z2[8], s2[8];
+    u32x4 next_sv = {0u, 0u, 0u, 0u};
+    unsigned int next_zw = 0u;
+    if (t_beg < t_end) {
+        build_group(reinterpret_cast<const u32x4*>(scales)[at], zeros[at], z2, s2);
+        if (next_t < t_end) {
+            at += group_stride;
+            next_sv = reinterpret_cast<const u32x4*>(scales)[at];
+            next_zw = zeros[at];
+        }
+    }
+
+    float acc[NT][4][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[nt][i][e] = 0.0f;
+
+    // Unrolled by the ring's depth, so that every slot is a register.
+    for (int t0 = t_beg; t0 < t_end; t0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int t = t0 + d;
+            if (t < t_end) {
+                if (t == next_t) {
+                    build_group(next_sv, next_zw, z2, s2);
+                    next_t += gsteps;
+                    if (next_t < t_end) {
+                        at += group_stride;
+                        next_sv = reinterpret_cast<const u32x4*>(scales)[at];
+                        next_zw = zeros[at];
                     }
                 }
-    }
-    if (splits == 1) return;
-    asm volatile("fence.acq_rel.gpu;" ::: "memory");
-    __syncthreads();
-    const unsigned int tile = blockIdx.z * gridDim.x + blockIdx.x;
-    if (tid == 0) {
-        unsigned int prev;
-        asm volatile("atom.global.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counters + tile) : "memory");
-        is_last = prev == (unsigned int)(splits - 1);
-    }
-    __syncthreads();
-    if (!is_last) return;
-    asm volatile("fence.acq_rel.gpu;" ::: "memory");
-    // The last block of the tile adds the splits in order; each thread first issues the loads
-    // of four elements times four splits, so that they wait on L2 together.
-    const int rows = min(16 * MT, M - m0), count = rows * 64;
-    for (int base = tid; base < count; base += 4 * MMA_THREADS) {
-        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int sp0 = 0; sp0 < splits; sp0 += 4) {
-            float v[4][4];
+                unsigned int b[8][2];
+                decode(wq[d], z2, s2, b);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int e = base + i * MMA_THREADS;
-                const float* p = partial + (size_t)(m0 + e / 64) * padded + 64 * s + e % 64;
+                for (int i = 0; i < 4; i++) {
+                    const unsigned int a[4] = {b[2 * i][0], b[2 * i + 1][0], b[2 * i][1], b[2 * i + 1][1]};
 #pragma unroll
-                for (int q = 0; q < 4; q++)
-                    v[i][q] = (e < count && sp0 + q < splits) ? ld_cg(p + (sp0 + q) * split_stride) : 0.0f;
+                    for (int nt = 0; nt < NT; nt++) mma_16816(acc[nt][i], a, xq[d][nt]);
+                }
+                // The slot is free again: refill it D steps ahead.
+                if (t + D < t_end) load(d);
             }
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int q = 0; q < 4; q++)
-                    if (sp0 + q < splits) sum[i] += v[i][q];
         }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int e = base + i * MMA_THREADS, m = m0 + e / 64, n = 64 * s + e % 64;
-            if (e < count && n < N) store_out(y, (size_t)m * N + n, sum[i]);
+            acc[nt][i][2] *= 0.0625f;  // rows gid + 8 are odd tiles, which ran at 16 q
+            acc[nt][i][3] *= 0.0625f;
         }
-    }
-    if (tid == 0) counters[tile] = 0;  // ready for the next launch on this stream
+    // Accumulator (nt, i, e) holds row m0 + 8 nt + 2 tig + e % 2, column 64 s + 16 i + gid + 8 (e / 2).
+    finish_tile<FRAG>(
+        &acc[0][0][0], red,
+        [&](int idx, int& m, int& n) {
+            const int nt = idx / 16, i = (idx / 4) % 4, e = idx % 4;
+            m = m0 + 8 * nt + 2 * tig + (e & 1);
+            n = 64 * s + 16 * i + gid + 8 * (e >> 1);
+        },
+        y, partial, counters, M, N, m0, 8 * NT);
 }
 
 // Pipeline depth per rows-per-block: deep where a block carries little arithmetic.
@@ -360,6 +509,18 @@ MMA_ENTRY(4, 4, f32, float)
 MMA_ENTRY(1, 8, f16, half_bits)
 MMA_ENTRY(2, 6, f16, half_bits)
 MMA_ENTRY(4, 4, f16, half_bits)
+
+// Ring depth per row tiles: as deep as the registers of four blocks per multiprocessor allow.
+#define GEMV_ENTRY(ROWS, NT, D, NAME, OUT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS, 4) w4a16_gemv_m##ROWS##_##NAME(            \
+        const half_bits* x, const u32x4* qweight, const unsigned int* zeros, const half_bits* scales,     \
+        OUT* y, float* partial, unsigned int* counters, int M, int K, int N, int g, int k_split) {         \
+        w4a16_gemv<NT, D, OUT>(x, qweight, zeros, scales, y, partial, counters, M, K, N, g, k_split);     \
+    }
+GEMV_ENTRY(8, 1, 8, f32, float)
+GEMV_ENTRY(16, 2, 4, f32, float)
+GEMV_ENTRY(8, 1, 8, f16, half_bits)
+GEMV_ENTRY(16, 2, 4, f16, half_bits)
 
 // w16[n, k] (f16, row-major [N, K]) from the "mma" layout. Each warp decodes four k steps of
 // one strip into shared memory, then writes each output row's 128 contiguous bytes whole.

@@ -16,6 +16,7 @@ use cudarc::driver::{
 use half::f16;
 
 use crate::compile::{arch_names, nvrtc_available, ptx};
+use crate::launch::{DEQUANT_MIN_ROWS, W4a16Path, WARPS, fused_launch};
 use crate::layout::{self, MmaLayout};
 use crate::source::module_of;
 use crate::{KernelError, Result};
@@ -65,22 +66,6 @@ impl AwqDeviceWeight {
     }
 }
 
-/// How a W4A16 product is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum W4a16Path {
-    /// Fused below [`DEQUANT_MIN_ROWS`] rows, dequantize + cuBLAS from there.
-    Auto,
-    /// The fused tensor-core kernel: weights dequantized in registers.
-    Fused,
-    /// The weight dequantized to f16 in a workspace, then a cuBLAS product (as vLLM does
-    /// for large batches).
-    Dequant,
-}
-
-/// Rows from which [`W4a16Path::Auto`] dequantizes and calls cuBLAS: where that overtook the
-/// fused kernel on the Llama-7B shapes in `awq bench kernels` (H200).
-pub const DEQUANT_MIN_ROWS: usize = 128;
-
 /// Where a W4A16 product writes.
 pub enum W4a16Out<'a> {
     F32(&'a mut CudaSlice<f32>),
@@ -91,22 +76,8 @@ pub enum W4a16Out<'a> {
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the element-wise kernels.
 const ELEM_THREADS: u32 = 256;
-/// Warps per W4A16 block (MMA_WARPS in w4a16.cu).
-const MMA_WARPS: usize = 4;
 /// Dynamic shared memory the W4A16 kernels may use.
 const MMA_MAX_SHARED: usize = 96 << 10;
-
-/// Dynamic shared memory of `w4a16_mma_m{mt}`: four warps' pipelines (`Stage<MT>` and the
-/// stage counts in w4a16.cu).
-fn mma_shared_bytes(mt: usize) -> usize {
-    let stages = match mt {
-        1 => 8,
-        2 => 6,
-        _ => 4,
-    };
-    let stage = 512 + mt * 16 * 24 * 2 + 512 + 128;
-    MMA_WARPS * stages * stage
-}
 
 /// One device and everything compiled for it.
 pub struct Gpu {
@@ -591,9 +562,12 @@ impl Gpu {
         expect_len("w4a16 qweight", &w.qweight, strips * steps * 128)?;
         expect_len("w4a16 zeros", &w.zeros, k / g * strips * 8)?;
         expect_len("w4a16 scales", &w.scales, k / g * strips * 64)?;
+        if m == 0 {
+            return Ok(());
+        }
         let dequant = match path {
             W4a16Path::Auto => m >= DEQUANT_MIN_ROWS,
-            W4a16Path::Fused => false,
+            W4a16Path::Fused | W4a16Path::Gemv => false,
             W4a16Path::Dequant => true,
         };
         let (mm, kk, nn, gg) = (int("m", m)?, int("k", k)?, int("n", n)?, int("group", g)?);
@@ -614,8 +588,8 @@ impl Gpu {
                 .arg(&gg);
             let warps = strips * steps.div_ceil(4);
             let cfg = LaunchConfig {
-                grid_dim: (warps.div_ceil(MMA_WARPS) as u32, 1, 1),
-                block_dim: ((32 * MMA_WARPS) as u32, 1, 1),
+                grid_dim: (warps.div_ceil(WARPS) as u32, 1, 1),
+                block_dim: ((32 * WARPS) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: sizes checked above; one warp per four k steps of a strip, the output [n, k].
@@ -625,18 +599,20 @@ impl Gpu {
                 W4a16Out::F32(y) => self.hgemm_nt_f32(x, &ws.weight, y, m, k, n),
             };
         }
-        let mt = match m {
-            0..=16 => 1,
-            17..=32 => 2,
-            _ => 4,
+        let fused = if path == W4a16Path::Gemv {
+            W4a16Path::Gemv
+        } else {
+            W4a16Path::Fused
         };
-        let chunks = m.div_ceil(16 * mt).max(1);
-        let tiles = strips * chunks;
-        // Split K over blocks while they still fit in one wave (three per multiprocessor, as
-        // shared memory allows); each split is a multiple of 64 (16 per warp).
-        let wanted = (3 * self.multiprocessors / tiles).clamp(1, steps.div_ceil(MMA_WARPS));
-        let k_split = k.div_ceil(wanted).next_multiple_of(MMA_WARPS * layout::STEP);
-        let splits = k.div_ceil(k_split);
+        let plan = fused_launch(
+            fused,
+            m,
+            k,
+            n,
+            matches!(y, W4a16Out::F32(_)),
+            self.multiprocessors,
+        )?;
+        let (tiles, splits) = (plan.tiles(), plan.splits());
         if splits > 1 {
             if ws.partial.len() < splits * m * strips * layout::STRIP {
                 // SAFETY: every element a reduction reads is written first by its split.
@@ -646,16 +622,8 @@ impl Gpu {
                 ws.counters = self.stream.alloc_zeros::<u32>(tiles)?;
             }
         }
-        let entry = match (mt, &y) {
-            (1, W4a16Out::F32(_)) => "w4a16_mma_m1_f32",
-            (2, W4a16Out::F32(_)) => "w4a16_mma_m2_f32",
-            (_, W4a16Out::F32(_)) => "w4a16_mma_m4_f32",
-            (1, W4a16Out::F16(_)) => "w4a16_mma_m1_f16",
-            (2, W4a16Out::F16(_)) => "w4a16_mma_m2_f16",
-            (_, W4a16Out::F16(_)) => "w4a16_mma_m4_f16",
-        };
-        let f = self.function(entry)?;
-        let ks = int("k_split", k_split)?;
+        let f = self.function(plan.entry)?;
+        let ks = int("k_split", plan.k_split)?;
         let Workspace {
             partial, counters, ..
         } = &mut *ws;
@@ -673,9 +641,9 @@ impl Gpu {
             .arg(&gg)
             .arg(&ks);
         let cfg = LaunchConfig {
-            grid_dim: (strips as u32, splits as u32, chunks as u32),
-            block_dim: ((32 * MMA_WARPS) as u32, 1, 1),
-            shared_mem_bytes: mma_shared_bytes(mt) as u32,
+            grid_dim: plan.grid,
+            block_dim: ((32 * WARPS) as u32, 1, 1),
+            shared_mem_bytes: plan.shared_bytes as u32,
         };
         // SAFETY: sizes checked above; the workspace holds splits × m × padded-n partial sums
         // and a zeroed counter per tile.

@@ -9,12 +9,14 @@
 //!   (registers, spills) that CI runs without a GPU;
 //! - [`layout`]: the "mma" layout AWQ weights are repacked into at load time, and its CPU
 //!   twin;
+//! - [`launch`]: which W4A16 kernel a call runs, its grid and K split (plain arithmetic);
 //! - [`gpu`]: one device — context, stream, compiled modules cached per device, cuBLAS — with
 //!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend.
 
 pub mod compile;
 mod error;
 pub mod gpu;
+pub mod launch;
 pub mod layout;
 pub mod source;
 

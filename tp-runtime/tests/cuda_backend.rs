@@ -271,6 +271,67 @@ fn w4a16_matches_cpu_at_every_size() {
     }
 }
 
+/// Each kernel that takes small row counts against the CPU twin, whichever `Auto` picks: the
+/// fused tensor-core kernel and the GEMV kernels (weights as the A operand, 8 rows per row
+/// tile, rows past M left unwritten), f32 and f16 outputs poisoned with NaN first.
+#[test]
+fn w4a16_small_row_kernels_match_cpu() {
+    use cuda_kernels::gpu::W4a16Out;
+    use cuda_kernels::launch::{GEMV_MAX_ROWS, W4a16Path};
+    use half::f16;
+    use tp_runtime::backend::cuda::CudaLinear;
+
+    let Some(g) = gpu("w4a16_small_row_kernels_match_cpu") else {
+        return;
+    };
+    let gpu = g.gpu();
+    let c = CpuBackend::new();
+    let mut rng = rng();
+    for (k, n, gs) in [(576, 192, 64), (256, 1024, 32), (4096, 1024, 128), (96, 136, 32)] {
+        let w = awq_weight(&mut rng, k, n, gs);
+        let wc = c.linear(LinearWeight::Awq(w.clone())).unwrap();
+        let CudaLinear::Awq(wg) = g.linear(LinearWeight::Awq(w)).unwrap() else {
+            panic!("an AWQ weight uploads as AWQ");
+        };
+        for m in [1, 2, 3, 7, 8, 9, 11, GEMV_MAX_ROWS] {
+            let x = random(&mut rng, m * k, 1.0);
+            let want = c
+                .linear_forward(&CpuTensor::new(x.clone(), m, k).unwrap(), &wc, None)
+                .unwrap();
+            let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let x16 = gpu.upload(&x16).unwrap();
+            for path in [W4a16Path::Gemv, W4a16Path::Fused] {
+                let what = format!("w4a16 {path:?} m{m} k{k} n{n} g{gs}");
+                let mut y = gpu.filled(m * n, f32::NAN).unwrap();
+                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F32(&mut y), m).unwrap();
+                let got = gpu.download(&y).unwrap();
+                check(&what, &got, &want.data, 1e-2);
+                let mut y16 = gpu.upload(&vec![f16::NAN; m * n]).unwrap();
+                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F16(&mut y16), m)
+                    .unwrap();
+                let got16: Vec<f32> = gpu.download(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
+                check(&format!("{what} (f16 out)"), &got16, &want.data, 1e-2);
+                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F32(&mut y), m).unwrap();
+                let again = gpu.download(&y).unwrap();
+                assert!(
+                    got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: reruns differ"
+                );
+            }
+        }
+    }
+    let x = gpu.zeros::<f16>(17 * 576).unwrap();
+    let w = awq_weight(&mut rng, 576, 192, 64);
+    let CudaLinear::Awq(wg) = g.linear(LinearWeight::Awq(w)).unwrap() else {
+        panic!("an AWQ weight uploads as AWQ");
+    };
+    let mut y = gpu.zeros::<f32>(17 * 192).unwrap();
+    let err = gpu
+        .w4a16_with(W4a16Path::Gemv, &x, &wg, W4a16Out::F32(&mut y), 17)
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 16 rows"), "{err}");
+}
+
 #[test]
 fn tiny_models_match_reference_on_gpu() {
     let Some(g) = gpu("tiny_models_match_reference_on_gpu") else {
@@ -309,7 +370,8 @@ fn tiny_models_match_reference_on_gpu() {
 /// and the split-K counters are left zero for the next replay.
 #[test]
 fn graph_replay_matches_direct_launches() {
-    use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out, W4a16Path};
+    use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out};
+    use cuda_kernels::launch::W4a16Path;
     use cuda_kernels::layout::MmaLayout;
     use half::f16;
 
@@ -327,6 +389,8 @@ fn graph_replay_matches_direct_launches() {
     let layout = MmaLayout::from_gemm(&words, &zeros, &scales, k, n, gs).unwrap();
     let w = AwqDeviceWeight::upload(gpu, &layout).unwrap();
     for (path, m) in [
+        (W4a16Path::Gemv, 1),
+        (W4a16Path::Gemv, 16),
         (W4a16Path::Fused, 1),
         (W4a16Path::Fused, 16),
         (W4a16Path::Fused, 64),

@@ -6,7 +6,8 @@ use anyhow::Result;
 use clap::Args;
 use cuda_kernels::Gpu;
 use cuda_kernels::cudarc::driver::CudaSlice;
-use cuda_kernels::gpu::{AwqDeviceWeight, DEQUANT_MIN_ROWS, W4a16Out, W4a16Path};
+use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out};
+use cuda_kernels::launch::{DEQUANT_MIN_ROWS, GEMV_MAX_ROWS, W4a16Path};
 use cuda_kernels::layout::MmaLayout;
 use half::f16;
 use rand::{RngExt, SeedableRng};
@@ -45,6 +46,8 @@ pub struct KernelRow {
     pub w4a16_ms: f32,
     /// The fused tensor-core kernel alone.
     pub fused_ms: f32,
+    /// The GEMV kernel alone, where it applies (M ≤ 16).
+    pub gemv_ms: Option<f32>,
     /// Dequantize to f16 + cuBLAS, where measured (M ≥ 16).
     pub dequant_ms: Option<f32>,
     pub cublas_f16_ms: f32,
@@ -66,6 +69,8 @@ pub struct KernelRow {
 pub struct GraphRow {
     /// W4A16 on the path `awq` takes at this M.
     pub w4a16_ms: f32,
+    /// The GEMV kernel, where it applies (M ≤ 16).
+    pub gemv_ms: Option<f32>,
     pub cublas_f16_ms: f32,
     pub speedup: f64,
     pub bandwidth_fraction: f64,
@@ -102,6 +107,11 @@ fn per_call_ms(
     } else {
         gpu.time_ms(reps, CALLS, f)
     }
+}
+
+/// A time in milliseconds, or a dash where not measured.
+fn ms_or_dash(ms: Option<f32>) -> String {
+    ms.map_or("–".to_string(), |v| format!("{v:.4}"))
 }
 
 /// A random AWQ weight, repacked once and uploaded `copies` times.
@@ -159,6 +169,17 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 })
             };
             let fused_ms = time(W4a16Path::Fused, false)?;
+            let gemv = m <= GEMV_MAX_ROWS;
+            let gemv_ms = if gemv {
+                Some(time(W4a16Path::Gemv, false)?)
+            } else {
+                None
+            };
+            let gemv_graph_ms = if gemv {
+                time(W4a16Path::Gemv, true).map(Some)
+            } else {
+                Ok(None)
+            };
             let dequant_ms = if m >= 16 {
                 Some(time(W4a16Path::Dequant, false)?)
             } else {
@@ -188,14 +209,15 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
             let cublas_f16_ms = cublas(false)?;
             let bytes = w_bytes + m * k * 2 + m * n * 2;
             let fraction = |ms: f32| bytes as f64 / (ms as f64 / 1e3) / bandwidth;
-            let graph = match (w4a16_graph_ms, cublas(true)) {
-                (Ok(w4a16_ms), Ok(cublas_f16_ms)) => Some(GraphRow {
+            let graph = match (w4a16_graph_ms, gemv_graph_ms, cublas(true)) {
+                (Ok(w4a16_ms), Ok(gemv_ms), Ok(cublas_f16_ms)) => Some(GraphRow {
                     w4a16_ms,
+                    gemv_ms,
                     cublas_f16_ms,
                     speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
                     bandwidth_fraction: fraction(w4a16_ms),
                 }),
-                (Err(e), _) | (_, Err(e)) => {
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     log(format!("K {k} N {n} M {m}: no CUDA-graph timing: {e}"));
                     None
                 }
@@ -207,6 +229,7 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 path: if dequant { "dequant" } else { "fused" },
                 w4a16_ms,
                 fused_ms,
+                gemv_ms,
                 dequant_ms,
                 cublas_f16_ms,
                 speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
@@ -233,19 +256,20 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
         args.reps
     );
     println!(
-        "| K × N | M | W4A16 ms | path | fused ms | dequant+cuBLAS ms | cuBLAS f16 ms | speedup | TFLOP/s | % of bandwidth |"
+        "| K × N | M | W4A16 ms | path | fused ms | GEMV ms | dequant+cuBLAS ms | cuBLAS f16 ms | speedup | TFLOP/s | % of bandwidth |"
     );
-    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} × {} | {} | {:.4} | {} | {:.4} | {} | {:.4} | {:.2}× | {:.1} | {:.0} % |",
+            "| {} × {} | {} | {:.4} | {} | {:.4} | {} | {} | {:.4} | {:.2}× | {:.1} | {:.0} % |",
             r.k,
             r.n,
             r.m,
             r.w4a16_ms,
             r.path,
             r.fused_ms,
-            r.dequant_ms.map_or("–".to_string(), |v| format!("{v:.4}")),
+            ms_or_dash(r.gemv_ms),
+            ms_or_dash(r.dequant_ms),
             r.cublas_f16_ms,
             r.speedup,
             r.w4a16_tflops,
@@ -253,21 +277,22 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
         );
     }
     println!("\nThe same calls replayed from CUDA graphs ({CALLS} calls per graph launch)");
-    println!("| K × N | M | W4A16 ms | cuBLAS f16 ms | speedup | % of bandwidth |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| K × N | M | W4A16 ms | GEMV ms | cuBLAS f16 ms | speedup | % of bandwidth |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         match &r.graph {
             Some(g) => println!(
-                "| {} × {} | {} | {:.4} | {:.4} | {:.2}× | {:.0} % |",
+                "| {} × {} | {} | {:.4} | {} | {:.4} | {:.2}× | {:.0} % |",
                 r.k,
                 r.n,
                 r.m,
                 g.w4a16_ms,
+                ms_or_dash(g.gemv_ms),
                 g.cublas_f16_ms,
                 g.speedup,
                 100.0 * g.bandwidth_fraction
             ),
-            None => println!("| {} × {} | {} | – | – | – | capture failed |", r.k, r.n, r.m),
+            None => println!("| {} × {} | {} | – | – | – | – | capture failed |", r.k, r.n, r.m),
         }
     }
     if let Some(path) = &args.json {
