@@ -16,7 +16,7 @@ use cudarc::driver::{
 use half::f16;
 
 use crate::compile::{arch_names, nvrtc_available, ptx};
-use crate::launch::{DEQUANT_MIN_ROWS, W4a16Path, WARPS, fused_launch};
+use crate::launch::{DEQUANT_MIN_ROWS, W4a16Path, WARPS, dequant_blocks, fused_launch};
 use crate::layout::{self, MmaLayout};
 use crate::source::module_of;
 use crate::{KernelError, Result};
@@ -586,9 +586,8 @@ impl Gpu {
                 .arg(&kk)
                 .arg(&nn)
                 .arg(&gg);
-            let warps = strips * steps.div_ceil(4);
             let cfg = LaunchConfig {
-                grid_dim: (warps.div_ceil(WARPS) as u32, 1, 1),
+                grid_dim: (dequant_blocks(k, n)?, 1, 1),
                 block_dim: ((32 * WARPS) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };

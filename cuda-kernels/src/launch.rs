@@ -141,6 +141,14 @@ pub fn fused_launch(
     })
 }
 
+/// Blocks of `w4a16_dequant` for a `[n, k]` weight: a warp per four k steps of a strip,
+/// [`WARPS`] warps a block.
+pub fn dequant_blocks(k: usize, n: usize) -> Result<u32> {
+    let warps = n.div_ceil(STRIP) * (k / STEP).div_ceil(4);
+    u32::try_from(warps.div_ceil(WARPS))
+        .map_err(|_| KernelError::Shape(format!("w4a16: dequantization grid for [{n}, {k}] too large")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! The fused W4A16 kernels' own source, compiled for the CPU with a host C++ compiler and run
+//! The W4A16 kernels' own source (fused and dequantizing), compiled for the CPU with a host C++ compiler and run
 //! by `tests/emulation/host.cpp` (every CUDA thread a host thread, the warp collectives at
 //! barriers, the PTX helpers in C++), against the layout's CPU twin: no GPU needed. It checks
 //! the kernels' logic — fragment and lane indexing, the register ring, group changes, split-K
@@ -10,8 +10,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
-use cuda_kernels::launch::{W4a16Path, fused_launch};
+use cuda_kernels::launch::{W4a16Path, dequant_blocks, fused_launch};
 use cuda_kernels::layout::MmaLayout;
 use cuda_kernels::source::{COMMON, module_of};
 use half::f16;
@@ -74,8 +75,24 @@ fn host_source() -> String {
     out
 }
 
-/// Builds the emulator; `None` (after saying why) where no compiler is found.
-fn build() -> Option<PathBuf> {
+/// The emulator, built once per test run; `None` (after `test` says why it skips) where no
+/// compiler is found.
+fn emulator(test: &str) -> Option<&'static Path> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BUILT.get_or_init(build) {
+        Ok(exe) => Some(exe),
+        Err(reason) => {
+            if std::env::var("AWQ_REQUIRE_CXX").is_ok_and(|v| v == "1") {
+                panic!("AWQ_REQUIRE_CXX=1 but {reason}");
+            }
+            eprintln!("SKIPPED {test}: {reason}");
+            None
+        }
+    }
+}
+
+/// Compiles host.cpp with the kernel module; the reason where there is no compiler.
+fn build() -> Result<PathBuf, String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("w4a16-emulation");
     std::fs::create_dir_all(&dir).unwrap();
@@ -90,16 +107,9 @@ fn build() -> Option<PathBuf> {
         .arg(&exe)
         .status();
     match status {
-        Ok(s) if s.success() => Some(exe),
+        Ok(s) if s.success() => Ok(exe),
         Ok(s) => panic!("{cxx} could not compile the emulated kernels ({s})"),
-        Err(e) => {
-            let reason = format!("no C++ compiler `{cxx}` ({e})");
-            if std::env::var("AWQ_REQUIRE_CXX").is_ok_and(|v| v == "1") {
-                panic!("AWQ_REQUIRE_CXX=1 but {reason}");
-            }
-            eprintln!("SKIPPED fused_kernels_match_the_layout_twin_on_the_host: {reason}");
-            None
-        }
+        Err(e) => Err(format!("no C++ compiler `{cxx}` ({e})")),
     }
 }
 
@@ -121,20 +131,20 @@ impl Words {
     }
 }
 
-/// One case: the emulated kernel's output (f32) and how many split-K counters it left set.
-fn emulate(
+/// Runs `entry` on `grid` in the emulator: its output widened to f32 and how many split-K
+/// counters it left set.
+fn run(
     exe: &Path,
     layout: &MmaLayout,
     x: &[f16],
     m: usize,
-    path: W4a16Path,
-    f32_out: bool,
-    sms: usize,
-) -> (Vec<f32>, u32, String) {
+    entry: &str,
+    grid: (u32, u32, u32),
+    k_split: usize,
+) -> (Vec<f32>, u32) {
     let (k, n, g) = (layout.in_features, layout.out_features, layout.group_size);
-    let plan = fused_launch(path, m, k, n, f32_out, sms).unwrap();
     let dir = exe.parent().unwrap();
-    let name = format!("{}-{k}-{n}-{g}-{m}-{sms}", plan.entry);
+    let name = format!("{entry}-{k}-{n}-{g}-{m}-{}-{}-{}", grid.0, grid.1, grid.2);
     let (input, output) = (dir.join(format!("{name}.in")), dir.join(format!("{name}.out")));
     let mut bytes = Vec::new();
     for v in [
@@ -153,16 +163,15 @@ fn emulate(
     bytes.extend(layout.scales.iter().flat_map(|v| v.to_le_bytes()));
     bytes.extend(x.iter().flat_map(|v| v.to_bits().to_le_bytes()));
     std::fs::write(&input, bytes).unwrap();
-    let (gx, gy, gz) = plan.grid;
     let status = Command::new(exe)
         .arg(&input)
         .arg(&output)
-        .arg(plan.entry)
+        .arg(entry)
         .args([
-            gx.to_string(),
-            gy.to_string(),
-            gz.to_string(),
-            plan.k_split.to_string(),
+            grid.0.to_string(),
+            grid.1.to_string(),
+            grid.2.to_string(),
+            k_split.to_string(),
         ])
         .status()
         .unwrap();
@@ -173,16 +182,22 @@ fn emulate(
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    let what = format!(
-        "{} m{m} k{k} n{n} g{g} on {sms} SMs: grid {:?}, k_split {}",
-        plan.entry, plan.grid, plan.k_split
-    );
-    (y, left, what)
+    (y, left)
+}
+
+/// A random AWQ weight `[n, k]` in the "mma" layout.
+fn random_layout(rng: &mut Words, k: usize, n: usize, g: usize) -> MmaLayout {
+    let words: Vec<u32> = (0..k * n / 8).map(|_| rng.next() as u32).collect();
+    let zeros: Vec<u32> = (0..k / g * n / 8).map(|_| rng.next() as u32).collect();
+    let scales: Vec<u16> = (0..k / g * n)
+        .map(|_| f16::from_f32(rng.uniform(0.001, 0.02)).to_bits())
+        .collect();
+    MmaLayout::from_gemm(&words, &zeros, &scales, k, n, g).unwrap()
 }
 
 #[test]
 fn fused_kernels_match_the_layout_twin_on_the_host() {
-    let Some(exe) = build() else {
+    let Some(exe) = emulator("fused_kernels_match_the_layout_twin_on_the_host") else {
         return;
     };
     let mut rng = Words(7);
@@ -197,12 +212,7 @@ fn fused_kernels_match_the_layout_twin_on_the_host() {
     .into_iter()
     .enumerate()
     {
-        let words: Vec<u32> = (0..k * n / 8).map(|_| rng.next() as u32).collect();
-        let zeros: Vec<u32> = (0..k / g * n / 8).map(|_| rng.next() as u32).collect();
-        let scales: Vec<u16> = (0..k / g * n)
-            .map(|_| f16::from_f32(rng.uniform(0.001, 0.02)).to_bits())
-            .collect();
-        let layout = MmaLayout::from_gemm(&words, &zeros, &scales, k, n, g).unwrap();
+        let layout = random_layout(&mut rng, k, n, g);
         // The kernels' weights: (q − z) · s rounded to f16.
         let wt: Vec<f64> = layout
             .dequantize()
@@ -232,7 +242,12 @@ fn fused_kernels_match_the_layout_twin_on_the_host() {
             // f16 outputs differ only in the final store: one shape is enough.
             let outs: &[bool] = if case == 0 { &[true, false] } else { &[true] };
             for &f32_out in outs {
-                let (got, left, what) = emulate(&exe, &layout, &x, m, path, f32_out, sms);
+                let plan = fused_launch(path, m, k, n, f32_out, sms).unwrap();
+                let what = format!(
+                    "{} m{m} k{k} n{n} g{g} on {sms} SMs: grid {:?}, k_split {}",
+                    plan.entry, plan.grid, plan.k_split
+                );
+                let (got, left) = run(exe, &layout, &x, m, plan.entry, plan.grid, plan.k_split);
                 assert!(
                     got.iter().all(|v| v.is_finite()),
                     "{what}: an output was not written"
@@ -254,5 +269,31 @@ fn fused_kernels_match_the_layout_twin_on_the_host() {
                 );
             }
         }
+    }
+}
+
+/// `w4a16_dequant` (the weight as f16 `[n, k]` for cuBLAS) writes, bit for bit, the layout
+/// twin's `(q − z) · s` rounded to f16, partial strip and last partial warp included.
+#[test]
+fn dequant_kernel_matches_the_layout_twin_bit_for_bit() {
+    let Some(exe) = emulator("dequant_kernel_matches_the_layout_twin_bit_for_bit") else {
+        return;
+    };
+    let mut rng = Words(11);
+    for (k, n, g) in [(576, 192, 64), (1536, 136, 48), (96, 72, 32)] {
+        let layout = random_layout(&mut rng, k, n, g);
+        let blocks = dequant_blocks(k, n).unwrap();
+        let (got, _) = run(exe, &layout, &[], 0, "w4a16_dequant", (blocks, 1, 1), 0);
+        let wt = layout.dequantize();
+        let mismatches = (0..n * k)
+            .filter(|&i| {
+                let (row, col) = (i / k, i % k);
+                f16::from_f32(got[i]).to_bits() != f16::from_f32(wt[col * n + row]).to_bits()
+            })
+            .count();
+        assert_eq!(
+            mismatches, 0,
+            "w4a16_dequant k{k} n{n} g{g}: {mismatches} weights differ"
+        );
     }
 }

@@ -7,7 +7,8 @@
 // Usage: host IN OUT ENTRY GRID_X GRID_Y GRID_Z K_SPLIT
 //   IN:  u64 k, n, g, m, then the "mma" layout's qweight (u32), zeros (u32), scales (f16
 //        bits) with their lengths as three more u64 before them, then x (m x k f16 bits).
-//   OUT: u32 count of split-K counters left non-zero, then y (m x n f32; f16 outputs widened).
+//   OUT: u32 count of split-K counters left non-zero, then y (m x n f32; f16 outputs widened);
+//        for ENTRY w4a16_dequant (m = 0, K_SPLIT ignored), the f16 weight [n, k] widened.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -160,6 +161,21 @@ static void launch(dim3 grid, const std::function<void()>& kernel) {
             }
 }
 
+static int write_out(const char* path, unsigned left, const std::vector<float>& y) {
+    FILE* out = fopen(path, "wb");
+    if (!out) return 2;
+    fwrite(&left, 4, 1, out);
+    fwrite(y.data(), 4, y.size(), out);
+    fclose(out);
+    return 0;
+}
+
+static int write_out(const char* path, unsigned left, const std::vector<uint16_t>& y16) {
+    std::vector<float> y(y16.size());
+    for (size_t i = 0; i < y.size(); i++) y[i] = half_to_float(y16[i]);
+    return write_out(path, left, y);
+}
+
 template <typename T>
 static void read(FILE* f, std::vector<T>& v) {
     if (fread(v.data(), sizeof(T), v.size(), f) != v.size()) {
@@ -188,6 +204,14 @@ int main(int argc, char** argv) {
     const std::string entry = argv[3];
     const dim3 grid = {(unsigned)atoi(argv[4]), (unsigned)atoi(argv[5]), (unsigned)atoi(argv[6])};
     const int k_split = atoi(argv[7]);
+    if (entry == "w4a16_dequant") {  // y is the weight [n, k]
+        std::vector<uint16_t> w16((size_t)N * K, 0x7E00);
+        launch(grid, [&] {
+            w4a16_dequant(reinterpret_cast<const u32x4*>(qweight.data()), zeros.data(), scales.data(),
+                          reinterpret_cast<u32x4*>(w16.data()), K, N, G);
+        });
+        return write_out(argv[2], 0, w16);
+    }
     const EntryRow* row = nullptr;
     for (const EntryRow& r : ENTRIES)
         if (entry == r.name) row = &r;
@@ -205,19 +229,12 @@ int main(int argc, char** argv) {
             row->f32(x.data(), qw, zeros.data(), scales.data(), y.data(), partial.data(), counters.data(), M, K, N, G,
                      k_split);
         });
-    else {
+    else
         launch(grid, [&] {
             row->f16(x.data(), qw, zeros.data(), scales.data(), y16.data(), partial.data(), counters.data(), M, K, N,
                      G, k_split);
         });
-        for (size_t i = 0; i < y.size(); i++) y[i] = half_to_float(y16[i]);
-    }
     unsigned left = 0;
     for (unsigned c : counters) left += c != 0;
-    FILE* out = fopen(argv[2], "wb");
-    if (!out) return 2;
-    fwrite(&left, 4, 1, out);
-    fwrite(y.data(), 4, y.size(), out);
-    fclose(out);
-    return 0;
+    return row->f32 ? write_out(argv[2], left, y) : write_out(argv[2], left, y16);
 }
