@@ -450,33 +450,38 @@ __device__ __forceinline__ void w4a16_gemv(const half_bits* __restrict__ x, cons
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[nt][i][e] = 0.0f;
 
-    // Unrolled by the ring's depth, so that every slot is a register.
-    for (int t0 = t_beg; t0 < t_end; t0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int t = t0 + d;
-            if (t < t_end) {
-                if (t == next_t) {
-                    build_group(next_sv, next_zw, z2, s2);
-                    next_t += gsteps;
-                    if (next_t < t_end) {
-                        at += group_stride;
-                        next_sv = reinterpret_cast<const u32x4*>(scales)[at];
-                        next_zw = zeros[at];
-                    }
-                }
-                unsigned int b[8][2];
-                decode(wq[d], z2, s2, b);
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const unsigned int a[4] = {b[2 * i][0], b[2 * i + 1][0], b[2 * i][1], b[2 * i + 1][1]};
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) mma_16816(acc[nt][i], a, xq[d][nt]);
-                }
-                // The slot is free again: refill it D steps ahead.
-                if (t + D < t_end) load(d);
+    // Step t from ring slot d, then the slot refilled D steps ahead where `refill`.
+    auto step = [&](int d, int t, bool refill) {
+        if (t == next_t) {
+            build_group(next_sv, next_zw, z2, s2);
+            next_t += gsteps;
+            if (next_t < t_end) {
+                at += group_stride;
+                next_sv = reinterpret_cast<const u32x4*>(scales)[at];
+                next_zw = zeros[at];
             }
         }
+        unsigned int b[8][2];
+        decode(wq[d], z2, s2, b);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int a[4] = {b[2 * i][0], b[2 * i + 1][0], b[2 * i][1], b[2 * i + 1][1]};
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) mma_16816(acc[nt][i], a, xq[d][nt]);
+        }
+        if (refill) load(d);
+    };
+    // Rounds of D steps, unrolled so that every slot is a register: first those whose steps
+    // and refills all fall in the range (no checks), then the rest.
+    int t0 = t_beg;
+    for (; t0 + 2 * D <= t_end; t0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) step(d, t0 + d, true);
+    }
+    for (; t0 < t_end; t0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++)
+            if (t0 + d < t_end) step(d, t0 + d, t0 + d + D < t_end);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)

@@ -1,11 +1,13 @@
-//! The W4A16 kernels' own source (fused and dequantizing), compiled for the CPU with a host C++ compiler and run
-//! by `tests/emulation/host.cpp` (every CUDA thread a host thread, the warp collectives at
-//! barriers, the PTX helpers in C++), against the layout's CPU twin: no GPU needed. It checks
-//! the kernels' logic — fragment and lane indexing, the register ring, group changes, split-K
-//! and its arrival counters, rows past M — on the grids `launch::fused_launch` gives; the
-//! hardware's arithmetic is checked by the GPU tests (tp-runtime/tests/cuda_backend.rs).
+//! The W4A16 kernels' own source (fused and dequantizing), compiled for the CPU with a host
+//! C++ compiler and run by `tests/emulation/host.cpp` (every CUDA thread a host thread, the
+//! warp collectives at barriers, the PTX helpers in C++), against the layout's CPU twin: no
+//! GPU needed. It checks the kernels' logic — fragment and lane indexing, the register ring,
+//! group changes, split-K and its arrival counters, rows past M — on the grids
+//! `launch::fused_launch` gives; the hardware's arithmetic is checked by the GPU tests
+//! (tp-runtime/tests/cuda_backend.rs).
 //!
-//! Skips, saying why, without a C++20 compiler (`CXX`, else `g++`) — unless
+//! The emulator is built with AddressSanitizer: a kernel that reads or writes past a buffer
+//! fails. Skips, saying why, without a C++20 compiler (`CXX`, else `g++`) — unless
 //! `AWQ_REQUIRE_CXX=1` (set by `scripts/test.sh`), where that fails.
 
 use std::path::{Path, PathBuf};
@@ -100,7 +102,7 @@ fn build() -> Result<PathBuf, String> {
     let exe = dir.join("host");
     let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulation/host.cpp");
     let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-w", "-I"])
+        .args(["-std=c++20", "-O2", "-pthread", "-w", "-fsanitize=address", "-I"])
         .arg(&dir)
         .arg(&host)
         .arg("-o")
