@@ -305,13 +305,7 @@ __device__ __forceinline__ void w4a16_mma(const half_bits* __restrict__ x, const
         cp_async_commit();  // empty groups too: the waits below count groups
     };
 
-    float acc[MT][8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+    float acc[MT][8][4] = {};
 
 #pragma unroll
     for (int i = 0; i < STAGES - 1; i++) issue(i);
@@ -442,13 +436,7 @@ __device__ __forceinline__ void w4a16_gemv(const half_bits* __restrict__ x, cons
         }
     }
 
-    float acc[NT][4][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[nt][i][e] = 0.0f;
+    float acc[NT][4][4] = {};
 
     // Step t from ring slot d, then the slot refilled D steps ahead where `refill`.
     auto step = [&](int d, int t, bool refill) {
