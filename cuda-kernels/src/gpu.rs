@@ -16,7 +16,7 @@ use cudarc::driver::{
 use half::f16;
 
 use crate::compile::{arch_names, nvrtc_available, ptx};
-use crate::launch::{DEQUANT_MIN_ROWS, W4a16Path, WARPS, dequant_blocks, fused_launch};
+use crate::launch::{DEQUANT_MIN_ROWS, FusedKernel, W4a16Path, WARPS, dequant_blocks, fused_launch};
 use crate::layout::{self, MmaLayout};
 use crate::source::module_of;
 use crate::{KernelError, Result};
@@ -598,13 +598,13 @@ impl Gpu {
                 W4a16Out::F32(y) => self.hgemm_nt_f32(x, &ws.weight, y, m, k, n),
             };
         }
-        let fused = if path == W4a16Path::Gemv {
-            W4a16Path::Gemv
+        let kernel = if path == W4a16Path::Gemv {
+            FusedKernel::Gemv
         } else {
-            W4a16Path::Fused
+            FusedKernel::Mma
         };
         let plan = fused_launch(
-            fused,
+            kernel,
             m,
             k,
             n,

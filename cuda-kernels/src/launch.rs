@@ -25,11 +25,20 @@ pub enum W4a16Path {
 /// fused kernel on the Llama-7B shapes in `awq bench kernels` (H200).
 pub const DEQUANT_MIN_ROWS: usize = 128;
 
-/// Most rows the [`W4a16Path::Gemv`] kernels take.
+/// Most rows the GEMV kernels ([`FusedKernel::Gemv`]) take.
 pub const GEMV_MAX_ROWS: usize = 16;
 
 /// Warps per block of every W4A16 kernel (MMA_WARPS in w4a16.cu).
 pub const WARPS: usize = 4;
+
+/// The fused W4A16 kernels: weights dequantized in registers, no f16 copy of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedKernel {
+    /// `w4a16_mma_m{1,2,4}`: 16, 32 or 64 rows per block, any M.
+    Mma,
+    /// `w4a16_gemv_m{8,16}`: at most [`GEMV_MAX_ROWS`] rows.
+    Gemv,
+}
 
 /// One launch of a fused W4A16 kernel (`w4a16_mma_*` or `w4a16_gemv_*`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,10 +82,10 @@ fn mma_shared_bytes(mt: usize) -> usize {
     WARPS * stages * stage
 }
 
-/// The launch of `y[m, n] = x[m, k] · Wt` on `path` (`Fused` or `Gemv`) on a device with
-/// `multiprocessors`; `f32_out` picks the kernel that writes f32 (else f16).
+/// The launch of `y[m, n] = x[m, k] · Wt` with `kernel` on a device with `multiprocessors`;
+/// `f32_out` picks the kernel that writes f32 (else f16).
 pub fn fused_launch(
-    path: W4a16Path,
+    kernel: FusedKernel,
     m: usize,
     k: usize,
     n: usize,
@@ -85,8 +94,8 @@ pub fn fused_launch(
 ) -> Result<FusedLaunch> {
     // Rows per block, blocks per multiprocessor (as shared memory or registers allow), the
     // kernel and its dynamic shared memory.
-    let (block_rows, per_sm, entry, shared_bytes) = match path {
-        W4a16Path::Gemv => {
+    let (block_rows, per_sm, entry, shared_bytes) = match kernel {
+        FusedKernel::Gemv => {
             if m > GEMV_MAX_ROWS {
                 return Err(KernelError::Shape(format!(
                     "w4a16: the GEMV kernels take at most {GEMV_MAX_ROWS} rows, not {m}"
@@ -100,7 +109,7 @@ pub fn fused_launch(
             };
             (if m <= 8 { 8 } else { 16 }, 4, entry, 0)
         }
-        W4a16Path::Fused => {
+        FusedKernel::Mma => {
             let mt = match m {
                 0..=16 => 1,
                 17..=32 => 2,
@@ -115,11 +124,6 @@ pub fn fused_launch(
                 (_, false) => "w4a16_mma_m4_f16",
             };
             (16 * mt, 3, entry, mma_shared_bytes(mt))
-        }
-        W4a16Path::Auto | W4a16Path::Dequant => {
-            return Err(KernelError::Shape(format!(
-                "w4a16: {path:?} is not a fused kernel"
-            )));
         }
     };
     let strips = n.div_ceil(STRIP);
@@ -156,26 +160,26 @@ mod tests {
     #[test]
     fn splits_cover_k_in_multiples_of_64() {
         for (m, k, n) in [(1, 4096, 4096), (16, 11008, 4096), (70, 576, 192), (1, 96, 136)] {
-            for path in [W4a16Path::Gemv, W4a16Path::Fused] {
-                if path == W4a16Path::Gemv && m > GEMV_MAX_ROWS {
+            for kernel in [FusedKernel::Gemv, FusedKernel::Mma] {
+                if kernel == FusedKernel::Gemv && m > GEMV_MAX_ROWS {
                     continue;
                 }
-                let l = fused_launch(path, m, k, n, true, 132).unwrap();
-                assert_eq!(l.k_split % 64, 0, "{path:?} {m} {k} {n}");
+                let l = fused_launch(kernel, m, k, n, true, 132).unwrap();
+                assert_eq!(l.k_split % 64, 0, "{kernel:?} {m} {k} {n}");
                 // Every split holds some of K, and together they hold all of it.
                 assert!(l.k_split * (l.splits() - 1) < k && l.k_split * l.splits() >= k);
                 assert_eq!(l.strips(), n.div_ceil(64));
                 assert!(l.grid.2 as usize * l.block_rows >= m);
             }
         }
-        let l = fused_launch(W4a16Path::Gemv, 1, 4096, 4096, false, 132).unwrap();
+        let l = fused_launch(FusedKernel::Gemv, 1, 4096, 4096, false, 132).unwrap();
         assert_eq!((l.entry, l.grid), ("w4a16_gemv_m8_f16", (64, 8, 1)));
     }
 
     #[test]
     fn gemv_refuses_more_than_16_rows() {
-        let e = fused_launch(W4a16Path::Gemv, 17, 576, 192, true, 132).unwrap_err();
+        let e = fused_launch(FusedKernel::Gemv, 17, 576, 192, true, 132).unwrap_err();
         assert!(e.to_string().contains("at most 16 rows"), "{e}");
-        assert!(fused_launch(W4a16Path::Dequant, 1, 576, 192, true, 132).is_err());
+        assert!(fused_launch(FusedKernel::Mma, 17, 576, 192, true, 132).is_ok());
     }
 }

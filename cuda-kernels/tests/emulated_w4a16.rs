@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use cuda_kernels::launch::{W4a16Path, dequant_blocks, fused_launch};
+use cuda_kernels::launch::{FusedKernel, dequant_blocks, fused_launch};
 use cuda_kernels::layout::MmaLayout;
 use cuda_kernels::source::{COMMON, module_of};
 use half::f16;
@@ -221,14 +221,14 @@ fn fused_kernels_match_the_layout_twin_on_the_host() {
             .iter()
             .map(|&v| f64::from(f16::from_f32(v).to_f32()))
             .collect();
-        for (path, m) in [
-            (W4a16Path::Gemv, 1),
-            (W4a16Path::Gemv, 5),
-            (W4a16Path::Gemv, 9),
-            (W4a16Path::Gemv, 16),
-            (W4a16Path::Fused, 3),
-            (W4a16Path::Fused, 20),
-            (W4a16Path::Fused, 70),
+        for (kernel, m) in [
+            (FusedKernel::Gemv, 1),
+            (FusedKernel::Gemv, 5),
+            (FusedKernel::Gemv, 9),
+            (FusedKernel::Gemv, 16),
+            (FusedKernel::Mma, 3),
+            (FusedKernel::Mma, 20),
+            (FusedKernel::Mma, 70),
         ] {
             let x: Vec<f16> = (0..m * k)
                 .map(|_| f16::from_f32(rng.uniform(-1.0, 1.0)))
@@ -244,7 +244,7 @@ fn fused_kernels_match_the_layout_twin_on_the_host() {
             // f16 outputs differ only in the final store: one shape is enough.
             let outs: &[bool] = if case == 0 { &[true, false] } else { &[true] };
             for &f32_out in outs {
-                let plan = fused_launch(path, m, k, n, f32_out, sms).unwrap();
+                let plan = fused_launch(kernel, m, k, n, f32_out, sms).unwrap();
                 let what = format!(
                     "{} m{m} k{k} n{n} g{g} on {sms} SMs: grid {:?}, k_split {}",
                     plan.entry, plan.grid, plan.k_split
