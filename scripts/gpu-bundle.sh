@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Assembles what scripts/gpu-check.sh needs on a GPU machine that has no Rust toolchain and no
 # network: stripped release binaries (awq and the GPU test programs), an AWQ checkpoint of
-# SmolLM2-135M, the evaluation text and the tiny reference models.
+# SmolLM2-135M, and the repository's data/ and fixtures/ (the evaluation text, the tiny models).
 #
 #   scripts/gpu-bundle.sh DIR [MODEL]     # MODEL: an AWQ checkpoint (default: the main job's;
 #                                         # quantized here, group size 64, when it is absent)
@@ -12,9 +12,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 dir=${1:?usage: scripts/gpu-bundle.sh DIR [MODEL]}
 model=${2:-$root/out/smollm2-135m-awq/quantized}
-shared="${AWQ_SHARED_DIR:-$root/../shared}"
 target="${CARGO_TARGET_DIR:-$root/target}"
-mkdir -p "$dir/bin" "$dir/model" "$dir/shared/data/wikitext-2-raw" "$dir/shared/ref/tiny"
+mkdir -p "$dir/bin" "$dir/model" "$dir/repo"
 cargo build --release -p pipeline
 cp "$target/release/awq" "$dir/bin/awq"
 if [ ! -f "$model/config.json" ]; then
@@ -22,7 +21,7 @@ if [ ! -f "$model/config.json" ]; then
   model="$dir/quantized"
   echo "gpu-bundle: quantizing $f32 -> $model (AWQ, group size 64)" >&2
   "$target/release/awq" quantize "$f32" --out "$model" --force --group-size 64 \
-    --calib "$shared/data/calib/wikitext2-valid.txt" >&2
+    --calib "$root/data/wikitext2-valid.txt" >&2
 fi
 cargo test --release --no-run --message-format=json -p cuda-kernels --test compile_check \
   -p tp-runtime --test cuda_backend --test nccl |
@@ -35,6 +34,6 @@ for line in sys.stdin:
 ' "$dir/bin"
 strip "$dir"/bin/*
 [ "$model" = "$dir/model" ] || cp "$model"/*.json "$model"/*.safetensors "$dir/model/"
-cp "$shared/data/wikitext-2-raw/wiki.test.raw" "$dir/shared/data/wikitext-2-raw/"
-cp -r "$shared"/ref/tiny/tiny-* "$dir/shared/ref/tiny/"
+# The test binaries find data/ and fixtures/ through AWQ_WORKSPACE_DIR (set by gpu-check.sh).
+cp -r "$root/data" "$root/fixtures" "$dir/repo/"
 du -sh "$dir"/*

@@ -59,11 +59,10 @@ if [ -z "${AWQ_PREBUILT:-}" ]; then
   AWQ_PREBUILT="$out/bundle"
 fi
 bin="$AWQ_PREBUILT/bin"
-export AWQ_SHARED_DIR="$AWQ_PREBUILT/shared"
-shared="$AWQ_SHARED_DIR"
+export AWQ_WORKSPACE_DIR="$AWQ_PREBUILT/repo"
 model="${AWQ_GPU_MODEL:-$AWQ_PREBUILT/model}"
-export AWQ_REQUIRE_GPU=1 AWQ_REQUIRE_NVRTC=1 AWQ_REQUIRE_FIXTURES=1
-wiki="$shared/data/wikitext-2-raw/wiki.test.raw"
+export AWQ_REQUIRE_GPU=1 AWQ_REQUIRE_NVRTC=1
+wiki="$AWQ_WORKSPACE_DIR/data/wiki.test.raw"
 
 # --- Tests ------------------------------------------------------------------------------------
 run_test() { # name binary [env...]

@@ -216,9 +216,8 @@ mod tests {
 
     #[test]
     fn capture_matches_full_forward_on_tiny_llama() {
-        let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
-            return;
-        };
+        let tiny = testkit::tiny("tiny-llama");
+        let dir = tiny.dir.clone();
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let blocks: Vec<Vec<u32>> = (0..3)

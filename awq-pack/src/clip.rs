@@ -1,4 +1,4 @@
-//! Clip search (AWQ.md §3): for every (output row, group), the clipping range among
+//! Clip search (awq-format.md §3): for every (output row, group), the clipping range among
 //! `max|w|·(1 − i/20)`, i = 0..10, whose quantized group best preserves the group's partial
 //! products on sampled calibration tokens.
 //!

@@ -1,4 +1,4 @@
-//! AWQ for one decoder layer (AWQ.md §1–§4): search every group's scales on the unmodified
+//! AWQ for one decoder layer (awq-format.md §1–§4): search every group's scales on the unmodified
 //! layer, fuse them into the norms and previous linears, search clipping on the scaled
 //! weights and inputs, quantize and pack.
 
@@ -110,7 +110,7 @@ enum Inspect {
     Linear(Projection),
 }
 
-/// A scaling group: linears sharing one input (AWQ.md §2's table).
+/// A scaling group: linears sharing one input (awq-format.md §2's table).
 #[derive(Clone, Debug)]
 struct Group {
     prev: Prev,

@@ -1,4 +1,4 @@
-//! Packing quantized linears into the AWQ "gemm" layout (AWQ.md §5; see
+//! Packing quantized linears into the AWQ "gemm" layout (awq-format.md §5; see
 //! [`tp_runtime::awq`] for the layout itself).
 
 use half::f16;

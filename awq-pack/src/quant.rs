@@ -1,4 +1,4 @@
-//! 4-bit group quantization with a zero point (AWQ.md §4), identical in AutoAWQ, llm-awq and
+//! 4-bit group quantization with a zero point (awq-format.md §4), identical in AutoAWQ, llm-awq and
 //! LMDeploy:
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Activation-aware scale search (AWQ.md §2): for a group of linears that share an input,
+//! Activation-aware scale search (awq-format.md §2): for a group of linears that share an input,
 //! find per-input-channel scales `s` that minimise the error of the inspected module when
 //! every linear of the group becomes `Q(W·diag(s)) / s`.
 

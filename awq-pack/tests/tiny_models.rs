@@ -1,5 +1,5 @@
 //! AWQ end to end on the tiny reference models: the checkpoint format (read back with an
-//! unpacker written from AWQ.md alone), the exact `quantization_config`, bit-identical
+//! unpacker written from awq-format.md alone), the exact `quantization_config`, bit-identical
 //! reruns, and the W4A16 runtime against the checkpoint's own dequantization.
 
 use std::path::{Path, PathBuf};
@@ -28,11 +28,12 @@ fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
 }
 
 /// A tiny model with a tokenizer, and calibration text beside it.
-fn setup(name: &str) -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
-    let (tmp, model) = testkit::tiny_with_tokenizer(name)?;
-    let calib = tmp.path().join("calib.txt");
+fn setup(name: &str) -> (testkit::TinyModel, PathBuf, PathBuf) {
+    let tmp = testkit::tiny_with_tokenizer(name);
+    let model = tmp.dir.clone();
+    let calib = tmp.root().join("calib.txt");
     std::fs::write(&calib, testkit::synthetic_text(200)).unwrap();
-    Some((tmp, model, calib))
+    (tmp, model, calib)
 }
 
 #[test]
@@ -52,10 +53,8 @@ fn packer_round_trips_through_an_independent_unpacker() {
 
 #[test]
 fn checkpoint_layout_and_config_are_exact() {
-    let Some((tmp, model, calib)) = setup("tiny-qwen2") else {
-        return;
-    };
-    let out = tmp.path().join("awq");
+    let (tmp, model, calib) = setup("tiny-qwen2");
+    let out = tmp.root().join("awq");
     quantize(&model, &out, &options(Method::Rtn, &calib, 16), |_| {}).unwrap();
     let config = testkit::read_json(&out.join("config.json"));
     assert_eq!(
@@ -91,10 +90,8 @@ fn checkpoint_layout_and_config_are_exact() {
 
 #[test]
 fn reruns_are_bit_identical() {
-    let Some((tmp, model, calib)) = setup("tiny-llama") else {
-        return;
-    };
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (tmp, model, calib) = setup("tiny-llama");
+    let (a, b) = (tmp.root().join("a"), tmp.root().join("b"));
     let first = quantize(&model, &a, &options(Method::Awq, &calib, 16), |_| {}).unwrap();
     quantize(&model, &b, &options(Method::Awq, &calib, 16), |_| {}).unwrap();
     assert_eq!(folder_digest(&a), folder_digest(&b));
@@ -114,16 +111,14 @@ fn reruns_are_bit_identical() {
 
 /// The W4A16 runtime computes what the checkpoint's dense dequantization computes.
 fn runtime_matches_dequantized(name: &str, group_size: usize, not_convert: &[&str]) {
-    let Some((tmp, model, calib)) = setup(name) else {
-        return;
-    };
-    let out = tmp.path().join("awq");
+    let (tmp, model, calib) = setup(name);
+    let out = tmp.root().join("awq");
     let opts = QuantizeOptions {
         modules_to_not_convert: not_convert.iter().map(|s| s.to_string()).collect(),
         ..options(Method::Awq, &calib, group_size)
     };
     quantize(&model, &out, &opts, |_| {}).unwrap();
-    let dense = tmp.path().join("dense");
+    let dense = tmp.root().join("dense");
     dequantize_checkpoint(&out, &dense);
     let ids: Vec<u32> = (0..80).map(|i| (i * 37 % 512) as u32).collect();
     let layout = SeqLayout::single(ids.len()).unwrap();

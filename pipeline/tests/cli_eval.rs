@@ -9,13 +9,9 @@ fn awq() -> Command {
 
 #[test]
 fn llamacpp_protocol_report_matches_reference() {
-    let (Some(model), Some(data), Some(reference)) = (
-        testkit::smollm2_f32(),
-        testkit::shared("data/wikitext-2-raw/wiki.test.raw"),
-        testkit::shared("ref/smollm2-135m/ppl_reference.json"),
-    ) else {
-        return;
-    };
+    let model = testkit::smollm2_f32();
+    let data = testkit::wiki_test();
+    let reference = testkit::fixture("smollm2-135m/ppl_reference.json");
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("eval.json");
     let out = awq()
@@ -77,9 +73,7 @@ fn llamacpp_protocol_report_matches_reference() {
 
 #[test]
 fn bad_model_folder_fails_cleanly() {
-    let Some(data) = testkit::shared("data/wikitext-2-raw/wiki.test.raw") else {
-        return;
-    };
+    let data = testkit::wiki_test();
     let tmp = tempfile::tempdir().unwrap();
     let out = awq()
         .args([
@@ -118,9 +112,8 @@ fn missing_gguf_fails_cleanly() {
 
 #[test]
 fn cuda_backend_fails_cleanly_without_enough_gpus() {
-    let Some((_tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
-        return;
-    };
+    let tiny = testkit::tiny_with_tokenizer("tiny-llama");
+    let model = tiny.dir.clone();
     let data = model.join("text.txt");
     std::fs::write(&data, testkit::synthetic_text(50)).unwrap();
     // With no GPU any tp fails; with GPUs, more ranks than any machine has.

@@ -38,12 +38,11 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn bad_inputs_fail_cleanly_and_write_nothing() {
-    let Some((tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
-        return;
-    };
-    let calib = tmp.path().join("calib.txt");
+    let tmp = testkit::tiny_with_tokenizer("tiny-llama");
+    let model = tmp.dir.clone();
+    let calib = tmp.root().join("calib.txt");
     std::fs::write(&calib, testkit::synthetic_text(100)).unwrap();
-    let out = tmp.path().join("out");
+    let out = tmp.root().join("out");
     let base = [
         "quantize",
         s(&model),
@@ -70,7 +69,7 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     fails(&args, &out, &["calib.txt", "1000 requested"]);
 
     // An already quantized model.
-    let quantized = tmp.path().join("quantized");
+    let quantized = tmp.root().join("quantized");
     let ok = awq(&[
         "quantize",
         s(&model),
@@ -88,7 +87,7 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     fails(&args, &out, &["already quantized"]);
 
     // NaN in a weight names the tensor.
-    let broken = tmp.path().join("nan-model");
+    let broken = tmp.root().join("nan-model");
     copy_with_edit(&model, &broken, "model.layers.1.mlp.up_proj.weight", |w| {
         w[5] = f32::NAN
     });
@@ -98,7 +97,7 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     fails(&args, &out, &["model.layers.1.mlp.up_proj.weight", "non-finite"]);
 
     // Activations that overflow name the layer.
-    let overflow = tmp.path().join("overflow-model");
+    let overflow = tmp.root().join("overflow-model");
     copy_with_edit(&model, &overflow, "model.layers.1.input_layernorm.weight", |w| {
         w.fill(1e30)
     });

@@ -375,10 +375,9 @@ group_size = 32
 
 #[test]
 fn inspect_checks_awq_format() {
-    let Some((tmp, model)) = testkit::tiny_with_tokenizer("tiny-llama") else {
-        return;
-    };
-    let out = tmp.path().join("q");
+    let tmp = testkit::tiny_with_tokenizer("tiny-llama");
+    let model = tmp.dir.clone();
+    let out = tmp.root().join("q");
     assert!(
         awq(&[
             "quantize",
@@ -400,7 +399,7 @@ fn inspect_checks_awq_format() {
         text(&o)
     );
     // Drop one tensor: inspect names it and fails.
-    let broken = tmp.path().join("broken");
+    let broken = tmp.root().join("broken");
     std::fs::create_dir(&broken).unwrap();
     std::fs::copy(out.join("config.json"), broken.join("config.json")).unwrap();
     let ck = tp_runtime::Checkpoint::open(&out).unwrap();
@@ -433,10 +432,8 @@ fn inspect_checks_awq_format() {
 
 #[test]
 fn shipped_job_files_validate() {
-    // They reference the fetched model and ../shared.
-    if testkit::smollm2_gguf().is_none() || testkit::shared_dir().is_none() {
-        return;
-    }
+    // They reference the fetched model and the repository's data folder.
+    testkit::smollm2_gguf();
     let jobs = testkit::workspace_root().join("jobs");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&jobs)
         .unwrap()

@@ -49,14 +49,10 @@ fn ppl_in_process(model: &Path, tokens: &[u32], windows: usize) -> f64 {
 
 #[test]
 fn awq_closes_the_rtn_gap_on_smollm2() {
-    let (Some(model), Some(data), Some(calib), Some(reference)) = (
-        testkit::smollm2_f32(),
-        testkit::shared("data/wikitext-2-raw/wiki.test.raw"),
-        testkit::shared("data/calib/wikitext2-valid.txt"),
-        testkit::shared("ref/smollm2-135m/ppl_reference.json"),
-    ) else {
-        return;
-    };
+    let model = testkit::smollm2_f32();
+    let data = testkit::wiki_test();
+    let calib = testkit::calib_text();
+    let reference = testkit::fixture("smollm2-135m/ppl_reference.json");
     let tmp = tempfile::tempdir().unwrap();
     let (rtn_dir, awq_dir) = (tmp.path().join("rtn"), tmp.path().join("awq"));
     let m = model.to_str().unwrap();

@@ -97,12 +97,8 @@ fn awq_with_padded_intermediate_matches_one_rank() {
 
 #[test]
 fn smollm2_at_tp3_matches_tp1() {
-    let (Some(model), Some(data)) = (
-        testkit::smollm2_f32(),
-        testkit::shared("data/wikitext-2-raw/wiki.test.raw"),
-    ) else {
-        return;
-    };
+    let model = testkit::smollm2_f32();
+    let data = testkit::wiki_test();
     // tp = 2 cannot split 9 heads: refused before any weight is read.
     let o = awq(&["eval", s(&model), "--data", s(&data), "--ctx", "512", "--tp", "2"]);
     let err = String::from_utf8_lossy(&o.stderr);

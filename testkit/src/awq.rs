@@ -5,7 +5,7 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use tp_runtime::Checkpoint;
 
-/// Unpacks one "gemm" linear into a dense `[out, in]` f32 weight, written from AWQ.md §5
+/// Unpacks one "gemm" linear into a dense `[out, in]` f32 weight, written from awq-format.md §5
 /// alone (not from the packer): `qweight` is `[in, out/8]` int32, nibble `i` of word
 /// `(k, c)` holds output `8c + [0, 2, 4, 6, 1, 3, 5, 7][i]`; `qzeros` is `[in/g, out/8]`
 /// packed the same way; `scales` is `[in/g, out]`; `W[n, k] = (q − z) · s`.

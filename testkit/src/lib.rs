@@ -1,16 +1,24 @@
-//! Test fixtures shared by the workspace's tests: the reference data in `../shared` and the
-//! SmolLM2 model that `scripts/fetch-model.sh` fetches and imports.
+//! Test fixtures shared by the workspace's tests: the repository's own reference data
+//! (`fixtures/`, `data/`), the tiny generated models, and the SmolLM2 model that
+//! `scripts/fetch-model.sh` fetches and imports.
 //!
-//! A fixture that is absent makes the test print why and skip — unless
-//! `AWQ_REQUIRE_FIXTURES=1` (set by `scripts/test.sh`, hence by CI), where absence fails the
-//! test, so that nothing passes silently where the fixtures should be.
+//! Everything a test reads lives inside the repository, except SmolLM2 (≈ 100 MB, fetched by
+//! the test command): a missing file is a failed test with the fix in its message, never a skip.
 
 use std::path::{Path, PathBuf};
 
 pub mod awq;
+pub mod tiny;
 
-/// The workspace root.
+pub use tiny::{TINY_MODELS, TinyModel, tiny, tiny_with_tokenizer};
+
+/// The workspace root: where this crate was built, or `AWQ_WORKSPACE_DIR` for test binaries
+/// copied to another machine with the repository's `data/` and `fixtures/`
+/// (`scripts/gpu-bundle.sh`).
 pub fn workspace_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AWQ_WORKSPACE_DIR") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("testkit lives inside the workspace")
@@ -30,61 +38,55 @@ pub fn cache_dir() -> PathBuf {
     base.join("awq-pipeline")
 }
 
-fn missing(what: &str, path: &Path, how: &str) -> Option<PathBuf> {
-    let message = format!("{what} not found at {} ({how})", path.display());
-    if std::env::var("AWQ_REQUIRE_FIXTURES").is_ok_and(|v| v == "1") {
-        panic!("AWQ_REQUIRE_FIXTURES=1 but {message}");
-    }
-    eprintln!("SKIPPED: {message}");
-    None
+fn existing(path: PathBuf, hint: &str) -> PathBuf {
+    assert!(path.exists(), "{} not found ({hint})", path.display());
+    path
 }
 
-/// `../shared` beside the workspace (or `AWQ_SHARED_DIR`), if present.
-pub fn shared_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("AWQ_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared"));
-    if dir.join("ref").is_dir() {
-        Some(dir)
-    } else {
-        missing(
-            "shared reference data",
-            &dir,
-            "it sits beside the repository in CI",
-        )
-    }
+/// A file of the repository's `data/` folder (evaluation and calibration text).
+pub fn data(name: &str) -> PathBuf {
+    existing(
+        workspace_root().join("data").join(name),
+        "it is part of the repository",
+    )
 }
 
-/// A file or folder inside `../shared`, if present.
-pub fn shared(relative: &str) -> Option<PathBuf> {
-    let path = shared_dir()?.join(relative);
-    if path.exists() {
-        Some(path)
-    } else {
-        missing("shared reference file", &path, "the shared folder is incomplete")
-    }
+/// `data/wiki.test.raw`: the wikitext-2 raw test split.
+pub fn wiki_test() -> PathBuf {
+    data("wiki.test.raw")
 }
 
-const FETCH_HINT: &str = "run scripts/fetch-model.sh";
-
-/// The SmolLM2-135M-Instruct Q4_1 GGUF file, if fetched.
-pub fn smollm2_gguf() -> Option<PathBuf> {
-    let path = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        Some(path)
-    } else {
-        missing("the SmolLM2 GGUF", &path, FETCH_HINT)
-    }
+/// `data/wikitext2-valid.txt`: the calibration text.
+pub fn calib_text() -> PathBuf {
+    data("wikitext2-valid.txt")
 }
 
-/// The SmolLM2 checkpoint imported in f32, if fetched and imported.
-pub fn smollm2_f32() -> Option<PathBuf> {
-    let path = cache_dir().join("smollm2-135m-f32");
-    if path.join("config.json").is_file() {
-        Some(path)
-    } else {
-        missing("the imported SmolLM2 checkpoint", &path, FETCH_HINT)
-    }
+/// A file or folder of the repository's `fixtures/` folder.
+pub fn fixture(relative: &str) -> PathBuf {
+    existing(
+        workspace_root().join("fixtures").join(relative),
+        "it is part of the repository",
+    )
+}
+
+const FETCH_HINT: &str = "run scripts/fetch-model.sh, which the test command scripts/test.sh runs first";
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF file (fetched by `scripts/fetch-model.sh`).
+pub fn smollm2_gguf() -> PathBuf {
+    existing(cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"), FETCH_HINT)
+}
+
+/// The SmolLM2 checkpoint imported in f32 (by `scripts/fetch-model.sh`).
+pub fn smollm2_f32() -> PathBuf {
+    let dir = cache_dir().join("smollm2-135m-f32");
+    existing(dir.join("config.json"), FETCH_HINT);
+    dir
+}
+
+/// SHA-256 (hex) of token ids as u32 little-endian, the form the fixtures record.
+pub fn sha256_u32_le(ids: &[u32]) -> String {
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    tp_runtime::digest::sha256_bytes(&bytes)
 }
 
 /// Reads and parses a JSON file, panicking with its path on failure.
@@ -137,23 +139,6 @@ pub fn write_byte_tokenizer(dir: &Path, vocab: usize) {
         .expect("special tokens");
     tok.save(dir.join("tokenizer.json"), false)
         .expect("write tokenizer.json");
-}
-
-/// A copy of the tiny reference model `name` with a byte-level tokenizer, in a temporary
-/// folder (kept alive by the returned guard).
-pub fn tiny_with_tokenizer(name: &str) -> Option<(tempfile::TempDir, PathBuf)> {
-    let src = shared(&format!("ref/tiny/{name}"))?;
-    let tmp = tempfile::tempdir().expect("temporary folder");
-    let dir = tmp.path().join(name);
-    std::fs::create_dir(&dir).expect("create model folder");
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(file), dir.join(file)).expect("copy tiny model");
-    }
-    let vocab = read_json(&dir.join("config.json"))["vocab_size"]
-        .as_u64()
-        .expect("vocab_size") as usize;
-    write_byte_tokenizer(&dir, vocab);
-    Some((tmp, dir))
 }
 
 /// Shape of a synthetic Llama model.
@@ -274,4 +259,26 @@ pub fn synthetic_text(lines: usize) -> String {
             line.join(" ") + ".\n"
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The data files are the published bytes (`data/README.md`): a line-ending conversion or
+    /// an edit would silently change every perplexity.
+    #[test]
+    fn data_files_have_their_published_hashes() {
+        for (file, sha256) in [
+            (
+                "wiki.test.raw",
+                "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+            ),
+            (
+                "wikitext2-valid.txt",
+                "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+            ),
+        ] {
+            let bytes = std::fs::read(super::data(file)).unwrap();
+            assert_eq!(tp_runtime::digest::sha256_bytes(&bytes), sha256, "data/{file}");
+        }
+    }
 }

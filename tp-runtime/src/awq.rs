@@ -1,4 +1,4 @@
-//! The AWQ "gemm" weight layout (AWQ.md §5), shared by the packer and every backend.
+//! The AWQ "gemm" weight layout (awq-format.md §5), shared by the packer and every backend.
 //!
 //! A linear layer `W [out, in]` quantized with group size `g` is stored transposed:
 //! - `qweight` i32 `[in, out/8]`: word `(k, c)` holds `q[k, 8c..8c+8]`, nibble `i`

@@ -1,4 +1,4 @@
-//! The tensor-parallel shard plan, computed from the configuration alone (AWQ.md §6).
+//! The tensor-parallel shard plan, computed from the configuration alone (awq-format.md §6).
 //!
 //! - q/k/v and gate/up are column-parallel: each rank holds a range of output features
 //!   (for AWQ, whole int32 columns: eight outputs at a time).

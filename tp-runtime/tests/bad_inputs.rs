@@ -6,15 +6,10 @@ use safetensors::tensor::TensorView;
 use tp_runtime::{Checkpoint, CpuBackend, Model};
 
 /// A copy of tiny-llama in a temporary folder.
-fn copy_tiny() -> Option<(tempfile::TempDir, PathBuf)> {
-    let src = testkit::shared("ref/tiny/tiny-llama")?;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for name in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(name), dir.join(name)).unwrap();
-    }
-    Some((tmp, dir))
+fn copy_tiny() -> (testkit::TinyModel, PathBuf) {
+    let tiny = testkit::tiny("tiny-llama");
+    let dir = tiny.dir.clone();
+    (tiny, dir)
 }
 
 /// Rewrites `dir/model.safetensors`, letting `edit` drop or replace tensors.
@@ -50,7 +45,7 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn missing_tensor_names_the_tensor() {
-    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let (_tiny, dir) = copy_tiny();
     rewrite(&dir, |n, s, b| {
         (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))
     });
@@ -64,7 +59,7 @@ fn missing_tensor_names_the_tensor() {
 
 #[test]
 fn wrong_shape_names_tensor_and_shapes() {
-    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let (_tiny, dir) = copy_tiny();
     rewrite(&dir, |n, s, b| {
         if n == "model.layers.0.self_attn.k_proj.weight" {
             // [64, 256] stored as [128, 128]: same bytes, wrong shape.
@@ -80,7 +75,7 @@ fn wrong_shape_names_tensor_and_shapes() {
 
 #[test]
 fn config_problems_name_file_and_key() {
-    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let (_tiny, dir) = copy_tiny();
     let path = dir.join("config.json");
     let original = std::fs::read_to_string(&path).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
@@ -109,7 +104,7 @@ fn config_problems_name_file_and_key() {
 
 #[test]
 fn truncated_and_oversized_headers_name_the_file() {
-    let Some((_tmp, dir)) = copy_tiny() else { return };
+    let (_tiny, dir) = copy_tiny();
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

@@ -347,9 +347,8 @@ fn tiny_models_match_reference_on_gpu() {
         return;
     };
     for name in ["tiny-llama", "tiny-llama-tied", "tiny-mistral", "tiny-qwen2"] {
-        let Some(dir) = testkit::shared(&format!("ref/tiny/{name}")) else {
-            return;
-        };
+        let tiny = testkit::tiny(name);
+        let dir = tiny.dir.clone();
         let reference = testkit::read_json(&dir.join("reference.json"));
         let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
         let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(reference["last4_logits"].clone()).unwrap();

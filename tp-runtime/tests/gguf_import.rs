@@ -205,9 +205,8 @@ fn write_gguf(dir: &Path, path: &Path) {
 /// Imports the tiny model through GGUF and compares the last-position logits of both
 /// reference sequences with transformers'.
 fn roundtrip(name: &str) {
-    let Some(dir) = testkit::shared(&format!("ref/tiny/{name}")) else {
-        return;
-    };
+    let tiny = testkit::tiny(name);
+    let dir = tiny.dir.clone();
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("model.gguf");
     write_gguf(&dir, &gguf);
@@ -253,9 +252,8 @@ fn tiny_qwen2_through_gguf() {
 
 #[test]
 fn truncated_gguf_is_a_clear_error() {
-    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
-        return;
-    };
+    let tiny = testkit::tiny("tiny-llama");
+    let dir = tiny.dir.clone();
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("model.gguf");
     write_gguf(&dir, &gguf);
@@ -278,9 +276,8 @@ fn truncated_gguf_is_a_clear_error() {
 
 #[test]
 fn existing_output_is_not_overwritten() {
-    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
-        return;
-    };
+    let tiny = testkit::tiny("tiny-llama");
+    let dir = tiny.dir.clone();
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("model.gguf");
     write_gguf(&dir, &gguf);

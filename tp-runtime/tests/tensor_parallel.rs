@@ -51,9 +51,8 @@ fn compare(dir: &Path, tp: usize) {
 #[test]
 fn tiny_models_match_one_rank_at_every_valid_tp() {
     for name in ["tiny-llama", "tiny-llama-tied", "tiny-qwen2", "tiny-mistral"] {
-        let Some(dir) = testkit::shared(&format!("ref/tiny/{name}")) else {
-            return;
-        };
+        let tiny = testkit::tiny(name);
+        let dir = tiny.dir.clone();
         // 8 heads, 2 kv heads (8 for tied): tp = 2 and 8 split them, tp = 4 replicates kv
         // heads of the GQA models.
         for tp in [2, 4, 8] {
@@ -64,9 +63,8 @@ fn tiny_models_match_one_rank_at_every_valid_tp() {
 
 #[test]
 fn each_rank_holds_its_share_of_the_weights() {
-    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
-        return;
-    };
+    let tiny = testkit::tiny("tiny-llama");
+    let dir = tiny.dir.clone();
     let one = Model::load(&dir, CpuBackend::new()).unwrap().weight_bytes();
     let many = TensorParallel::load_cpu(&dir, 2).unwrap();
     let norms = (2 * 3 + 1) * 256 * 4;
@@ -125,9 +123,8 @@ fn padded_intermediate_matches_one_rank() {
 
 #[test]
 fn impossible_tp_fails_before_loading() {
-    let Some(dir) = testkit::shared("ref/tiny/tiny-llama") else {
-        return;
-    };
+    let tiny = testkit::tiny("tiny-llama");
+    let dir = tiny.dir.clone();
     for (tp, expect) in [
         (0, "at least 1"),
         (3, "8 attention heads are not divisible by 3"),

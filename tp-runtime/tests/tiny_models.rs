@@ -46,9 +46,8 @@ fn reference(dir: &Path) -> Reference {
 
 /// Runs both reference sequences as one batch of two independent sequences.
 fn check(name: &str) {
-    let Some(dir) = testkit::shared(&format!("ref/tiny/{name}")) else {
-        return;
-    };
+    let tiny = testkit::tiny(name);
+    let dir = tiny.dir.clone();
     let r = reference(&dir);
     let model = Model::load(&dir, CpuBackend::new()).unwrap();
     let lengths: Vec<usize> = r.input_ids.iter().map(Vec::len).collect();

@@ -234,7 +234,7 @@ mod tests {
             std::path::Path::new("config.json"),
         )
         .unwrap();
-        // 2 × 134.5 M parameters in linear layers and lm_head (ANCHORS.md: ≈ 0.27 GFLOP).
+        // 2 × 134.5 M parameters in linear layers and lm_head (≈ 0.27 GFLOP per token).
         let linear = flops_per_token(&c, 0) - 2.0 * 2.0 * 576.0 * 0.5 * 30.0;
         assert!((linear / 1e9 - 0.269).abs() < 0.002, "{linear}");
     }
