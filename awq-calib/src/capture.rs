@@ -3,32 +3,35 @@
 //! memory-mapped checkpoint when its turn comes and its pages are released afterwards, so a
 //! model much larger than RAM streams through.
 
+use checkpoint::names::{self, Projection};
+use checkpoint::{Checkpoint, ModelConfig};
 use rayon::prelude::*;
-use tp_runtime::backend::cpu::CpuTensor;
-use tp_runtime::model::{DecoderLayer, ForwardContext, Projection};
-use tp_runtime::{Backend, Checkpoint, CpuBackend, ModelConfig, SeqLayout};
+use tp_runtime::load::read_vocab_rows;
+use tp_runtime::model::{DecoderLayer, ForwardContext, Workspace};
+use tp_runtime::{Backend, HostTensor, SeqLayout};
 
 use crate::{CalibError, Result};
 
 /// Tokens per forward pass while capturing: bounds the transient MLP activations.
 const TOKENS_PER_CHUNK: usize = 4096;
 
-/// The inputs of one decoder layer's projection groups over every calibration token.
+/// The inputs of one decoder layer's projection groups over every calibration token, in host
+/// memory (the scale and clip searches read them there, whatever backend ran the layer).
 #[derive(Clone, Debug)]
 pub struct LayerInputs {
     /// Input of q/k/v (the normed residual), `[tokens, hidden]`.
-    pub attn: CpuTensor,
+    pub attn: HostTensor,
     /// Input of o_proj (attention output), `[tokens, q_features]`.
-    pub o: CpuTensor,
+    pub o: HostTensor,
     /// Input of gate/up (the normed residual), `[tokens, hidden]`.
-    pub mlp: CpuTensor,
+    pub mlp: HostTensor,
     /// Input of down_proj (`silu(gate) * up`), `[tokens, intermediate]`.
-    pub down: CpuTensor,
+    pub down: HostTensor,
 }
 
 impl LayerInputs {
     /// The captured input of projection `p`.
-    pub fn of(&self, p: Projection) -> &CpuTensor {
+    pub fn of(&self, p: Projection) -> &HostTensor {
         match p {
             Projection::Q | Projection::K | Projection::V => &self.attn,
             Projection::O => &self.o,
@@ -38,7 +41,7 @@ impl LayerInputs {
     }
 
     /// Mutable access to the captured input of projection `p`.
-    pub fn of_mut(&mut self, p: Projection) -> &mut CpuTensor {
+    pub fn of_mut(&mut self, p: Projection) -> &mut HostTensor {
         match p {
             Projection::Q | Projection::K | Projection::V => &mut self.attn,
             Projection::O => &mut self.o,
@@ -50,7 +53,7 @@ impl LayerInputs {
 
 /// Per-channel mean |x| over the rows, accumulated in f64 in a fixed order (so that the
 /// result does not depend on thread scheduling) and returned as f32.
-pub fn mean_abs(x: &CpuTensor) -> Vec<f32> {
+pub fn mean_abs(x: &HostTensor) -> Vec<f32> {
     const ROWS: usize = 256;
     let partial: Vec<Vec<f64>> = x
         .data
@@ -74,51 +77,54 @@ pub fn mean_abs(x: &CpuTensor) -> Vec<f32> {
     total.into_iter().map(|v| (v / x.rows as f64) as f32).collect()
 }
 
-fn check_finite(x: &CpuTensor, layer: usize, what: &'static str) -> Result<()> {
-    match x.data.iter().position(|v| !v.is_finite()) {
+fn check_finite(x: &[f32], cols: usize, layer: usize, what: &'static str) -> Result<()> {
+    match x.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(CalibError::NonFinite {
             layer,
             what,
-            row: i / x.cols,
-            channel: i % x.cols,
+            row: i / cols,
+            channel: i % cols,
         }),
     }
 }
 
 /// One layer, loaded, with its captured inputs.
-pub struct LayerCapture {
+pub struct LayerCapture<B: Backend> {
     pub index: usize,
-    /// The unmodified layer (weights borrowed from the mapped checkpoint).
-    pub layer: DecoderLayer<CpuBackend>,
+    /// The unmodified layer (weights borrowed from the mapped checkpoint where the backend
+    /// allows).
+    pub layer: DecoderLayer<B>,
     pub inputs: LayerInputs,
 }
 
-/// Streams a checkpoint's decoder layers over the calibration blocks.
-pub struct LayerStream<'a> {
+/// Streams a checkpoint's decoder layers over the calibration blocks, on backend `B`.
+pub struct LayerStream<'a, B: Backend> {
     checkpoint: &'a Checkpoint,
     config: &'a ModelConfig,
-    backend: CpuBackend,
+    backend: &'a B,
     /// Residual stream entering the next layer, `[tokens, hidden]`: the output of the
     /// previous layer with its original (unquantized) weights.
-    x: CpuTensor,
+    x: B::Tensor,
+    tokens: usize,
     seq_len: usize,
     next: usize,
 }
 
-impl<'a> LayerStream<'a> {
+impl<'a, B: Backend> LayerStream<'a, B> {
     /// Embeds the calibration blocks (all of length `seq_len`).
-    pub fn new(checkpoint: &'a Checkpoint, config: &'a ModelConfig, blocks: &[Vec<u32>]) -> Result<Self> {
+    pub fn new(
+        backend: &'a B,
+        checkpoint: &'a Checkpoint,
+        config: &'a ModelConfig,
+        blocks: &[Vec<u32>],
+    ) -> Result<Self> {
         let seq_len = blocks.first().map_or(0, Vec::len);
         if seq_len == 0 || blocks.iter().any(|b| b.len() != seq_len) {
             return Err(CalibError::Invalid(
                 "calibration blocks must be non-empty and of equal length".into(),
             ));
         }
-        let backend = CpuBackend::new();
-        let name = "model.embed_tokens.weight";
-        let table = checkpoint.tensor_with_shape(name, &[config.vocab_size, config.hidden_size])?;
-        let matrix = backend.matrix(table.to_f32()?, config.vocab_size, config.hidden_size)?;
         let ids: Vec<u32> = blocks.concat();
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
             return Err(CalibError::Invalid(format!(
@@ -126,14 +132,17 @@ impl<'a> LayerStream<'a> {
                 config.vocab_size
             )));
         }
-        let x = backend.embed(&matrix, &ids, 0)?;
-        drop(matrix);
-        table.release_pages();
+        let whole = tp_runtime::shard::RankShard::whole(config);
+        let table = backend.matrix(read_vocab_rows(checkpoint, names::EMBED_TOKENS, config, &whole)?)?;
+        let x = backend.embed(&table, &ids, 0, config.hidden_size)?;
+        drop(table);
+        checkpoint.tensor(names::EMBED_TOKENS)?.release_pages();
         Ok(LayerStream {
             checkpoint,
             config,
             backend,
             x,
+            tokens: ids.len(),
             seq_len,
             next: 0,
         })
@@ -141,7 +150,7 @@ impl<'a> LayerStream<'a> {
 
     /// Calibration tokens.
     pub fn tokens(&self) -> usize {
-        self.x.rows
+        self.tokens
     }
 
     /// Index of the layer [`LayerStream::next_layer`] will return.
@@ -149,68 +158,77 @@ impl<'a> LayerStream<'a> {
         self.next
     }
 
+    /// The residual stream entering the next layer, on the host.
+    pub fn residual(&self) -> Result<Vec<f32>> {
+        Ok(self.backend.download(&self.x)?)
+    }
+
     /// Loads the next layer, runs it over every block while capturing its projection inputs,
     /// and advances the residual stream to its (unquantized) output. `None` after the last.
-    pub fn next_layer(&mut self) -> Result<Option<LayerCapture>> {
+    pub fn next_layer(&mut self) -> Result<Option<LayerCapture<B>>> {
         let index = self.next;
         if index == self.config.num_hidden_layers {
             return Ok(None);
         }
-        let c = self.config;
-        let layer = DecoderLayer::load(&self.backend, self.checkpoint, c, index)?;
-        let tokens = self.x.rows;
-        let empty = |cols: usize| CpuTensor {
-            data: vec![0f32; tokens * cols],
-            rows: tokens,
-            cols,
-        };
+        let (c, backend) = (self.config, self.backend);
+        let layer = DecoderLayer::load(backend, self.checkpoint, c, index)?;
+        let tokens = self.tokens;
         let mut inputs = LayerInputs {
-            attn: empty(c.hidden_size),
-            o: empty(c.q_features()),
-            mlp: empty(c.hidden_size),
-            down: empty(c.intermediate_size),
+            attn: HostTensor::zeros(tokens, c.hidden_size),
+            o: HostTensor::zeros(tokens, c.q_features()),
+            mlp: HostTensor::zeros(tokens, c.hidden_size),
+            down: HostTensor::zeros(tokens, c.intermediate_size),
         };
         let blocks_per_chunk = (TOKENS_PER_CHUNK / self.seq_len).max(1);
         let chunk_rows = blocks_per_chunk * self.seq_len;
         let hidden = c.hidden_size;
+        let residual = backend.download(&self.x)?;
+        let mut next = Vec::with_capacity(residual.len());
+        let mut ws = Workspace::default();
+        let mut ctx: Option<(usize, ForwardContext<B>)> = None;
         for start in (0..tokens).step_by(chunk_rows) {
             let rows = chunk_rows.min(tokens - start);
-            let layout = SeqLayout::new(&vec![self.seq_len; rows / self.seq_len])?;
-            let ctx = ForwardContext::new(&self.backend, c, &layout)?;
-            let mut x = CpuTensor::new(
-                self.x.data[start * hidden..(start + rows) * hidden].to_vec(),
-                rows,
-                hidden,
-            )?;
-            layer.forward_tapped(&self.backend, &mut x, &ctx, &mut |p, t| {
+            if ctx.as_ref().is_none_or(|(r, _)| *r != rows) {
+                let layout = SeqLayout::new(&vec![self.seq_len; rows / self.seq_len])?;
+                ctx = Some((rows, ForwardContext::new(backend, c, &layout)?));
+            }
+            let (_, ctx) = ctx.as_ref().expect("set above");
+            let mut x = backend.upload(&residual[start * hidden..(start + rows) * hidden], rows, hidden)?;
+            layer.forward_tapped(backend, &mut x, ctx, &mut ws, &mut |p, t| {
                 let dst = inputs.of_mut(p);
-                dst.data[start * t.cols..(start + rows) * t.cols].copy_from_slice(&t.data);
-                Ok(())
+                let cols = dst.cols;
+                backend.read(t, |values| {
+                    dst.rows_slice_mut(start..start + rows)
+                        .copy_from_slice(&values[..rows * cols])
+                })
             })?;
-            self.x.data[start * hidden..(start + rows) * hidden].copy_from_slice(&x.data);
+            backend.read(&x, |values| next.extend_from_slice(values))?;
         }
-        check_finite(&inputs.attn, index, "q/k/v")?;
-        check_finite(&inputs.o, index, "o_proj")?;
-        check_finite(&inputs.mlp, index, "gate/up")?;
-        check_finite(&inputs.down, index, "down_proj")?;
-        check_finite(&self.x, index, "the next layer")?;
+        check_finite(&inputs.attn.data, inputs.attn.cols, index, "q/k/v")?;
+        check_finite(&inputs.o.data, inputs.o.cols, index, "o_proj")?;
+        check_finite(&inputs.mlp.data, inputs.mlp.cols, index, "gate/up")?;
+        check_finite(&inputs.down.data, inputs.down.cols, index, "down_proj")?;
+        check_finite(&next, hidden, index, "the next layer")?;
+        self.x = backend.upload(&next, tokens, hidden)?;
         self.next += 1;
         Ok(Some(LayerCapture { index, layer, inputs }))
     }
 
     /// Drops layer `index`'s weights from resident memory once the caller is done with it.
     pub fn release(&self, index: usize) {
-        self.checkpoint.release_prefix(&format!("model.layers.{index}."));
+        self.checkpoint
+            .release_prefix(&names::layer_tensor_name(index, ""));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tp_runtime::CpuBackend;
 
     #[test]
     fn mean_abs_is_per_channel() {
-        let x = CpuTensor::new(vec![1.0, -2.0, -3.0, 4.0], 2, 2).unwrap();
+        let x = HostTensor::new(vec![1.0, -2.0, -3.0, 4.0], 2, 2).unwrap();
         assert_eq!(mean_abs(&x), vec![2.0, 3.0]);
     }
 
@@ -223,7 +241,8 @@ mod tests {
         let blocks: Vec<Vec<u32>> = (0..3)
             .map(|b| (0..40).map(|i| (i * 7 + b * 13) % 512).collect())
             .collect();
-        let mut stream = LayerStream::new(&checkpoint, &config, &blocks).unwrap();
+        let backend = CpuBackend::new();
+        let mut stream = LayerStream::new(&backend, &checkpoint, &config, &blocks).unwrap();
         let mut captures = 0;
         while let Some(cap) = stream.next_layer().unwrap() {
             assert_eq!(cap.inputs.down.cols, config.intermediate_size);
@@ -236,10 +255,11 @@ mod tests {
         let model = tp_runtime::Model::load(&dir, CpuBackend::new()).unwrap();
         let layout = SeqLayout::new(&[40, 40, 40]).unwrap();
         let ctx = model.context(&layout).unwrap();
+        let mut ws = Workspace::default();
         let mut x = model.embed(&blocks.concat()).unwrap();
         for layer in model.layers() {
-            layer.forward(model.backend(), &mut x, &ctx).unwrap();
+            layer.forward(model.backend(), &mut x, &ctx, &mut ws).unwrap();
         }
-        assert_eq!(x.data, stream.x.data);
+        assert_eq!(x.data, stream.residual().unwrap());
     }
 }

@@ -13,12 +13,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use checkpoint::Tokenizer;
+use checkpoint::digest::sha256_file;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tp_runtime::Tokenizer;
-use tp_runtime::digest::sha256_file;
 
 use crate::{CalibError, Result};
 
@@ -67,7 +67,7 @@ name_enum!(CalibFormat, Text => "text", Jsonl => "jsonl");
 name_enum!(Sampling, Records => "records", Windows => "windows");
 
 /// What calibration data to build.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibSpec {
     pub path: PathBuf,
     pub format: CalibFormat,
@@ -94,7 +94,7 @@ impl CalibSpec {
 }
 
 /// Everything a report needs to say about the calibration data.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibSummary {
     pub spec: CalibSpec,
     pub sha256: String,

@@ -33,9 +33,12 @@ pub enum CalibError {
         row: usize,
         channel: usize,
     },
-    /// The model or tokenizer failed.
+    /// The model failed to load or run.
     #[error(transparent)]
     Runtime(#[from] tp_runtime::Error),
+    /// A model file or the tokenizer failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
 }
 
 /// The crate's result type.

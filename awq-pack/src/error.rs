@@ -21,9 +21,12 @@ pub enum PackError {
     /// Calibration failed.
     #[error(transparent)]
     Calib(#[from] awq_calib::CalibError),
-    /// Reading or running the model failed.
+    /// Running the model failed.
     #[error(transparent)]
     Runtime(#[from] tp_runtime::Error),
+    /// Reading or writing a model file failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
 }
 
 impl PackError {

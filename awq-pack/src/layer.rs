@@ -6,17 +6,19 @@ use std::time::Instant;
 
 use awq_calib::LayerInputs;
 use awq_calib::capture::mean_abs;
+use checkpoint::names::{self, Projection, layer_tensor_name};
+use checkpoint::{Checkpoint, ModelConfig};
 use half::f16;
 use rayon::prelude::*;
-use serde::Serialize;
-use tp_runtime::backend::cpu::{CpuLinear, CpuMatrix, CpuTensor, gram, matmul_transposed};
-use tp_runtime::model::{DecoderLayer, ForwardContext, Linear, Projection, gated_activation, self_attention};
-use tp_runtime::{CpuBackend, ModelConfig, SeqLayout};
+use serde::{Deserialize, Serialize};
+use tp_runtime::backend::cpu::{gram, matmul_transposed};
+use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
+use tp_runtime::{Backend, DenseWeight, HostTensor, SeqLayout};
 
 use crate::clip::{ClipStats, apply_clip, sample_tokens, search_clip};
 use crate::pack::{PackedGemm, pack_gemm};
 use crate::quant::{GroupSize, QuantizedLinear};
-use crate::search::{ScaleChoice, Scaling, scaled_fake_quantize, search_scales, weight_mean};
+use crate::search::{GRID, ScaleChoice, Scaling, scaled_fake_quantize, search_scales, weight_mean};
 use crate::{PackError, Result};
 
 /// Calibration tokens per forward pass in a trial: bounds transient memory.
@@ -43,57 +45,63 @@ pub struct LayerWeights {
     pub biases: [Option<Vec<f32>>; 7],
 }
 
-fn slot(p: Projection) -> usize {
-    Projection::ALL
-        .iter()
-        .position(|&q| q == p)
-        .expect("ALL lists every projection")
-}
-
 impl LayerWeights {
-    /// Copies a dense layer's weights.
-    pub fn from_layer(layer: &DecoderLayer<CpuBackend>) -> Result<Self> {
-        let weights = Projection::ALL.map(|p| match &layer.projection(p).weight {
-            CpuLinear::Dense(m) => Ok(m.data.to_vec()),
-            CpuLinear::Awq(_) => Err(PackError::Invalid(format!(
-                "layer {}: {} is already quantized",
-                layer.index,
-                p.module()
-            ))),
-        });
-        let [q, k, v, o, gate, up, down] = weights;
+    /// Copies layer `layer`'s weights out of a dense checkpoint, widened to f32.
+    pub fn read(checkpoint: &Checkpoint, config: &ModelConfig, layer: usize) -> Result<Self> {
+        let h = config.hidden_size;
+        let dense = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(checkpoint.tensor_with_shape(&name, shape)?.to_f32()?.into_vec())
+        };
+        let mut weights = Vec::with_capacity(7);
+        let mut biases = Vec::with_capacity(7);
+        for p in Projection::ALL {
+            let prefix = p.prefix(layer);
+            if !checkpoint.contains(&format!("{prefix}.weight"))
+                && checkpoint.contains(&format!("{prefix}.qweight"))
+            {
+                return Err(PackError::Invalid(format!(
+                    "layer {layer}: {} is already quantized",
+                    p.module()
+                )));
+            }
+            let (out_features, in_features) = p.shape(config);
+            weights.push(dense(format!("{prefix}.weight"), &[out_features, in_features])?);
+            biases.push(match p.has_bias(config) {
+                true => Some(dense(format!("{prefix}.bias"), &[out_features])?),
+                false => None,
+            });
+        }
         Ok(LayerWeights {
-            input_layernorm: layer.input_layernorm.to_vec(),
-            post_attention_layernorm: layer.post_attention_layernorm.to_vec(),
-            weights: [q?, k?, v?, o?, gate?, up?, down?],
-            biases: Projection::ALL.map(|p| layer.projection(p).bias.as_ref().map(|b| b.to_vec())),
+            input_layernorm: dense(layer_tensor_name(layer, names::INPUT_LAYERNORM), &[h])?,
+            post_attention_layernorm: dense(layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM), &[h])?,
+            weights: weights.try_into().expect("seven projections"),
+            biases: biases.try_into().expect("seven projections"),
         })
     }
 
     /// The weight of `p`.
     pub fn weight(&self, p: Projection) -> &[f32] {
-        &self.weights[slot(p)]
+        &self.weights[p.index()]
     }
 
-    /// A CPU linear for `p` holding `weight` (and `p`'s bias).
-    fn linear(&self, config: &ModelConfig, p: Projection, weight: Vec<f32>) -> Linear<CpuBackend> {
+    /// `p` on `backend`, holding `weight` (and `p`'s bias).
+    fn linear<B: Backend>(
+        &self,
+        backend: &B,
+        config: &ModelConfig,
+        p: Projection,
+        weight: Vec<f32>,
+    ) -> Result<Linear<B>> {
         let (out_features, in_features) = p.shape(config);
-        Linear {
-            weight: CpuLinear::Dense(CpuMatrix {
-                data: weight.into(),
-                rows: out_features,
-                cols: in_features,
-            }),
-            bias: self.biases[slot(p)].clone().map(Into::into),
-            out_features,
-            in_features,
-        }
+        let weight = DenseWeight::f32(weight, out_features, in_features)?;
+        let bias = self.biases[p.index()].clone().map(Into::into);
+        Ok(Linear::new(backend, Box::new(weight), bias)?)
     }
 }
 
 /// What absorbs `1/s` in a scaling group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prev {
+pub enum Absorber {
     InputNorm,
     PostNorm,
     Linear(Projection),
@@ -101,60 +109,67 @@ enum Prev {
 
 /// Where a group's loss is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Inspect {
+pub enum Inspect {
     /// The whole attention block (o_proj included, unquantized).
     SelfAttention,
     /// The whole MLP (down_proj included, unquantized).
     Mlp,
-    /// The scaled linear alone.
+    /// The scaled linear alone (its loss in the Gram form `tr(ΔW XᵀX ΔWᵀ)`).
     Linear(Projection),
 }
 
-/// A scaling group: linears sharing one input (awq-format.md §2's table).
+/// A scaling group: linears sharing one input, and what absorbs the inverse scale
+/// (`docs/awq-format.md` §2).
 #[derive(Clone, Debug)]
-struct Group {
-    prev: Prev,
-    linears: Vec<Projection>,
-    inspect: Inspect,
+pub struct ScalingGroup {
+    pub absorber: Absorber,
+    pub linears: Vec<Projection>,
+    pub inspect: Inspect,
 }
 
-fn groups(config: &ModelConfig) -> Vec<Group> {
+/// The scaling groups of a decoder layer under `config`, in search order: the one place
+/// that decides, among other things, when the v → o group exists.
+pub fn scaling_groups(config: &ModelConfig) -> Vec<ScalingGroup> {
     use Projection::*;
-    let mut groups = vec![Group {
-        prev: Prev::InputNorm,
+    let mut groups = vec![ScalingGroup {
+        absorber: Absorber::InputNorm,
         linears: vec![Q, K, V],
         inspect: Inspect::SelfAttention,
     }];
-    // v → o only when the shapes agree, i.e. without grouped-query attention.
+    // v → o only when v_proj and o_proj have the same shape, as AutoAWQ decides: without
+    // grouped-query attention and with heads × head_dim = hidden.
     if V.shape(config) == O.shape(config) {
-        groups.push(Group {
-            prev: Prev::Linear(V),
+        groups.push(ScalingGroup {
+            absorber: Absorber::Linear(V),
             linears: vec![O],
             inspect: Inspect::Linear(O),
         });
     }
-    groups.push(Group {
-        prev: Prev::PostNorm,
+    groups.push(ScalingGroup {
+        absorber: Absorber::PostNorm,
         linears: vec![Gate, Up],
         inspect: Inspect::Mlp,
     });
-    groups.push(Group {
-        prev: Prev::Linear(Up),
+    groups.push(ScalingGroup {
+        absorber: Absorber::Linear(Up),
         linears: vec![Down],
         inspect: Inspect::Linear(Down),
     });
     groups
 }
 
-impl Group {
-    fn name(&self) -> String {
-        let prev = match self.prev {
-            Prev::InputNorm => "input_layernorm".to_string(),
-            Prev::PostNorm => "post_attention_layernorm".to_string(),
-            Prev::Linear(p) => p.module().to_string(),
+impl ScalingGroup {
+    /// "absorber -> linears", as reports name the group.
+    pub fn name(&self) -> String {
+        let absorber = match self.absorber {
+            Absorber::InputNorm => names::INPUT_LAYERNORM.trim_end_matches(".weight").to_string(),
+            Absorber::PostNorm => names::POST_ATTENTION_LAYERNORM
+                .trim_end_matches(".weight")
+                .to_string(),
+            Absorber::Linear(p) => p.module().to_string(),
         };
         let linears: Vec<&str> = self.linears.iter().map(|p| p.module()).collect();
-        format!("{prev} -> {}", linears.join(", "))
+        format!("{absorber} -> {}", linears.join(", "))
     }
 
     fn inspected(&self) -> &'static str {
@@ -166,26 +181,62 @@ impl Group {
     }
 }
 
+/// Floating-point operations of the AWQ search on one layer with `tokens` calibration tokens
+/// in blocks of `seq_len`: the capture forward, a reference and [`GRID`] trials of each
+/// block-inspected group, and the Gram form of the linear-inspected groups. The clip search
+/// is left out (under 1 %). `awq bench quantize` divides by this.
+pub fn search_flops(config: &ModelConfig, tokens: f64, seq_len: usize) -> f64 {
+    let product = |p: Projection| {
+        let (out_features, in_features) = p.shape(config);
+        2.0 * tokens * (out_features * in_features) as f64
+    };
+    let q = config.q_features() as f64;
+    let scores = tokens * 4.0 * q * (seq_len as f64 + 1.0) / 2.0;
+    let attention: f64 = [Projection::Q, Projection::K, Projection::V, Projection::O]
+        .into_iter()
+        .map(product)
+        .sum::<f64>()
+        + scores;
+    let mlp: f64 = [Projection::Gate, Projection::Up, Projection::Down]
+        .into_iter()
+        .map(product)
+        .sum();
+    let trials = GRID as f64;
+    let mut flops = attention + mlp; // capture
+    for group in scaling_groups(config) {
+        flops += match group.inspect {
+            Inspect::SelfAttention => (trials + 1.0) * attention,
+            Inspect::Mlp => (trials + 1.0) * mlp,
+            Inspect::Linear(p) => {
+                let (out_features, in_features) = p.shape(config);
+                let (k, out) = (in_features as f64, out_features as f64);
+                2.0 * tokens * k * k + trials * 2.0 * out * k * k
+            }
+        };
+    }
+    flops
+}
+
 /// The search of one group, as reported.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GroupReport {
     pub group: String,
-    pub inspected: &'static str,
+    pub inspected: String,
     pub seconds: f64,
     #[serde(flatten)]
     pub choice: ScaleChoice,
 }
 
 /// The clip search of one linear, as reported.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClipReport {
-    pub linear: &'static str,
+    pub linear: String,
     #[serde(flatten)]
     pub stats: ClipStats,
 }
 
 /// Seconds spent per step on one layer.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StepSeconds {
     pub capture: f64,
     pub scale_search: f64,
@@ -194,7 +245,7 @@ pub struct StepSeconds {
 }
 
 /// One layer's report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerReport {
     pub layer: usize,
     pub scale_groups: Vec<GroupReport>,
@@ -218,34 +269,26 @@ pub struct QuantizedLayer {
     pub biases: [Option<Vec<f32>>; 7],
 }
 
-/// Runs the inspected block over all calibration tokens, chunk by chunk, calling `f` with
-/// the chunk's row range and output.
-fn for_each_chunk(
+/// Runs `f` over the calibration tokens in chunks of whole blocks, with the forward context
+/// of each chunk's layout.
+fn for_each_chunk<B: Backend>(
+    backend: &B,
     tokens: usize,
     seq_len: usize,
     config: &ModelConfig,
-    mut f: impl FnMut(std::ops::Range<usize>, &ForwardContext<CpuBackend>) -> Result<()>,
+    mut f: impl FnMut(std::ops::Range<usize>, &ForwardContext<B>) -> Result<()>,
 ) -> Result<()> {
-    let backend = CpuBackend::new();
     let chunk = (TRIAL_TOKENS / seq_len).max(1) * seq_len;
-    let mut ctx: Option<(usize, ForwardContext<CpuBackend>)> = None;
+    let mut ctx: Option<(usize, ForwardContext<B>)> = None;
     for start in (0..tokens).step_by(chunk) {
         let rows = chunk.min(tokens - start);
         if ctx.as_ref().is_none_or(|(r, _)| *r != rows) {
             let layout = SeqLayout::new(&vec![seq_len; rows / seq_len])?;
-            ctx = Some((rows, ForwardContext::new(&backend, config, &layout)?));
+            ctx = Some((rows, ForwardContext::new(backend, config, &layout)?));
         }
         f(start..start + rows, &ctx.as_ref().expect("set above").1)?;
     }
     Ok(())
-}
-
-fn rows_of(x: &CpuTensor, rows: std::ops::Range<usize>) -> CpuTensor {
-    CpuTensor {
-        data: x.data[rows.start * x.cols..rows.end * x.cols].to_vec(),
-        rows: rows.len(),
-        cols: x.cols,
-    }
 }
 
 /// Σ (a − b)², in f64, in a fixed order.
@@ -263,48 +306,54 @@ fn squared_error(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
-/// Output of a block over all calibration tokens with the given weights.
-fn block_output(
+/// Output of a block over all calibration tokens with the given weights (`trial` replaces
+/// some), computed on `backend` and shown to `sink` on the host, chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+fn block_output<B: Backend>(
+    backend: &B,
     inspect: Inspect,
     w: &LayerWeights,
-    trial: &[(Projection, Vec<f32>)],
-    x: &CpuTensor,
+    trial: &mut Vec<(Projection, Vec<f32>)>,
+    x: &HostTensor,
     config: &ModelConfig,
     seq_len: usize,
-    mut sink: impl FnMut(std::ops::Range<usize>, &CpuTensor) -> Result<()>,
+    mut sink: impl FnMut(std::ops::Range<usize>, &[f32]) -> Result<()>,
 ) -> Result<()> {
-    let backend = CpuBackend::new();
-    let linear = |p: Projection| {
-        let weight = trial
-            .iter()
-            .find(|(q, _)| *q == p)
-            .map_or_else(|| w.weight(p).to_vec(), |(_, t)| t.clone());
-        w.linear(config, p, weight)
+    let mut linear = |p: Projection| {
+        let weight = match trial.iter().position(|(q, _)| *q == p) {
+            Some(i) => trial.swap_remove(i).1,
+            None => w.weight(p).to_vec(),
+        };
+        w.linear(backend, config, p, weight)
     };
+    let mut ws = Workspace::default();
+    let mut out = None;
     match inspect {
         Inspect::SelfAttention => {
             let (q, k, v, o) = (
-                linear(Projection::Q),
-                linear(Projection::K),
-                linear(Projection::V),
-                linear(Projection::O),
+                linear(Projection::Q)?,
+                linear(Projection::K)?,
+                linear(Projection::V)?,
+                linear(Projection::O)?,
             );
-            for_each_chunk(x.rows, seq_len, config, |rows, ctx| {
-                let h = rows_of(x, rows.clone());
-                let a = self_attention(&backend, [&q, &k, &v], &h, ctx)?;
-                sink(rows, &o.forward(&backend, &a)?)
+            for_each_chunk(backend, x.rows, seq_len, config, |rows, ctx| {
+                let h = backend.upload(x.rows_slice(rows.clone()), rows.len(), x.cols)?;
+                let attended = self_attention(backend, [&q, &k, &v], &h, ctx, &mut ws)?;
+                let y = project(backend, &o, attended, &mut out)?;
+                backend.read(y, |values| sink(rows, values))?
             })
         }
         Inspect::Mlp => {
             let (gate, up, down) = (
-                linear(Projection::Gate),
-                linear(Projection::Up),
-                linear(Projection::Down),
+                linear(Projection::Gate)?,
+                linear(Projection::Up)?,
+                linear(Projection::Down)?,
             );
-            for_each_chunk(x.rows, seq_len, config, |rows, _| {
-                let h = rows_of(x, rows.clone());
-                let act = gated_activation(&backend, &gate, &up, &h)?;
-                sink(rows, &down.forward(&backend, &act)?)
+            for_each_chunk(backend, x.rows, seq_len, config, |rows, _| {
+                let h = backend.upload(x.rows_slice(rows.clone()), rows.len(), x.cols)?;
+                let activated = gated_activation(backend, &gate, &up, &h, &mut ws)?;
+                let y = project(backend, &down, activated, &mut out)?;
+                backend.read(y, |values| sink(rows, values))?
             })
         }
         Inspect::Linear(_) => unreachable!("linear groups use the Gram form"),
@@ -319,19 +368,21 @@ enum Evaluator {
     Gram { gram: Vec<f32> },
 }
 
-/// Searches, fuses, clips and quantizes one layer. `inputs` are the layer's captured
-/// projection inputs (they are scaled in place as the scales are applied).
-pub fn quantize_layer(
-    layer: &DecoderLayer<CpuBackend>,
+/// Searches, fuses, clips and quantizes one layer: `w` are its weights, `inputs` its captured
+/// projection inputs (scaled in place as the scales are applied); the trials' forward passes
+/// run on `backend`.
+pub fn quantize_layer<B: Backend>(
+    backend: &B,
+    mut w: LayerWeights,
+    index: usize,
     inputs: &mut LayerInputs,
     config: &ModelConfig,
     settings: &LayerSettings,
 ) -> Result<(QuantizedLayer, LayerReport)> {
-    let mut w = LayerWeights::from_layer(layer)?;
     let g = settings.group_size;
-    let converted = |p: Projection| settings.converted[slot(p)];
+    let converted = |p: Projection| settings.converted[p.index()];
     let mut report = LayerReport {
-        layer: layer.index,
+        layer: index,
         scale_groups: Vec::new(),
         clip: Vec::new(),
         seconds: StepSeconds::default(),
@@ -340,7 +391,7 @@ pub fn quantize_layer(
     // 1. Every group's search, on the unmodified layer.
     let start = Instant::now();
     let mut choices = Vec::new();
-    for group in groups(config) {
+    for group in scaling_groups(config) {
         let group_start = Instant::now();
         let quantized: Vec<Projection> = group.linears.iter().copied().filter(|&p| converted(p)).collect();
         if quantized.is_empty() {
@@ -360,15 +411,24 @@ pub fn quantize_layer(
             inspect => {
                 let cols = config.hidden_size;
                 let mut reference = vec![0f32; tokens * cols];
-                block_output(inspect, &w, &[], x, config, settings.seq_len, |rows, out| {
-                    reference[rows.start * cols..rows.end * cols].copy_from_slice(&out.data);
-                    Ok(())
-                })?;
+                block_output(
+                    backend,
+                    inspect,
+                    &w,
+                    &mut Vec::new(),
+                    x,
+                    config,
+                    settings.seq_len,
+                    |rows, out| {
+                        reference[rows.start * cols..rows.end * cols].copy_from_slice(out);
+                        Ok(())
+                    },
+                )?;
                 Evaluator::Block { reference, cols }
             }
         };
         let choice = search_scales(&x_mean, &w_mean, settings.scaling, |scales| {
-            let trial: Vec<(Projection, Vec<f32>)> = quantized
+            let mut trial: Vec<(Projection, Vec<f32>)> = quantized
                 .iter()
                 .map(|&p| (p, scaled_fake_quantize(w.weight(p), in_features, scales, g)))
                 .collect();
@@ -398,14 +458,15 @@ pub fn quantize_layer(
                 Evaluator::Block { reference, cols } => {
                     let mut sum = 0f64;
                     block_output(
+                        backend,
                         group.inspect,
                         &w,
-                        &trial,
+                        &mut trial,
                         x,
                         config,
                         settings.seq_len,
                         |rows, out| {
-                            sum += squared_error(&out.data, &reference[rows.start * cols..rows.end * cols]);
+                            sum += squared_error(out, &reference[rows.start * cols..rows.end * cols]);
                             Ok(())
                         },
                     )?;
@@ -415,37 +476,37 @@ pub fn quantize_layer(
         })?;
         report.scale_groups.push(GroupReport {
             group: group.name(),
-            inspected: group.inspected(),
+            inspected: group.inspected().to_string(),
             seconds: group_start.elapsed().as_secs_f64(),
             choice: choice.clone(),
         });
         choices.push((group, choice));
     }
 
-    // 2. Fuse the scales: the previous op absorbs 1/s, the group's linears (and their
-    //    captured inputs) are multiplied by s along the input dimension.
+    // 2. Fuse the scales: the absorber takes 1/s, the group's linears (and their captured
+    //    inputs) are multiplied by s along the input dimension.
     for (group, choice) in &choices {
         let s = &choice.scales;
-        match group.prev {
-            Prev::InputNorm => w.input_layernorm.iter_mut().zip(s).for_each(|(v, s)| *v /= s),
-            Prev::PostNorm => w
+        match group.absorber {
+            Absorber::InputNorm => w.input_layernorm.iter_mut().zip(s).for_each(|(v, s)| *v /= s),
+            Absorber::PostNorm => w
                 .post_attention_layernorm
                 .iter_mut()
                 .zip(s)
                 .for_each(|(v, s)| *v /= s),
-            Prev::Linear(p) => {
+            Absorber::Linear(p) => {
                 let in_features = p.shape(config).1;
-                for (row, s) in w.weights[slot(p)].chunks_exact_mut(in_features).zip(s) {
+                for (row, s) in w.weights[p.index()].chunks_exact_mut(in_features).zip(s) {
                     row.iter_mut().for_each(|v| *v /= s);
                 }
-                if let Some(b) = &mut w.biases[slot(p)] {
+                if let Some(b) = &mut w.biases[p.index()] {
                     b.iter_mut().zip(s).for_each(|(v, s)| *v /= s);
                 }
             }
         }
         for &p in &group.linears {
             let in_features = p.shape(config).1;
-            w.weights[slot(p)].par_chunks_mut(in_features).for_each(|row| {
+            w.weights[p.index()].par_chunks_mut(in_features).for_each(|row| {
                 row.iter_mut().zip(s).for_each(|(v, s)| *v *= s);
             });
         }
@@ -466,9 +527,9 @@ pub fn quantize_layer(
             let sampled = sample_tokens(inputs.of(p));
             let out_features = p.shape(config).0;
             let (max_val, stats) = search_clip(w.weight(p), out_features, &sampled, g);
-            apply_clip(&mut w.weights[slot(p)], sampled.cols, g, &max_val);
+            apply_clip(&mut w.weights[p.index()], sampled.cols, g, &max_val);
             report.clip.push(ClipReport {
-                linear: p.module(),
+                linear: p.module().to_string(),
                 stats,
             });
         }
@@ -484,15 +545,15 @@ pub fn quantize_layer(
 
 /// Round-to-nearest: quantizes the layer's weights as they are.
 pub fn rtn_layer(
-    layer: &DecoderLayer<CpuBackend>,
+    w: LayerWeights,
+    index: usize,
     config: &ModelConfig,
     settings: &LayerSettings,
 ) -> Result<(QuantizedLayer, LayerReport)> {
     let start = Instant::now();
-    let w = LayerWeights::from_layer(layer)?;
     let out = finish_layer(w, config, settings)?;
     let report = LayerReport {
-        layer: layer.index,
+        layer: index,
         scale_groups: Vec::new(),
         clip: Vec::new(),
         seconds: StepSeconds {

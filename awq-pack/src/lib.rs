@@ -5,8 +5,12 @@
 //! - [`quant`]: 4-bit group quantization with a zero point (RTN), [`GroupSize`];
 //! - [`search`]: the per-group scale search; [`clip`]: the clip search;
 //! - [`layer`]: both applied to one decoder layer;
-//! - [`pack`]: the "gemm" packing; [`writer`]: a safetensors file written layer by layer;
-//! - [`quantize`](mod@quantize): a whole model, streamed layer by layer, into an output folder.
+//! - [`pack`]: the "gemm" packing;
+//! - [`quantize`](mod@quantize): a whole model, streamed layer by layer into a safetensors
+//!   file (`checkpoint::writer`) in an output folder.
+//!
+//! The calibration forward passes and the search's trials run on any `tp_runtime::Backend`;
+//! the statistics, the losses' Gram forms and the packing run on the host.
 
 pub mod clip;
 mod error;
@@ -15,9 +19,8 @@ pub mod pack;
 pub mod quant;
 pub mod quantize;
 pub mod search;
-pub mod writer;
 
 pub use error::{PackError, Result};
 pub use quant::GroupSize;
-pub use quantize::{Event, Method, QuantizeOptions, QuantizeReport, quantize};
+pub use quantize::{Event, Method, QuantizeOptions, QuantizeReport, quantize, quantize_on};
 pub use search::Scaling;

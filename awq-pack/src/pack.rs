@@ -1,41 +1,23 @@
-//! Packing quantized linears into the AWQ "gemm" layout (awq-format.md §5; see
-//! [`tp_runtime::awq`] for the layout itself).
+//! Packing quantized linears into the AWQ "gemm" layout (`docs/awq-format.md` §5; the
+//! layout itself is `checkpoint::awq`).
 
+use checkpoint::AwqShape;
+use checkpoint::awq::{PACK, pack_word};
 use half::f16;
-use tp_runtime::awq::{PACK, pack_word};
 
+use crate::Result;
 use crate::quant::QuantizedLinear;
-use crate::{PackError, Result};
 
 /// The three tensors of a linear layer in the "gemm" layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedGemm {
+    pub shape: AwqShape,
     /// `[in, out / 8]`.
     pub qweight: Vec<i32>,
     /// `[in / g, out / 8]`.
     pub qzeros: Vec<i32>,
     /// `[in / g, out]`.
     pub scales: Vec<f16>,
-    pub in_features: usize,
-    pub out_features: usize,
-    pub group_size: usize,
-}
-
-impl PackedGemm {
-    /// Shape of `qweight`.
-    pub fn qweight_shape(&self) -> [usize; 2] {
-        [self.in_features, self.out_features / PACK]
-    }
-
-    /// Shape of `qzeros`.
-    pub fn qzeros_shape(&self) -> [usize; 2] {
-        [self.in_features / self.group_size, self.out_features / PACK]
-    }
-
-    /// Shape of `scales`.
-    pub fn scales_shape(&self) -> [usize; 2] {
-        [self.in_features / self.group_size, self.out_features]
-    }
 }
 
 /// Transposes a `[rows, cols]` matrix of 4-bit values into `[cols, rows / 8]` packed words.
@@ -56,11 +38,12 @@ fn pack_transposed(values: &[u8], rows: usize, cols: usize) -> Vec<i32> {
 /// Packs a quantized `[out, in]` linear; `out` must be a multiple of 8.
 pub fn pack_gemm(q: &QuantizedLinear) -> Result<PackedGemm> {
     let (n, k, g) = (q.out_features, q.in_features, q.group_size.get());
-    if n % PACK != 0 {
-        return Err(PackError::Invalid(format!(
-            "{n} output features cannot be packed eight to a word"
-        )));
-    }
+    let shape = AwqShape {
+        in_features: k,
+        out_features: n,
+        group_size: g,
+    };
+    shape.check("packing")?;
     let groups = k / g;
     let mut scales = vec![f16::ZERO; groups * n];
     for row in 0..n {
@@ -69,12 +52,10 @@ pub fn pack_gemm(q: &QuantizedLinear) -> Result<PackedGemm> {
         }
     }
     Ok(PackedGemm {
+        shape,
         qweight: pack_transposed(&q.q, n, k),
         qzeros: pack_transposed(&q.zeros, n, groups),
         scales,
-        in_features: k,
-        out_features: n,
-        group_size: g,
     })
 }
 
@@ -109,7 +90,7 @@ mod tests {
         assert_eq!(packed.qweight[7] as u32, 0xECA8_DB97);
         // Zero points 0..=7 for outputs 0..=7, packed the same way.
         assert_eq!(packed.qzeros, vec![0x7531_6420u32 as i32]);
-        assert_eq!(packed.qweight_shape(), [8, 1]);
-        assert_eq!(packed.scales_shape(), [1, 8]);
+        assert_eq!(packed.shape.qweight_shape(), [8, 1]);
+        assert_eq!(packed.shape.scales_shape(), [1, 8]);
     }
 }

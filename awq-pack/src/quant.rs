@@ -12,7 +12,7 @@
 
 use half::f16;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{PackError, Result};
 
@@ -20,9 +20,23 @@ use crate::{PackError, Result};
 pub const MAX_Q: u8 = 15;
 
 /// How many consecutive input weights of a row share a scale and a zero point.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "usize", try_from = "usize")]
 pub struct GroupSize(usize);
+
+impl TryFrom<usize> for GroupSize {
+    type Error = PackError;
+
+    fn try_from(size: usize) -> Result<Self> {
+        GroupSize::new(size)
+    }
+}
+
+impl From<GroupSize> for usize {
+    fn from(g: GroupSize) -> usize {
+        g.0
+    }
+}
 
 impl GroupSize {
     /// A group size of at least 1.
@@ -36,18 +50,6 @@ impl GroupSize {
     /// The size.
     pub fn get(self) -> usize {
         self.0
-    }
-
-    /// Groups per row of a weight with `in_features` inputs; an error naming `what` unless the
-    /// size divides `in_features`.
-    pub fn groups(self, in_features: usize, what: &str) -> Result<usize> {
-        if !in_features.is_multiple_of(self.0) {
-            return Err(PackError::Invalid(format!(
-                "group size {} does not divide the {in_features} input features of {what}",
-                self.0
-            )));
-        }
-        Ok(in_features / self.0)
     }
 }
 
@@ -233,14 +235,10 @@ mod tests {
     }
 
     #[test]
-    fn group_size_must_divide() {
-        let g = GroupSize::new(128).unwrap();
-        assert_eq!(g.groups(256, "x").unwrap(), 2);
-        let err = g
-            .groups(576, "model.layers.0.self_attn.q_proj")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("576") && err.contains("q_proj"), "{err}");
+    fn group_size_is_positive_in_code_and_in_json() {
         assert!(GroupSize::new(0).is_err());
+        assert_eq!(serde_json::to_string(&GroupSize::new(64).unwrap()).unwrap(), "64");
+        assert_eq!(serde_json::from_str::<GroupSize>("64").unwrap().get(), 64);
+        assert!(serde_json::from_str::<GroupSize>("0").is_err());
     }
 }

@@ -8,17 +8,18 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use awq_calib::{CalibSpec, CalibSummary, LayerStream, dataset};
-use safetensors::Dtype;
+use checkpoint::Dtype;
+use checkpoint::names::{self, Projection, layer_tensor_name, projection_tensors};
+use checkpoint::writer::{SafetensorsStream, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes};
+use checkpoint::{AwqShape, Checkpoint, ModelConfig, QuantizationConfig, Tokenizer, atomic};
 use serde::{Deserialize, Serialize};
-use tp_runtime::awq::PACK;
-use tp_runtime::config::QuantizationConfig;
-use tp_runtime::model::{DecoderLayer, Projection, layer_tensor_name};
-use tp_runtime::{Checkpoint, CpuBackend, ModelConfig, Tokenizer, atomic};
+use tp_runtime::{Backend, CpuBackend};
 
-use crate::layer::{LayerReport, LayerSettings, OutLinear, QuantizedLayer, quantize_layer, rtn_layer};
+use crate::layer::{
+    LayerReport, LayerSettings, LayerWeights, OutLinear, QuantizedLayer, quantize_layer, rtn_layer,
+};
 use crate::quant::GroupSize;
 use crate::search::Scaling;
-use crate::writer::{SafetensorsStream, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes};
 use crate::{PackError, Result};
 
 /// Files copied unchanged from the input folder when present.
@@ -92,7 +93,7 @@ pub enum Event<'a> {
 }
 
 /// Seconds per step over the whole run.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunSeconds {
     pub calibration_data: f64,
     pub capture: f64,
@@ -104,7 +105,7 @@ pub struct RunSeconds {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QuantizeReport {
     pub method: Method,
     pub group_size: GroupSize,
@@ -132,78 +133,68 @@ pub fn check(config: &ModelConfig, options: &QuantizeOptions) -> Result<()> {
             "the model is already quantized (its config has a quantization_config)".into(),
         ));
     }
-    let q = QuantizationConfig {
-        group_size: options.group_size.get(),
-        modules_to_not_convert: options.modules_to_not_convert.clone(),
-    };
-    validate(config, &q, options.group_size)
+    validate(config, &quantization_config(options))
 }
 
-fn validate(config: &ModelConfig, q: &QuantizationConfig, group_size: GroupSize) -> Result<()> {
+/// The `quantization_config` a run with `options` writes.
+pub fn quantization_config(options: &QuantizeOptions) -> QuantizationConfig {
+    QuantizationConfig {
+        group_size: options.group_size.get(),
+        modules_to_not_convert: options.modules_to_not_convert.clone(),
+    }
+}
+
+/// The configuration of the checkpoint a run with `options` writes for `config`: what the
+/// tensor-parallel plan of the quantized model is checked against before any compute.
+pub fn quantized_config(config: &ModelConfig, options: &QuantizeOptions) -> ModelConfig {
+    ModelConfig {
+        quantization: Some(quantization_config(options)),
+        ..config.clone()
+    }
+}
+
+fn validate(config: &ModelConfig, q: &QuantizationConfig) -> Result<()> {
     for layer in 0..config.num_hidden_layers {
         for p in Projection::ALL {
             if !q.converts(&p.prefix(layer)) {
                 continue;
             }
             let (out_features, in_features) = p.shape(config);
-            group_size.groups(in_features, &p.prefix(layer))?;
-            if out_features % PACK != 0 {
-                return Err(PackError::Invalid(format!(
-                    "{}: {out_features} output features are not a multiple of 8 (AWQ packs eight per word)",
-                    p.prefix(layer)
-                )));
-            }
+            let shape = AwqShape {
+                in_features,
+                out_features,
+                group_size: q.group_size,
+            };
+            shape.check(&p.prefix(layer))?;
         }
     }
     Ok(())
 }
 
-/// Tensors of the output file, in write order.
+/// Tensors of the output file, in write order: the embeddings, each layer's norms and
+/// projections as the quantized configuration names them, the final norm and lm_head.
 fn tensor_specs(config: &ModelConfig, q: &QuantizationConfig) -> Vec<TensorSpec> {
+    let out_config = ModelConfig {
+        quantization: Some(q.clone()),
+        ..config.clone()
+    };
     let (v, h) = (config.vocab_size, config.hidden_size);
-    let g = q.group_size;
-    let mut specs = vec![TensorSpec::new("model.embed_tokens.weight", Dtype::F16, &[v, h])];
+    let mut specs = vec![TensorSpec::new(names::EMBED_TOKENS, Dtype::F16, &[v, h])];
     for layer in 0..config.num_hidden_layers {
-        specs.push(TensorSpec::new(
-            layer_tensor_name(layer, "input_layernorm.weight"),
-            Dtype::F16,
-            &[h],
-        ));
-        specs.push(TensorSpec::new(
-            layer_tensor_name(layer, "post_attention_layernorm.weight"),
-            Dtype::F16,
-            &[h],
-        ));
-        for (p, converted) in Projection::ALL.into_iter().zip(converted(q, layer)) {
-            let prefix = p.prefix(layer);
-            let (n, k) = p.shape(config);
-            if converted {
-                specs.push(TensorSpec::new(
-                    format!("{prefix}.qweight"),
-                    Dtype::I32,
-                    &[k, n / PACK],
-                ));
-                specs.push(TensorSpec::new(
-                    format!("{prefix}.qzeros"),
-                    Dtype::I32,
-                    &[k / g, n / PACK],
-                ));
-                specs.push(TensorSpec::new(
-                    format!("{prefix}.scales"),
-                    Dtype::F16,
-                    &[k / g, n],
-                ));
-            } else {
-                specs.push(TensorSpec::new(format!("{prefix}.weight"), Dtype::F16, &[n, k]));
-            }
-            if p.has_bias(config) {
-                specs.push(TensorSpec::new(format!("{prefix}.bias"), Dtype::F16, &[n]));
-            }
+        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
+            specs.push(TensorSpec::new(layer_tensor_name(layer, norm), Dtype::F16, &[h]));
+        }
+        for p in Projection::ALL {
+            specs.extend(
+                projection_tensors(&out_config, layer, p)
+                    .into_iter()
+                    .map(|t| TensorSpec::from_info(t, Dtype::F16)),
+            );
         }
     }
-    specs.push(TensorSpec::new("model.norm.weight", Dtype::F16, &[h]));
+    specs.push(TensorSpec::new(names::FINAL_NORM, Dtype::F16, &[h]));
     if !config.tie_word_embeddings {
-        specs.push(TensorSpec::new("lm_head.weight", Dtype::F16, &[v, h]));
+        specs.push(TensorSpec::new(names::LM_HEAD, Dtype::F16, &[v, h]));
     }
     specs
 }
@@ -215,20 +206,21 @@ fn write_layer(
     config: &ModelConfig,
 ) -> Result<()> {
     out.write(
-        &layer_tensor_name(layer, "input_layernorm.weight"),
+        &layer_tensor_name(layer, names::INPUT_LAYERNORM),
         &f32_as_f16_bytes(&q.input_layernorm),
     )?;
     out.write(
-        &layer_tensor_name(layer, "post_attention_layernorm.weight"),
+        &layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM),
         &f32_as_f16_bytes(&q.post_attention_layernorm),
     )?;
     for (i, p) in Projection::ALL.into_iter().enumerate() {
         let prefix = p.prefix(layer);
         match &q.linears[i] {
             OutLinear::Awq(packed) => {
-                out.write(&format!("{prefix}.qweight"), &i32_bytes(&packed.qweight))?;
-                out.write(&format!("{prefix}.qzeros"), &i32_bytes(&packed.qzeros))?;
-                out.write(&format!("{prefix}.scales"), &f16_bytes(&packed.scales))?;
+                let [qweight, qzeros, scales] = packed.shape.tensors(&prefix).map(|t| t.0);
+                out.write(&qweight, &i32_bytes(&packed.qweight))?;
+                out.write(&qzeros, &i32_bytes(&packed.qzeros))?;
+                out.write(&scales, &f16_bytes(&packed.scales))?;
             }
             OutLinear::Dense(w) => out.write(&format!("{prefix}.weight"), &f16_bytes(w))?,
         }
@@ -260,8 +252,20 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Quantizes the checkpoint in `model_dir` into an AWQ "gemm" checkpoint folder at `out_dir`.
+/// Quantizes the checkpoint in `model_dir` into an AWQ "gemm" checkpoint folder at `out_dir`,
+/// on the CPU.
 pub fn quantize(
+    model_dir: &Path,
+    out_dir: &Path,
+    options: &QuantizeOptions,
+    on_event: impl FnMut(Event<'_>),
+) -> Result<QuantizeReport> {
+    quantize_on(&CpuBackend::new(), model_dir, out_dir, options, on_event)
+}
+
+/// [`quantize`] with the calibration forward passes and the search's trials on `backend`.
+pub fn quantize_on<B: Backend>(
+    backend: &B,
     model_dir: &Path,
     out_dir: &Path,
     options: &QuantizeOptions,
@@ -270,16 +274,13 @@ pub fn quantize(
     let total = Instant::now();
     let config_path = model_dir.join("config.json");
     let config = ModelConfig::from_file(&config_path)?;
-    let qconfig = QuantizationConfig {
-        group_size: options.group_size.get(),
-        modules_to_not_convert: options.modules_to_not_convert.clone(),
-    };
+    let qconfig = quantization_config(options);
     if config.quantization.is_some() {
         return Err(PackError::AlreadyQuantized {
             path: model_dir.join("config.json"),
         });
     }
-    validate(&config, &qconfig, options.group_size)?;
+    validate(&config, &qconfig)?;
     if atomic::is_occupied(out_dir) && !options.replace {
         return Err(PackError::Invalid(format!(
             "{}: already exists and is not empty (choose another output folder or pass --force)",
@@ -314,13 +315,12 @@ pub fn quantize(
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mut out = SafetensorsStream::create(&dir.join("model.safetensors"), specs, metadata)?;
         let (v, h) = (config.vocab_size, config.hidden_size);
-        copy_as_f16(&mut out, &checkpoint, "model.embed_tokens.weight", &[v, h])?;
+        copy_as_f16(&mut out, &checkpoint, names::EMBED_TOKENS, &[v, h])?;
 
         let mut stream = match &calib {
-            Some(set) => Some(LayerStream::new(&checkpoint, &config, &set.blocks)?),
+            Some(set) => Some(LayerStream::new(backend, &checkpoint, &config, &set.blocks)?),
             None => None,
         };
-        let backend = CpuBackend::new();
         for index in 0..layers {
             let settings = LayerSettings {
                 group_size: options.group_size,
@@ -333,19 +333,21 @@ pub fn quantize(
                 Some(stream) => {
                     let start = Instant::now();
                     let mut capture = stream.next_layer()?.expect("one capture per layer");
+                    drop(capture.layer);
                     let capture_seconds = start.elapsed().as_secs_f64();
-                    let result = quantize_layer(&capture.layer, &mut capture.inputs, &config, &settings)?;
-                    drop(capture);
+                    let weights = LayerWeights::read(&checkpoint, &config, index)?;
+                    let result =
+                        quantize_layer(backend, weights, index, &mut capture.inputs, &config, &settings)?;
+                    drop(capture.inputs);
                     stream.release(index);
                     let (q, mut r) = result;
                     r.seconds.capture = capture_seconds;
                     (q, r)
                 }
                 None => {
-                    let layer = DecoderLayer::load(&backend, &checkpoint, &config, index)?;
-                    let result = rtn_layer(&layer, &config, &settings)?;
-                    drop(layer);
-                    checkpoint.release_prefix(&format!("model.layers.{index}."));
+                    let weights = LayerWeights::read(&checkpoint, &config, index)?;
+                    let result = rtn_layer(weights, index, &config, &settings)?;
+                    checkpoint.release_prefix(&layer_tensor_name(index, ""));
                     result
                 }
             };
@@ -366,9 +368,9 @@ pub fn quantize(
         }
 
         let start = Instant::now();
-        copy_as_f16(&mut out, &checkpoint, "model.norm.weight", &[h])?;
+        copy_as_f16(&mut out, &checkpoint, names::FINAL_NORM, &[h])?;
         if !config.tie_word_embeddings {
-            copy_as_f16(&mut out, &checkpoint, "lm_head.weight", &[v, h])?;
+            copy_as_f16(&mut out, &checkpoint, names::LM_HEAD, &[v, h])?;
         }
         out.finish()?;
         let mut new_config = original_config.clone();

@@ -118,7 +118,7 @@ pub fn scaled_fake_quantize(
 }
 
 /// The outcome of one group's search.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScaleChoice {
     /// The winning grid point.
     pub alpha: f32,

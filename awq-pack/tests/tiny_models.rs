@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use awq_calib::CalibSpec;
 use awq_pack::quant::QuantizedLinear;
 use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling, quantize};
+use checkpoint::{Checkpoint, Tokenizer};
 use rand::{RngExt, SeedableRng};
 use testkit::awq::{dequantize_checkpoint, folder_digest, unpack_gemm};
-use tp_runtime::{Checkpoint, CpuBackend, Model, SeqLayout};
+use tp_runtime::{CpuBackend, Model, SeqLayout};
 
 fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
     QuantizeOptions {
@@ -95,42 +96,87 @@ fn reruns_are_bit_identical() {
     let first = quantize(&model, &a, &options(Method::Awq, &calib, 16), |_| {}).unwrap();
     quantize(&model, &b, &options(Method::Awq, &calib, 16), |_| {}).unwrap();
     assert_eq!(folder_digest(&a), folder_digest(&b));
-    // The search did something: at least one group picked a non-zero α.
-    assert!(
-        first
-            .layers
-            .iter()
-            .flat_map(|l| &l.scale_groups)
-            .any(|g| g.choice.alpha > 0.0)
+    // Every group's report is a grid search: the chosen α is the first strict minimum of the
+    // recorded losses, and its loss is what is reported as the best.
+    let groups: Vec<_> = first.layers.iter().flat_map(|l| &l.scale_groups).collect();
+    assert_eq!(
+        groups.len(),
+        3 * 3,
+        "three layers of three groups (GQA: no v → o)"
     );
+    for g in groups {
+        let c = &g.choice;
+        assert_eq!(c.losses.len(), awq_pack::search::GRID, "{}", g.group);
+        let argmin =
+            (0..c.losses.len()).fold(0, |best, i| if c.losses[i] < c.losses[best] { i } else { best });
+        assert_eq!(
+            c.alpha,
+            argmin as f32 / awq_pack::search::GRID as f32,
+            "{}: α",
+            g.group
+        );
+        assert_eq!(c.best_loss, c.losses[argmin], "{}", g.group);
+        assert_eq!(c.loss_at_zero, c.losses[0], "{}", g.group);
+        assert!(c.losses.iter().all(|l| l.is_finite() && *l >= 0.0), "{}", g.group);
+    }
     assert_eq!(
         first.calibration.as_ref().unwrap().blocks * 64,
         first.calibration.unwrap().tokens
     );
 }
 
-/// The W4A16 runtime computes what the checkpoint's dense dequantization computes.
+/// The W4A16 runtime computes what the checkpoint's dense dequantization computes, and the
+/// AWQ checkpoint is closer to the original than round-to-nearest at the same settings, on
+/// text of the calibration's kind that the calibration did not see.
 fn runtime_matches_dequantized(name: &str, group_size: usize, not_convert: &[&str]) {
     let (tmp, model, calib) = setup(name);
-    let out = tmp.root().join("awq");
-    let opts = QuantizeOptions {
-        modules_to_not_convert: not_convert.iter().map(|s| s.to_string()).collect(),
-        ..options(Method::Awq, &calib, group_size)
+    let quantized = |method: Method, dir: &str| {
+        let out = tmp.root().join(dir);
+        let opts = QuantizeOptions {
+            modules_to_not_convert: not_convert.iter().map(|s| s.to_string()).collect(),
+            ..options(method, &calib, group_size)
+        };
+        quantize(&model, &out, &opts, |_| {}).unwrap();
+        out
     };
-    quantize(&model, &out, &opts, |_| {}).unwrap();
+    let (awq, rtn) = (quantized(Method::Awq, "awq"), quantized(Method::Rtn, "rtn"));
     let dense = tmp.root().join("dense");
-    dequantize_checkpoint(&out, &dense);
-    let ids: Vec<u32> = (0..80).map(|i| (i * 37 % 512) as u32).collect();
+    dequantize_checkpoint(&awq, &dense);
+    // Lines 200.. of the synthetic text: the calibration file holds lines 0..200.
+    let held_out: String = testkit::synthetic_text(260)
+        .lines()
+        .skip(200)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut ids = Tokenizer::from_dir(&model)
+        .unwrap()
+        .encode(&held_out, false)
+        .unwrap();
+    ids.truncate(96);
     let layout = SeqLayout::single(ids.len()).unwrap();
+    let rows: Vec<usize> = (0..ids.len()).collect();
     let logits = |dir: &Path| {
         let m = Model::load(dir, CpuBackend::new()).unwrap();
         let h = m.forward(&ids, &layout).unwrap();
-        m.logits(&h, &[0, 40, 79]).unwrap().concat()
+        m.logits(&h, &rows).unwrap().concat()
     };
-    let (q, d) = (logits(&out), logits(&dense));
+    let (q, d) = (logits(&awq), logits(&dense));
     let err = q.iter().zip(&d).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err < 1e-4, "{name}: W4A16 vs dequantized differ by {err}");
-    assert_ne!(q, logits(&model), "{name}: quantization changed nothing");
+    let original = logits(&model);
+    let mse = |x: &[f32]| {
+        x.iter()
+            .zip(&original)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            / x.len() as f64
+    };
+    let (awq_err, rtn_err) = (mse(&q), mse(&logits(&rtn)));
+    eprintln!("{name}: logit MSE against the original: AWQ {awq_err:.3e}, RTN {rtn_err:.3e}");
+    assert!(
+        awq_err < rtn_err,
+        "{name}: AWQ {awq_err:e} is not closer than RTN {rtn_err:e}"
+    );
 }
 
 #[test]

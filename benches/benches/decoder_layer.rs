@@ -4,10 +4,10 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tp_runtime::SeqLayout;
-use tp_runtime::backend::cpu::{CpuLinear, CpuMatrix, matmul_transposed};
+use tp_runtime::backend::cpu::matmul_transposed;
 use tp_runtime::backend::{Backend, CpuBackend, RopeFrequencies};
-use tp_runtime::model::{DecoderLayer, ForwardContext, Linear};
+use tp_runtime::model::{DecoderLayer, ForwardContext, Linear, Workspace};
+use tp_runtime::{DenseWeight, SeqLayout};
 
 const TOKENS: usize = 512;
 const HIDDEN: usize = 576;
@@ -21,17 +21,9 @@ fn random(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn linear(rng: &mut ChaCha8Rng, out_features: usize, in_features: usize) -> Linear<CpuBackend> {
-    let data = random(rng, out_features * in_features, 1.0 / (in_features as f32).sqrt()).into();
-    Linear {
-        weight: CpuLinear::Dense(CpuMatrix {
-            data,
-            rows: out_features,
-            cols: in_features,
-        }),
-        bias: None,
-        out_features,
-        in_features,
-    }
+    let data = random(rng, out_features * in_features, 1.0 / (in_features as f32).sqrt());
+    let weight = DenseWeight::f32(data, out_features, in_features).unwrap();
+    Linear::new(&CpuBackend::new(), Box::new(weight), None).unwrap()
 }
 
 fn layer(rng: &mut ChaCha8Rng) -> DecoderLayer<CpuBackend> {
@@ -70,15 +62,16 @@ fn bench(c: &mut Criterion) {
         comm: None,
     };
     let input = backend
-        .tensor(&random(&mut rng, TOKENS * HIDDEN, 1.0), TOKENS, HIDDEN)
+        .upload(&random(&mut rng, TOKENS * HIDDEN, 1.0), TOKENS, HIDDEN)
         .unwrap();
+    let mut ws = Workspace::default();
 
     let mut group = c.benchmark_group("decoder_layer_512");
     group.throughput(Throughput::Elements(TOKENS as u64));
     group.bench_function("layer_forward", |b| {
         b.iter(|| {
             let mut x = input.clone();
-            layer.forward(&backend, &mut x, &ctx).unwrap();
+            layer.forward(&backend, &mut x, &ctx, &mut ws).unwrap();
             x
         })
     });

@@ -61,16 +61,46 @@ extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restri
     if (i < (long long)rows * cols) x[i] += b[i % cols];
 }
 
+// Reads element i of a table as f32, for tables kept in their stored type.
+struct LoadF32 {
+    const float* t;
+    __device__ __forceinline__ float operator()(long long i) const { return t[i]; }
+};
+struct LoadF16 {
+    const half_bits* t;
+    __device__ __forceinline__ float operator()(long long i) const { return f16_to_f32(t[i]); }
+};
+struct LoadBf16 {
+    const unsigned short* t;
+    __device__ __forceinline__ float operator()(long long i) const { return __uint_as_float((unsigned int)t[i] << 16); }
+};
+
 // out[r] = table[ids[r] - first_id] when the table holds that id, else zeros (another
 // rank holds it). One block per row.
-extern "C" __global__ void embed(const float* __restrict__ table, const unsigned int* __restrict__ ids,
-                                 float* __restrict__ out, int n, int cols, int first_id, int table_rows) {
+template <typename Load>
+__device__ __forceinline__ void embed_rows(Load table, const unsigned int* __restrict__ ids, float* __restrict__ out,
+                                           int n, int cols, int first_id, int table_rows) {
     int r = blockIdx.x;
     if (r >= n) return;
     long long local = (long long)ids[r] - first_id;
     bool held = local >= 0 && local < table_rows;
     float* o = out + (size_t)r * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = held ? table[local * cols + c] : 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = held ? table(local * cols + c) : 0.0f;
+}
+
+extern "C" __global__ void embed(const float* __restrict__ table, const unsigned int* __restrict__ ids,
+                                 float* __restrict__ out, int n, int cols, int first_id, int table_rows) {
+    embed_rows(LoadF32{table}, ids, out, n, cols, first_id, table_rows);
+}
+
+extern "C" __global__ void embed_f16(const half_bits* __restrict__ table, const unsigned int* __restrict__ ids,
+                                     float* __restrict__ out, int n, int cols, int first_id, int table_rows) {
+    embed_rows(LoadF16{table}, ids, out, n, cols, first_id, table_rows);
+}
+
+extern "C" __global__ void embed_bf16(const unsigned short* __restrict__ table, const unsigned int* __restrict__ ids,
+                                      float* __restrict__ out, int n, int cols, int first_id, int table_rows) {
+    embed_rows(LoadBf16{table}, ids, out, n, cols, first_id, table_rows);
 }
 
 // out[i] = x[rows[i]]: the hidden states of the scored positions.
@@ -93,4 +123,14 @@ extern "C" __global__ void fill(float* __restrict__ x, float value, long long n)
 extern "C" __global__ void to_f16(const float* __restrict__ x, half_bits* __restrict__ y, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = f32_to_f16(x[i]);
+}
+
+// f32 -> bf16, round to nearest even: the activations of a product with bf16 weights.
+extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        unsigned short b;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(x[i]));
+        y[i] = b;
+    }
 }

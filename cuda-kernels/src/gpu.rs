@@ -13,7 +13,7 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::compile::{arch_names, nvrtc_available, ptx};
 use crate::launch::{DEQUANT_MIN_ROWS, FusedKernel, W4a16Path, WARPS, dequant_blocks, fused_launch};
@@ -70,6 +70,47 @@ impl AwqDeviceWeight {
 pub enum W4a16Out<'a> {
     F32(&'a mut CudaSlice<f32>),
     F16(&'a mut CudaSlice<f16>),
+}
+
+/// An element type an embedding table can be stored in on the device.
+pub trait TableElement: DeviceRepr {
+    /// The kernel that embeds from such a table.
+    const EMBED: &'static str;
+}
+
+impl TableElement for f32 {
+    const EMBED: &'static str = "embed";
+}
+impl TableElement for f16 {
+    const EMBED: &'static str = "embed_f16";
+}
+impl TableElement for bf16 {
+    const EMBED: &'static str = "embed_bf16";
+}
+
+/// A 16-bit float type cuBLAS multiplies.
+pub trait HalfElement: DeviceRepr {
+    /// cuBLAS's name of the type.
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType;
+}
+
+impl HalfElement for f16 {
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_16F;
+}
+impl HalfElement for bf16 {
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// An error naming the first row index that is not below `rows`: a gather never reads past
+/// its source.
+pub fn check_row_indices(indices: &[u32], rows: usize) -> Result<()> {
+    match indices.iter().position(|&r| r as usize >= rows) {
+        None => Ok(()),
+        Some(i) => Err(KernelError::Shape(format!(
+            "gather: row index {} at position {i} is outside the {rows} rows of the source",
+            indices[i]
+        ))),
+    }
 }
 
 /// Threads per block of the row-wise kernels.
@@ -365,12 +406,12 @@ impl Gpu {
         Ok(())
     }
 
-    /// Embedding rows of `ids` from a table holding ids `first_id..first_id + table_rows`;
-    /// others get zero rows. CPU twin: `CpuBackend::embed`.
+    /// Embedding rows of `ids` from a table holding ids `first_id..first_id + table_rows`,
+    /// stored as f32, f16 or bf16; others get zero rows. CPU twin: `CpuBackend::embed_into`.
     #[allow(clippy::too_many_arguments)]
-    pub fn embed(
+    pub fn embed<T: TableElement>(
         &self,
-        table: &CudaSlice<f32>,
+        table: &CudaSlice<T>,
         table_rows: usize,
         ids: &CudaSlice<u32>,
         out: &mut CudaSlice<f32>,
@@ -381,7 +422,7 @@ impl Gpu {
         expect_len("embed table", table, table_rows * cols)?;
         expect_len("embed ids", ids, n)?;
         expect_len("embed out", out, n * cols)?;
-        let f = self.function("embed")?;
+        let f = self.function(T::EMBED)?;
         let (nn, c, first, tr) = (
             int("n", n)?,
             int("cols", cols)?,
@@ -401,33 +442,50 @@ impl Gpu {
         Ok(())
     }
 
-    /// `out[i] = x[rows[i]]`.
+    /// `out[i] = x[rows[i]]`; every row index is checked against `x_rows` before anything
+    /// reaches the device.
     pub fn gather_rows(
         &self,
         x: &CudaSlice<f32>,
         x_rows: usize,
-        rows: &CudaSlice<u32>,
+        rows: &[u32],
         out: &mut CudaSlice<f32>,
-        n: usize,
         cols: usize,
     ) -> Result<()> {
+        let n = rows.len();
+        check_row_indices(rows, x_rows)?;
         expect_len("gather x", x, x_rows * cols)?;
-        expect_len("gather rows", rows, n)?;
         expect_len("gather out", out, n * cols)?;
+        let rows = self.upload(rows)?;
         let f = self.function("gather_rows")?;
         let (nn, c) = (int("n", n)?, int("cols", cols)?);
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(rows).arg(out).arg(&nn).arg(&c);
-        // SAFETY: sizes checked; row indices are checked by the caller against x_rows.
+        b.arg(x).arg(&rows).arg(out).arg(&nn).arg(&c);
+        // SAFETY: sizes checked; every row index is below x_rows (checked above).
         unsafe { b.launch(rows_config(n)) }?;
         Ok(())
     }
 
     /// f32 → f16 (round to nearest even).
     pub fn to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f16>, n: usize) -> Result<()> {
-        expect_len("to_f16 x", x, n)?;
-        expect_len("to_f16 y", y, n)?;
-        let f = self.function("to_f16")?;
+        self.convert("to_f16", x, y, n)
+    }
+
+    /// f32 → bf16 (round to nearest even).
+    pub fn to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<bf16>, n: usize) -> Result<()> {
+        self.convert("to_bf16", x, y, n)
+    }
+
+    fn convert<T: DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
+        n: usize,
+    ) -> Result<()> {
+        expect_len("convert x", x, n)?;
+        expect_len("convert y", y, n)?;
+        let f = self.function(kernel)?;
         let n64 = n as i64;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(y).arg(&n64);
@@ -724,11 +782,25 @@ impl Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        self.half_gemm_nt_f32(x, w, y, m, k, n)
+    }
+
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ` with f16 or bf16 operands and an f32 output (f32
+    /// accumulation, cuBLAS `gemm_ex`). CPU twin: `CpuMatrix::matmul`.
+    pub fn half_gemm_nt_f32<T: HalfElement>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
         use cudarc::driver::{DevicePtr, DevicePtrMut};
-        expect_len("hgemm x", x, m * k)?;
-        expect_len("hgemm w", w, n * k)?;
-        expect_len("hgemm y", y, m * n)?;
+        expect_len("half gemm x", x, m * k)?;
+        expect_len("half gemm w", w, n * k)?;
+        expect_len("half gemm y", y, m * n)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (mi, ki, ni) = (int("m", m)?, int("k", k)?, int("n", n)?);
         let (wp, _w_sync) = w.device_ptr(&self.stream);
@@ -746,14 +818,14 @@ impl Gpu {
                 ki,
                 (&alpha) as *const f32 as *const _,
                 wp as *const _,
-                cudaDataType::CUDA_R_16F,
+                T::CUDA_TYPE,
                 ki,
                 xp as *const _,
-                cudaDataType::CUDA_R_16F,
+                T::CUDA_TYPE,
                 ki,
                 (&beta) as *const f32 as *const _,
                 yp as *mut _,
-                cudaDataType::CUDA_R_32F,
+                cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
                 ni,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -828,5 +900,21 @@ impl Gpu {
         let mut dst = self.zeros::<f32>(n)?;
         let ms = self.time_ms(10, 1, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
         Ok(2.0 * (n * 4) as f64 / (ms as f64 / 1e3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_indices_past_the_source_are_refused_before_launch() {
+        assert!(check_row_indices(&[0, 4, 2], 5).is_ok());
+        let err = check_row_indices(&[0, 5, 2], 5).unwrap_err().to_string();
+        assert!(
+            err.contains("row index 5 at position 1") && err.contains("5 rows"),
+            "{err}"
+        );
+        assert!(check_row_indices(&[u32::MAX], 5).is_err());
     }
 }

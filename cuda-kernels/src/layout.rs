@@ -19,14 +19,14 @@
 //! Zeros: one word per (group, strip, gid), nibble `j` for feature `64 s + 8 j + gid`.
 //! Scales: eight f16 per (group, strip, gid), the `j`-th for the same feature.
 
+use checkpoint::awq::ORDER as GEMM_ORDER;
+
 use crate::{KernelError, Result};
 
 /// Output features per strip (one warp's share).
 pub const STRIP: usize = 64;
 /// Input features per step (one tensor-core k step).
 pub const STEP: usize = 16;
-/// Column (within its word) of nibble `i` in AWQ's "gemm" packing.
-const GEMM_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 
 /// An AWQ weight in the "mma" layout, on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]

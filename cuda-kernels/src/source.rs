@@ -24,9 +24,12 @@ pub const SOURCES: &[KernelSource] = &[
             "add_assign",
             "add_bias",
             "embed",
+            "embed_f16",
+            "embed_bf16",
             "gather_rows",
             "fill",
             "to_f16",
+            "to_bf16",
         ],
     },
     KernelSource {

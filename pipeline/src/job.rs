@@ -2,8 +2,8 @@
 //! and every check that can run before any compute.
 //!
 //! Relative paths are resolved against the job file's folder; `${VAR}` expands environment
-//! variables (`${AWQ_CACHE_DIR}` defaults to the cache folder of `scripts/fetch-model.sh`)
-//! and a leading `~/` the home folder.
+//! variables (`${AWQ_CACHE_DIR}` defaults to the model cache folder, `awq cache-dir`) and a
+//! leading `~/` the home folder.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use awq_calib::{CalibFormat, CalibSpec, Sampling};
 use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
+use checkpoint::ModelConfig;
+use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
+use evaluation::perplexity::Protocol;
 use serde::{Deserialize, Serialize};
-use tp_runtime::ModelConfig;
-use tp_runtime::perplexity::Protocol;
 
 /// A job file as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -421,6 +422,52 @@ pub struct Job {
     pub canonical_hash: String,
 }
 
+/// What a job's output folder holds, by name: the one definition the runner, the report and
+/// `awq batch` read.
+impl Job {
+    /// The imported checkpoint (GGUF sources).
+    pub fn imported_dir(&self) -> PathBuf {
+        self.out_dir.join("model")
+    }
+
+    /// The checkpoint the original model's evaluations and the quantization read.
+    pub fn original_dir(&self) -> PathBuf {
+        match &self.source {
+            Source::Gguf(_) => self.imported_dir(),
+            Source::HfDir(dir) => dir.clone(),
+        }
+    }
+
+    /// The quantized checkpoint.
+    pub fn quantized_dir(&self) -> PathBuf {
+        self.out_dir.join("quantized")
+    }
+
+    /// The quantization's report.
+    pub fn quantize_report(&self) -> PathBuf {
+        self.out_dir.join("quantize.json")
+    }
+
+    /// The report of evaluation `i`.
+    pub fn eval_report(&self, i: usize) -> PathBuf {
+        self.out_dir
+            .join(format!("eval-{i}-{}.json", self.evals[i].model))
+    }
+
+    /// The job report (`report.json`; `report.md` and `loss.svg` beside it).
+    pub fn report(&self) -> PathBuf {
+        self.out_dir.join("report.json")
+    }
+
+    /// The model directory evaluation `i` reads.
+    pub fn eval_model_dir(&self, i: usize) -> PathBuf {
+        match self.evals[i].model {
+            EvalModel::Original => self.original_dir(),
+            EvalModel::Quantized => self.quantized_dir(),
+        }
+    }
+}
+
 /// Expands `${VAR}` and a leading `~/`, and resolves a relative path against `base`.
 pub fn resolve_path(raw: &str, base: &Path) -> Result<PathBuf, String> {
     let mut out = String::new();
@@ -434,7 +481,7 @@ pub fn resolve_path(raw: &str, base: &Path) -> Result<PathBuf, String> {
         let var = &rest[start + 2..end];
         let value = match std::env::var(var) {
             Ok(v) => v,
-            Err(_) if var == "AWQ_CACHE_DIR" => default_cache_dir().display().to_string(),
+            Err(_) if var == CACHE_DIR_VAR => cache_dir().display().to_string(),
             Err(_) => return Err(format!("environment variable `{var}` is not set")),
         };
         out.push_str(&value);
@@ -470,15 +517,6 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// The cache folder: `$XDG_CACHE_HOME/awq-pipeline`, else `~/.cache/awq-pipeline`.
-fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"))
-        .join("awq-pipeline")
-}
-
 fn is_gguf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
@@ -486,7 +524,7 @@ fn is_gguf(path: &Path) -> bool {
 /// Reads the configuration of a job's source (GGUF metadata or `config.json`).
 fn source_config(source: &Source) -> Result<ModelConfig, String> {
     match source {
-        Source::Gguf(p) => tp_runtime::gguf::gguf_model_config(p).map_err(|e| e.to_string()),
+        Source::Gguf(p) => checkpoint::gguf::gguf_model_config(p).map_err(|e| e.to_string()),
         Source::HfDir(p) => ModelConfig::from_file(&p.join("config.json")).map_err(|e| e.to_string()),
     }
 }
@@ -565,10 +603,13 @@ impl Job {
         if runtime.tp == 0 {
             return Err(err("runtime.tp", "must be at least 1".into()));
         }
-        // The shard plan needs only the configuration: tp is checked here, against the
-        // original model and, below, against the quantized one.
-        tp_runtime::ShardPlan::new(&model_config, runtime.tp)
-            .map_err(|e| err("runtime.tp", e.to_string()))?;
+        // The shard plan needs only the configuration: tp is checked here against the model
+        // the original's evaluations load, and below against the quantized model.
+        let original_evaluated = file.eval.iter().any(|e| e.model == EvalModel::Original);
+        if original_evaluated || file.quant.is_none() {
+            tp_runtime::ShardPlan::new(&model_config, runtime.tp)
+                .map_err(|e| err("runtime.tp", e.to_string()))?;
+        }
         if runtime.threads == Some(0) {
             return Err(err("runtime.threads", "must be at least 1".into()));
         }
@@ -635,6 +676,18 @@ impl Job {
                 };
                 awq_pack::quantize::check(&model_config, &options)
                     .map_err(|e| err("quant.group_size", e.to_string()))?;
+                if file.eval.iter().any(|e| e.model == EvalModel::Quantized) {
+                    let quantized = awq_pack::quantize::quantized_config(&model_config, &options);
+                    tp_runtime::ShardPlan::new(&quantized, runtime.tp).map_err(|e| {
+                        err(
+                            "runtime.tp",
+                            format!(
+                                "the quantized model (group size {}): {e}",
+                                options.group_size.get()
+                            ),
+                        )
+                    })?;
+                }
                 Some(QuantSpec { options, calib_path })
             }
         };
@@ -684,7 +737,7 @@ impl Job {
         for (e, spec) in canonical.eval.iter_mut().zip(&evals) {
             e.data = spec.data.display().to_string();
         }
-        let canonical_hash = tp_runtime::digest::sha256_bytes(serde_json::to_string(&canonical)?.as_bytes());
+        let canonical_hash = checkpoint::digest::sha256_bytes(serde_json::to_string(&canonical)?.as_bytes());
 
         Ok(Job {
             file: doc.path.clone(),

@@ -1,10 +1,10 @@
 //! `awq`: quantize Llama-family models to 4-bit AWQ, run them, and measure them.
 
+mod cli;
 mod commands;
 mod job;
 mod manifest;
 mod progress;
-mod provenance;
 mod report;
 mod runner;
 
@@ -36,12 +36,15 @@ enum Command {
     /// Convert a GGUF file into a Hugging Face checkpoint folder.
     ImportGguf(import::ImportArgs),
     /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
-    Quantize(quantize::QuantizeArgs),
+    Quantize(cli::QuantizeArgs),
     /// Perplexity of a checkpoint on a text file.
-    Eval(eval::EvalArgs),
+    Eval(cli::EvalArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print the folder fetched models are cached in ($AWQ_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/awq-pipeline, else ~/.cache/awq-pipeline).
+    CacheDir,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,10 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::CacheDir => {
+            println!("{}", checkpoint::cache::cache_dir().display());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::provenance::{self, FileDigest};
+use evaluation::provenance::{self, FileDigest, Machine};
 
 /// File name of the manifest inside an output folder.
 pub const MANIFEST: &str = "manifest.json";
@@ -41,7 +41,7 @@ pub struct Manifest {
     pub job: JobRecord,
     pub tool_version: String,
     pub git_commit: String,
-    pub machine: serde_json::Value,
+    pub machine: Machine,
     /// Calibration seed, when the job quantizes with AWQ.
     pub seed: Option<u64>,
     pub steps: BTreeMap<String, StepRecord>,
@@ -52,11 +52,11 @@ impl Manifest {
     pub fn new(job: JobRecord, seed: Option<u64>) -> Self {
         let tool = provenance::tool();
         Manifest {
-            schema_version: 1,
+            schema_version: evaluation::report::SCHEMA_VERSION,
             job,
-            tool_version: tool.version.into(),
-            git_commit: tool.git_commit.into(),
-            machine: serde_json::to_value(provenance::machine()).expect("machine serializes"),
+            tool_version: tool.version,
+            git_commit: tool.git_commit,
+            machine: provenance::machine(),
             seed,
             steps: BTreeMap::new(),
         }
@@ -78,7 +78,7 @@ impl Manifest {
     /// Writes `dir/manifest.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)? + "\n";
-        tp_runtime::atomic::write_file(&dir.join(MANIFEST), text.as_bytes())?;
+        checkpoint::atomic::write_file(&dir.join(MANIFEST), text.as_bytes())?;
         Ok(())
     }
 }

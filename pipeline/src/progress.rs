@@ -1,10 +1,16 @@
 //! Progress display: one indicatif multi-progress view on a terminal (the job's steps, then
-//! layers or windows of the current step), timestamped log lines otherwise (CI logs).
+//! layers or windows of the current step), timestamped log lines otherwise (CI logs); and
+//! the evaluation and quantization runs shown that way.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
+use anyhow::Result;
+use awq_pack::{Event, QuantizeOptions};
+use evaluation::report::{EvalReport, QuantizeRunReport};
+use evaluation::{EvalEvent, EvalRequest, evaluate_checkpoint, quantize_checkpoint};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Whether stderr is an interactive terminal.
@@ -102,4 +108,89 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// Evaluates a checkpoint with a bar over its windows (what `eval`, `bench eval` and the job
+/// runner show).
+pub fn evaluate(request: &EvalRequest) -> Result<EvalReport> {
+    let mut bar: Option<Progress> = None;
+    let report = evaluate_checkpoint(request, |event| match event {
+        EvalEvent::Planned { tokens, plan } => {
+            log(format!(
+                "{}: {tokens} tokens, scoring {} of {} windows of {} ({} protocol)",
+                request.data.display(),
+                plan.windows,
+                plan.windows_available,
+                plan.ctx,
+                plan.protocol
+            ));
+            bar = Some(Progress::new("windows", plan.windows as u64));
+        }
+        EvalEvent::Window { tally, .. } => {
+            if let Some(bar) = &bar {
+                bar.update(
+                    tally.windows as u64,
+                    format!("ppl {:.4} {:.0} tokens/s", tally.ppl(), tally.tokens_per_second()),
+                );
+            }
+        }
+    })?;
+    Ok(report)
+}
+
+/// Quantizes a checkpoint with a bar over its layers, logging each layer's α and times (what
+/// `quantize`, `bench quantize` and the job runner show).
+pub fn quantize(
+    model: &Path,
+    out: &Path,
+    options: &QuantizeOptions,
+    calib: Option<&Path>,
+) -> Result<QuantizeRunReport> {
+    log(format!(
+        "quantizing {} -> {} ({}, group size {}, {} threads)",
+        model.display(),
+        out.display(),
+        options.method,
+        options.group_size.get(),
+        rayon::current_num_threads()
+    ));
+    let mut bar: Option<Progress> = None;
+    let report = quantize_checkpoint(model, out, options, calib, |event| match event {
+        Event::Calibrated(c) => log(format!(
+            "calibration: {} blocks of {} tokens from {} records ({} sampling, seed {}), {} skipped as too long",
+            c.blocks,
+            c.spec.seq_len,
+            c.records_used,
+            c.spec.sampling,
+            c.spec.seed,
+            c.records_skipped_too_long
+        )),
+        Event::Layer { done, total, report } => {
+            let bar = bar.get_or_insert_with(|| Progress::new("layers", total as u64));
+            let alphas: Vec<String> = report
+                .scale_groups
+                .iter()
+                .map(|g| format!("{:.2}", g.choice.alpha))
+                .collect();
+            let s = &report.seconds;
+            bar.update(
+                done as u64,
+                format!(
+                    "layer {}: alpha {} ({:.1}s: capture {:.1}, scales {:.1}, clip {:.1}, pack {:.1})",
+                    report.layer,
+                    if alphas.is_empty() {
+                        "-".into()
+                    } else {
+                        alphas.join("/")
+                    },
+                    s.capture + s.scale_search + s.clip_search + s.quantize_pack,
+                    s.capture,
+                    s.scale_search,
+                    s.clip_search,
+                    s.quantize_pack
+                ),
+            );
+        }
+    })?;
+    Ok(report)
 }

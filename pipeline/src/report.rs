@@ -4,86 +4,15 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use evaluation::provenance;
+use evaluation::report::{
+    Comparison, EvalReport, EvalRow, GroupLoss, JobReport, LayerLoss, QuantizeRunReport, SCHEMA_VERSION,
+};
 use plotters::prelude::*;
-use serde::Serialize;
-use serde_json::Value;
 
 use crate::job::{Job, Source};
 use crate::manifest::Manifest;
-use crate::provenance::{self, Machine, ToolInfo};
-use crate::runner::{IMPORTED, QUANTIZE_REPORT, QUANTIZED, eval_report_name};
-
-/// Version of `report.json`'s layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
-
-/// One evaluation, as reported.
-#[derive(Clone, Debug, Serialize)]
-pub struct EvalRow {
-    pub model: String,
-    pub data: String,
-    pub data_sha256: String,
-    pub protocol: String,
-    pub ctx: u64,
-    pub windows: u64,
-    pub ppl: f64,
-    pub mean_nll: f64,
-    pub predictions: u64,
-    pub tokens_per_second: f64,
-}
-
-/// Original against quantized on the same data and protocol.
-#[derive(Clone, Debug, Serialize)]
-pub struct Comparison {
-    pub data: String,
-    pub protocol: String,
-    pub ctx: u64,
-    pub windows: u64,
-    pub ppl_original: f64,
-    pub ppl_quantized: f64,
-    pub delta_percent: f64,
-}
-
-/// Per layer: summed loss over the scale groups at α = 0 and at the chosen α.
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerLoss {
-    pub layer: u64,
-    pub groups: Vec<GroupLoss>,
-}
-
-/// One group's losses.
-#[derive(Clone, Debug, Serialize)]
-pub struct GroupLoss {
-    pub group: String,
-    pub alpha: f64,
-    pub loss_at_zero: f64,
-    pub best_loss: f64,
-}
-
-/// `report.json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub schema_version: u32,
-    pub job: String,
-    pub name: String,
-    pub canonical_sha256: String,
-    pub tool: ToolInfo,
-    pub machine: Machine,
-    pub source: String,
-    pub original_bytes: u64,
-    pub quantized_bytes: Option<u64>,
-    pub settings: Value,
-    pub evals: Vec<EvalRow>,
-    pub comparisons: Vec<Comparison>,
-    pub quantization: Option<Value>,
-    pub layer_losses: Vec<LayerLoss>,
-    pub step_seconds: Vec<(String, f64)>,
-}
-
-fn read(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
-}
 
 fn weights_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -98,26 +27,23 @@ fn weights_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Assembles the report from the step outputs in the job's folder.
-pub fn build(job: &Job) -> Result<Report> {
-    let out = &job.out_dir;
+/// Assembles the report from the step outputs in the job's folder, read as the typed reports
+/// they are.
+pub fn build(job: &Job) -> Result<JobReport> {
     let mut evals = Vec::new();
     for i in 0..job.evals.len() {
-        let r = read(&out.join(eval_report_name(job, i)))?;
+        let r: EvalReport = evaluation::report::read(&job.eval_report(i))?;
         evals.push(EvalRow {
             model: job.evals[i].model.to_string(),
-            data: r["data"]["file"]["path"].as_str().unwrap_or_default().to_string(),
-            data_sha256: r["data"]["file"]["sha256"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            protocol: r["protocol"].as_str().unwrap_or_default().to_string(),
-            ctx: r["ctx"].as_u64().unwrap_or(0),
-            windows: r["windows"].as_u64().unwrap_or(0),
-            ppl: r["ppl"].as_f64().unwrap_or(f64::NAN),
-            mean_nll: r["mean_nll"].as_f64().unwrap_or(f64::NAN),
-            predictions: r["predictions"].as_u64().unwrap_or(0),
-            tokens_per_second: r["tokens_per_second"].as_f64().unwrap_or(0.0),
+            data: r.data.file.path,
+            data_sha256: r.data.file.sha256,
+            protocol: r.protocol,
+            ctx: r.ctx,
+            windows: r.windows,
+            ppl: r.ppl,
+            mean_nll: r.mean_nll,
+            predictions: r.predictions,
+            tokens_per_second: r.tokens_per_second,
         });
     }
     let mut comparisons = Vec::new();
@@ -132,7 +58,7 @@ pub fn build(job: &Job) -> Result<Report> {
         if let Some(q) = evals.iter().find(same) {
             comparisons.push(Comparison {
                 data: o.data.clone(),
-                protocol: o.protocol.clone(),
+                protocol: o.protocol,
                 ctx: o.ctx,
                 windows: o.windows,
                 ppl_original: o.ppl,
@@ -141,41 +67,28 @@ pub fn build(job: &Job) -> Result<Report> {
             });
         }
     }
-    let quantization = match job.quant {
-        Some(_) => Some(read(&out.join(QUANTIZE_REPORT))?),
+    let quantization: Option<QuantizeRunReport> = match job.quant {
+        Some(_) => Some(evaluation::report::read(&job.quantize_report())?),
         None => None,
     };
     let layer_losses = quantization
-        .as_ref()
-        .and_then(|q| q["quantization"]["layers"].as_array())
-        .map(|layers| {
-            layers
+        .iter()
+        .flat_map(|q| &q.quantization.layers)
+        .map(|l| LayerLoss {
+            layer: l.layer,
+            groups: l
+                .scale_groups
                 .iter()
-                .map(|l| LayerLoss {
-                    layer: l["layer"].as_u64().unwrap_or(0),
-                    groups: l["scale_groups"]
-                        .as_array()
-                        .map(|gs| {
-                            gs.iter()
-                                .map(|g| GroupLoss {
-                                    group: g["group"].as_str().unwrap_or_default().to_string(),
-                                    alpha: g["alpha"].as_f64().unwrap_or(0.0),
-                                    loss_at_zero: g["loss_at_zero"].as_f64().unwrap_or(0.0),
-                                    best_loss: g["best_loss"].as_f64().unwrap_or(0.0),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                .map(|g| GroupLoss {
+                    group: g.group.clone(),
+                    alpha: g.choice.alpha,
+                    loss_at_zero: g.choice.loss_at_zero,
+                    best_loss: g.choice.best_loss,
                 })
-                .collect()
+                .collect(),
         })
-        .unwrap_or_default();
-    let original = match &job.source {
-        Source::Gguf(_) => out.join(IMPORTED),
-        Source::HfDir(d) => d.clone(),
-    };
-    let manifest = Manifest::read(out)?;
-    let step_seconds = manifest
+        .collect();
+    let step_seconds = Manifest::read(&job.out_dir)?
         .map(|m| m.steps.iter().map(|(k, v)| (k.clone(), v.seconds)).collect())
         .unwrap_or_default();
     let settings = serde_json::json!({
@@ -187,7 +100,7 @@ pub fn build(job: &Job) -> Result<Report> {
         "runtime": job.runtime,
         "import_dtype": job.import_dtype,
     });
-    Ok(Report {
+    Ok(JobReport {
         schema_version: SCHEMA_VERSION,
         job: job.file.display().to_string(),
         name: job.name.clone(),
@@ -197,8 +110,8 @@ pub fn build(job: &Job) -> Result<Report> {
         source: match &job.source {
             Source::Gguf(p) | Source::HfDir(p) => p.display().to_string(),
         },
-        original_bytes: weights_bytes(&original),
-        quantized_bytes: job.quant.as_ref().map(|_| weights_bytes(&out.join(QUANTIZED))),
+        original_bytes: weights_bytes(&job.original_dir()),
+        quantized_bytes: job.quant.as_ref().map(|_| weights_bytes(&job.quantized_dir())),
         settings,
         evals,
         comparisons,
@@ -209,14 +122,14 @@ pub fn build(job: &Job) -> Result<Report> {
 }
 
 /// The Markdown summary.
-pub fn markdown(r: &Report) -> String {
+pub fn markdown(r: &JobReport) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", r.name);
     let _ = writeln!(
         md,
         "Job `{}` (canonical SHA-256 `{}`), awq {} ({}).\n",
         r.job,
-        &r.canonical_sha256[..16],
+        r.canonical_sha256.get(..16).unwrap_or(&r.canonical_sha256),
         r.tool.version,
         r.tool.git_commit
     );
@@ -274,15 +187,15 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(md, "| {step} | {s:.1} |");
     }
     if let Some(q) = &r.quantization {
-        let s = &q["quantization"]["seconds"];
+        let s = &q.quantization.seconds;
         let _ = writeln!(
             md,
             "\nQuantization: capture {:.1} s, scale search {:.1} s, clip search {:.1} s, quantize and pack {:.1} s; peak RSS {:.0} MB.",
-            s["capture"].as_f64().unwrap_or(0.0),
-            s["scale_search"].as_f64().unwrap_or(0.0),
-            s["clip_search"].as_f64().unwrap_or(0.0),
-            s["quantize_pack"].as_f64().unwrap_or(0.0),
-            q["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6
+            s.capture,
+            s.scale_search,
+            s.clip_search,
+            s.quantize_pack,
+            q.peak_rss_bytes.unwrap_or(0) as f64 / 1e6
         );
     }
     let _ = writeln!(
@@ -305,7 +218,7 @@ fn file_name(path: &str) -> &str {
 
 /// The per-layer loss chart: for each scale group, the loss at α = 0 (dashed) and at the
 /// chosen α (solid), on a log scale.
-pub fn loss_chart(r: &Report) -> Result<String> {
+pub fn loss_chart(r: &JobReport) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 480)).into_drawing_area();
@@ -342,7 +255,7 @@ pub fn loss_chart(r: &Report) -> Result<String> {
             let series = |f: fn(&GroupLoss) -> f64| {
                 r.layer_losses
                     .iter()
-                    .filter_map(move |l| l.groups.get(gi).map(|g| (l.layer as usize, f(g))))
+                    .filter_map(move |l| l.groups.get(gi).map(|g| (l.layer, f(g))))
                     .collect::<Vec<_>>()
             };
             chart
@@ -376,18 +289,15 @@ pub fn write(job: &Job) -> Result<Vec<PathBuf>> {
     let out = &job.out_dir;
     let report = build(job)?;
     let mut written = Vec::new();
-    let json_path = out.join("report.json");
-    tp_runtime::atomic::write_file(
-        &json_path,
-        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
-    )?;
+    let json_path = job.report();
+    evaluation::report::write(&json_path, &report)?;
     written.push(json_path);
     let md_path = out.join("report.md");
-    tp_runtime::atomic::write_file(&md_path, markdown(&report).as_bytes())?;
+    checkpoint::atomic::write_file(&md_path, markdown(&report).as_bytes())?;
     written.push(md_path);
     if !report.layer_losses.is_empty() {
         let svg_path = out.join("loss.svg");
-        tp_runtime::atomic::write_file(&svg_path, loss_chart(&report)?.as_bytes())?;
+        checkpoint::atomic::write_file(&svg_path, loss_chart(&report)?.as_bytes())?;
         written.push(svg_path);
     }
     Ok(written)

@@ -7,23 +7,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
+use checkpoint::gguf::{OutputDtype, import_gguf};
+use evaluation::provenance::{self, FileDigest};
+use evaluation::report::SCHEMA_VERSION;
+use evaluation::{Device, EvalRequest};
 use serde_json::json;
-use tp_runtime::gguf::{OutputDtype, import_gguf};
 
-use crate::commands::eval::{BackendArg, EvalArgs, evaluate_checkpoint, write_json};
-use crate::commands::quantize::quantize_checkpoint;
 use crate::job::{BackendKind, EvalModel, ImportDtype, Job, Source};
 use crate::manifest::{DigestCache, JobRecord, MANIFEST, Manifest, StepRecord, outputs_intact, relative};
-use crate::progress::{Progress, log};
-use crate::provenance::FileDigest;
+use crate::progress::{self, Progress, log};
 use crate::report;
-
-/// Folder of the imported checkpoint inside the output folder.
-pub const IMPORTED: &str = "model";
-/// Folder of the quantized checkpoint inside the output folder.
-pub const QUANTIZED: &str = "quantized";
-/// The quantization report inside the output folder.
-pub const QUANTIZE_REPORT: &str = "quantize.json";
 
 /// One step of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,11 +61,6 @@ pub fn steps(job: &Job) -> Vec<Step> {
     steps
 }
 
-/// The JSON report of evaluation `i` inside the output folder.
-pub fn eval_report_name(job: &Job, i: usize) -> String {
-    format!("eval-{i}-{}.json", job.evals[i].model)
-}
-
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -81,12 +69,10 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
-/// The checkpoint the original model's evaluations and the quantization read.
-fn original_dir(job: &Job) -> PathBuf {
-    match &job.source {
-        Source::Gguf(_) => job.out_dir.join(IMPORTED),
-        Source::HfDir(dir) => dir.clone(),
-    }
+/// The first twelve characters of a hash, for messages (all of it if it is shorter: a
+/// hand-edited manifest must not make this panic).
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// Makes sure `out` is this job's folder (or a new one) and removes leftovers of killed runs.
@@ -108,15 +94,24 @@ fn claim_output(job: &Job, force: bool) -> Result<Manifest> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let manifest = match Manifest::read(out)? {
+        // Steps recorded by a tool whose reports had another layout are run again.
+        Some(m) if m.job.canonical_sha256 == job.canonical_hash && m.schema_version != SCHEMA_VERSION => {
+            log(format!(
+                "{}: its steps were recorded with report schema {}; running them again (schema {SCHEMA_VERSION})",
+                out.display(),
+                m.schema_version
+            ));
+            Manifest::new(record, seed)
+        }
         Some(m) if m.job.canonical_sha256 == job.canonical_hash => m,
         Some(m) => bail!(
             "{}: holds the outputs of another job ({}, canonical hash {}); this job's hash is {}. Choose another [output] dir or pass --force",
             out.display(),
             m.job.file,
-            &m.job.canonical_sha256[..12],
-            &job.canonical_hash[..12]
+            short(&m.job.canonical_sha256),
+            short(&job.canonical_hash)
         ),
-        None if tp_runtime::atomic::is_occupied(out) && !only_partials(out)? => bail!(
+        None if checkpoint::atomic::is_occupied(out) && !only_partials(out)? => bail!(
             "{}: is not empty and has no {MANIFEST}; refusing to overwrite it (pass --force)",
             out.display()
         ),
@@ -166,17 +161,13 @@ fn step_inputs(
         }
         Step::Eval(i) => {
             let e = &job.evals[i];
-            let model = match e.model {
-                EvalModel::Original => original_dir(job),
-                EvalModel::Quantized => out.join(QUANTIZED),
-            };
-            let mut inputs = cache.dir(&model)?;
+            let mut inputs = cache.dir(&job.eval_model_dir(i))?;
             inputs.push(cache.file(&e.data)?);
             (serde_json::to_value(e)?, inputs)
         }
         Step::Quantize => {
             let q = job.quant.as_ref().expect("quantize step only with [quant]");
-            let mut inputs = cache.dir(&original_dir(job))?;
+            let mut inputs = cache.dir(&job.original_dir())?;
             if let Some(c) = &q.calib_path {
                 inputs.push(cache.file(c)?);
             }
@@ -190,10 +181,10 @@ fn step_inputs(
         Step::Report => {
             let mut inputs = Vec::new();
             for i in 0..job.evals.len() {
-                inputs.push(cache.file(&out.join(eval_report_name(job, i)))?);
+                inputs.push(cache.file(&job.eval_report(i))?);
             }
             if job.quant.is_some() {
-                inputs.push(cache.file(&out.join(QUANTIZE_REPORT))?);
+                inputs.push(cache.file(&job.quantize_report())?);
             }
             (json!({"job": job.canonical_hash}), relative(inputs, out))
         }
@@ -206,12 +197,11 @@ fn fingerprint(name: &str, config: &serde_json::Value, inputs: &[FileDigest]) ->
         .map(|d| (d.path.as_str(), d.sha256.as_str()))
         .collect();
     let text = json!({"step": name, "config": config, "inputs": digests}).to_string();
-    tp_runtime::digest::sha256_bytes(text.as_bytes())
+    checkpoint::digest::sha256_bytes(text.as_bytes())
 }
 
 /// Runs one step; returns the paths it wrote (files or folders) inside the output folder.
-fn run_step(job: &Job, step: Step, threads: usize) -> Result<Vec<PathBuf>> {
-    let out = &job.out_dir;
+fn run_step(job: &Job, step: Step) -> Result<Vec<PathBuf>> {
     match step {
         Step::Import => {
             let Source::Gguf(gguf) = &job.source else {
@@ -222,31 +212,25 @@ fn run_step(job: &Job, step: Step, threads: usize) -> Result<Vec<PathBuf>> {
                 ImportDtype::F16 => OutputDtype::F16,
                 ImportDtype::Bf16 => OutputDtype::BF16,
             };
-            import_gguf(gguf, &out.join(IMPORTED), dtype, true)?;
-            Ok(vec![out.join(IMPORTED)])
+            import_gguf(gguf, &job.imported_dir(), dtype, true)?;
+            Ok(vec![job.imported_dir()])
         }
         Step::Eval(i) => {
             let e = &job.evals[i];
-            let model = match e.model {
-                EvalModel::Original => original_dir(job),
-                EvalModel::Quantized => out.join(QUANTIZED),
-            };
-            let args = EvalArgs {
-                model,
+            let request = EvalRequest {
+                model: job.eval_model_dir(i),
                 data: e.data.clone(),
                 ctx: e.ctx,
                 windows: e.windows,
                 protocol: e.protocol,
-                json: None,
-                threads: Some(threads),
                 batch: e.batch,
-                backend: match job.runtime.backend {
-                    BackendKind::Cpu => BackendArg::Cpu,
-                    BackendKind::Cuda => BackendArg::Cuda,
+                device: match job.runtime.backend {
+                    BackendKind::Cpu => Device::Cpu,
+                    BackendKind::Cuda => Device::Cuda,
                 },
                 tp: job.runtime.tp,
             };
-            let report = evaluate_checkpoint(&args, threads)?;
+            let report = progress::evaluate(&request)?;
             log(format!(
                 "{}: PPL {:.4} ({} windows of {}, {})",
                 step.name(job),
@@ -255,22 +239,21 @@ fn run_step(job: &Job, step: Step, threads: usize) -> Result<Vec<PathBuf>> {
                 report.ctx,
                 report.protocol
             ));
-            let path = out.join(eval_report_name(job, i));
-            write_json(&path, &report)?;
+            let path = job.eval_report(i);
+            evaluation::report::write(&path, &report)?;
             Ok(vec![path])
         }
         Step::Quantize => {
             let q = job.quant.as_ref().expect("quantize step only with [quant]");
-            let run = quantize_checkpoint(
-                &original_dir(job),
-                &out.join(QUANTIZED),
+            let run = progress::quantize(
+                &job.original_dir(),
+                &job.quantized_dir(),
                 &q.options,
                 q.calib_path.as_deref(),
-                threads,
             )?;
-            let path = out.join(QUANTIZE_REPORT);
-            write_json(&path, &run)?;
-            Ok(vec![out.join(QUANTIZED), path])
+            let path = job.quantize_report();
+            evaluation::report::write(&path, &run)?;
+            Ok(vec![job.quantized_dir(), path])
         }
         Step::Report => report::write(job),
     }
@@ -290,7 +273,7 @@ fn output_digests(paths: &[PathBuf], out: &Path, cache: &mut DigestCache) -> Res
 }
 
 /// Runs every step of `job` that is not already done.
-pub fn run_job(job: &Job, force: bool, threads: usize) -> Result<Outcome> {
+pub fn run_job(job: &Job, force: bool) -> Result<Outcome> {
     let start = Instant::now();
     let mut manifest = claim_output(job, force)?;
     let mut cache = DigestCache::default();
@@ -324,8 +307,8 @@ pub fn run_job(job: &Job, force: bool, threads: usize) -> Result<Outcome> {
             manifest.write(&job.out_dir)?;
         }
         let step_start = Instant::now();
-        crate::provenance::reset_peak_rss();
-        let written = run_step(job, step, threads).with_context(|| format!("step {name}"))?;
+        provenance::reset_peak_rss();
+        let written = run_step(job, step).with_context(|| format!("step {name}"))?;
         let record = StepRecord {
             fingerprint: fp,
             inputs,

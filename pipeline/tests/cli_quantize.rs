@@ -113,7 +113,7 @@ fn copy_with_edit(src: &Path, dst: &Path, name: &str, edit: impl Fn(&mut [f32]))
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
-    let ck = tp_runtime::Checkpoint::open(src).unwrap();
+    let ck = checkpoint::Checkpoint::open(src).unwrap();
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = ck
         .names()
         .into_iter()

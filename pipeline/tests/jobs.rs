@@ -165,6 +165,30 @@ fn job_file_errors_name_line_column_and_suggest() {
     let ok = w.job("good", "out", "");
     let o = awq(&["validate", s(&ok)]);
     assert!(o.status.success(), "{}", text(&o));
+
+    // tp = 4 splits the original model (4 heads, kv heads replicated), but the quantized
+    // model's o_proj would hold 64 inputs per rank: not whole groups of 128. The job would
+    // quantize for minutes and then fail its quantized evaluation, so validate refuses it.
+    let path = w.root.join("bad.toml");
+    let tp4_g128 = base.replacen("group_size = 64", "group_size = 128", 1).replacen(
+        "name = \"bad\"",
+        "name = \"bad\"\n[runtime]\ntp = 4",
+        1,
+    );
+    std::fs::write(&path, &tp4_g128).unwrap();
+    let o = awq(&["validate", s(&path)]);
+    let msg = text(&o);
+    assert!(!o.status.success(), "tp = 4 at group size 128 validated: {msg}");
+    assert!(
+        msg.contains("runtime.tp")
+            && msg.contains("the quantized model (group size 128)")
+            && msg.contains("64 input features per rank"),
+        "{msg}"
+    );
+    // The same tp at group size 64 is fine.
+    std::fs::write(&path, tp4_g128.replacen("group_size = 128", "group_size = 64", 1)).unwrap();
+    let o = awq(&["validate", s(&path)]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]
@@ -186,9 +210,10 @@ fn run_skips_when_done_and_resumes_after_a_kill() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(out.join("quantized/model.safetensors").is_file());
-    let report = testkit::read_json(&out.join("report.json"));
-    assert_eq!(report["schema_version"], 1);
-    assert!(report["comparisons"][0]["ppl_quantized"].as_f64().unwrap() > 0.0);
+    // The job report reads back as the typed report it was written from.
+    let report: evaluation::report::JobReport = evaluation::report::read(&out.join("report.json")).unwrap();
+    assert!(report.comparisons[0].ppl_quantized > 0.0);
+    assert_eq!(report.layer_losses.len(), 4);
     assert!(
         std::fs::read_to_string(out.join("loss.svg"))
             .unwrap()
@@ -273,6 +298,23 @@ fn output_of_another_job_is_not_overwritten() {
         "{}",
         text(&o)
     );
+    // A hand-edited manifest (a hash too short to abbreviate) is an error, not a panic.
+    let manifest = w.root.join("shared-out/manifest.json");
+    let edited = std::fs::read_to_string(&manifest).unwrap().replacen(
+        "\"canonical_sha256\": \"",
+        "\"canonical_sha256\": \"ab\", \"was\": \"",
+        1,
+    );
+    std::fs::write(&manifest, edited).unwrap();
+    let o = awq(&["run", s(&b)]);
+    let msg = text(&o);
+    assert!(
+        !o.status.success()
+            && msg.contains("holds the outputs of another job")
+            && msg.contains("canonical hash ab)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("panicked"), "{msg}");
     let o = awq(&["run", s(&b), "--force"]);
     assert!(o.status.success(), "{}", text(&o));
     std::fs::create_dir_all(w.root.join("foreign")).unwrap();
@@ -333,6 +375,8 @@ method = "rtn"
 name = "awq-g32"
 [entry.quant]
 group_size = 32
+[entry.runtime]
+threads = 1
 "#,
     )
     .unwrap();
@@ -367,8 +411,18 @@ group_size = 32
         "{msg}"
     );
     assert!(w.root.join("zoo-out/awq-g32/report.md").is_file());
+    // Each entry runs with its own runtime.threads: awq-g32 asks for one thread, the others
+    // take every CPU.
+    let threads = |entry: &str| {
+        testkit::read_json(&w.root.join(format!("zoo-out/{entry}/eval-0-original.json")))["threads"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(threads("awq-g32"), 1);
     let o = awq(&["batch", s(&zoo), "--shard", "0/2"]);
     assert!(o.status.success(), "{}", text(&o));
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(threads("awq-g64"), cpus);
     let cfg = testkit::read_json(&w.root.join("zoo-out/rtn-g64/quantized/config.json"));
     assert_eq!(cfg["quantization_config"]["group_size"], 64);
 }
@@ -402,7 +456,7 @@ fn inspect_checks_awq_format() {
     let broken = tmp.root().join("broken");
     std::fs::create_dir(&broken).unwrap();
     std::fs::copy(out.join("config.json"), broken.join("config.json")).unwrap();
-    let ck = tp_runtime::Checkpoint::open(&out).unwrap();
+    let ck = checkpoint::Checkpoint::open(&out).unwrap();
     let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = ck
         .names()
         .into_iter()

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use tp_runtime::perplexity::{Protocol, WindowPlan, evaluate};
-use tp_runtime::{CpuBackend, Model, Tokenizer};
+use checkpoint::Tokenizer;
+use evaluation::perplexity::{Protocol, WindowPlan, evaluate};
+use tp_runtime::{CpuBackend, Model};
 
 fn awq(args: &[&str]) -> serde_json::Value {
     let tmp = tempfile::NamedTempFile::new().unwrap();

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tp_runtime::{CpuBackend, Model, SeqLayout, TensorParallel, Tokenizer};
+use checkpoint::Tokenizer;
+use tp_runtime::{CpuBackend, Model, SeqLayout, TensorParallel};
 
 fn awq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_awq"))

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use checkpoint::Checkpoint;
 use safetensors::tensor::TensorView;
-use tp_runtime::Checkpoint;
 
 /// Unpacks one "gemm" linear into a dense `[out, in]` f32 weight, written from awq-format.md §5
 /// alone (not from the packer): `qweight` is `[in, out/8]` int32, nibble `i` of word
@@ -101,7 +101,7 @@ pub fn folder_digest(dir: &Path) -> Vec<(String, String)> {
                 walk(base, &p, out);
             } else {
                 let name = p.strip_prefix(base).unwrap().display().to_string();
-                out.push((name, tp_runtime::digest::sha256_file(&p).unwrap()));
+                out.push((name, checkpoint::digest::sha256_file(&p).unwrap()));
             }
         }
     }

@@ -25,18 +25,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Folder holding fetched models: `AWQ_CACHE_DIR`, else `$XDG_CACHE_HOME/awq-pipeline`,
-/// else `~/.cache/awq-pipeline` (the same rule as `scripts/fetch-model.sh`).
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("AWQ_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("awq-pipeline")
-}
+pub use checkpoint::cache::cache_dir;
 
 fn existing(path: PathBuf, hint: &str) -> PathBuf {
     assert!(path.exists(), "{} not found ({hint})", path.display());
@@ -86,7 +75,7 @@ pub fn smollm2_f32() -> PathBuf {
 /// SHA-256 (hex) of token ids as u32 little-endian, the form the fixtures record.
 pub fn sha256_u32_le(ids: &[u32]) -> String {
     let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-    tp_runtime::digest::sha256_bytes(&bytes)
+    checkpoint::digest::sha256_bytes(&bytes)
 }
 
 /// Reads and parses a JSON file, panicking with its path on failure.
@@ -278,7 +267,7 @@ mod tests {
             ),
         ] {
             let bytes = std::fs::read(super::data(file)).unwrap();
-            assert_eq!(tp_runtime::digest::sha256_bytes(&bytes), sha256, "data/{file}");
+            assert_eq!(checkpoint::digest::sha256_bytes(&bytes), sha256, "data/{file}");
         }
     }
 }

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use checkpoint::digest::sha256_bytes;
 use safetensors::tensor::TensorView;
-use tp_runtime::digest::sha256_bytes;
 
 /// The tiny reference models, by folder name.
 pub const TINY_MODELS: [&str; 4] = ["tiny-llama", "tiny-llama-tied", "tiny-mistral", "tiny-qwen2"];

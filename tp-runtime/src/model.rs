@@ -3,125 +3,34 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Serialize;
+use checkpoint::names::{self, Projection};
+use checkpoint::{Checkpoint, FloatData, ModelConfig};
 
+use crate::backend::weights::WeightFormat;
 use crate::backend::{
-    AttentionSpec, Backend, ByteSize, Prediction, RopeFrequencies, SeqLayout, combine_nll_parts,
+    AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout,
+    combine_nll_parts, reuse,
 };
-use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
-use crate::config::ModelConfig;
-use crate::shard::{RankShard, read_linear, read_vocab_rows};
+use crate::load::{read_linear, read_norm, read_vocab_rows};
+use crate::shard::RankShard;
 use crate::{Error, Result};
 
-/// A linear projection of a decoder layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Projection {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Projection {
-    /// All seven, in execution order.
-    pub const ALL: [Projection; 7] = [
-        Projection::Q,
-        Projection::K,
-        Projection::V,
-        Projection::O,
-        Projection::Gate,
-        Projection::Up,
-        Projection::Down,
-    ];
-
-    /// The module path inside a layer (`self_attn.q_proj`, `mlp.down_proj`, ...).
-    pub fn module(self) -> &'static str {
-        match self {
-            Projection::Q => "self_attn.q_proj",
-            Projection::K => "self_attn.k_proj",
-            Projection::V => "self_attn.v_proj",
-            Projection::O => "self_attn.o_proj",
-            Projection::Gate => "mlp.gate_proj",
-            Projection::Up => "mlp.up_proj",
-            Projection::Down => "mlp.down_proj",
-        }
-    }
-
-    /// `model.layers.{layer}.{module}`: the prefix of its tensors.
-    pub fn prefix(self, layer: usize) -> String {
-        layer_tensor_name(layer, self.module())
-    }
-
-    /// `(out_features, in_features)` under `config`.
-    pub fn shape(self, config: &ModelConfig) -> (usize, usize) {
-        let (h, i) = (config.hidden_size, config.intermediate_size);
-        match self {
-            Projection::Q => (config.q_features(), h),
-            Projection::K | Projection::V => (config.kv_features(), h),
-            Projection::O => (h, config.q_features()),
-            Projection::Gate | Projection::Up => (i, h),
-            Projection::Down => (h, i),
-        }
-    }
-
-    /// Whether it carries a bias under `config`.
-    pub fn has_bias(self, config: &ModelConfig) -> bool {
-        match self {
-            Projection::Q | Projection::K | Projection::V => config.qkv_bias,
-            Projection::O => config.o_bias,
-            _ => false,
-        }
-    }
-}
-
-/// `model.layers.{layer}.{suffix}`.
-pub fn layer_tensor_name(layer: usize, suffix: &str) -> String {
-    format!("model.layers.{layer}.{suffix}")
-}
-
-/// Every tensor a checkpoint of this configuration must hold.
-pub fn required_tensor_names(config: &ModelConfig) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    if !config.tie_word_embeddings {
-        names.push("lm_head.weight".into());
-    }
-    for layer in 0..config.num_hidden_layers {
-        names.push(layer_tensor_name(layer, "input_layernorm.weight"));
-        names.push(layer_tensor_name(layer, "post_attention_layernorm.weight"));
-        for p in Projection::ALL {
-            match &config.quantization {
-                Some(q) if q.converts(&p.prefix(layer)) => {
-                    for suffix in ["qweight", "qzeros", "scales"] {
-                        names.push(format!("{}.{suffix}", p.prefix(layer)));
-                    }
-                }
-                _ => names.push(format!("{}.weight", p.prefix(layer))),
-            }
-            if p.has_bias(config) {
-                names.push(format!("{}.bias", p.prefix(layer)));
-            }
-        }
-    }
-    names
-}
-
-/// A projection: weight and optional bias.
+/// A linear projection on a backend: its kernel and optional bias.
 pub struct Linear<B: Backend> {
-    pub weight: B::Linear,
-    pub bias: Option<B::Vector>,
-    pub out_features: usize,
-    pub in_features: usize,
+    kernel: Box<dyn LinearKernel<B>>,
+    bias: Option<B::Vector>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// Places `weight` (any format) and `bias` on `backend`.
+    pub fn new(backend: &B, weight: Box<dyn WeightFormat>, bias: Option<FloatData>) -> Result<Self> {
+        Ok(Linear {
+            kernel: backend.linear(weight)?,
+            bias: bias.map(|b| backend.vector(b)).transpose()?,
+        })
+    }
+
     /// Reads `shard`'s part of projection `p` of layer `layer`: dense `{prefix}.weight` or,
     /// for AWQ checkpoints, `{prefix}.qweight/qzeros/scales`; and its bias.
     pub fn load(
@@ -133,23 +42,38 @@ impl<B: Backend> Linear<B> {
         shard: &RankShard,
     ) -> Result<Self> {
         let part = read_linear(checkpoint, config, layer, p, shard)?;
-        let (out_features, in_features) = (part.weight.out_features(), part.weight.in_features());
-        Ok(Linear {
-            weight: backend.linear(part.weight)?,
-            bias: part.bias.map(|b| backend.vector(b)).transpose()?,
-            out_features,
-            in_features,
-        })
+        Self::new(backend, part.weight, part.bias)
     }
 
-    /// `x · Wᵀ (+ bias)`.
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.kernel.out_features()
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.kernel.in_features()
+    }
+
+    /// `out = x · Wᵀ (+ bias)`.
+    pub fn forward_into(&self, backend: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+        self.kernel.forward_into(backend, x, out)?;
+        match &self.bias {
+            Some(bias) => backend.add_bias(out, bias),
+            None => Ok(()),
+        }
+    }
+
+    /// `x · Wᵀ (+ bias)` into a new tensor.
     pub fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        backend.linear_forward(x, &self.weight, self.bias.as_ref())
+        let mut out = backend.alloc(backend.dims(x).0, self.out_features())?;
+        self.forward_into(backend, x, &mut out)?;
+        Ok(out)
     }
 
     /// Bytes held by the weight and bias.
     pub fn byte_size(&self) -> usize {
-        self.weight.byte_size() + self.bias.as_ref().map_or(0, ByteSize::byte_size)
+        self.kernel.byte_size() + self.bias.as_ref().map_or(0, ByteSize::byte_size)
     }
 }
 
@@ -205,6 +129,89 @@ impl<B: Backend> ForwardContext<B> {
     }
 }
 
+/// The intermediate tensors of a layer's forward pass, kept from one layer to the next so
+/// that a forward pass allocates them once.
+pub struct Workspace<B: Backend> {
+    normed: Option<B::Tensor>,
+    q: Option<B::Tensor>,
+    k: Option<B::Tensor>,
+    v: Option<B::Tensor>,
+    attended: Option<B::Tensor>,
+    projected: Option<B::Tensor>,
+    gate: Option<B::Tensor>,
+    up: Option<B::Tensor>,
+    activated: Option<B::Tensor>,
+}
+
+impl<B: Backend> Default for Workspace<B> {
+    fn default() -> Self {
+        Workspace {
+            normed: None,
+            q: None,
+            k: None,
+            v: None,
+            attended: None,
+            projected: None,
+            gate: None,
+            up: None,
+            activated: None,
+        }
+    }
+}
+
+/// Multi-head attention before o_proj: q/k/v projections of `h`, rotary embeddings, causal
+/// attention within each sequence, into `ws`'s attention output (returned).
+pub fn self_attention<'w, B: Backend>(
+    backend: &B,
+    [q_proj, k_proj, v_proj]: [&Linear<B>; 3],
+    h: &B::Tensor,
+    ctx: &ForwardContext<B>,
+    ws: &'w mut Workspace<B>,
+) -> Result<&'w B::Tensor> {
+    let rows = backend.dims(h).0;
+    let q = reuse(backend, &mut ws.q, rows, q_proj.out_features())?;
+    let k = reuse(backend, &mut ws.k, rows, k_proj.out_features())?;
+    let v = reuse(backend, &mut ws.v, rows, v_proj.out_features())?;
+    q_proj.forward_into(backend, h, q)?;
+    k_proj.forward_into(backend, h, k)?;
+    v_proj.forward_into(backend, h, v)?;
+    backend.rotary(q, &ctx.rope_table, ctx.attention.head_dim)?;
+    backend.rotary(k, &ctx.rope_table, ctx.attention.head_dim)?;
+    let attended = reuse(backend, &mut ws.attended, rows, q_proj.out_features())?;
+    backend.attention_into(q, k, v, &ctx.attention, &ctx.layout, attended)?;
+    Ok(attended)
+}
+
+/// `silu(h · gateᵀ) * (h · upᵀ)`, the input of down_proj, into `ws` (returned).
+pub fn gated_activation<'w, B: Backend>(
+    backend: &B,
+    gate: &Linear<B>,
+    up: &Linear<B>,
+    h: &B::Tensor,
+    ws: &'w mut Workspace<B>,
+) -> Result<&'w B::Tensor> {
+    let rows = backend.dims(h).0;
+    let g = reuse(backend, &mut ws.gate, rows, gate.out_features())?;
+    let u = reuse(backend, &mut ws.up, rows, up.out_features())?;
+    gate.forward_into(backend, h, g)?;
+    up.forward_into(backend, h, u)?;
+    let activated = reuse(backend, &mut ws.activated, rows, gate.out_features())?;
+    backend.silu_mul_into(g, u, activated)?;
+    Ok(activated)
+}
+
+/// `linear(x)` into `ws`'s projection buffer (returned).
+pub fn project<'w, B: Backend>(
+    backend: &B,
+    linear: &Linear<B>,
+    x: &B::Tensor,
+    ws: &'w mut Option<B::Tensor>,
+) -> Result<&'w mut B::Tensor> {
+    let out = reuse(backend, ws, backend.dims(x).0, linear.out_features())?;
+    linear.forward_into(backend, x, out)?;
+    Ok(out)
+}
+
 /// One decoder layer: attention block and MLP block, each with a pre-norm and a residual.
 pub struct DecoderLayer<B: Backend> {
     pub index: usize,
@@ -233,19 +240,16 @@ impl<B: Backend> DecoderLayer<B> {
         index: usize,
         shard: &RankShard,
     ) -> Result<Self> {
-        let norm = |suffix: &str| -> Result<B::Vector> {
-            let t = checkpoint.tensor_with_shape(&layer_tensor_name(index, suffix), &[config.hidden_size])?;
-            backend.vector(t.to_f32()?)
-        };
+        let norm = |suffix: &str| backend.vector(read_norm(checkpoint, config, Some(index), suffix)?);
         let linear = |p: Projection| Linear::load(backend, checkpoint, config, index, p, shard);
         Ok(DecoderLayer {
             index,
-            input_layernorm: norm("input_layernorm.weight")?,
+            input_layernorm: norm(names::INPUT_LAYERNORM)?,
             q_proj: linear(Projection::Q)?,
             k_proj: linear(Projection::K)?,
             v_proj: linear(Projection::V)?,
             o_proj: linear(Projection::O)?,
-            post_attention_layernorm: norm("post_attention_layernorm.weight")?,
+            post_attention_layernorm: norm(names::POST_ATTENTION_LAYERNORM)?,
             gate_proj: linear(Projection::Gate)?,
             up_proj: linear(Projection::Up)?,
             down_proj: linear(Projection::Down)?,
@@ -275,25 +279,15 @@ impl<B: Backend> DecoderLayer<B> {
                 .sum::<usize>()
     }
 
-    /// The attention block's output (before the residual add) for normed input `h`.
-    pub fn attention(&self, backend: &B, h: &B::Tensor, ctx: &ForwardContext<B>) -> Result<B::Tensor> {
-        let a = self_attention(backend, [&self.q_proj, &self.k_proj, &self.v_proj], h, ctx)?;
-        let mut out = self.o_proj.forward(backend, &a)?;
-        ctx.reduce(backend, &mut out)?;
-        Ok(out)
-    }
-
-    /// The MLP block's output (before the residual add) for normed input `h`.
-    pub fn mlp(&self, backend: &B, h: &B::Tensor, ctx: &ForwardContext<B>) -> Result<B::Tensor> {
-        let act = gated_activation(backend, &self.gate_proj, &self.up_proj, h)?;
-        let mut out = self.down_proj.forward(backend, &act)?;
-        ctx.reduce(backend, &mut out)?;
-        Ok(out)
-    }
-
     /// Runs the layer on the residual stream `x` in place.
-    pub fn forward(&self, backend: &B, x: &mut B::Tensor, ctx: &ForwardContext<B>) -> Result<()> {
-        self.forward_tapped(backend, x, ctx, &mut |_, _| Ok(()))
+    pub fn forward(
+        &self,
+        backend: &B,
+        x: &mut B::Tensor,
+        ctx: &ForwardContext<B>,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        self.forward_tapped(backend, x, ctx, ws, &mut |_, _| Ok(()))
     }
 
     /// Like [`DecoderLayer::forward`], showing `tap` the input of every projection group:
@@ -303,51 +297,41 @@ impl<B: Backend> DecoderLayer<B> {
         backend: &B,
         x: &mut B::Tensor,
         ctx: &ForwardContext<B>,
+        ws: &mut Workspace<B>,
         tap: &mut dyn FnMut(Projection, &B::Tensor) -> Result<()>,
     ) -> Result<()> {
-        let h = backend.rms_norm(x, &self.input_layernorm, ctx.rms_norm_eps)?;
-        tap(Projection::Q, &h)?;
-        let a = self_attention(backend, [&self.q_proj, &self.k_proj, &self.v_proj], &h, ctx)?;
-        tap(Projection::O, &a)?;
-        let mut attn = self.o_proj.forward(backend, &a)?;
-        ctx.reduce(backend, &mut attn)?;
-        backend.add_assign(x, &attn)?;
-        let h = backend.rms_norm(x, &self.post_attention_layernorm, ctx.rms_norm_eps)?;
-        tap(Projection::Gate, &h)?;
-        let act = gated_activation(backend, &self.gate_proj, &self.up_proj, &h)?;
-        tap(Projection::Down, &act)?;
-        let mut mlp = self.down_proj.forward(backend, &act)?;
-        ctx.reduce(backend, &mut mlp)?;
-        backend.add_assign(x, &mlp)
+        let (rows, cols) = backend.dims(x);
+        let mut normed = ws.normed.take();
+        let h = reuse(backend, &mut normed, rows, cols)?;
+        backend.rms_norm_into(x, &self.input_layernorm, ctx.rms_norm_eps, h)?;
+        tap(Projection::Q, h)?;
+        let attended = self_attention(backend, [&self.q_proj, &self.k_proj, &self.v_proj], h, ctx, ws)?;
+        tap(Projection::O, attended)?;
+        let mut projected = ws.projected.take();
+        let out = project(
+            backend,
+            &self.o_proj,
+            ws.attended.as_ref().expect("set above"),
+            &mut projected,
+        )?;
+        ctx.reduce(backend, out)?;
+        backend.add_assign(x, out)?;
+        backend.rms_norm_into(x, &self.post_attention_layernorm, ctx.rms_norm_eps, h)?;
+        tap(Projection::Gate, h)?;
+        let activated = gated_activation(backend, &self.gate_proj, &self.up_proj, h, ws)?;
+        tap(Projection::Down, activated)?;
+        let out = project(
+            backend,
+            &self.down_proj,
+            ws.activated.as_ref().expect("set above"),
+            &mut projected,
+        )?;
+        ctx.reduce(backend, out)?;
+        backend.add_assign(x, out)?;
+        ws.normed = normed;
+        ws.projected = projected;
+        Ok(())
     }
-}
-
-/// Multi-head attention before o_proj: q/k/v projections of `h`, rotary embeddings, causal
-/// attention within each sequence.
-pub fn self_attention<B: Backend>(
-    backend: &B,
-    [q_proj, k_proj, v_proj]: [&Linear<B>; 3],
-    h: &B::Tensor,
-    ctx: &ForwardContext<B>,
-) -> Result<B::Tensor> {
-    let mut q = q_proj.forward(backend, h)?;
-    let mut k = k_proj.forward(backend, h)?;
-    let v = v_proj.forward(backend, h)?;
-    backend.rotary(&mut q, &ctx.rope_table, ctx.attention.head_dim)?;
-    backend.rotary(&mut k, &ctx.rope_table, ctx.attention.head_dim)?;
-    backend.attention(&q, &k, &v, &ctx.attention, &ctx.layout)
-}
-
-/// `silu(h · gateᵀ) * (h · upᵀ)`: the input of down_proj.
-pub fn gated_activation<B: Backend>(
-    backend: &B,
-    gate: &Linear<B>,
-    up: &Linear<B>,
-    h: &B::Tensor,
-) -> Result<B::Tensor> {
-    let g = gate.forward(backend, h)?;
-    let u = up.forward(backend, h)?;
-    backend.silu_mul(&g, &u)
 }
 
 /// A causal language model on one backend: the whole model, or one rank's share of it.
@@ -393,24 +377,14 @@ impl<B: Backend> Model<B> {
                 shard.rank, shard.tp
             )));
         }
-        let rows = shard.vocab.len();
-        let hidden = config.hidden_size;
-        let embed_tokens = backend.matrix(
-            read_vocab_rows(checkpoint, "model.embed_tokens.weight", &config, &shard)?,
-            rows,
-            hidden,
-        )?;
+        let embed_tokens =
+            backend.matrix(read_vocab_rows(checkpoint, names::EMBED_TOKENS, &config, &shard)?)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(backend.matrix(
-                read_vocab_rows(checkpoint, "lm_head.weight", &config, &shard)?,
-                rows,
-                hidden,
-            )?)
+            Some(backend.matrix(read_vocab_rows(checkpoint, names::LM_HEAD, &config, &shard)?)?)
         };
-        let norm_t = checkpoint.tensor_with_shape("model.norm.weight", &[hidden])?;
-        let norm = backend.vector(norm_t.to_f32()?)?;
+        let norm = backend.vector(read_norm(checkpoint, &config, None, names::FINAL_NORM)?)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load_shard(&backend, checkpoint, &config, i, &shard))
             .collect::<Result<Vec<_>>>()?;
@@ -482,9 +456,12 @@ impl<B: Backend> Model<B> {
                 self.config.vocab_size
             )));
         }
-        let mut x = self
-            .backend
-            .embed(&self.embed_tokens, ids, self.shard.vocab.start)?;
+        let mut x = self.backend.embed(
+            &self.embed_tokens,
+            ids,
+            self.shard.vocab.start,
+            self.config.hidden_size,
+        )?;
         if self.vocab_parallel()
             && let Some(comm) = &self.comm
         {
@@ -503,9 +480,10 @@ impl<B: Backend> Model<B> {
             )));
         }
         let ctx = self.context(layout)?;
+        let mut ws = Workspace::default();
         let mut x = self.embed(ids)?;
         for layer in &self.layers {
-            layer.forward(&self.backend, &mut x, &ctx)?;
+            layer.forward(&self.backend, &mut x, &ctx, &mut ws)?;
         }
         self.backend.rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
@@ -516,13 +494,11 @@ impl<B: Backend> Model<B> {
             (Some(comm), true) => {
                 let (rows, cols) = self.backend.dims(local);
                 let ranks = comm.world_size();
-                let mut all = self
-                    .backend
-                    .tensor(&vec![0.0; ranks * rows * cols], ranks * rows, cols)?;
+                let mut all = self.backend.alloc(ranks * rows, cols)?;
                 comm.all_gather(self.backend.buffer(local), self.backend.buffer_mut(&mut all))?;
-                self.backend.to_host(&all)
+                self.backend.download(&all)
             }
-            _ => self.backend.to_host(local),
+            _ => self.backend.download(local),
         }
     }
 

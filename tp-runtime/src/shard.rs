@@ -15,17 +15,15 @@
 
 use std::ops::Range;
 
-use serde::Serialize;
+use checkpoint::awq::PACK;
+use checkpoint::names::{self, Projection, layer_tensor_name};
+use checkpoint::{AwqShape, ModelConfig};
+use serde::{Deserialize, Serialize};
 
-use crate::awq::{AwqGemm, PACK};
-use crate::backend::LinearWeight;
-use crate::checkpoint::{Checkpoint, F32Data, HostData};
-use crate::config::ModelConfig;
-use crate::model::Projection;
 use crate::{Error, Result};
 
 /// How a tensor is divided among ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// Output features (rows of a `[out, in]` weight).
@@ -36,18 +34,17 @@ pub enum Split {
     Replicated,
 }
 
-impl Projection {
-    /// How the projection is divided under tensor parallelism.
-    pub fn split(self) -> Split {
-        match self {
-            Projection::O | Projection::Down => Split::Rows,
-            _ => Split::Columns,
-        }
+/// How projection `p` is divided under tensor parallelism: o_proj and down_proj by their
+/// inputs (row-parallel), the others by their outputs (column-parallel).
+pub fn split_of(p: Projection) -> Split {
+    match p {
+        Projection::O | Projection::Down => Split::Rows,
+        _ => Split::Columns,
     }
 }
 
 /// The plan for all ranks.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardPlan {
     pub tp: usize,
     pub heads_per_rank: usize,
@@ -66,7 +63,7 @@ pub struct ShardPlan {
 }
 
 /// One rank's share.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RankShard {
     pub rank: usize,
     pub tp: usize,
@@ -117,7 +114,7 @@ impl RankShard {
     pub fn shape(&self, config: &ModelConfig, p: Projection) -> (usize, usize) {
         let (out_features, in_features) = p.shape(config);
         let n = self.range(p).0.len();
-        match p.split() {
+        match split_of(p) {
             Split::Columns => (n, in_features),
             Split::Rows => (out_features, n),
             Split::Replicated => (out_features, in_features),
@@ -248,7 +245,7 @@ impl ShardPlan {
 }
 
 /// One tensor of a rank's share, as the plan lays it out.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorShard {
     /// The checkpoint tensor it comes from.
     pub name: String,
@@ -283,19 +280,14 @@ pub fn rank_tensors(
         })
     };
     if globals {
-        push("model.embed_tokens.weight".into(), vec![v, h], 0, vocab_split);
+        push(names::EMBED_TOKENS.into(), vec![v, h], 0, vocab_split);
         if !config.tie_word_embeddings {
-            push("lm_head.weight".into(), vec![v, h], 0, vocab_split);
+            push(names::LM_HEAD.into(), vec![v, h], 0, vocab_split);
         }
-        push("model.norm.weight".into(), vec![h], 0, Split::Replicated);
+        push(names::FINAL_NORM.into(), vec![h], 0, Split::Replicated);
     }
-    for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-        push(
-            crate::model::layer_tensor_name(layer, norm),
-            vec![h],
-            0,
-            Split::Replicated,
-        );
+    for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
+        push(layer_tensor_name(layer, norm), vec![h], 0, Split::Replicated);
     }
     for p in Projection::ALL {
         let prefix = p.prefix(layer);
@@ -305,22 +297,27 @@ pub fn rank_tensors(
         let split = if shard.tp == 1 {
             Split::Replicated
         } else {
-            p.split()
+            split_of(p)
         };
         match &config.quantization {
             Some(q) if q.converts(&prefix) => {
-                let g = q.group_size;
-                push(format!("{prefix}.qweight"), vec![k, n / PACK], padding, split);
-                push(format!("{prefix}.qzeros"), vec![k / g, n / PACK], padding, split);
-                push(format!("{prefix}.scales"), vec![k / g, n], padding, split);
+                let local = AwqShape {
+                    in_features: k,
+                    out_features: n,
+                    group_size: q.group_size,
+                };
+                for (name, _, shape) in local.tensors(&prefix) {
+                    push(name, shape.to_vec(), padding, split);
+                }
             }
             _ => push(format!("{prefix}.weight"), vec![n, k], padding, split),
         }
-        if p.has_bias(config) && (p.split() == Split::Columns || shard.rank == 0) {
+        let columns = split_of(p) == Split::Columns;
+        if p.has_bias(config) && (columns || shard.rank == 0) {
             push(
                 format!("{prefix}.bias"),
                 vec![n],
-                if p.split() == Split::Columns { padding } else { 0 },
+                if columns { padding } else { 0 },
                 split,
             );
         }
@@ -328,167 +325,10 @@ pub fn rank_tensors(
     out
 }
 
-/// One rank's share of a projection, as read from the checkpoint.
-#[derive(Debug)]
-pub struct LinearShard {
-    pub weight: LinearWeight,
-    pub bias: Option<F32Data>,
-}
-
-/// `rows` rows of `width` values, with `pad` zero rows appended.
-fn pad_rows<T: bytemuck::Pod + Default>(data: HostData<T>, width: usize, pad: usize) -> HostData<T> {
-    if pad == 0 {
-        return data;
-    }
-    let mut v = data.to_vec();
-    v.resize(v.len() + pad * width, T::default());
-    HostData::Owned(v)
-}
-
-/// Each row of `width` values widened by `pad` zeros at its end.
-fn pad_columns<T: bytemuck::Pod + Default>(data: Vec<T>, width: usize, pad: usize) -> Vec<T> {
-    if pad == 0 {
-        return data;
-    }
-    let mut out = Vec::with_capacity(data.len() / width.max(1) * (width + pad));
-    for row in data.chunks_exact(width) {
-        out.extend_from_slice(row);
-        out.extend(std::iter::repeat_n(T::default(), pad));
-    }
-    out
-}
-
-/// Reads rank `shard`'s part of projection `p` of layer `layer`: only its rows or columns
-/// are read, and padded features are zeros (zero weights, or zero scales for AWQ).
-pub fn read_linear(
-    checkpoint: &Checkpoint,
-    config: &ModelConfig,
-    layer: usize,
-    p: Projection,
-    shard: &RankShard,
-) -> Result<LinearShard> {
-    let prefix = p.prefix(layer);
-    let (out_features, in_features) = p.shape(config);
-    let (range, real) = shard.range(p);
-    let pad = range.len() - real.len();
-    let split = p.split();
-    let (local_out, local_in) = shard.shape(config, p);
-    let tensor =
-        |suffix: &str, shape: &[usize]| checkpoint.tensor_with_shape(&format!("{prefix}.{suffix}"), shape);
-    // The whole dimension, unpadded: borrow the tensors from the mapping as they are.
-    let whole = pad == 0
-        && real.len()
-            == if split == Split::Rows {
-                in_features
-            } else {
-                out_features
-            };
-    let split = if whole { Split::Replicated } else { split };
-    let weight = match &config.quantization {
-        Some(q) if q.converts(&prefix) => {
-            let g = q.group_size;
-            if in_features % g != 0 || out_features % PACK != 0 {
-                return Err(Error::Invalid(format!(
-                    "{}: `{prefix}` is [{out_features}, {in_features}]; AWQ needs in_features divisible by the group size {g} and out_features by 8",
-                    checkpoint.dir().display()
-                )));
-            }
-            let qweight = tensor("qweight", &[in_features, out_features / PACK])?;
-            let qzeros = tensor("qzeros", &[in_features / g, out_features / PACK])?;
-            let scales = tensor("scales", &[in_features / g, out_features])?;
-            let parts = match split {
-                Split::Columns => {
-                    let words = real.start / PACK..real.end / PACK;
-                    let pad_words = pad / PACK;
-                    (
-                        HostData::Owned(pad_columns(
-                            qweight.columns_i32(words.clone())?,
-                            words.len(),
-                            pad_words,
-                        )),
-                        HostData::Owned(pad_columns(
-                            qzeros.columns_i32(words.clone())?,
-                            words.len(),
-                            pad_words,
-                        )),
-                        HostData::Owned(pad_columns(scales.columns_f32(real.clone())?, real.len(), pad)),
-                    )
-                }
-                Split::Rows => {
-                    let groups = real.start / g..real.end / g;
-                    let out_words = out_features / PACK;
-                    (
-                        pad_rows(qweight.rows(real.clone())?.to_i32()?, out_words, pad),
-                        pad_rows(qzeros.rows(groups.clone())?.to_i32()?, out_words, pad / g),
-                        pad_rows(scales.rows(groups)?.to_f32()?, out_features, pad / g),
-                    )
-                }
-                Split::Replicated => (qweight.to_i32()?, qzeros.to_i32()?, scales.to_f32()?),
-            };
-            if split == Split::Columns {
-                // Only a column block was copied out; the mapped pages are not needed again.
-                [&qweight, &qzeros, &scales]
-                    .iter()
-                    .for_each(|t| t.release_pages());
-            }
-            let (qweight, qzeros, scales) = parts;
-            LinearWeight::Awq(AwqGemm {
-                qweight,
-                qzeros,
-                scales,
-                in_features: local_in,
-                out_features: local_out,
-                group_size: g,
-            })
-        }
-        _ => {
-            let w = tensor("weight", &[out_features, in_features])?;
-            let data = match split {
-                Split::Columns => pad_rows(w.rows(real.clone())?.to_f32()?, in_features, pad),
-                Split::Rows => {
-                    let block = pad_columns(w.columns_f32(real.clone())?, real.len(), pad);
-                    w.release_pages();
-                    HostData::Owned(block)
-                }
-                Split::Replicated => w.to_f32()?,
-            };
-            LinearWeight::Dense {
-                data,
-                out_features: local_out,
-                in_features: local_in,
-            }
-        }
-    };
-    let bias = if !p.has_bias(config) {
-        None
-    } else {
-        let b = tensor("bias", &[out_features])?;
-        match split {
-            Split::Columns => Some(pad_rows(b.rows(real)?.to_f32()?, 1, pad)),
-            // Partial outputs are summed across ranks: the bias joins once, on rank 0.
-            Split::Rows if shard.rank == 0 => Some(b.to_f32()?),
-            Split::Rows => None,
-            Split::Replicated => Some(b.to_f32()?),
-        }
-    };
-    Ok(LinearShard { weight, bias })
-}
-
-/// Rank `shard`'s rows of a `[vocab, hidden]` table (embeddings or lm_head).
-pub fn read_vocab_rows(
-    checkpoint: &Checkpoint,
-    name: &str,
-    config: &ModelConfig,
-    shard: &RankShard,
-) -> Result<F32Data> {
-    let t = checkpoint.tensor_with_shape(name, &[config.vocab_size, config.hidden_size])?;
-    t.rows(shard.vocab.clone())?.to_f32()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::QuantizationConfig;
+    use checkpoint::QuantizationConfig;
 
     fn config(heads: usize, kv: usize, hidden: usize, inter: usize, group: Option<usize>) -> ModelConfig {
         let mut value = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":hidden,

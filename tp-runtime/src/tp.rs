@@ -5,10 +5,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{Backend, CpuBackend, CudaBackend, Prediction, SeqLayout};
-use crate::checkpoint::Checkpoint;
-use crate::comm::{LocalCommunicator, NcclCommunicator, nccl_available, new_unique_id};
-use crate::config::ModelConfig;
+use checkpoint::{Checkpoint, ModelConfig};
+
+#[cfg(feature = "cuda")]
+use crate::backend::CudaBackend;
+use crate::backend::{Backend, CpuBackend, Prediction, SeqLayout};
+use crate::comm::LocalCommunicator;
+#[cfg(feature = "cuda")]
+use crate::comm::{NcclCommunicator, nccl_available, new_unique_id};
 use crate::model::{Comm, Model, Scorer};
 use crate::shard::ShardPlan;
 use crate::{Error, Result};
@@ -40,6 +44,7 @@ impl TensorParallel<CpuBackend> {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl TensorParallel<CudaBackend> {
     /// Loads `dir` split over GPUs `0..tp`, one rank (and thread) per GPU, joined by NCCL.
     /// The plan is checked before any weight is read; each rank uploads only its share.

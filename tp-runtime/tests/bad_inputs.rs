@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use checkpoint::Checkpoint;
 use safetensors::tensor::TensorView;
-use tp_runtime::{Checkpoint, CpuBackend, Model};
+use tp_runtime::{CpuBackend, Model};
 
 /// A copy of tiny-llama in a temporary folder.
 fn copy_tiny() -> (testkit::TinyModel, PathBuf) {

@@ -1,18 +1,23 @@
 //! Every CUDA kernel against its CPU twin (the CPU backend's operation) on fresh random
 //! inputs, with every output poisoned with NaN before the kernel runs; relative error
 //! ‖gpu − cpu‖ / ‖cpu‖ at most 1e-5 for f32 arithmetic and 1e-2 where operands are rounded
-//! to f16 (the tensor-core W4A16 path). Skips, saying why, without a GPU — unless
-//! `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`).
+//! to f16 or bf16 (the tensor-core W4A16 path, half-precision dense weights). Skips, saying
+//! why, without a GPU — unless `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`). The
+//! inputs' seed is printed; `AWQ_TEST_SEED` replays a run.
+#![cfg(feature = "cuda")]
 
+use checkpoint::awq::pack_word;
+use checkpoint::{AwqGemm, AwqShape, FloatData};
+use half::{bf16, f16};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tp_runtime::awq::{AwqGemm, pack_word};
-use tp_runtime::backend::cpu::{CpuMatrix, CpuTensor};
+use tp_runtime::backend::cpu::CpuMatrix;
 use tp_runtime::backend::cuda::{CudaMatrix, CudaTensor};
 use tp_runtime::backend::{
-    AttentionSpec, Backend, LinearWeight, Prediction, RopeFrequencies, SeqLayout, combine_nll_parts,
+    AttentionSpec, Backend, Prediction, RopeFrequencies, SeqLayout, combine_nll_parts,
 };
-use tp_runtime::{CpuBackend, CudaBackend};
+use tp_runtime::model::Linear;
+use tp_runtime::{CpuBackend, CudaBackend, DenseWeight, HostTensor};
 
 fn gpu(test: &str) -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -27,13 +32,17 @@ fn gpu(test: &str) -> Option<CudaBackend> {
     }
 }
 
-/// A generator seeded from the clock: fresh inputs every run.
+/// A generator seeded from `AWQ_TEST_SEED`, else from the clock (fresh inputs every run);
+/// the seed is printed so that a failure can be replayed.
 fn rng() -> ChaCha8Rng {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
+    let seed = match std::env::var("AWQ_TEST_SEED") {
+        Ok(v) => v.parse().expect("AWQ_TEST_SEED must be an unsigned integer"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    eprintln!("seed {seed} (AWQ_TEST_SEED={seed} replays it)");
     ChaCha8Rng::seed_from_u64(seed)
 }
 
@@ -63,11 +72,32 @@ fn check(what: &str, got: &[f32], want: &[f32], bound: f64) {
     assert!(e <= bound, "{what}: relative error {e:.3e} exceeds {bound:.0e}");
 }
 
-fn both(cuda: &CudaBackend, data: &[f32], rows: usize, cols: usize) -> (CpuTensor, CudaTensor) {
+fn both(cuda: &CudaBackend, data: &[f32], rows: usize, cols: usize) -> (HostTensor, CudaTensor) {
     (
-        CpuTensor::new(data.to_vec(), rows, cols).unwrap(),
-        cuda.tensor(data, rows, cols).unwrap(),
+        HostTensor::new(data.to_vec(), rows, cols).unwrap(),
+        cuda.upload(data, rows, cols).unwrap(),
     )
+}
+
+/// `values` stored as f32, f16 and bf16.
+fn stored(values: &[f32]) -> [FloatData; 3] {
+    [
+        FloatData::from(values.to_vec()),
+        FloatData::F16(
+            values
+                .iter()
+                .map(|&v| f16::from_f32(v))
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        FloatData::BF16(
+            values
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+    ]
 }
 
 #[test]
@@ -84,18 +114,18 @@ fn elementwise_kernels_match_cpu() {
     let (wc, wg) = (c.vector(w.clone().into()).unwrap(), g.vector(w.into()).unwrap());
     let want = c.rms_norm(&xc, &wc, 1e-5).unwrap();
     let got = g.rms_norm(&xg, &wg, 1e-5).unwrap();
-    check("rms_norm", &g.to_host(&got).unwrap(), &want.data, 1e-5);
+    check("rms_norm", &g.download(&got).unwrap(), &want.data, 1e-5);
 
     let y = random(&mut rng, rows * cols, 3.0);
     let (yc, yg) = both(&g, &y, rows, cols);
     let want = c.silu_mul(&xc, &yc).unwrap();
     let got = g.silu_mul(&xg, &yg).unwrap();
-    check("silu_mul", &g.to_host(&got).unwrap(), &want.data, 1e-5);
+    check("silu_mul", &g.download(&got).unwrap(), &want.data, 1e-5);
 
-    let (mut ac, mut ag) = (xc.clone(), g.tensor(&x, rows, cols).unwrap());
+    let (mut ac, mut ag) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
     c.add_assign(&mut ac, &yc).unwrap();
     g.add_assign(&mut ag, &yg).unwrap();
-    check("add_assign", &g.to_host(&ag).unwrap(), &ac.data, 1e-6);
+    check("add_assign", &g.download(&ag).unwrap(), &ac.data, 1e-6);
 
     let rope = RopeFrequencies::new(64, 100_000.0);
     let positions: Vec<u32> = (0..rows as u32).map(|p| p * 13 % 500).collect();
@@ -103,21 +133,36 @@ fn elementwise_kernels_match_cpu() {
         c.rope_table(&rope, &positions).unwrap(),
         g.rope_table(&rope, &positions).unwrap(),
     );
-    let (mut rc, mut rg) = (xc.clone(), g.tensor(&x, rows, cols).unwrap());
+    let (mut rc, mut rg) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
     c.rotary(&mut rc, &tc, 64).unwrap();
     g.rotary(&mut rg, &tg, 64).unwrap();
-    check("rotary", &g.to_host(&rg).unwrap(), &rc.data, 1e-6);
+    check("rotary", &g.download(&rg).unwrap(), &rc.data, 1e-6);
 
-    // Embeddings of a shard holding ids 100..400: the others are zero rows.
+    // Embeddings of a shard holding ids 100..400, from tables stored as f32, f16 and bf16:
+    // the others are zero rows; widening is exact.
     let table = random(&mut rng, 300 * cols, 1.0);
-    let (tcm, tgm) = (
-        c.matrix(table.clone().into(), 300, cols).unwrap(),
-        g.matrix(table.into(), 300, cols).unwrap(),
-    );
     let ids: Vec<u32> = (0..rows as u32).map(|i| i * 37 % 500).collect();
-    let want = c.embed(&tcm, &ids, 100).unwrap();
-    let got = g.embed(&tgm, &ids, 100).unwrap();
-    assert_eq!(g.to_host(&got).unwrap(), want.data, "embed");
+    for data in stored(&table) {
+        let dtype = data.dtype();
+        let weight = DenseWeight::new(data, 300, cols).unwrap();
+        let (tcm, tgm) = (c.matrix(weight.clone()).unwrap(), g.matrix(weight).unwrap());
+        let want = c.embed(&tcm, &ids, 100, cols).unwrap();
+        let got = g.embed(&tgm, &ids, 100, cols).unwrap();
+        assert_eq!(g.download(&got).unwrap(), want.data, "embed {dtype:?}");
+    }
+
+    // A gather that would read past its source is refused before anything is launched.
+    let err = g
+        .logits(&xg, &tgm_of(&g, cols), &[0, rows])
+        .err()
+        .expect("row past the source")
+        .to_string();
+    assert!(err.contains("row index"), "{err}");
+}
+
+fn tgm_of(g: &CudaBackend, cols: usize) -> CudaMatrix {
+    g.matrix(DenseWeight::f32(vec![0.5; 4 * cols], 4, cols).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -132,24 +177,27 @@ fn dense_linear_and_scoring_match_cpu() {
     let (xc, xg) = both(&g, &x, m, k);
     let w = random(&mut rng, n * k, 0.1);
     let b = random(&mut rng, n, 0.5);
-    let weight = |data: Vec<f32>| LinearWeight::Dense {
-        data: data.into(),
-        out_features: n,
-        in_features: k,
-    };
-    let (wc, wg) = (
-        c.linear(weight(w.clone())).unwrap(),
-        g.linear(weight(w.clone())).unwrap(),
-    );
-    let (bc, bg) = (c.vector(b.clone().into()).unwrap(), g.vector(b.into()).unwrap());
-    let want = c.linear_forward(&xc, &wc, Some(&bc)).unwrap();
-    let got = g.linear_forward(&xg, &wg, Some(&bg)).unwrap();
-    check("linear f32 (cuBLAS)", &g.to_host(&got).unwrap(), &want.data, 1e-5);
+    // Dense weights keep their element type: f32 (SGEMM) and f16/bf16 (gemm_ex with the
+    // activations rounded to the weights' type).
+    for (data, bound) in stored(&w).into_iter().zip([1e-5, 1e-2, 1e-2]) {
+        let dtype = data.dtype();
+        let weight = DenseWeight::new(data, n, k).unwrap();
+        let lc = Linear::new(&c, Box::new(weight.clone()), Some(b.clone().into())).unwrap();
+        let lg = Linear::new(&g, Box::new(weight), Some(b.clone().into())).unwrap();
+        let want = lc.forward(&c, &xc).unwrap();
+        let got = lg.forward(&g, &xg).unwrap();
+        check(
+            &format!("linear {dtype:?}"),
+            &g.download(&got).unwrap(),
+            &want.data,
+            bound,
+        );
+    }
 
     // Scoring over a vocabulary slice (ids 1000..1328) with targets inside and outside it.
     let (lc, lg): (CpuMatrix, CudaMatrix) = (
-        c.matrix(w.clone().into(), n, k).unwrap(),
-        g.matrix(w.into(), n, k).unwrap(),
+        c.matrix(DenseWeight::f32(w.clone(), n, k).unwrap()).unwrap(),
+        g.matrix(DenseWeight::f32(w, n, k).unwrap()).unwrap(),
     );
     let preds: Vec<Prediction> = (0..m)
         .map(|r| Prediction {
@@ -159,7 +207,7 @@ fn dense_linear_and_scoring_match_cpu() {
         .collect();
     let want = c.nll_parts(&xc, &lc, &preds, 1000).unwrap();
     let got = g.nll_parts(&xg, &lg, &preds, 1000).unwrap();
-    let got = g.to_host(&got).unwrap();
+    let got = g.download(&got).unwrap();
     check("nll parts", &got, &want.data, 1e-5);
     check(
         "nll",
@@ -170,7 +218,7 @@ fn dense_linear_and_scoring_match_cpu() {
     let rows = [0, 7, 44];
     let want = c.logits(&xc, &lc, &rows).unwrap();
     let got = g.logits(&xg, &lg, &rows).unwrap();
-    check("logits", &g.to_host(&got).unwrap(), &want.data, 1e-5);
+    check("logits", &g.download(&got).unwrap(), &want.data, 1e-5);
 }
 
 #[test]
@@ -204,7 +252,7 @@ fn attention_matches_cpu() {
         let got = g.attention(&qg, &kg, &vg, &spec, &layout).unwrap();
         check(
             &format!("attention {lengths:?} {heads}/{kv_heads} d{d} {window:?}"),
-            &g.to_host(&got).unwrap(),
+            &g.download(&got).unwrap(),
             &want.data,
             1e-5,
         );
@@ -215,22 +263,20 @@ fn attention_matches_cpu() {
 fn awq_weight(rng: &mut ChaCha8Rng, k: usize, n: usize, gs: usize) -> AwqGemm {
     let q: Vec<u8> = (0..k * n).map(|_| rng.random_range(0..16u8)).collect();
     let z: Vec<u8> = (0..k / gs * n).map(|_| rng.random_range(0..16u8)).collect();
-    let s: Vec<f32> = (0..k / gs * n)
-        .map(|_| half::f16::from_f32(rng.random_range(0.001..0.02f32)).to_f32())
+    let s: Vec<f16> = (0..k / gs * n)
+        .map(|_| f16::from_f32(rng.random_range(0.001..0.02f32)))
         .collect();
     let pack = |v: &[u8]| -> Vec<i32> {
         v.chunks_exact(8)
             .map(|c| pack_word(c.try_into().unwrap()))
             .collect()
     };
-    AwqGemm {
-        qweight: pack(&q).into(),
-        qzeros: pack(&z).into(),
-        scales: s.into(),
+    let shape = AwqShape {
         in_features: k,
         out_features: n,
         group_size: gs,
-    }
+    };
+    AwqGemm::new(shape, pack(&q).into(), pack(&z).into(), s.into()).unwrap()
 }
 
 #[test]
@@ -248,21 +294,19 @@ fn w4a16_matches_cpu_at_every_size() {
         (96, 136, 32),
     ] {
         let w = awq_weight(&mut rng, k, n, gs);
-        let (wc, wg) = (
-            c.linear(LinearWeight::Awq(w.clone())).unwrap(),
-            g.linear(LinearWeight::Awq(w)).unwrap(),
-        );
+        let wc = Linear::new(&c, Box::new(w.clone()), None).unwrap();
+        let wg = Linear::new(&g, Box::new(w), None).unwrap();
         for m in [1, 2, 3, 8, 11, 16, 17, 33, 64, 130, 300] {
             let x = random(&mut rng, m * k, 1.0);
             let (xc, xg) = both(&g, &x, m, k);
-            let want = c.linear_forward(&xc, &wc, None).unwrap();
-            let got = g.linear_forward(&xg, &wg, None).unwrap();
+            let want = wc.forward(&c, &xc).unwrap();
+            let got = wg.forward(&g, &xg).unwrap();
             // Activations and dequantized weights are f16 operands on the GPU.
             let bound = 1e-2;
-            let got = g.to_host(&got).unwrap();
+            let got = g.download(&got).unwrap();
             check(&format!("w4a16 m{m} k{k} n{n} g{gs}"), &got, &want.data, bound);
             // Split-K partial sums are added in a fixed order: reruns are bit-identical.
-            let again = g.to_host(&g.linear_forward(&xg, &wg, None).unwrap()).unwrap();
+            let again = g.download(&wg.forward(&g, &xg).unwrap()).unwrap();
             assert!(
                 got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "w4a16 m{m} k{k} n{n}: reruns differ"
@@ -278,8 +322,6 @@ fn w4a16_matches_cpu_at_every_size() {
 fn w4a16_small_row_kernels_match_cpu() {
     use cuda_kernels::gpu::W4a16Out;
     use cuda_kernels::launch::{GEMV_MAX_ROWS, W4a16Path};
-    use half::f16;
-    use tp_runtime::backend::cuda::CudaLinear;
 
     let Some(g) = gpu("w4a16_small_row_kernels_match_cpu") else {
         return;
@@ -298,29 +340,28 @@ fn w4a16_small_row_kernels_match_cpu() {
         (8192, 4096, 32, &[1, 9][..]),
     ] {
         let w = awq_weight(&mut rng, k, n, gs);
-        let wc = c.linear(LinearWeight::Awq(w.clone())).unwrap();
-        let CudaLinear::Awq(wg) = g.linear(LinearWeight::Awq(w)).unwrap() else {
-            panic!("an AWQ weight uploads as AWQ");
-        };
+        let wc = Linear::new(&c, Box::new(w.clone()), None).unwrap();
+        let placed = g.awq_linear(w).unwrap();
+        let wg = placed.device();
         for &m in rows {
             let x = random(&mut rng, m * k, 1.0);
-            let want = c
-                .linear_forward(&CpuTensor::new(x.clone(), m, k).unwrap(), &wc, None)
+            let want = wc
+                .forward(&c, &HostTensor::new(x.clone(), m, k).unwrap())
                 .unwrap();
             let x16: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
             let x16 = gpu.upload(&x16).unwrap();
             for path in [W4a16Path::Gemv, W4a16Path::Fused] {
                 let what = format!("w4a16 {path:?} m{m} k{k} n{n} g{gs}");
                 let mut y = gpu.filled(m * n, f32::NAN).unwrap();
-                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F32(&mut y), m).unwrap();
+                gpu.w4a16_with(path, &x16, wg, W4a16Out::F32(&mut y), m).unwrap();
                 let got = gpu.download(&y).unwrap();
                 check(&what, &got, &want.data, 1e-2);
                 let mut y16 = gpu.upload(&vec![f16::NAN; m * n]).unwrap();
-                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F16(&mut y16), m)
+                gpu.w4a16_with(path, &x16, wg, W4a16Out::F16(&mut y16), m)
                     .unwrap();
                 let got16: Vec<f32> = gpu.download(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
                 check(&format!("{what} (f16 out)"), &got16, &want.data, 1e-2);
-                gpu.w4a16_with(path, &x16, &wg, W4a16Out::F32(&mut y), m).unwrap();
+                gpu.w4a16_with(path, &x16, wg, W4a16Out::F32(&mut y), m).unwrap();
                 let again = gpu.download(&y).unwrap();
                 assert!(
                     got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -331,12 +372,10 @@ fn w4a16_small_row_kernels_match_cpu() {
     }
     let x = gpu.zeros::<f16>(17 * 576).unwrap();
     let w = awq_weight(&mut rng, 576, 192, 64);
-    let CudaLinear::Awq(wg) = g.linear(LinearWeight::Awq(w)).unwrap() else {
-        panic!("an AWQ weight uploads as AWQ");
-    };
+    let placed = g.awq_linear(w).unwrap();
     let mut y = gpu.zeros::<f32>(17 * 192).unwrap();
     let err = gpu
-        .w4a16_with(W4a16Path::Gemv, &x, &wg, W4a16Out::F32(&mut y), 17)
+        .w4a16_with(W4a16Path::Gemv, &x, placed.device(), W4a16Out::F32(&mut y), 17)
         .unwrap_err();
     assert!(err.to_string().contains("at most 16 rows"), "{err}");
 }
@@ -346,7 +385,7 @@ fn tiny_models_match_reference_on_gpu() {
     let Some(g) = gpu("tiny_models_match_reference_on_gpu") else {
         return;
     };
-    for name in ["tiny-llama", "tiny-llama-tied", "tiny-mistral", "tiny-qwen2"] {
+    for name in testkit::TINY_MODELS {
         let tiny = testkit::tiny(name);
         let dir = tiny.dir.clone();
         let reference = testkit::read_json(&dir.join("reference.json"));
@@ -381,7 +420,6 @@ fn graph_replay_matches_direct_launches() {
     use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out};
     use cuda_kernels::launch::W4a16Path;
     use cuda_kernels::layout::MmaLayout;
-    use half::f16;
 
     let Some(g) = gpu("graph_replay_matches_direct_launches") else {
         return;

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use tp_runtime::gguf::{OutputDtype, import_gguf};
-use tp_runtime::{Checkpoint, CpuBackend, Model, ModelConfig, SeqLayout};
+use checkpoint::gguf::{OutputDtype, import_gguf};
+use checkpoint::{Checkpoint, ModelConfig};
+use tp_runtime::{CpuBackend, Model, SeqLayout};
 
 /// A minimal GGUF v3 writer for f32 tensors.
 #[derive(Default)]
@@ -107,7 +108,7 @@ fn write_gguf(dir: &Path, path: &Path) {
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let ck = Checkpoint::open(dir).unwrap();
     let (arch, permute) = match config.architecture {
-        tp_runtime::Architecture::Qwen2 => ("qwen2", false),
+        checkpoint::Architecture::Qwen2 => ("qwen2", false),
         _ => ("llama", true),
     };
     let mut w = GgufWriter::default();
@@ -231,7 +232,7 @@ fn roundtrip(name: &str) {
         assert!(err < 1e-4, "{name}: logits after GGUF import differ by {err}");
     }
     // The tokenizer written beside the weights loads; with no merges every byte is a token.
-    let tok = tp_runtime::Tokenizer::from_dir(&out).unwrap();
+    let tok = checkpoint::Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.encode("a1", false).unwrap(), vec![b'a' as u32, b'1' as u32]);
 }
 

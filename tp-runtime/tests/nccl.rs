@@ -1,6 +1,7 @@
 //! The NCCL communicator on a real GPU. Skips, saying why, where no CUDA driver or libnccl
 //! can be loaded — unless `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`), where that
 //! is a failure.
+#![cfg(feature = "cuda")]
 
 use cudarc::driver::CudaContext;
 use tp_runtime::comm::{Communicator, NcclCommunicator, nccl_available, new_unique_id};

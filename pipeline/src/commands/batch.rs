@@ -1,5 +1,6 @@
-//! `awq batch`: a zoo file's entries as jobs, each in its own folder, optionally sharded
-//! across machines, surviving the failure of any one of them.
+//! `awq batch`: a zoo file's entries as jobs, each in its own folder and its own process
+//! (its own threads, memory and peak-RSS measurement), optionally sharded across machines,
+//! surviving the failure of any one of them.
 //!
 //! ```toml
 //! [defaults]            # any job tables; defaults.output.dir is the zoo's root folder
@@ -15,18 +16,19 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use evaluation::provenance;
+use evaluation::report::JobReport;
 use serde::Serialize;
 use toml::{Table, Value};
 
-use super::eval::write_json;
 use crate::job::{Document, Job, JobError, JobFile, locate, parse_shard, resolve_path, suggest};
 use crate::progress::log;
-use crate::provenance;
-use crate::runner::{QUANTIZED, run_job};
+use crate::runner::run_job;
 
 /// Arguments of `awq batch`.
 #[derive(Debug, Args)]
@@ -48,9 +50,14 @@ pub struct BatchArgs {
     /// Remove each entry's output folder first.
     #[arg(long)]
     pub force: bool,
-    /// Worker threads (default: the jobs' runtime.threads, else all logical CPUs).
+    /// Worker threads of every entry (default: each entry's runtime.threads, else all
+    /// logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run only the entry of this name, in this process (what `awq batch` starts for each
+    /// entry; also how to rerun one entry by hand).
+    #[arg(long, value_name = "NAME")]
+    pub entry: Option<String>,
 }
 
 /// One entry of a zoo, validated or not.
@@ -238,23 +245,62 @@ pub struct SummaryRow {
 }
 
 fn summary_row(name: &str, job: &Job, seconds: f64, result: &Result<()>) -> SummaryRow {
-    let report: Option<serde_json::Value> = std::fs::read_to_string(job.out_dir.join("report.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let comparison = report.as_ref().and_then(|r| r["comparisons"].get(0).cloned());
-    let size = std::fs::metadata(job.out_dir.join(QUANTIZED).join("model.safetensors"))
-        .ok()
-        .map(|m| m.len());
+    // A failed entry may have left no report, or one of an earlier run: only a success's
+    // report is read, and then it must parse.
+    let report: Option<Result<JobReport>> = result
+        .is_ok()
+        .then(|| evaluation::report::read(&job.report()).map_err(Into::into));
+    let (report, error) = match (report, result) {
+        (Some(Ok(r)), _) => (Some(r), None),
+        (Some(Err(e)), _) => (None, Some(format!("{e:#}"))),
+        (None, Err(e)) => (None, Some(format!("{e:#}"))),
+        (None, Ok(())) => (None, None),
+    };
+    let comparison = report.as_ref().and_then(|r| r.comparisons.first());
     SummaryRow {
         name: name.to_string(),
-        status: if result.is_ok() { "ok" } else { "failed" }.into(),
-        ppl_original: comparison.as_ref().and_then(|c| c["ppl_original"].as_f64()),
-        ppl_quantized: comparison.as_ref().and_then(|c| c["ppl_quantized"].as_f64()),
-        delta_percent: comparison.as_ref().and_then(|c| c["delta_percent"].as_f64()),
+        status: if error.is_none() { "ok" } else { "failed" }.into(),
+        ppl_original: comparison.map(|c| c.ppl_original),
+        ppl_quantized: comparison.map(|c| c.ppl_quantized),
+        delta_percent: comparison.map(|c| c.delta_percent),
         seconds,
-        quantized_bytes: size.filter(|_| result.is_ok()),
-        error: result.as_ref().err().map(|e| format!("{e:#}")),
+        quantized_bytes: report.as_ref().and_then(|r| r.quantized_bytes),
+        error,
     }
+}
+
+/// Runs one entry in a process of its own: `awq batch ZOO --entry NAME`.
+fn run_in_child(args: &BatchArgs, name: &str) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the awq executable")?;
+    let mut command = Command::new(exe);
+    command.arg("batch").arg(&args.zoo).args(["--entry", name]);
+    if args.force {
+        command.arg("--force");
+    }
+    if let Some(t) = args.threads {
+        command.args(["--threads", &t.to_string()]);
+    }
+    let status = command.status().context("starting the entry's process")?;
+    match status.success() {
+        true => Ok(()),
+        false => bail!("its process ended with {status} (its error is printed above)"),
+    }
+}
+
+/// Runs the one entry `name` in this process, with its own thread count.
+fn run_entry(args: &BatchArgs, name: &str) -> Result<()> {
+    let entry = load(&args.zoo)?
+        .into_iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| anyhow!("{}: no entry named `{name}`", args.zoo.display()))?;
+    let job = entry.job?;
+    let threads = provenance::set_threads(args.threads.or(job.runtime.threads))?;
+    log(format!(
+        "entry {name}: running into {} ({threads} threads)",
+        job.out_dir.display()
+    ));
+    run_job(&job, args.force)?;
+    Ok(())
 }
 
 fn table(rows: &[SummaryRow]) -> String {
@@ -281,6 +327,9 @@ fn table(rows: &[SummaryRow]) -> String {
 
 /// Runs `awq batch`.
 pub fn run(args: &BatchArgs) -> Result<()> {
+    if let Some(name) = &args.entry {
+        return run_entry(args, name);
+    }
     let (k, n) = args.shard.unwrap_or((0, 1));
     let entries: Vec<Entry> = load(&args.zoo)?
         .into_iter()
@@ -304,7 +353,6 @@ pub fn run(args: &BatchArgs) -> Result<()> {
             bad.name
         );
     }
-    let threads = provenance::set_threads(args.threads)?;
     log(format!(
         "batch {}: {} entries in shard {k}/{n}",
         args.zoo.display(),
@@ -331,19 +379,13 @@ pub fn run(args: &BatchArgs) -> Result<()> {
                 )
             }
             Ok(job) => {
-                log(format!(
-                    "entry {}: running into {}",
-                    e.name,
-                    job.out_dir.display()
-                ));
-                let result = run_job(job, args.force, threads).map(|_| ());
+                let result = run_in_child(args, &e.name);
                 if let Err(err) = &result {
                     log(format!("entry {}: failed: {err:#}", e.name));
                 }
-                (
-                    summary_row(&e.name, job, start.elapsed().as_secs_f64(), &result),
-                    result.is_err(),
-                )
+                let row = summary_row(&e.name, job, start.elapsed().as_secs_f64(), &result);
+                let failed = row.status != "ok";
+                (row, failed)
             }
         };
         rows.push(row);
@@ -353,7 +395,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     }
     print!("{}", table(&rows));
     if let Some(path) = &args.json {
-        write_json(path, &rows)?;
+        evaluation::report::write(path, &rows)?;
     }
     let failed = rows.iter().filter(|r| r.status != "ok").count();
     if failed > 0 {

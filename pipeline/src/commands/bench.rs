@@ -4,15 +4,15 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use checkpoint::ModelConfig;
 use clap::Subcommand;
+use evaluation::provenance;
+use evaluation::report::{EvalReport, QuantizeRunReport};
 use serde::Serialize;
-use tp_runtime::ModelConfig;
 use tp_runtime::backend::cpu::matmul_transposed;
 
-use super::eval::{EvalArgs, EvalReport, evaluate_checkpoint, write_json};
-use super::quantize::{QuantizeArgs, QuantizeRunReport};
-use crate::progress::log;
-use crate::provenance;
+use crate::cli::{EvalArgs, QuantizeArgs};
+use crate::progress::{self, log};
 
 /// `awq bench` subcommands.
 #[derive(Debug, Subcommand)]
@@ -23,6 +23,7 @@ pub enum BenchCommand {
     /// GEMM rate measured in the same run.
     Quantize(QuantizeArgs),
     /// The W4A16 kernels against cuBLAS f16 on Llama-2-7B shapes (needs a GPU).
+    #[cfg(feature = "cuda")]
     Kernels(super::bench_kernels::KernelBenchArgs),
 }
 
@@ -79,27 +80,9 @@ pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Eval(args) => bench_eval(args),
         BenchCommand::Quantize(args) => bench_quantize(args),
+        #[cfg(feature = "cuda")]
         BenchCommand::Kernels(args) => super::bench_kernels::run(args),
     }
-}
-
-/// FLOPs of AWQ's search on one layer with `tokens` calibration tokens in blocks of
-/// `seq_len`: the capture forward, a reference and 20 trials of each block-inspected group,
-/// and the Gram form of the linear-inspected groups. The clip search is left out (under 1 %).
-pub fn awq_layer_flops(c: &ModelConfig, tokens: f64, seq_len: usize) -> f64 {
-    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
-    let (q, kv) = (c.q_features() as f64, c.kv_features() as f64);
-    let attention =
-        tokens * 2.0 * (h * q + 2.0 * h * kv + q * h) + tokens * 4.0 * q * (seq_len as f64 + 1.0) / 2.0;
-    let mlp = tokens * 2.0 * 3.0 * h * i;
-    let trials = awq_pack::search::GRID as f64;
-    let gram_group = |k: f64, out: f64| 2.0 * tokens * k * k + trials * 2.0 * out * k * k;
-    let mut flops = attention + mlp; // capture
-    flops += (trials + 1.0) * attention + (trials + 1.0) * mlp;
-    if c.kv_features() == c.hidden_size {
-        flops += gram_group(q, h);
-    }
-    flops + gram_group(i, h)
 }
 
 /// The same-run baseline of a quantization: its arithmetic at the measured GEMM rate.
@@ -128,7 +111,8 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
     let shape = [4096, config.hidden_size, config.intermediate_size];
     log(format!("measuring the f32 GEMM rate on {shape:?}"));
     let gflops = gemm_gflops(shape[0], shape[1], shape[2]);
-    let flops = awq_layer_flops(&config, tokens, args.seq_len) * config.num_hidden_layers as f64;
+    let flops =
+        awq_pack::layer::search_flops(&config, tokens, args.seq_len) * config.num_hidden_layers as f64;
     let floor = flops / (gflops * 1e9);
     let s = &q.seconds;
     let searched = s.capture + s.scale_search;
@@ -171,7 +155,7 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
         report.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6
     );
     if let Some(path) = &args.json {
-        write_json(path, &report)?;
+        evaluation::report::write(path, &report)?;
         log(format!("report written to {}", path.display()));
     }
     Ok(())
@@ -179,7 +163,7 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
 
 fn bench_eval(args: &EvalArgs) -> Result<()> {
     let threads = provenance::set_threads(args.threads)?;
-    let eval = evaluate_checkpoint(args, threads)?;
+    let eval = progress::evaluate(&args.request())?;
     let c = &eval.model.config;
     let shape = [args.ctx, c.hidden_size, c.intermediate_size];
     log(format!("measuring the f32 GEMM rate on {shape:?}"));
@@ -215,7 +199,7 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
     );
     println!("| fraction of roofline | {:.3} |", report.fraction_of_roofline);
     if let Some(path) = &args.json {
-        write_json(path, &report)?;
+        evaluation::report::write(path, &report)?;
         log(format!("report written to {}", path.display()));
     }
     Ok(())
@@ -224,6 +208,41 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn search_flops_follow_the_scaling_groups() {
+        // No GQA and q_features = hidden: v → o is searched (its Gram form adds FLOPs).
+        let base = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":512,
+            "intermediate_size":1024,"num_hidden_layers":2,"num_attention_heads":8,
+            "num_key_value_heads":8,"rms_norm_eps":1e-5,"vocab_size":1000});
+        let config =
+            |v: serde_json::Value| ModelConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
+        let mha = config(base.clone());
+        let mut gqa_json = base.clone();
+        gqa_json["num_key_value_heads"] = 2.into();
+        let gqa = config(gqa_json);
+        let (tokens, seq) = (4096.0, 512);
+        let vo = 2.0 * tokens * 512f64.powi(2) + 20.0 * 2.0 * 512.0 * 512f64.powi(2);
+        let kv_delta = 2.0 * 2.0 * tokens * 512.0 * (512.0 - 128.0) * 22.0;
+        let got = awq_pack::layer::search_flops(&mha, tokens, seq)
+            - awq_pack::layer::search_flops(&gqa, tokens, seq);
+        assert!(
+            (got - (vo + kv_delta)).abs() / got < 1e-12,
+            "{got} vs {}",
+            vo + kv_delta
+        );
+        // 16 heads over 8 kv heads of 64: v_proj is [512, 512] but o_proj [512, 1024], so
+        // AutoAWQ's shape test leaves v → o out, although kv_features = hidden.
+        let mut wide = base;
+        wide["num_attention_heads"] = 16.into();
+        wide["head_dim"] = 64.into();
+        let wide = config(wide);
+        assert_eq!(wide.kv_features(), wide.hidden_size);
+        let groups = awq_pack::layer::scaling_groups(&wide);
+        let o_group = awq_pack::layer::Inspect::Linear(checkpoint::Projection::O);
+        assert_eq!(groups.len(), 3);
+        assert!(groups.iter().all(|g| g.inspect != o_group));
+    }
 
     #[test]
     fn smollm2_flops_match_hand_count() {

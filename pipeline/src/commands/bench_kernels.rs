@@ -14,8 +14,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::eval::write_json;
 use crate::progress::log;
+use evaluation::report::write as write_json;
 
 /// Arguments of `awq bench kernels`.
 #[derive(Debug, Args)]

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use checkpoint::gguf::{OutputDtype, import_gguf};
 use clap::{Args, ValueEnum};
-use tp_runtime::gguf::{OutputDtype, import_gguf};
 
 use crate::progress::log;
 

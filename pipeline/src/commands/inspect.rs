@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use checkpoint::names::{Projection, required_tensors};
+use checkpoint::{AwqShape, Checkpoint, Dtype, ModelConfig};
 use clap::Args;
-use tp_runtime::awq::PACK;
-use tp_runtime::model::{Projection, layer_tensor_name};
-use tp_runtime::{Checkpoint, ModelConfig};
 
 /// Arguments of `awq inspect`.
 #[derive(Debug, Args)]
@@ -36,43 +35,38 @@ fn expect(ck: &Checkpoint, problems: &mut Vec<String>, name: String, dtypes: &[&
 /// Every problem of the checkpoint's tensors against its configuration.
 pub fn format_problems(config: &ModelConfig, ck: &Checkpoint) -> Vec<String> {
     let mut problems = Vec::new();
-    let p = &mut problems;
-    let float = ["F32", "F16", "BF16"];
-    let (v, h) = (config.vocab_size, config.hidden_size);
-    expect(ck, p, "model.embed_tokens.weight".into(), &float, vec![v, h]);
-    expect(ck, p, "model.norm.weight".into(), &float, vec![h]);
-    if !config.tie_word_embeddings {
-        expect(ck, p, "lm_head.weight".into(), &float, vec![v, h]);
-    }
-    for layer in 0..config.num_hidden_layers {
-        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            expect(ck, p, layer_tensor_name(layer, norm), &float, vec![h]);
-        }
-        for proj in Projection::ALL {
-            let prefix = proj.prefix(layer);
-            let (n, k) = proj.shape(config);
-            match &config.quantization {
-                Some(q) if q.converts(&prefix) => {
-                    let g = q.group_size;
-                    if k % g != 0 || n % PACK != 0 {
-                        p.push(format!(
-                            "`{prefix}` [{n}, {k}] cannot hold groups of {g} packed 8 per word"
-                        ));
-                        continue;
-                    }
-                    expect(ck, p, format!("{prefix}.qweight"), &["I32"], vec![k, n / PACK]);
-                    expect(ck, p, format!("{prefix}.qzeros"), &["I32"], vec![k / g, n / PACK]);
-                    expect(ck, p, format!("{prefix}.scales"), &float, vec![k / g, n]);
-                    if ck.contains(&format!("{prefix}.weight")) {
-                        p.push(format!("`{prefix}.weight` should not exist beside its qweight"));
-                    }
+    if let Some(q) = &config.quantization {
+        for layer in 0..config.num_hidden_layers {
+            for p in Projection::ALL
+                .into_iter()
+                .filter(|p| p.is_quantized(config, layer))
+            {
+                let (out_features, in_features) = p.shape(config);
+                let shape = AwqShape {
+                    in_features,
+                    out_features,
+                    group_size: q.group_size,
+                };
+                if let Err(e) = shape.check(&format!("`{}`", p.prefix(layer))) {
+                    problems.push(e.to_string());
                 }
-                _ => expect(ck, p, format!("{prefix}.weight"), &float, vec![n, k]),
-            }
-            if proj.has_bias(config) {
-                expect(ck, p, format!("{prefix}.bias"), &float, vec![n]);
+                let dense = format!("{}.weight", p.prefix(layer));
+                if ck.contains(&dense) {
+                    problems.push(format!("`{dense}` should not exist beside its qweight"));
+                }
             }
         }
+        if !problems.is_empty() {
+            return problems;
+        }
+    }
+    let float = ["F32", "F16", "BF16"];
+    for t in required_tensors(config) {
+        let dtypes: &[&str] = match t.dtype {
+            Some(Dtype::I32) => &["I32"],
+            _ => &float,
+        };
+        expect(ck, &mut problems, t.name, dtypes, t.shape);
     }
     problems
 }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+#[cfg(feature = "cuda")]
 pub mod bench_kernels;
 pub mod eval;
 pub mod import;

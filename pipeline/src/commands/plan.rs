@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use checkpoint::{Checkpoint, ModelConfig};
 use clap::Args;
+use tp_runtime::ShardPlan;
 use tp_runtime::shard::rank_tensors;
-use tp_runtime::{Checkpoint, ModelConfig, ShardPlan};
 
 /// Arguments of `awq plan`.
 #[derive(Debug, Args)]

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use evaluation::provenance;
+
 use crate::job::{Job, validate_all};
 use crate::progress::log;
-use crate::provenance;
 use crate::runner::run_job;
 
 /// Arguments of `awq run`.
@@ -33,12 +34,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let job = Job::load(&args.job)?;
     let threads = provenance::set_threads(job.runtime.threads)?;
     log(format!(
-        "job {} ({}): output in {}",
+        "job {} ({}): output in {} ({threads} threads)",
         job.name,
         args.job.display(),
         job.out_dir.display()
     ));
-    let outcome = run_job(&job, args.force, threads)?;
+    let outcome = run_job(&job, args.force)?;
     println!(
         "{}: {} steps run, {} up to date, {:.1}s; report in {}",
         job.name,

@@ -1,19 +1,21 @@
 //! The CUDA backend: our kernels (`cuda-kernels`, compiled with NVRTC for the device at
 //! first use) and cuBLAS, behind the same trait as the CPU backend, whose operations are
-//! every kernel's CPU twin. Activations stay f32 on the device (rounded to f16 on their way
-//! into a W4A16 product); AWQ weights are repacked once at load into the kernels' "mma"
-//! layout; dense weights are f32 (cuBLAS SGEMM).
+//! every kernel's CPU twin. Activations stay f32 on the device (rounded to f16 or bf16 on
+//! their way into a half-precision product); AWQ weights are repacked once at load into the
+//! kernels' "mma" layout; dense weights keep their element type (f32 SGEMM, or f16/bf16
+//! `gemm_ex` with f32 accumulation).
 
 use std::sync::Arc;
 
+use checkpoint::{AwqGemm, FloatData};
 use cuda_kernels::cudarc::driver::CudaSlice;
 use cuda_kernels::gpu::AwqDeviceWeight;
 use cuda_kernels::layout::MmaLayout;
 use cuda_kernels::{Gpu, KernelError};
-use half::f16;
+use half::{bf16, f16};
 
-use super::{AttentionSpec, Backend, ByteSize, LinearWeight, Prediction, RopeFrequencies, SeqLayout};
-use crate::checkpoint::F32Data;
+use super::{AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout};
+use crate::backend::weights::{DenseWeight, WeightFormat};
 use crate::{Error, Result};
 
 impl From<KernelError> for Error {
@@ -29,17 +31,51 @@ pub struct CudaTensor {
     pub cols: usize,
 }
 
-/// A dense `[rows, cols]` f32 matrix on the device.
+/// Dense values on the device, in the element type they were stored in.
+pub enum DeviceFloat {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+/// A dense `[rows, cols]` matrix on the device: f32 weights multiply in f32 (cuBLAS SGEMM),
+/// f16 and bf16 weights stay half precision and meet activations rounded to their type
+/// (cuBLAS `gemm_ex`, f32 accumulation).
 pub struct CudaMatrix {
-    pub data: CudaSlice<f32>,
+    pub data: DeviceFloat,
     pub rows: usize,
     pub cols: usize,
 }
 
-/// A linear layer's weight on the device.
-pub enum CudaLinear {
-    Dense(CudaMatrix),
-    Awq(AwqDeviceWeight),
+impl CudaMatrix {
+    /// `out[m, rows] = x[m, cols] · selfᵀ`.
+    fn matmul(&self, gpu: &Gpu, x: &CudaSlice<f32>, m: usize, out: &mut CudaSlice<f32>) -> Result<()> {
+        let (n, k) = (self.rows, self.cols);
+        match &self.data {
+            DeviceFloat::F32(w) => gpu.sgemm_nt(x, w, out, m, k, n)?,
+            DeviceFloat::F16(w) => {
+                let mut x16 = gpu.zeros::<f16>(m * k)?;
+                gpu.to_f16(x, &mut x16, m * k)?;
+                gpu.half_gemm_nt_f32(&x16, w, out, m, k, n)?
+            }
+            DeviceFloat::BF16(w) => {
+                let mut x16 = gpu.zeros::<bf16>(m * k)?;
+                gpu.to_bf16(x, &mut x16, m * k)?;
+                gpu.half_gemm_nt_f32(&x16, w, out, m, k, n)?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A 4-bit AWQ weight on the device, repacked into the kernels' "mma" layout.
+pub struct CudaAwq(AwqDeviceWeight);
+
+impl CudaAwq {
+    /// The weight's device buffers, for launching a particular kernel (tests, benchmarks).
+    pub fn device(&self) -> &AwqDeviceWeight {
+        &self.0
+    }
 }
 
 /// A vector on the device.
@@ -49,22 +85,71 @@ pub struct CudaVector {
 
 impl ByteSize for CudaMatrix {
     fn byte_size(&self) -> usize {
-        self.rows * self.cols * 4
-    }
-}
-
-impl ByteSize for CudaLinear {
-    fn byte_size(&self) -> usize {
-        match self {
-            CudaLinear::Dense(m) => m.byte_size(),
-            CudaLinear::Awq(w) => w.byte_size(),
-        }
+        let element = match self.data {
+            DeviceFloat::F32(_) => 4,
+            DeviceFloat::F16(_) | DeviceFloat::BF16(_) => 2,
+        };
+        self.rows * self.cols * element
     }
 }
 
 impl ByteSize for CudaVector {
     fn byte_size(&self) -> usize {
         self.data.len() * 4
+    }
+}
+
+fn check_linear(x: &CudaTensor, out: &CudaTensor, out_features: usize, in_features: usize) -> Result<()> {
+    if x.cols != in_features || (out.rows, out.cols) != (x.rows, out_features) {
+        return Err(Error::Invalid(format!(
+            "linear [{out_features}, {in_features}]: input [{}, {}], output [{}, {}]",
+            x.rows, x.cols, out.rows, out.cols
+        )));
+    }
+    Ok(())
+}
+
+impl LinearKernel<CudaBackend> for CudaMatrix {
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn byte_size(&self) -> usize {
+        ByteSize::byte_size(self)
+    }
+
+    fn forward_into(&self, backend: &CudaBackend, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        check_linear(x, out, self.rows, self.cols)?;
+        self.matmul(&backend.gpu, &x.data, x.rows, &mut out.data)
+    }
+}
+
+impl LinearKernel<CudaBackend> for CudaAwq {
+    fn out_features(&self) -> usize {
+        self.0.out_features
+    }
+
+    fn in_features(&self) -> usize {
+        self.0.in_features
+    }
+
+    fn byte_size(&self) -> usize {
+        self.0.byte_size()
+    }
+
+    fn forward_into(&self, backend: &CudaBackend, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        check_linear(x, out, self.0.out_features, self.0.in_features)?;
+        // W4A16: the activations go in as f16, as in AutoAWQ's and vLLM's kernels.
+        let gpu = &backend.gpu;
+        let n = x.rows * x.cols;
+        let mut x16 = gpu.zeros::<f16>(n)?;
+        gpu.to_f16(&x.data, &mut x16, n)?;
+        gpu.w4a16(&x16, &self.0, &mut out.data, x.rows)?;
+        Ok(())
     }
 }
 
@@ -117,6 +202,34 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Places a dense weight, keeping its element type.
+    pub fn dense_linear(&self, weight: DenseWeight) -> Result<CudaMatrix> {
+        let data = match &weight.data {
+            FloatData::F32(d) => DeviceFloat::F32(self.gpu.upload(d)?),
+            FloatData::F16(d) => DeviceFloat::F16(self.gpu.upload(d)?),
+            FloatData::BF16(d) => DeviceFloat::BF16(self.gpu.upload(d)?),
+        };
+        Ok(CudaMatrix {
+            data,
+            rows: weight.rows,
+            cols: weight.cols,
+        })
+    }
+
+    /// Places an AWQ weight, repacked into the kernels' "mma" layout.
+    pub fn awq_linear(&self, weight: AwqGemm) -> Result<CudaAwq> {
+        let shape = weight.shape;
+        let layout = MmaLayout::from_gemm(
+            bytemuck::cast_slice::<i32, u32>(&weight.qweight),
+            bytemuck::cast_slice::<i32, u32>(&weight.qzeros),
+            bytemuck::cast_slice::<f16, u16>(&weight.scales),
+            shape.in_features,
+            shape.out_features,
+            shape.group_size,
+        )?;
+        Ok(CudaAwq(AwqDeviceWeight::upload(&self.gpu, &layout)?))
+    }
+
     /// `[rows.len(), vocab]` logits of the selected rows, on the device.
     fn logits_rows(&self, hidden: &CudaTensor, lm_head: &CudaMatrix, rows: &[usize]) -> Result<CudaTensor> {
         if hidden.cols != lm_head.cols {
@@ -125,29 +238,15 @@ impl CudaBackend {
                 lm_head.cols, hidden.cols
             )));
         }
-        if let Some(&r) = rows.iter().find(|&&r| r >= hidden.rows) {
-            return Err(Error::Invalid(format!("row {r} of {} requested", hidden.rows)));
-        }
-        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let index = self.gpu.upload(&index)?;
+        let index: Vec<u32> = rows
+            .iter()
+            .map(|&r| u32::try_from(r).unwrap_or(u32::MAX))
+            .collect();
         let mut x = self.output(rows.len(), hidden.cols)?;
-        self.gpu.gather_rows(
-            &hidden.data,
-            hidden.rows,
-            &index,
-            &mut x.data,
-            rows.len(),
-            hidden.cols,
-        )?;
+        self.gpu
+            .gather_rows(&hidden.data, hidden.rows, &index, &mut x.data, hidden.cols)?;
         let mut logits = self.output(rows.len(), lm_head.rows)?;
-        self.gpu.sgemm_nt(
-            &x.data,
-            &lm_head.data,
-            &mut logits.data,
-            rows.len(),
-            hidden.cols,
-            lm_head.rows,
-        )?;
+        lm_head.matmul(&self.gpu, &x.data, rows.len(), &mut logits.data)?;
         Ok(logits)
     }
 }
@@ -159,58 +258,31 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Buffer = CudaSlice<f32>;
     type Matrix = CudaMatrix;
-    type Linear = CudaLinear;
     type Vector = CudaVector;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.gpu.ordinal(), self.gpu.name())
     }
 
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CudaMatrix> {
-        if data.len() != rows * cols {
-            return Err(Error::Invalid(format!(
-                "{} values do not make a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
-        Ok(CudaMatrix {
-            data: self.gpu.upload(&data)?,
-            rows,
-            cols,
-        })
+    fn matrix(&self, weight: DenseWeight) -> Result<CudaMatrix> {
+        self.dense_linear(weight)
     }
 
-    fn linear(&self, weight: LinearWeight) -> Result<CudaLinear> {
-        match weight {
-            LinearWeight::Dense {
-                data,
-                out_features,
-                in_features,
-            } => Ok(CudaLinear::Dense(self.matrix(data, out_features, in_features)?)),
-            LinearWeight::Awq(w) => {
-                w.validate()?;
-                // The scales were f16 in the checkpoint: converting back is exact.
-                let scales: Vec<u16> = w.scales.iter().map(|&s| f16::from_f32(s).to_bits()).collect();
-                let layout = MmaLayout::from_gemm(
-                    bytemuck::cast_slice::<i32, u32>(&w.qweight),
-                    bytemuck::cast_slice::<i32, u32>(&w.qzeros),
-                    &scales,
-                    w.in_features,
-                    w.out_features,
-                    w.group_size,
-                )?;
-                Ok(CudaLinear::Awq(AwqDeviceWeight::upload(&self.gpu, &layout)?))
-            }
-        }
-    }
-
-    fn vector(&self, data: F32Data) -> Result<CudaVector> {
+    fn vector(&self, data: FloatData) -> Result<CudaVector> {
         Ok(CudaVector {
-            data: self.gpu.upload(&data)?,
+            data: self.gpu.upload(&data.into_f32())?,
         })
     }
 
-    fn tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+    fn linear(&self, weight: Box<dyn WeightFormat>) -> Result<Box<dyn LinearKernel<Self>>> {
+        weight.place_cuda(self)
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.output(rows, cols)
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         if data.len() != rows * cols {
             return Err(Error::Invalid(format!(
                 "{} values do not make a [{rows}, {cols}] tensor",
@@ -224,7 +296,7 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+    fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         let mut v = self.gpu.download(&x.data)?;
         v.truncate(x.rows * x.cols);
         Ok(v)
@@ -242,66 +314,61 @@ impl Backend for CudaBackend {
         &mut x.data
     }
 
-    fn embed(&self, table: &CudaMatrix, ids: &[u32], first_id: usize) -> Result<CudaTensor> {
-        let mut out = self.output(ids.len(), table.cols)?;
-        let ids_dev = self.gpu.upload(ids)?;
-        self.gpu.embed(
-            &table.data,
-            table.rows,
-            &ids_dev,
-            &mut out.data,
-            ids.len(),
-            table.cols,
-            first_id,
-        )?;
-        Ok(out)
-    }
-
-    fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32) -> Result<CudaTensor> {
-        let mut y = self.output(x.rows, x.cols)?;
-        self.gpu
-            .rms_norm(&x.data, &weight.data, &mut y.data, x.rows, x.cols, eps)?;
-        Ok(y)
-    }
-
-    fn linear_forward(
+    fn embed_into(
         &self,
-        x: &CudaTensor,
-        weight: &CudaLinear,
-        bias: Option<&CudaVector>,
-    ) -> Result<CudaTensor> {
-        let (out_features, in_features) = match weight {
-            CudaLinear::Dense(m) => (m.rows, m.cols),
-            CudaLinear::Awq(w) => (w.out_features, w.in_features),
-        };
-        if x.cols != in_features {
+        table: &CudaMatrix,
+        ids: &[u32],
+        first_id: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        if (out.rows, out.cols) != (ids.len(), table.cols) {
             return Err(Error::Invalid(format!(
-                "linear: input has {} features, weight expects {in_features}",
-                x.cols
+                "embed: {} ids of {} features into [{}, {}]",
+                ids.len(),
+                table.cols,
+                out.rows,
+                out.cols
             )));
         }
-        let mut y = self.output(x.rows, out_features)?;
-        match weight {
-            CudaLinear::Dense(m) => {
+        let ids_dev = self.gpu.upload(ids)?;
+        let (rows, cols) = (table.rows, table.cols);
+        match &table.data {
+            DeviceFloat::F32(t) => {
                 self.gpu
-                    .sgemm_nt(&x.data, &m.data, &mut y.data, x.rows, in_features, out_features)?
+                    .embed(t, rows, &ids_dev, &mut out.data, ids.len(), cols, first_id)?
             }
-            CudaLinear::Awq(w) => {
-                // W4A16: the activations go in as f16, as in AutoAWQ's and vLLM's kernels.
-                let n = x.rows * x.cols;
-                let mut x16 = self.gpu.zeros::<f16>(n)?;
-                self.gpu.to_f16(&x.data, &mut x16, n)?;
-                self.gpu.w4a16(&x16, w, &mut y.data, x.rows)?
+            DeviceFloat::F16(t) => {
+                self.gpu
+                    .embed(t, rows, &ids_dev, &mut out.data, ids.len(), cols, first_id)?
+            }
+            DeviceFloat::BF16(t) => {
+                self.gpu
+                    .embed(t, rows, &ids_dev, &mut out.data, ids.len(), cols, first_id)?
             }
         }
-        if let Some(b) = bias {
-            self.gpu.add_bias(&mut y.data, &b.data, x.rows, out_features)?;
-        }
-        Ok(y)
+        Ok(())
+    }
+
+    fn rms_norm_into(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        Self::same_dims("rms_norm", x, out)?;
+        self.gpu
+            .rms_norm(&x.data, &weight.data, &mut out.data, x.rows, x.cols, eps)?;
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut CudaTensor, bias: &CudaVector) -> Result<()> {
+        self.gpu.add_bias(&mut x.data, &bias.data, x.rows, x.cols)?;
+        Ok(())
     }
 
     fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<CudaTensor> {
-        self.tensor(&rope.table(positions), positions.len(), rope.head_dim)
+        self.upload(&rope.table(positions), positions.len(), rope.head_dim)
     }
 
     fn rotary(&self, x: &mut CudaTensor, table: &CudaTensor, head_dim: usize) -> Result<()> {
@@ -316,20 +383,22 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn attention(
+    fn attention_into(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
         spec: &AttentionSpec,
         layout: &SeqLayout,
-    ) -> Result<CudaTensor> {
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         let rows = layout.rows();
         let d = spec.head_dim;
         for (name, t, cols) in [
             ("q", q, spec.heads * d),
             ("k", k, spec.kv_heads * d),
             ("v", v, spec.kv_heads * d),
+            ("output", &*out, spec.heads * d),
         ] {
             if t.rows != rows || t.cols != cols {
                 return Err(Error::Invalid(format!(
@@ -343,7 +412,6 @@ impl Backend for CudaBackend {
             .flat_map(|s| std::iter::repeat_n(s.start as u32, s.len()))
             .collect();
         let starts = self.gpu.upload(&starts)?;
-        let mut out = self.output(rows, spec.heads * d)?;
         self.gpu.attention(
             &q.data,
             &k.data,
@@ -357,15 +425,15 @@ impl Backend for CudaBackend {
             spec.scale,
             spec.sliding_window,
         )?;
-        Ok(out)
+        Ok(())
     }
 
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+    fn silu_mul_into(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         Self::same_dims("silu_mul", gate, up)?;
-        let mut y = self.output(gate.rows, gate.cols)?;
+        Self::same_dims("silu_mul", gate, out)?;
         self.gpu
-            .silu_mul(&gate.data, &up.data, &mut y.data, gate.rows * gate.cols)?;
-        Ok(y)
+            .silu_mul(&gate.data, &up.data, &mut out.data, gate.rows * gate.cols)?;
+        Ok(())
     }
 
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
@@ -396,9 +464,9 @@ impl Backend for CudaBackend {
                 lm_head.rows,
                 first_id,
             )?;
-            parts.extend(self.to_host(&out)?);
+            parts.extend(self.download(&out)?);
         }
-        self.tensor(&parts, predictions.len(), 3)
+        self.upload(&parts, predictions.len(), 3)
     }
 
     fn logits(&self, hidden: &CudaTensor, lm_head: &CudaMatrix, rows: &[usize]) -> Result<CudaTensor> {

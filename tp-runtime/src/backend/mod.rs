@@ -1,16 +1,22 @@
 //! Where a model's tensors live and its operations run. The decoder in [`crate::model`] is
-//! written once against [`Backend`]; each device implements it.
+//! written once against [`Backend`]; each device implements it. Linear layers run through
+//! [`LinearKernel`]s, one per weight format and backend, so that a new format adds kernels
+//! without editing the backends ([`weights`]).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod weights;
 
 use std::ops::Range;
 
+use checkpoint::FloatData;
+
 use crate::Result;
-use crate::awq::AwqGemm;
-use crate::checkpoint::F32Data;
+use weights::{DenseWeight, WeightFormat};
 
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;
 
 /// How the rows of an activation matrix split into independent sequences.
@@ -115,37 +121,6 @@ impl RopeFrequencies {
     }
 }
 
-/// A linear layer's weight as read from a checkpoint, before the backend lays it out.
-#[derive(Clone, Debug)]
-pub enum LinearWeight {
-    /// `[out_features, in_features]`, row-major (PyTorch layout).
-    Dense {
-        data: F32Data,
-        out_features: usize,
-        in_features: usize,
-    },
-    /// 4-bit AWQ in the "gemm" layout.
-    Awq(AwqGemm),
-}
-
-impl LinearWeight {
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        match self {
-            LinearWeight::Dense { out_features, .. } => *out_features,
-            LinearWeight::Awq(w) => w.out_features,
-        }
-    }
-
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        match self {
-            LinearWeight::Dense { in_features, .. } => *in_features,
-            LinearWeight::Awq(w) => w.in_features,
-        }
-    }
-}
-
 /// One next-token prediction to score: the hidden state at `row` predicts `target`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prediction {
@@ -159,33 +134,54 @@ pub trait ByteSize {
     fn byte_size(&self) -> usize;
 }
 
-/// The operations a decoder needs, on one device. Activations are row-major
-/// `[rows, features]` f32 matrices.
-pub trait Backend: Send + Sync {
+/// A linear layer's weight placed on a backend, in whatever layout its kernel wants.
+pub trait LinearKernel<B: Backend>: Send + Sync {
+    /// Output features.
+    fn out_features(&self) -> usize;
+    /// Input features.
+    fn in_features(&self) -> usize;
+    /// Bytes the weight occupies in the backend's memory.
+    fn byte_size(&self) -> usize;
+    /// `out = x · Wᵀ`, for `x` `[rows, in_features]` and `out` `[rows, out_features]`.
+    fn forward_into(&self, backend: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<()>;
+}
+
+/// The operations a decoder needs, on one device. Activations are row-major `[rows,
+/// features]` f32 matrices; weights keep the element type they are stored in (the backend
+/// widens per tile or computes in half precision).
+///
+/// Operations named `…_into` write a caller's tensor of the right shape, so that a forward
+/// pass can reuse its buffers; the provided methods without the suffix allocate.
+pub trait Backend: Send + Sync + Sized + 'static {
     /// Activations in the backend's memory.
     type Tensor: Send + Sync;
     /// The flat storage behind a tensor, as collectives see it (`[f32]` on the host).
     type Buffer: ?Sized;
-    /// A dense `[rows, cols]` weight (embedding table, lm_head).
+    /// A dense `[rows, cols]` weight (embedding table, lm_head) in its stored element type.
     type Matrix: Send + Sync + ByteSize;
-    /// A linear layer's weight in the backend's preferred layout.
-    type Linear: Send + Sync + ByteSize;
-    /// A 1-D weight (norm weight, bias).
+    /// A 1-D f32 weight (norm weight, bias).
     type Vector: Send + Sync + ByteSize;
 
     /// A short name for reports ("cpu", "cuda:0").
     fn name(&self) -> String;
 
-    /// Places a dense `[rows, cols]` matrix.
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix>;
-    /// Places a linear layer's weight.
-    fn linear(&self, weight: LinearWeight) -> Result<Self::Linear>;
-    /// Places a vector.
-    fn vector(&self, data: F32Data) -> Result<Self::Vector>;
+    /// Places a dense matrix.
+    fn matrix(&self, weight: DenseWeight) -> Result<Self::Matrix>;
+    /// Places a vector (widened to f32).
+    fn vector(&self, data: FloatData) -> Result<Self::Vector>;
+    /// Places a linear layer's weight, of any format that has a kernel on this backend.
+    fn linear(&self, weight: Box<dyn WeightFormat>) -> Result<Box<dyn LinearKernel<Self>>>;
+
+    /// A `[rows, cols]` activation tensor whose contents the next `…_into` overwrites.
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Copies host values into a `[rows, cols]` activation tensor.
-    fn tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Copies an activation tensor back to the host.
-    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Runs `f` on the tensor's values in host memory (no copy where they live there).
+    fn read<R>(&self, x: &Self::Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        Ok(f(&self.download(x)?))
+    }
     /// `(rows, cols)` of an activation tensor.
     fn dims(&self, x: &Self::Tensor) -> (usize, usize);
     /// The storage of a tensor, for collectives.
@@ -195,31 +191,39 @@ pub trait Backend: Send + Sync {
 
     /// Embeddings of `ids` from a table holding the ids `first_id..first_id + rows`; ids
     /// outside that range (held by another rank) get zero rows.
-    fn embed(&self, table: &Self::Matrix, ids: &[u32], first_id: usize) -> Result<Self::Tensor>;
+    fn embed_into(
+        &self,
+        table: &Self::Matrix,
+        ids: &[u32],
+        first_id: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `x / rms(x) * weight`, row by row.
-    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
-    /// `x · Wᵀ (+ bias)`.
-    fn linear_forward(
+    fn rms_norm_into(
         &self,
         x: &Self::Tensor,
-        weight: &Self::Linear,
-        bias: Option<&Self::Vector>,
-    ) -> Result<Self::Tensor>;
+        weight: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `x += bias`, row by row.
+    fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Vector) -> Result<()>;
     /// The `[rows, head_dim]` cos/sin table of [`RopeFrequencies::table`], on the device.
     fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<Self::Tensor>;
     /// Rotates every head of `x` in place (rotate-half convention).
     fn rotary(&self, x: &mut Self::Tensor, table: &Self::Tensor, head_dim: usize) -> Result<()>;
     /// Causal grouped-query attention within each sequence of `layout`.
-    fn attention(
+    fn attention_into(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         spec: &AttentionSpec,
         layout: &SeqLayout,
-    ) -> Result<Self::Tensor>;
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `silu(gate) * up`.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    fn silu_mul_into(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// For each prediction, over the vocabulary slice `lm_head` holds (ids `first_id..`):
@@ -235,6 +239,54 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
     /// `[rows.len(), lm_head rows]` logits of the selected rows.
     fn logits(&self, hidden: &Self::Tensor, lm_head: &Self::Matrix, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// [`Backend::embed_into`] into a new tensor.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], first_id: usize, cols: usize) -> Result<Self::Tensor> {
+        let mut out = self.alloc(ids.len(), cols)?;
+        self.embed_into(table, ids, first_id, &mut out)?;
+        Ok(out)
+    }
+    /// [`Backend::rms_norm_into`] into a new tensor.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Vector, eps: f32) -> Result<Self::Tensor> {
+        let (rows, cols) = self.dims(x);
+        let mut out = self.alloc(rows, cols)?;
+        self.rms_norm_into(x, weight, eps, &mut out)?;
+        Ok(out)
+    }
+    /// [`Backend::attention_into`] into a new tensor.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        spec: &AttentionSpec,
+        layout: &SeqLayout,
+    ) -> Result<Self::Tensor> {
+        let mut out = self.alloc(layout.rows(), spec.heads * spec.head_dim)?;
+        self.attention_into(q, k, v, spec, layout, &mut out)?;
+        Ok(out)
+    }
+    /// [`Backend::silu_mul_into`] into a new tensor.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+        let (rows, cols) = self.dims(gate);
+        let mut out = self.alloc(rows, cols)?;
+        self.silu_mul_into(gate, up, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// `out` if it already is a `[rows, cols]` tensor, else a new one in its place: buffers that
+/// a forward pass reuses from one layer to the next.
+pub fn reuse<'a, B: Backend>(
+    backend: &B,
+    out: &'a mut Option<B::Tensor>,
+    rows: usize,
+    cols: usize,
+) -> Result<&'a mut B::Tensor> {
+    if out.as_ref().is_none_or(|t| backend.dims(t) != (rows, cols)) {
+        *out = Some(backend.alloc(rows, cols)?);
+    }
+    Ok(out.as_mut().expect("set above"))
 }
 
 /// Negative log-likelihoods from the `[max, Σ exp(l − max), target logit]` parts of every

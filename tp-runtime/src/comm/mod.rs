@@ -3,10 +3,12 @@
 //! serves GPU ranks (one GPU each).
 
 mod local;
+#[cfg(feature = "cuda")]
 mod nccl;
 pub mod rendezvous;
 
 pub use local::LocalCommunicator;
+#[cfg(feature = "cuda")]
 pub use nccl::{NCCL_ID_BYTES, NcclCommunicator, nccl_available, new_unique_id};
 
 use crate::Result;

@@ -4,8 +4,9 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{CpuTensor, SharedOut, exp_in_place};
+use super::{SharedOut, exp_in_place};
 use crate::backend::{AttentionSpec, SeqLayout};
+use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
 /// Query rows per task.
@@ -20,15 +21,16 @@ struct Task {
     k_start: usize,
 }
 
-/// `softmax(scale · q kᵀ + causal mask) v` per sequence of `layout`, for q `[rows, heads·d]`
-/// and k, v `[rows, kv_heads·d]`.
+/// `out = softmax(scale · q kᵀ + causal mask) v` per sequence of `layout`, for q
+/// `[rows, heads·d]` and k, v `[rows, kv_heads·d]`.
 pub fn attention(
-    q: &CpuTensor,
-    k: &CpuTensor,
-    v: &CpuTensor,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
     spec: &AttentionSpec,
     layout: &SeqLayout,
-) -> Result<CpuTensor> {
+    out: &mut HostTensor,
+) -> Result<()> {
     let d = spec.head_dim;
     let q_stride = spec.heads * d;
     let kv_stride = spec.kv_heads * d;
@@ -39,7 +41,12 @@ pub fn attention(
             spec.heads, spec.kv_heads
         )));
     }
-    for (name, t, cols) in [("q", q, q_stride), ("k", k, kv_stride), ("v", v, kv_stride)] {
+    for (name, t, cols) in [
+        ("q", q, q_stride),
+        ("k", k, kv_stride),
+        ("v", v, kv_stride),
+        ("output", &*out, q_stride),
+    ] {
         if t.rows != rows || t.cols != cols {
             return Err(Error::Invalid(format!(
                 "attention: {name} is [{}, {}], expected [{rows}, {cols}]",
@@ -66,8 +73,7 @@ pub fn attention(
         }
     }
 
-    let mut out = vec![0f32; rows * q_stride];
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedOut(out.data.as_mut_ptr());
     tasks
         .par_iter()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, t| {
@@ -144,7 +150,7 @@ pub fn attention(
                 );
             }
         });
-    CpuTensor::new(out, rows, q_stride)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -153,9 +159,9 @@ mod tests {
 
     /// Direct f64 attention: every score materialised, softmax over the visible keys.
     fn reference(
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
+        q: &HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
         spec: &AttentionSpec,
         layout: &SeqLayout,
     ) -> Vec<f64> {
@@ -213,10 +219,11 @@ mod tests {
             sliding_window: window,
             scale: 0.7,
         };
-        let q = CpuTensor::new(random(rows * heads * d, 1), rows, heads * d).unwrap();
-        let k = CpuTensor::new(random(rows * kv_heads * d, 2), rows, kv_heads * d).unwrap();
-        let v = CpuTensor::new(random(rows * kv_heads * d, 3), rows, kv_heads * d).unwrap();
-        let got = attention(&q, &k, &v, &spec, &layout).unwrap();
+        let q = HostTensor::new(random(rows * heads * d, 1), rows, heads * d).unwrap();
+        let k = HostTensor::new(random(rows * kv_heads * d, 2), rows, kv_heads * d).unwrap();
+        let v = HostTensor::new(random(rows * kv_heads * d, 3), rows, kv_heads * d).unwrap();
+        let mut got = HostTensor::zeros(rows, heads * d);
+        attention(&q, &k, &v, &spec, &layout, &mut got).unwrap();
         let want = reference(&q, &k, &v, &spec, &layout);
         let err = got
             .data

@@ -2,16 +2,20 @@
 //! and heads. It is also the reference twin of every GPU kernel.
 
 mod attention;
+mod dense;
 mod math;
 mod matmul;
 mod w4a16;
 
+use checkpoint::{FloatData, HostData};
 use rayon::prelude::*;
 
-use super::{AttentionSpec, Backend, ByteSize, LinearWeight, Prediction, RopeFrequencies, SeqLayout};
-use crate::checkpoint::F32Data;
+use super::{AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout};
+use crate::backend::weights::{DenseWeight, WeightFormat};
+use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
+pub use dense::CpuMatrix;
 pub use math::exp_in_place;
 pub use matmul::{gram, matmul_transposed};
 pub use w4a16::CpuAwq;
@@ -62,77 +66,9 @@ impl SharedOut {
     }
 }
 
-/// f32 activations `[rows, cols]`, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CpuTensor {
-    pub data: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl CpuTensor {
-    /// Wraps `data` as `[rows, cols]`.
-    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
-        if data.len() != rows * cols {
-            return Err(Error::Invalid(format!(
-                "{} values do not make a [{rows}, {cols}] tensor",
-                data.len()
-            )));
-        }
-        Ok(CpuTensor { data, rows, cols })
-    }
-
-    /// Row `r`.
-    pub fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
-    }
-}
-
-/// A dense `[rows, cols]` f32 matrix, possibly borrowed from a mapped checkpoint.
-#[derive(Clone, Debug)]
-pub struct CpuMatrix {
-    pub data: F32Data,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-/// A linear layer's weight on the CPU.
-#[derive(Clone, Debug)]
-pub enum CpuLinear {
-    /// `[out_features, in_features]` f32.
-    Dense(CpuMatrix),
-    /// 4-bit AWQ, kept packed.
-    Awq(CpuAwq),
-}
-
-impl ByteSize for CpuMatrix {
-    fn byte_size(&self) -> usize {
-        self.data.len() * 4
-    }
-}
-
-impl ByteSize for CpuLinear {
-    fn byte_size(&self) -> usize {
-        match self {
-            CpuLinear::Dense(m) => m.byte_size(),
-            CpuLinear::Awq(w) => w.bytes(),
-        }
-    }
-}
-
-impl ByteSize for F32Data {
+impl ByteSize for HostData<f32> {
     fn byte_size(&self) -> usize {
         self.len() * 4
-    }
-}
-
-impl CpuLinear {
-    /// `(out_features, in_features)`.
-    pub fn shape(&self) -> (usize, usize) {
-        match self {
-            CpuLinear::Dense(m) => (m.rows, m.cols),
-            CpuLinear::Awq(w) => (w.out_features, w.in_features),
-        }
     }
 }
 
@@ -147,7 +83,7 @@ impl CpuBackend {
     }
 }
 
-fn same_dims(what: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
+fn same_dims(what: &str, a: &HostTensor, b: &HostTensor) -> Result<()> {
     if (a.rows, a.cols) != (b.rows, b.cols) {
         return Err(Error::Invalid(format!(
             "{what}: shapes [{}, {}] and [{}, {}] differ",
@@ -182,73 +118,87 @@ fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f32) {
 const NLL_CHUNK_ROWS: usize = 128;
 
 impl Backend for CpuBackend {
-    type Tensor = CpuTensor;
+    type Tensor = HostTensor;
     type Buffer = [f32];
     type Matrix = CpuMatrix;
-    type Linear = CpuLinear;
-    type Vector = F32Data;
+    type Vector = HostData<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        if data.len() != rows * cols {
-            return Err(Error::Invalid(format!(
-                "{} values do not make a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
-        Ok(CpuMatrix { data, rows, cols })
+    fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {
+        Ok(CpuMatrix::new(weight))
     }
 
-    fn linear(&self, weight: LinearWeight) -> Result<CpuLinear> {
-        match weight {
-            LinearWeight::Dense {
-                data,
-                out_features,
-                in_features,
-            } => Ok(CpuLinear::Dense(self.matrix(data, out_features, in_features)?)),
-            LinearWeight::Awq(w) => Ok(CpuLinear::Awq(CpuAwq::new(w)?)),
-        }
+    fn vector(&self, data: FloatData) -> Result<HostData<f32>> {
+        Ok(data.into_f32())
     }
 
-    fn vector(&self, data: F32Data) -> Result<F32Data> {
-        Ok(data)
+    fn linear(&self, weight: Box<dyn WeightFormat>) -> Result<Box<dyn LinearKernel<Self>>> {
+        weight.place_cpu(self)
     }
 
-    fn tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
-        CpuTensor::new(data.to_vec(), rows, cols)
+    fn alloc(&self, rows: usize, cols: usize) -> Result<HostTensor> {
+        Ok(HostTensor::zeros(rows, cols))
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<HostTensor> {
+        HostTensor::new(data.to_vec(), rows, cols)
+    }
+
+    fn download(&self, x: &HostTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
     }
 
-    fn dims(&self, x: &CpuTensor) -> (usize, usize) {
+    fn read<R>(&self, x: &HostTensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        Ok(f(&x.data))
+    }
+
+    fn dims(&self, x: &HostTensor) -> (usize, usize) {
         (x.rows, x.cols)
     }
 
-    fn buffer<'a>(&self, x: &'a CpuTensor) -> &'a [f32] {
+    fn buffer<'a>(&self, x: &'a HostTensor) -> &'a [f32] {
         &x.data
     }
 
-    fn buffer_mut<'a>(&self, x: &'a mut CpuTensor) -> &'a mut [f32] {
+    fn buffer_mut<'a>(&self, x: &'a mut HostTensor) -> &'a mut [f32] {
         &mut x.data
     }
 
-    fn embed(&self, table: &CpuMatrix, ids: &[u32], first_id: usize) -> Result<CpuTensor> {
+    fn embed_into(
+        &self,
+        table: &CpuMatrix,
+        ids: &[u32],
+        first_id: usize,
+        out: &mut HostTensor,
+    ) -> Result<()> {
         let cols = table.cols;
-        let mut out = vec![0f32; ids.len() * cols];
-        for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
-            if let Some(local) = (id as usize).checked_sub(first_id).filter(|&l| l < table.rows) {
-                row.copy_from_slice(&table.data[local * cols..(local + 1) * cols]);
+        if (out.rows, out.cols) != (ids.len(), cols) {
+            return Err(Error::Invalid(format!(
+                "embed: {} ids of {cols} features into [{}, {}]",
+                ids.len(),
+                out.rows,
+                out.cols
+            )));
+        }
+        for (row, &id) in out.data.chunks_exact_mut(cols).zip(ids) {
+            match (id as usize).checked_sub(first_id).filter(|&l| l < table.rows) {
+                Some(local) => table.widen_row(local, row),
+                None => row.fill(0.0),
             }
         }
-        CpuTensor::new(out, ids.len(), cols)
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &CpuTensor, weight: &F32Data, eps: f32) -> Result<CpuTensor> {
+    fn rms_norm_into(
+        &self,
+        x: &HostTensor,
+        weight: &HostData<f32>,
+        eps: f32,
+        out: &mut HostTensor,
+    ) -> Result<()> {
         if weight.len() != x.cols {
             return Err(Error::Invalid(format!(
                 "rms_norm: weight of {} for {} features",
@@ -256,8 +206,9 @@ impl Backend for CpuBackend {
                 x.cols
             )));
         }
-        let mut out = vec![0f32; x.data.len()];
-        out.par_chunks_mut(x.cols)
+        same_dims("rms_norm", x, out)?;
+        out.data
+            .par_chunks_mut(x.cols)
             .zip(x.data.par_chunks(x.cols))
             .for_each(|(y, x)| {
                 let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
@@ -266,43 +217,30 @@ impl Backend for CpuBackend {
                     *y = w * (x * inv);
                 }
             });
-        CpuTensor::new(out, x.rows, x.cols)
+        Ok(())
     }
 
-    fn linear_forward(&self, x: &CpuTensor, weight: &CpuLinear, bias: Option<&F32Data>) -> Result<CpuTensor> {
-        let (out_features, in_features) = weight.shape();
-        if x.cols != in_features {
+    fn add_bias(&self, x: &mut HostTensor, bias: &HostData<f32>) -> Result<()> {
+        if bias.len() != x.cols {
             return Err(Error::Invalid(format!(
-                "linear: input has {} features, weight expects {in_features}",
+                "linear: bias of {} for {} outputs",
+                bias.len(),
                 x.cols
             )));
         }
-        let mut out = vec![0f32; x.rows * out_features];
-        match weight {
-            CpuLinear::Dense(w) => matmul_transposed(&x.data, &w.data, &mut out, x.rows, w.cols, w.rows),
-            CpuLinear::Awq(w) => w.matmul(&x.data, x.rows, &mut out),
-        }
-        if let Some(bias) = bias {
-            if bias.len() != out_features {
-                return Err(Error::Invalid(format!(
-                    "linear: bias of {} for {out_features} outputs",
-                    bias.len()
-                )));
+        x.data.par_chunks_mut(x.cols).for_each(|row| {
+            for (y, &b) in row.iter_mut().zip(bias.iter()) {
+                *y += b;
             }
-            out.par_chunks_mut(out_features).for_each(|row| {
-                for (y, &b) in row.iter_mut().zip(bias.iter()) {
-                    *y += b;
-                }
-            });
-        }
-        CpuTensor::new(out, x.rows, out_features)
+        });
+        Ok(())
     }
 
-    fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<CpuTensor> {
-        CpuTensor::new(rope.table(positions), positions.len(), rope.head_dim)
+    fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<HostTensor> {
+        HostTensor::new(rope.table(positions), positions.len(), rope.head_dim)
     }
 
-    fn rotary(&self, x: &mut CpuTensor, table: &CpuTensor, head_dim: usize) -> Result<()> {
+    fn rotary(&self, x: &mut HostTensor, table: &HostTensor, head_dim: usize) -> Result<()> {
         if table.rows != x.rows || table.cols != head_dim || !x.cols.is_multiple_of(head_dim) {
             return Err(Error::Invalid(format!(
                 "rotary: table [{}, {}] for activations [{}, {}] with head_dim {head_dim}",
@@ -327,27 +265,29 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(
+    fn attention_into(
         &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
+        q: &HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
         spec: &AttentionSpec,
         layout: &SeqLayout,
-    ) -> Result<CpuTensor> {
-        attention::attention(q, k, v, spec, layout)
+        out: &mut HostTensor,
+    ) -> Result<()> {
+        attention::attention(q, k, v, spec, layout, out)
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+    fn silu_mul_into(&self, gate: &HostTensor, up: &HostTensor, out: &mut HostTensor) -> Result<()> {
         same_dims("silu_mul", gate, up)?;
-        let mut out = vec![0f32; gate.data.len()];
-        out.par_chunks_mut(4096)
+        same_dims("silu_mul", gate, out)?;
+        out.data
+            .par_chunks_mut(4096)
             .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
             .for_each(|(y, (g, u))| silu_mul_into(y, g, u));
-        CpuTensor::new(out, gate.rows, gate.cols)
+        Ok(())
     }
 
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+    fn add_assign(&self, x: &mut HostTensor, y: &HostTensor) -> Result<()> {
         same_dims("add", x, y)?;
         x.data
             .par_chunks_mut(4096)
@@ -358,11 +298,11 @@ impl Backend for CpuBackend {
 
     fn nll_parts(
         &self,
-        hidden: &CpuTensor,
+        hidden: &HostTensor,
         lm_head: &CpuMatrix,
         predictions: &[Prediction],
         first_id: usize,
-    ) -> Result<CpuTensor> {
+    ) -> Result<HostTensor> {
         let mut parts = Vec::with_capacity(predictions.len() * 3);
         for chunk in predictions.chunks(NLL_CHUNK_ROWS) {
             let rows: Vec<usize> = chunk.iter().map(|p| p.row).collect();
@@ -381,17 +321,17 @@ impl Backend for CpuBackend {
                 .collect();
             parts.extend(chunk_parts.into_iter().flatten());
         }
-        CpuTensor::new(parts, predictions.len(), 3)
+        HostTensor::new(parts, predictions.len(), 3)
     }
 
-    fn logits(&self, hidden: &CpuTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<CpuTensor> {
-        CpuTensor::new(self.logits_flat(hidden, lm_head, rows)?, rows.len(), lm_head.rows)
+    fn logits(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<HostTensor> {
+        HostTensor::new(self.logits_flat(hidden, lm_head, rows)?, rows.len(), lm_head.rows)
     }
 }
 
 impl CpuBackend {
     /// `[rows.len(), vocab]` logits of the selected rows.
-    fn logits_flat(&self, hidden: &CpuTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<Vec<f32>> {
+    fn logits_flat(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<Vec<f32>> {
         if hidden.cols != lm_head.cols {
             return Err(Error::Invalid(format!(
                 "lm_head expects {} features, hidden states have {}",
@@ -406,7 +346,7 @@ impl CpuBackend {
             x.extend_from_slice(hidden.row(r));
         }
         let mut out = vec![0f32; rows.len() * lm_head.rows];
-        matmul_transposed(&x, &lm_head.data, &mut out, rows.len(), hidden.cols, lm_head.rows);
+        lm_head.matmul(&x, rows.len(), &mut out);
         Ok(out)
     }
 }
@@ -426,7 +366,7 @@ mod tests {
         let b = CpuBackend;
         let rope = RopeFrequencies::new(4, 10_000.0);
         let table = b.rope_table(&rope, &[2]).unwrap();
-        let mut x = CpuTensor::new(vec![1.0, 0.0, 0.0, 1.0], 1, 4).unwrap();
+        let mut x = HostTensor::new(vec![1.0, 0.0, 0.0, 1.0], 1, 4).unwrap();
         b.rotary(&mut x, &table, 4).unwrap();
         // Pair (x0, x2) = (1, 0) rotates by 2 rad; pair (x1, x3) = (0, 1) by 0.02 rad.
         let want = [2f32.cos(), -(0.02f32.sin()), 2f32.sin(), 0.02f32.cos()];
@@ -438,8 +378,10 @@ mod tests {
     #[test]
     fn nll_parts_match_direct_softmax() {
         let b = CpuBackend;
-        let lm = b.matrix(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0].into(), 3, 2).unwrap();
-        let h = b.tensor(&[0.5, -1.0], 1, 2).unwrap();
+        let lm = b
+            .matrix(DenseWeight::f32(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2).unwrap())
+            .unwrap();
+        let h = b.upload(&[0.5, -1.0], 1, 2).unwrap();
         let parts = b
             .nll_parts(&h, &lm, &[Prediction { row: 0, target: 2 }], 0)
             .unwrap();
@@ -457,8 +399,10 @@ mod tests {
     #[test]
     fn embed_zeroes_ids_of_other_shards() {
         let b = CpuBackend;
-        let table = b.matrix(vec![1.0, 2.0, 3.0, 4.0].into(), 2, 2).unwrap();
-        let x = b.embed(&table, &[4, 5, 1], 4).unwrap();
+        let table = b
+            .matrix(DenseWeight::f32(vec![1.0, 2.0, 3.0, 4.0], 2, 2).unwrap())
+            .unwrap();
+        let x = b.embed(&table, &[4, 5, 1], 4, 2).unwrap();
         assert_eq!(x.data, vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0]);
     }
 }

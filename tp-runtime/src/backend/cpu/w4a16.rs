@@ -2,20 +2,15 @@
 //! one `K_TILE × N_TILE` tile at a time into a small f32 buffer and multiplies it with the
 //! `gemm` crate, so no dequantized copy of a whole matrix ever exists.
 
-use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
+use checkpoint::AwqGemm;
+use checkpoint::HostData;
+use checkpoint::awq::{ORDER, PACK};
 
-use super::SharedOut;
+use super::CpuBackend;
+use super::dense::{TileLayout, check_linear_dims, tiled_matmul};
 use crate::Result;
-use crate::awq::{AwqGemm, ORDER, PACK};
-use crate::checkpoint::{F32Data, HostData};
-
-/// Output columns per task (a multiple of 8).
-const N_TILE: usize = 128;
-/// Input rows unpacked per product.
-const K_TILE: usize = 256;
-/// Activation rows per task.
-const M_CHUNK: usize = 512;
+use crate::backend::LinearKernel;
+use crate::tensor::HostTensor;
 
 /// An AWQ weight ready for the CPU kernel.
 #[derive(Clone, Debug)]
@@ -24,25 +19,24 @@ pub struct CpuAwq {
     qweight: HostData<i32>,
     /// Zero points, one byte each, `[in/g, out]`.
     zeros: Vec<u8>,
-    /// `[in/g, out]`.
-    scales: F32Data,
+    /// `[in/g, out]`, widened from the checkpoint's f16.
+    scales: Vec<f32>,
     pub in_features: usize,
     pub out_features: usize,
     pub group_size: usize,
 }
 
 impl CpuAwq {
-    /// Checks the weight and unpacks its (small) zero points.
-    pub fn new(weight: AwqGemm) -> Result<Self> {
-        weight.validate()?;
-        Ok(CpuAwq {
+    /// Unpacks the (small) zero points and scales; `qweight` stays packed.
+    pub fn new(weight: AwqGemm) -> Self {
+        CpuAwq {
             zeros: weight.unpacked_zeros(),
+            scales: weight.scales.iter().map(|s| s.to_f32()).collect(),
             qweight: weight.qweight,
-            scales: weight.scales,
-            in_features: weight.in_features,
-            out_features: weight.out_features,
-            group_size: weight.group_size,
-        })
+            in_features: weight.shape.in_features,
+            out_features: weight.shape.out_features,
+            group_size: weight.shape.group_size,
+        }
     }
 
     /// Bytes this weight occupies (packed weight, zeros and scales).
@@ -50,11 +44,11 @@ impl CpuAwq {
         self.qweight.len() * 4 + self.zeros.len() + self.scales.len() * 4
     }
 
-    /// Writes `Wt[k0..k1, n0..n1]` into `tile` (row-major, `n1 - n0` columns).
-    fn unpack_tile(&self, k0: usize, k1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+    /// Writes `Wt[ks, ns]` into `tile` (row-major, `ns.len()` columns).
+    fn unpack_tile(&self, ks: std::ops::Range<usize>, ns: std::ops::Range<usize>, tile: &mut [f32]) {
         let n_total = self.out_features;
-        let width = n1 - n0;
-        for (k, row) in (k0..k1).zip(tile.chunks_exact_mut(width)) {
+        let (n0, n1) = (ns.start, ns.end);
+        for (k, row) in ks.zip(tile.chunks_exact_mut(n1 - n0)) {
             let group_row = (k / self.group_size) * n_total;
             let words = &self.qweight[(k * n_total + n0) / PACK..(k * n_total + n1) / PACK];
             let zeros = &self.zeros[group_row + n0..group_row + n1];
@@ -73,59 +67,44 @@ impl CpuAwq {
 
     /// `out[m, out_features] = x[m, in_features] · Wt`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (k_total, n_total) = (self.in_features, self.out_features);
-        assert_eq!(x.len(), m * k_total, "lhs is not [{m}, {k_total}]");
-        assert_eq!(out.len(), m * n_total, "output is not [{m}, {n_total}]");
-        let shared = SharedOut(out.as_mut_ptr());
-        let tasks: Vec<(usize, usize)> = (0..m)
-            .step_by(M_CHUNK)
-            .flat_map(|m0| (0..n_total).step_by(N_TILE).map(move |n0| (m0, n0)))
-            .collect();
-        tasks
-            .par_iter()
-            .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(m0, n0)| {
-                let rows = (m - m0).min(M_CHUNK);
-                let n1 = (n0 + N_TILE).min(n_total);
-                let width = n1 - n0;
-                for k0 in (0..k_total).step_by(K_TILE) {
-                    let k1 = (k0 + K_TILE).min(k_total);
-                    tile.resize((k1 - k0) * width, 0.0);
-                    self.unpack_tile(k0, k1, n0, n1, tile);
-                    // SAFETY: this task alone writes rows m0..m0+rows, columns n0..n1 of the
-                    // [m, n_total] output; x rows m0.. hold k_total values; tile is
-                    // (k1-k0)×width row-major.
-                    unsafe {
-                        gemm(
-                            rows,
-                            width,
-                            k1 - k0,
-                            shared.ptr().add(m0 * n_total + n0),
-                            1,
-                            n_total as isize,
-                            k0 > 0,
-                            x.as_ptr().add(m0 * k_total + k0),
-                            1,
-                            k_total as isize,
-                            tile.as_ptr(),
-                            1,
-                            width as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
-                }
-            });
+        tiled_matmul(
+            x,
+            m,
+            self.in_features,
+            self.out_features,
+            out,
+            TileLayout::KMajor,
+            |ks, ns, tile| self.unpack_tile(ks, ns, tile),
+        );
+    }
+}
+
+impl LinearKernel<CpuBackend> for CpuAwq {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn byte_size(&self) -> usize {
+        self.bytes()
+    }
+
+    fn forward_into(&self, _: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+        check_linear_dims(x, out, self.out_features, self.in_features)?;
+        self.matmul(&x.data, x.rows, &mut out.data);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::awq::pack_word;
+    use checkpoint::AwqShape;
+    use checkpoint::awq::pack_word;
+    use half::f16;
     use rand::{RngExt, SeedableRng};
 
     /// A random AWQ weight and its dense `[out, in]` equivalent computed directly from the
@@ -134,7 +113,9 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let q: Vec<u8> = (0..k * n).map(|_| rng.random_range(0..16u8)).collect(); // [k, n]
         let z: Vec<u8> = (0..k / g * n).map(|_| rng.random_range(0..16u8)).collect();
-        let s: Vec<f32> = (0..k / g * n).map(|_| rng.random_range(0.001..0.1f32)).collect();
+        let s: Vec<f16> = (0..k / g * n)
+            .map(|_| f16::from_f32(rng.random_range(0.001..0.1f32)))
+            .collect();
         let pack = |v: &[u8]| -> Vec<i32> {
             v.chunks_exact(8)
                 .map(|c| pack_word(c.try_into().unwrap()))
@@ -144,17 +125,15 @@ mod tests {
         for kk in 0..k {
             for nn in 0..n {
                 let j = kk / g * n + nn;
-                dense[nn * k + kk] = (q[kk * n + nn] as f32 - z[j] as f32) * s[j];
+                dense[nn * k + kk] = (q[kk * n + nn] as f32 - z[j] as f32) * s[j].to_f32();
             }
         }
-        let w = AwqGemm {
-            qweight: pack(&q).into(),
-            qzeros: pack(&z).into(),
-            scales: s.into(),
+        let shape = AwqShape {
             in_features: k,
             out_features: n,
             group_size: g,
         };
+        let w = AwqGemm::new(shape, pack(&q).into(), pack(&z).into(), s.into()).unwrap();
         (w, dense)
     }
 
@@ -163,7 +142,7 @@ mod tests {
         for (m, k, n, g) in [(3, 64, 8, 32), (37, 320, 200, 64), (600, 96, 136, 32)] {
             let (w, dense) = random_weight(k, n, g, (m * k * n) as u64);
             assert_eq!(w.dequantize(), dense);
-            let awq = CpuAwq::new(w).unwrap();
+            let awq = CpuAwq::new(w);
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let mut out = vec![f32::NAN; m * n];

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::reader::{GgufFile, GgufTensor, MetaValue};
 use super::vocab::{GgufTokenizer, SpecialTokens, build_tokenizer, special_tokens};
-use crate::checkpoint::SINGLE_FILE;
 use crate::config::{Architecture, ModelConfig};
+use crate::mapped::SINGLE_FILE;
 use crate::{Error, Result, atomic};
 
 /// Element type of the written safetensors.
@@ -408,9 +408,9 @@ pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -
     let config = config_json(&gguf, &hp, &tok.special, tied, dtype);
     // Check that what we write is a model we can load.
     let parsed = ModelConfig::from_json(&config, &out.join("config.json"))?;
-    for name in crate::model::required_tensor_names(&parsed) {
-        if !tensors.iter().any(|(n, _)| *n == name) {
-            return Err(gguf.error(format!("the file has no tensor for `{name}`")));
+    for required in crate::names::required_tensors(&parsed) {
+        if !tensors.iter().any(|(n, _)| *n == required.name) {
+            return Err(gguf.error(format!("the file has no tensor for `{}`", required.name)));
         }
     }
     let count = tensors.len();

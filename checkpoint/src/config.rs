@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
 /// The model families we run; they share one decoder and differ in biases and defaults.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     /// `LlamaForCausalLM`.
     Llama,
@@ -46,7 +46,7 @@ impl Architecture {
 }
 
 /// The shape and constants of a Llama-family decoder, read from `config.json`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub hidden_size: usize,
@@ -74,7 +74,7 @@ pub struct ModelConfig {
 
 /// `quantization_config` of an AWQ checkpoint in the "gemm" layout: 4-bit weights with a zero
 /// point, grouped along the input dimension.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantizationConfig {
     pub group_size: usize,
     /// Module names (or name fragments) left unquantized.

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use serde_json::{Map, Value, json};
 
-use crate::{PackError, Result};
+use crate::names::TensorInfo;
+use crate::{Error, Result};
 
 /// One tensor of the file, in write order.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +29,16 @@ impl TensorSpec {
             name: name.into(),
             dtype,
             shape: shape.to_vec(),
+        }
+    }
+
+    /// The spec of a tensor the schema describes; `dense` is the element type of tensors
+    /// whose type the schema leaves to the writer.
+    pub fn from_info(info: TensorInfo, dense: Dtype) -> Self {
+        TensorSpec {
+            name: info.name,
+            dtype: info.dtype.unwrap_or(dense),
+            shape: info.shape,
         }
     }
 
@@ -57,10 +68,7 @@ impl SafetensorsStream {
             let end = offset + spec.bytes();
             let info = json!({"dtype": spec.dtype, "shape": spec.shape, "data_offsets": [offset, end]});
             if header.insert(spec.name.clone(), info).is_some() {
-                return Err(PackError::Invalid(format!(
-                    "tensor `{}` declared twice",
-                    spec.name
-                )));
+                return Err(Error::Invalid(format!("tensor `{}` declared twice", spec.name)));
             }
             offset = end;
         }
@@ -69,11 +77,11 @@ impl SafetensorsStream {
         while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
-        let file = File::create(path).map_err(|e| PackError::io(path, e))?;
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
         let mut file = BufWriter::with_capacity(1 << 20, file);
         file.write_all(&(text.len() as u64).to_le_bytes())
             .and_then(|()| file.write_all(text.as_bytes()))
-            .map_err(|e| PackError::io(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         Ok(SafetensorsStream {
             path: path.to_owned(),
             file,
@@ -85,13 +93,13 @@ impl SafetensorsStream {
     /// Writes the next tensor's data; `name` must be the next declared one.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let spec = self.specs.get(self.next).ok_or_else(|| {
-            PackError::Invalid(format!(
+            Error::Invalid(format!(
                 "{}: tensor `{name}` written after the last declared one",
                 self.path.display()
             ))
         })?;
         if spec.name != name || spec.bytes() != bytes.len() {
-            return Err(PackError::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "{}: expected tensor `{}` ({} bytes) next, got `{name}` ({} bytes)",
                 self.path.display(),
                 spec.name,
@@ -99,9 +107,7 @@ impl SafetensorsStream {
                 bytes.len()
             )));
         }
-        self.file
-            .write_all(bytes)
-            .map_err(|e| PackError::io(&self.path, e))?;
+        self.file.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -109,7 +115,7 @@ impl SafetensorsStream {
     /// Checks that every declared tensor was written and flushes the file to disk.
     pub fn finish(self) -> Result<()> {
         if let Some(missing) = self.specs.get(self.next) {
-            return Err(PackError::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "{}: tensor `{}` was declared but never written",
                 self.path.display(),
                 missing.name
@@ -118,8 +124,8 @@ impl SafetensorsStream {
         let file = self
             .file
             .into_inner()
-            .map_err(|e| PackError::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| PackError::io(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -144,7 +150,7 @@ pub fn i32_bytes(values: &[i32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tp_runtime::Checkpoint;
+    use crate::Checkpoint;
 
     #[test]
     fn stream_is_a_valid_safetensors_file() {

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
+use checkpoint::{ModelConfig, Tokenizer};
+use evaluation::perplexity::{Protocol, WindowPlan, evaluate};
 use tp_runtime::backend::Prediction;
-use tp_runtime::perplexity::{Protocol, WindowPlan, evaluate};
-use tp_runtime::{CpuBackend, Model, ModelConfig, SeqLayout, Tokenizer};
+use tp_runtime::{CpuBackend, Model, SeqLayout};
 
 struct Fixture {
     model: PathBuf,

@@ -3,32 +3,33 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use checkpoint::digest::sha256_file;
 use serde::{Deserialize, Serialize};
-use tp_runtime::digest::sha256_file;
+
+use crate::{Error, Result};
 
 /// The tool that produced a report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolInfo {
-    pub name: &'static str,
-    pub version: &'static str,
-    pub git_commit: &'static str,
+    pub name: String,
+    pub version: String,
+    pub git_commit: String,
 }
 
 /// This build of `awq`.
 pub fn tool() -> ToolInfo {
     ToolInfo {
-        name: "awq",
-        version: env!("CARGO_PKG_VERSION"),
-        git_commit: env!("AWQ_GIT_COMMIT"),
+        name: "awq".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: env!("AWQ_GIT_COMMIT").into(),
     }
 }
 
 /// A short description of the machine.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
-    pub os: &'static str,
-    pub arch: &'static str,
+    pub os: String,
+    pub arch: String,
     pub cpu: Option<String>,
     pub logical_cpus: usize,
     pub memory_bytes: Option<u64>,
@@ -44,8 +45,8 @@ fn proc_field(file: &str, key: &str) -> Option<String> {
 /// The machine we run on.
 pub fn machine() -> Machine {
     Machine {
-        os: std::env::consts::OS,
-        arch: std::env::consts::ARCH,
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
         cpu: proc_field("/proc/cpuinfo", "model name"),
         logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes: proc_field("/proc/meminfo", "MemTotal")
@@ -77,9 +78,7 @@ pub struct FileDigest {
 
 /// Size and SHA-256 of one file.
 pub fn digest(path: &Path) -> Result<FileDigest> {
-    let bytes = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?
-        .len();
+    let bytes = std::fs::metadata(path).map_err(|e| Error::file(path, e))?.len();
     Ok(FileDigest {
         path: path.display().to_string(),
         bytes,
@@ -90,7 +89,7 @@ pub fn digest(path: &Path) -> Result<FileDigest> {
 /// Digests of every regular file directly inside `dir`, sorted by name.
 pub fn digest_dir(dir: &Path) -> Result<Vec<FileDigest>> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .map_err(|e| Error::file(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
@@ -98,13 +97,16 @@ pub fn digest_dir(dir: &Path) -> Result<Vec<FileDigest>> {
     paths.iter().map(|p| digest(p)).collect()
 }
 
-/// Sets the size of rayon's global pool (every parallel loop and product uses it).
+/// Sets the size of rayon's global pool, which every parallel loop and product of this
+/// process uses; it can be set once per process.
 pub fn set_threads(threads: Option<usize>) -> Result<usize> {
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    if n == 0 {
+        return Err(Error::Invalid("--threads must be at least 1".into()));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
-        .context("starting the thread pool")?;
+        .map_err(|e| Error::Invalid(format!("starting the thread pool of {n} threads: {e}")))?;
     Ok(n)
 }

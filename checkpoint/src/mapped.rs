@@ -1,5 +1,6 @@
 //! Memory-mapped safetensors checkpoints: one `model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`.
+//! `model.safetensors.index.json`; and typed views of their tensors that borrow from the
+//! mapping when they can.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -313,8 +314,12 @@ impl TensorRef {
         })
     }
 
-    /// Columns `range` of every row of a 2-D tensor, as raw bytes (only those are read).
-    fn column_bytes(&self, range: Range<usize>) -> Result<(Vec<u8>, usize)> {
+    /// Columns `range` of every row of a 2-D tensor stored as `T` (only those are read), each
+    /// row followed by `pad` zeros.
+    pub fn columns<T: Element>(&self, range: Range<usize>, pad: usize) -> Result<Vec<T>> {
+        if self.dtype != T::DTYPE {
+            return Err(self.unsupported(T::NAME));
+        }
         let [rows, cols] = self.shape[..] else {
             return Err(Error::Invalid(format!("tensor `{}` is not 2-D", self.name)));
         };
@@ -325,32 +330,34 @@ impl TensorRef {
                 self.name
             )));
         }
-        let elem = self.dtype.bitsize() / 8;
+        let elem = std::mem::size_of::<T>();
         let bytes = self.bytes();
-        let mut out = Vec::with_capacity(rows * range.len() * elem);
+        let mut out = Vec::with_capacity(rows * (range.len() + pad));
         for r in 0..rows {
-            let row = &bytes[r * cols * elem..(r + 1) * cols * elem];
-            out.extend_from_slice(&row[range.start * elem..range.end * elem]);
+            let row = &bytes[(r * cols + range.start) * elem..(r * cols + range.end) * elem];
+            out.extend(bytemuck::pod_collect_to_vec::<u8, T>(row));
+            out.extend(std::iter::repeat_n(T::default(), pad));
         }
-        Ok((out, rows))
+        Ok(out)
     }
 
-    /// Columns `range` of every row of a 2-D float tensor, as f32.
-    pub fn columns_f32(&self, range: Range<usize>) -> Result<Vec<f32>> {
-        let (bytes, _) = self.column_bytes(range)?;
-        self.convert_f32(&bytes).map(|d| d.to_vec())
-    }
-
-    /// Columns `range` of every row of a 2-D I32 tensor.
-    pub fn columns_i32(&self, range: Range<usize>) -> Result<Vec<i32>> {
-        if self.dtype != Dtype::I32 {
-            return Err(self.unsupported("I32"));
+    /// [`TensorRef::columns`] of a float tensor, in its stored type; non-finite values are
+    /// refused, naming the tensor.
+    pub fn float_columns(&self, range: Range<usize>, pad: usize) -> Result<FloatData> {
+        let data = match self.dtype {
+            Dtype::F32 => FloatData::F32(self.columns(range, pad)?.into()),
+            Dtype::F16 => FloatData::F16(self.columns(range, pad)?.into()),
+            Dtype::BF16 => FloatData::BF16(self.columns(range, pad)?.into()),
+            _ => return Err(self.unsupported("F32, F16 or BF16")),
+        };
+        match data.first_non_finite() {
+            None => Ok(data),
+            Some(index) => Err(Error::NonFinite {
+                path: self.file.path.clone(),
+                name: self.name.clone(),
+                index,
+            }),
         }
-        let (bytes, _) = self.column_bytes(range)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
     }
 
     /// An error unless the shape equals `expected`.
@@ -375,65 +382,48 @@ impl TensorRef {
         }
     }
 
-    /// The values as f32: borrowed from the mapping when stored as aligned f32, converted
-    /// otherwise. Non-finite values are refused, naming the tensor.
-    pub fn to_f32(&self) -> Result<F32Data> {
-        if self.dtype == Dtype::F32 && bytemuck::try_cast_slice::<u8, f32>(self.bytes()).is_ok() {
-            let data = HostData::Mapped(self.clone());
-            self.check_finite(&data)?;
-            return Ok(data);
+    /// The values as `T`, borrowed from the mapping: an error unless the tensor is stored as
+    /// `T` (the element type is checked here, so a [`HostData`] never misreads its bytes).
+    /// A misaligned tensor is copied.
+    pub fn host<T: Element>(&self) -> Result<HostData<T>> {
+        if self.dtype != T::DTYPE {
+            return Err(self.unsupported(T::NAME));
         }
-        self.convert_f32(self.bytes())
+        Ok(if bytemuck::try_cast_slice::<u8, T>(self.bytes()).is_ok() {
+            HostData(Repr::Mapped(self.clone()))
+        } else {
+            HostData(Repr::Owned(bytemuck::pod_collect_to_vec(self.bytes())))
+        })
     }
 
-    /// `bytes` (of this tensor's dtype) converted to f32, refusing non-finite values.
-    fn convert_f32(&self, bytes: &[u8]) -> Result<F32Data> {
-        let data: Vec<f32> = match self.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+    /// The values in their stored float type (f32, f16 or bf16), borrowed from the mapping;
+    /// non-finite values are refused, naming the tensor.
+    pub fn float_data(&self) -> Result<FloatData> {
+        let data = match self.dtype {
+            Dtype::F32 => FloatData::F32(self.host()?),
+            Dtype::F16 => FloatData::F16(self.host()?),
+            Dtype::BF16 => FloatData::BF16(self.host()?),
             _ => return Err(self.unsupported("F32, F16 or BF16")),
         };
-        let data = HostData::Owned(data);
-        self.check_finite(&data)?;
-        Ok(data)
-    }
-
-    fn check_finite(&self, data: &[f32]) -> Result<()> {
-        match data.iter().position(|v| !v.is_finite()) {
-            None => Ok(()),
-            Some(index) => Err(Error::NonFinite {
+        if let Some(index) = data.first_non_finite() {
+            return Err(Error::NonFinite {
                 path: self.file.path.clone(),
                 name: self.name.clone(),
                 index,
-            }),
+            });
         }
+        Ok(data)
+    }
+
+    /// The values as f32: borrowed from the mapping when stored as aligned f32, converted
+    /// otherwise. Non-finite values are refused, naming the tensor.
+    pub fn to_f32(&self) -> Result<HostData<f32>> {
+        Ok(self.float_data()?.into_f32())
     }
 
     /// The values of an I32 tensor (packed quantized weights), borrowed when aligned.
     pub fn to_i32(&self) -> Result<HostData<i32>> {
-        if self.dtype != Dtype::I32 {
-            return Err(self.unsupported("I32"));
-        }
-        Ok(if bytemuck::try_cast_slice::<u8, i32>(self.bytes()).is_ok() {
-            HostData::Mapped(self.clone())
-        } else {
-            HostData::Owned(
-                self.bytes()
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            )
-        })
+        self.host()
     }
 
     /// Drops the tensor's pages from this process's resident memory; a later read faults
@@ -456,42 +446,183 @@ impl TensorRef {
     }
 }
 
-/// Values either borrowed from a mapped file or owned.
+/// An element type a tensor can be viewed as.
+pub trait Element: Pod + Default + Send + Sync + fmt::Debug {
+    /// The safetensors type of its tensors.
+    const DTYPE: Dtype;
+    /// Its name in error messages.
+    const NAME: &'static str;
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    const NAME: &'static str = "F32";
+}
+impl Element for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    const NAME: &'static str = "F16";
+}
+impl Element for bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    const NAME: &'static str = "BF16";
+}
+impl Element for i32 {
+    const DTYPE: Dtype = Dtype::I32;
+    const NAME: &'static str = "I32";
+}
+
 #[derive(Clone)]
-pub enum HostData<T: Pod> {
-    /// Zero-copy view of an aligned little-endian tensor.
+enum Repr<T> {
+    /// Zero-copy view of an aligned little-endian tensor whose dtype is `T`'s.
     Mapped(TensorRef),
     /// Converted or computed values.
     Owned(Vec<T>),
 }
 
-/// f32 values either borrowed from a mapped file or owned.
-pub type F32Data = HostData<f32>;
+/// Values of type `T`, either borrowed from a mapped file or owned. A mapped view can only be
+/// made by [`TensorRef::host`], which checks the stored type.
+#[derive(Clone)]
+pub struct HostData<T: Element>(Repr<T>);
 
-impl<T: Pod> Deref for HostData<T> {
+impl<T: Element> HostData<T> {
+    /// Whether the values are borrowed from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Repr::Mapped(_))
+    }
+
+    /// The tensor the values are mapped from, if they are.
+    pub fn source(&self) -> Option<&TensorRef> {
+        match &self.0 {
+            Repr::Mapped(t) => Some(t),
+            Repr::Owned(_) => None,
+        }
+    }
+
+    /// The values as an owned vector (copied if mapped).
+    pub fn into_vec(self) -> Vec<T> {
+        match self.0 {
+            Repr::Mapped(t) => bytemuck::pod_collect_to_vec(t.bytes()),
+            Repr::Owned(v) => v,
+        }
+    }
+}
+
+impl<T: Element> Deref for HostData<T> {
     type Target = [T];
 
     fn deref(&self) -> &[T] {
-        match self {
-            // Alignment and element size were checked when the variant was built.
-            HostData::Mapped(t) => bytemuck::cast_slice(t.bytes()),
-            HostData::Owned(v) => v,
+        match &self.0 {
+            // Type and alignment were checked when the view was made.
+            Repr::Mapped(t) => bytemuck::cast_slice(t.bytes()),
+            Repr::Owned(v) => v,
         }
     }
 }
 
-impl<T: Pod> From<Vec<T>> for HostData<T> {
+impl<T: Element> From<Vec<T>> for HostData<T> {
     fn from(v: Vec<T>) -> Self {
-        HostData::Owned(v)
+        HostData(Repr::Owned(v))
     }
 }
 
-impl<T: Pod> fmt::Debug for HostData<T> {
+impl<T: Element> fmt::Debug for HostData<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HostData::Mapped(t) => write!(f, "HostData::Mapped({t:?})"),
-            HostData::Owned(v) => write!(f, "HostData::Owned({} values)", v.len()),
+        match &self.0 {
+            Repr::Mapped(t) => write!(f, "HostData::Mapped({t:?})"),
+            Repr::Owned(v) => write!(f, "HostData::Owned({} × {})", v.len(), T::NAME),
         }
+    }
+}
+
+/// Dense float values in the element type they are stored in.
+#[derive(Clone, Debug)]
+pub enum FloatData {
+    F32(HostData<f32>),
+    F16(HostData<f16>),
+    BF16(HostData<bf16>),
+}
+
+impl FloatData {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            FloatData::F32(d) => d.len(),
+            FloatData::F16(d) => d.len(),
+            FloatData::BF16(d) => d.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stored element type.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            FloatData::F32(_) => Dtype::F32,
+            FloatData::F16(_) => Dtype::F16,
+            FloatData::BF16(_) => Dtype::BF16,
+        }
+    }
+
+    /// Bytes of the values in their stored type.
+    pub fn byte_size(&self) -> usize {
+        self.len() * self.dtype().bitsize() / 8
+    }
+
+    /// Values `range` widened to f32 into `out` (which holds `range.len()` values).
+    pub fn widen_into(&self, range: Range<usize>, out: &mut [f32]) {
+        match self {
+            FloatData::F32(d) => out.copy_from_slice(&d[range]),
+            FloatData::F16(d) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&d[range], out),
+            FloatData::BF16(d) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&d[range], out),
+        }
+    }
+
+    /// All values as f32: the same storage when already f32, converted otherwise.
+    pub fn into_f32(self) -> HostData<f32> {
+        match self {
+            FloatData::F32(d) => d,
+            other => {
+                let mut out = vec![0f32; other.len()];
+                other.widen_into(0..out.len(), &mut out);
+                out.into()
+            }
+        }
+    }
+
+    /// Index of the first NaN or infinite value.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            FloatData::F32(d) => d.iter().position(|v| !v.is_finite()),
+            FloatData::F16(d) => d.iter().position(|v| !v.is_finite()),
+            FloatData::BF16(d) => d.iter().position(|v| !v.is_finite()),
+        }
+    }
+
+    /// The values of a matrix with `cols` columns followed by `pad` rows of zeros; still
+    /// borrowed from the mapping when nothing is added.
+    pub fn with_zero_rows(self, cols: usize, pad: usize) -> FloatData {
+        fn pad_rows<T: Element>(d: HostData<T>, cols: usize, pad: usize) -> HostData<T> {
+            if pad == 0 {
+                return d;
+            }
+            let mut v = d.into_vec();
+            v.resize(v.len() + pad * cols, T::default());
+            v.into()
+        }
+        match self {
+            FloatData::F32(d) => FloatData::F32(pad_rows(d, cols, pad)),
+            FloatData::F16(d) => FloatData::F16(pad_rows(d, cols, pad)),
+            FloatData::BF16(d) => FloatData::BF16(pad_rows(d, cols, pad)),
+        }
+    }
+}
+
+impl From<Vec<f32>> for FloatData {
+    fn from(v: Vec<f32>) -> Self {
+        FloatData::F32(v.into())
     }
 }
 
@@ -531,10 +662,16 @@ mod tests {
         );
         let ck = Checkpoint::open(dir.path()).unwrap();
         let a = ck.tensor_with_shape("a", &[2, 2]).unwrap().to_f32().unwrap();
-        assert!(matches!(a, HostData::Mapped(_)));
+        assert!(a.is_mapped());
         assert_eq!(&*a, &[1.0, 2.0, 3.0, 4.0]);
-        let b = ck.tensor("b").unwrap().to_f32().unwrap();
-        assert_eq!(&*b, &[1.5, -2.0]);
+        let b = ck.tensor("b").unwrap();
+        assert_eq!(&*b.to_f32().unwrap(), &[1.5, -2.0]);
+        // Kept in its stored type, borrowed from the mapping.
+        let FloatData::F16(stored) = b.float_data().unwrap() else {
+            panic!("f16 tensor read as another type")
+        };
+        assert!(stored.is_mapped() || stored.len() == 2);
+        assert_eq!(stored[1], f16::from_f32(-2.0));
         let err = ck.tensor_with_shape("a", &[4]).unwrap_err().to_string();
         assert!(
             err.contains("`a`") && err.contains("[2, 2]") && err.contains("[4]"),
@@ -562,11 +699,44 @@ mod tests {
         let rows = m.rows(1..3).unwrap();
         assert_eq!(rows.shape(), &[2, 4]);
         let data = rows.to_f32().unwrap();
-        assert!(matches!(data, HostData::Mapped(_)));
+        assert!(data.is_mapped());
         assert_eq!(&*data, &values[4..12]);
-        assert_eq!(m.columns_f32(1..3).unwrap(), vec![1.0, 2.0, 5.0, 6.0, 9.0, 10.0]);
-        assert_eq!(ck.tensor("q").unwrap().columns_i32(2..3).unwrap(), vec![2, 5]);
-        assert!(m.rows(2..4).is_err() && m.columns_f32(3..5).is_err());
+        assert_eq!(
+            m.columns::<f32>(1..3, 1).unwrap(),
+            vec![1.0, 2.0, 0.0, 5.0, 6.0, 0.0, 9.0, 10.0, 0.0]
+        );
+        let FloatData::F32(block) = m.float_columns(1..3, 0).unwrap() else {
+            panic!("f32 tensor read as another type")
+        };
+        assert_eq!(&*block, &[1.0, 2.0, 5.0, 6.0, 9.0, 10.0]);
+        assert_eq!(
+            ck.tensor("q").unwrap().columns::<i32>(2..3, 0).unwrap(),
+            vec![2, 5]
+        );
+        assert!(m.rows(2..4).is_err() && m.columns::<f32>(3..5, 0).is_err());
+    }
+
+    #[test]
+    fn a_view_never_misreads_the_stored_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let half: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect();
+        write(dir.path(), SINGLE_FILE, &[("h", Dtype::F16, vec![4], half)]);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let h = ck.tensor("h").unwrap();
+        // Its 8 bytes would make two f32 or two i32 values: both views are refused.
+        let err = h.host::<f32>().unwrap_err().to_string();
+        assert!(
+            err.contains("`h`") && err.contains("F16") && err.contains("expected F32"),
+            "{err}"
+        );
+        assert!(h.to_i32().is_err() && h.columns::<f32>(0..1, 0).is_err());
+        assert_eq!(
+            &*h.host::<f16>().unwrap(),
+            &[1.0, 2.0, 3.0, 4.0].map(f16::from_f32)
+        );
     }
 
     #[test]

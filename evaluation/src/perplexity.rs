@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Prediction, SeqLayout};
-use crate::model::Scorer;
+use tp_runtime::Scorer;
+use tp_runtime::backend::{Prediction, SeqLayout};
+
 use crate::{Error, Result};
 
 /// Which predictions of a window are scored.
@@ -45,7 +46,7 @@ impl FromStr for Protocol {
 }
 
 /// How a token stream is cut into windows and which predictions count.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowPlan {
     pub protocol: Protocol,
     pub ctx: usize,
@@ -124,7 +125,7 @@ impl WindowPlan {
 }
 
 /// The score of one window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowScore {
     pub index: usize,
     pub nll_sum: f64,
@@ -139,7 +140,7 @@ impl WindowScore {
 }
 
 /// A running or final perplexity.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tally {
     pub nll_sum: f64,
     pub predictions: usize,
@@ -166,7 +167,7 @@ impl Tally {
 }
 
 /// The outcome of an evaluation.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PerplexityResult {
     pub plan: WindowPlan,
     pub ppl: f64,

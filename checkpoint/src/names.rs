@@ -1,0 +1,205 @@
+//! The Hugging Face tensor names of a Llama-family decoder, and the shape each tensor has
+//! under a configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::awq::AwqShape;
+use crate::config::ModelConfig;
+
+/// The token embedding table, `[vocab, hidden]`.
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// The final norm, `[hidden]`.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// The output projection, `[vocab, hidden]` (absent when tied to the embeddings).
+pub const LM_HEAD: &str = "lm_head.weight";
+/// A layer's norm before attention, `[hidden]`.
+pub const INPUT_LAYERNORM: &str = "input_layernorm.weight";
+/// A layer's norm before the MLP, `[hidden]`.
+pub const POST_ATTENTION_LAYERNORM: &str = "post_attention_layernorm.weight";
+
+/// A linear projection of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    /// All seven, in execution order.
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// Its position in [`Projection::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The module path inside a layer (`self_attn.q_proj`, `mlp.down_proj`, ...).
+    pub fn module(self) -> &'static str {
+        match self {
+            Projection::Q => "self_attn.q_proj",
+            Projection::K => "self_attn.k_proj",
+            Projection::V => "self_attn.v_proj",
+            Projection::O => "self_attn.o_proj",
+            Projection::Gate => "mlp.gate_proj",
+            Projection::Up => "mlp.up_proj",
+            Projection::Down => "mlp.down_proj",
+        }
+    }
+
+    /// `model.layers.{layer}.{module}`: the prefix of its tensors.
+    pub fn prefix(self, layer: usize) -> String {
+        layer_tensor_name(layer, self.module())
+    }
+
+    /// `(out_features, in_features)` under `config`.
+    pub fn shape(self, config: &ModelConfig) -> (usize, usize) {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        match self {
+            Projection::Q => (config.q_features(), h),
+            Projection::K | Projection::V => (config.kv_features(), h),
+            Projection::O => (h, config.q_features()),
+            Projection::Gate | Projection::Up => (i, h),
+            Projection::Down => (h, i),
+        }
+    }
+
+    /// Whether it carries a bias under `config`.
+    pub fn has_bias(self, config: &ModelConfig) -> bool {
+        match self {
+            Projection::Q | Projection::K | Projection::V => config.qkv_bias,
+            Projection::O => config.o_bias,
+            _ => false,
+        }
+    }
+
+    /// Whether layer `layer`'s projection is stored as AWQ under `config`.
+    pub fn is_quantized(self, config: &ModelConfig, layer: usize) -> bool {
+        config
+            .quantization
+            .as_ref()
+            .is_some_and(|q| q.converts(&self.prefix(layer)))
+    }
+}
+
+/// `model.layers.{layer}.{suffix}`.
+pub fn layer_tensor_name(layer: usize, suffix: &str) -> String {
+    format!("model.layers.{layer}.{suffix}")
+}
+
+/// A tensor a checkpoint of some configuration holds: name, element type and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// `None` for dense tensors, whose element type is the checkpoint's choice.
+    pub dtype: Option<safetensors::Dtype>,
+    pub shape: Vec<usize>,
+}
+
+/// The tensors of one projection under `config`: `weight` (dense) or the three AWQ tensors,
+/// then the bias if it has one.
+pub fn projection_tensors(config: &ModelConfig, layer: usize, p: Projection) -> Vec<TensorInfo> {
+    let prefix = p.prefix(layer);
+    let (out_features, in_features) = p.shape(config);
+    let mut out = match &config.quantization {
+        Some(q) if q.converts(&prefix) => AwqShape {
+            in_features,
+            out_features,
+            group_size: q.group_size,
+        }
+        .tensors(&prefix)
+        .into_iter()
+        .map(|(name, dtype, shape)| TensorInfo {
+            name,
+            dtype: Some(dtype),
+            shape: shape.to_vec(),
+        })
+        .collect(),
+        _ => vec![TensorInfo {
+            name: format!("{prefix}.weight"),
+            dtype: None,
+            shape: vec![out_features, in_features],
+        }],
+    };
+    if p.has_bias(config) {
+        out.push(TensorInfo {
+            name: format!("{prefix}.bias"),
+            dtype: None,
+            shape: vec![out_features],
+        });
+    }
+    out
+}
+
+/// Every tensor a checkpoint of this configuration must hold, with its shape.
+pub fn required_tensors(config: &ModelConfig) -> Vec<TensorInfo> {
+    let (v, h) = (config.vocab_size, config.hidden_size);
+    let dense = |name: String, shape: Vec<usize>| TensorInfo {
+        name,
+        dtype: None,
+        shape,
+    };
+    let mut out = vec![
+        dense(EMBED_TOKENS.into(), vec![v, h]),
+        dense(FINAL_NORM.into(), vec![h]),
+    ];
+    if !config.tie_word_embeddings {
+        out.push(dense(LM_HEAD.into(), vec![v, h]));
+    }
+    for layer in 0..config.num_hidden_layers {
+        out.push(dense(layer_tensor_name(layer, INPUT_LAYERNORM), vec![h]));
+        out.push(dense(layer_tensor_name(layer, POST_ATTENTION_LAYERNORM), vec![h]));
+        for p in Projection::ALL {
+            out.extend(projection_tensors(config, layer, p));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projections_index_in_execution_order() {
+        for (i, p) in Projection::ALL.into_iter().enumerate() {
+            assert_eq!(p.index(), i);
+        }
+        assert_eq!(Projection::Down.prefix(3), "model.layers.3.mlp.down_proj");
+    }
+
+    #[test]
+    fn required_tensors_follow_quantization_and_tying() {
+        let value = serde_json::json!({"architectures":["Qwen2ForCausalLM"],"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"rms_norm_eps":1e-5,"vocab_size":100,
+            "tie_word_embeddings":true,
+            "quantization_config":{"quant_method":"awq","bits":4,"group_size":32,
+                "zero_point":true,"version":"gemm","modules_to_not_convert":["layers.1.mlp.down_proj"]}});
+        let config = ModelConfig::from_json(&value, std::path::Path::new("config.json")).unwrap();
+        let all = required_tensors(&config);
+        let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+        assert!(!names.contains(&LM_HEAD));
+        assert!(names.contains(&"model.layers.0.mlp.down_proj.qweight"));
+        assert!(names.contains(&"model.layers.1.mlp.down_proj.weight"));
+        assert!(names.contains(&"model.layers.1.self_attn.k_proj.bias"));
+        let k = all
+            .iter()
+            .find(|t| t.name == "model.layers.0.self_attn.k_proj.scales")
+            .unwrap();
+        assert_eq!(k.shape, vec![64 / 32, 32]);
+    }
+}

@@ -1,0 +1,167 @@
+//! Arguments that several subcommands share (`eval` and `bench eval`; `quantize` and
+//! `bench quantize`), and how they become the libraries' requests.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use awq_calib::{CalibFormat, CalibSpec, Sampling};
+use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
+use clap::{Args, ValueEnum};
+use evaluation::perplexity::Protocol;
+use evaluation::report::QuantizeRunReport;
+use evaluation::{Device, EvalRequest};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The CPU backend (rayon threads).
+    Cpu,
+    /// The CUDA backend (our kernels, cuBLAS, NCCL between GPUs).
+    Cuda,
+}
+
+impl From<BackendArg> for Device {
+    fn from(b: BackendArg) -> Device {
+        match b {
+            BackendArg::Cpu => Device::Cpu,
+            BackendArg::Cuda => Device::Cuda,
+        }
+    }
+}
+
+/// Arguments of `awq eval` and `awq bench eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
+    pub model: PathBuf,
+    /// UTF-8 text to score, tokenized whole without special tokens.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Tokens per window.
+    #[arg(long)]
+    pub ctx: usize,
+    /// Score only the first K windows (default: all).
+    #[arg(long, value_name = "K")]
+    pub windows: Option<usize>,
+    /// full: every prediction (AutoAWQ/GPTQ); llamacpp: second half, BOS first (llama-perplexity).
+    #[arg(long, default_value = "full", value_parser = parse::<Protocol>)]
+    pub protocol: Protocol,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "OUT")]
+    pub json: Option<PathBuf>,
+    /// Worker threads (default: all logical CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Where the model runs: cpu, or cuda (GPU 0; GPUs 0..tp with --tp).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendArg,
+    /// Tensor-parallel ranks (CPU: in-process ranks, one thread each; CUDA: one GPU each).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+}
+
+impl EvalArgs {
+    /// The evaluation these arguments ask for.
+    pub fn request(&self) -> EvalRequest {
+        EvalRequest {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            ctx: self.ctx,
+            windows: self.windows,
+            protocol: self.protocol,
+            batch: self.batch,
+            device: self.backend.into(),
+            tp: self.tp,
+        }
+    }
+}
+
+/// Arguments of `awq quantize` and `awq bench quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Hugging Face checkpoint folder to quantize.
+    pub model: PathBuf,
+    /// Output folder (must not exist or be empty unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Calibration text (required for --mode awq).
+    #[arg(long, required_if_eq("mode", "awq"))]
+    pub calib: Option<PathBuf>,
+    /// text: one record per non-empty line; jsonl: one object with a `text` field per line.
+    #[arg(long, default_value = "text", value_parser = parse::<CalibFormat>)]
+    pub calib_format: CalibFormat,
+    /// records: AutoAWQ (whole records, concatenated); windows: LMDeploy (random windows).
+    #[arg(long, default_value = "records", value_parser = parse::<Sampling>)]
+    pub sampling: Sampling,
+    /// Records (records sampling) or windows (windows sampling) to draw.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// Tokens per calibration block.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Seed of the record shuffle or window draw.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Input weights per quantization group; must divide every quantized layer's inputs.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// awq: scale and clip search; rtn: round to nearest (the baseline).
+    #[arg(long, default_value = "awq", value_parser = parse::<Method>)]
+    pub mode: Method,
+    /// duo: AutoAWQ's default; x-only: the paper's activation-only scales.
+    #[arg(long, default_value = "duo", value_parser = parse::<Scaling>)]
+    pub scaling: Scaling,
+    /// Skip the clip search.
+    #[arg(long)]
+    pub no_clip: bool,
+    /// Modules (or name fragments) to leave unquantized; repeatable.
+    #[arg(long = "not-convert", value_name = "MODULE")]
+    pub modules_to_not_convert: Vec<String>,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "OUT")]
+    pub json: Option<PathBuf>,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Worker threads (default: all logical CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl QuantizeArgs {
+    /// Sets the thread count and quantizes as these arguments say: what `awq quantize` and
+    /// `awq bench quantize` share.
+    pub fn execute(&self) -> Result<QuantizeRunReport> {
+        evaluation::provenance::set_threads(self.threads)?;
+        crate::progress::quantize(&self.model, &self.out, &self.options()?, self.calib.as_deref())
+    }
+
+    /// The library options these arguments describe.
+    pub fn options(&self) -> Result<QuantizeOptions> {
+        let calib = CalibSpec {
+            format: self.calib_format,
+            sampling: self.sampling,
+            samples: self.samples,
+            seq_len: self.seq_len,
+            seed: self.seed,
+            ..CalibSpec::new(self.calib.clone().unwrap_or_default())
+        };
+        Ok(QuantizeOptions {
+            method: self.mode,
+            group_size: GroupSize::new(self.group_size)?,
+            scaling: self.scaling,
+            clip: !self.no_clip,
+            calib,
+            modules_to_not_convert: self.modules_to_not_convert.clone(),
+            replace: self.force,
+        })
+    }
+}
+
+/// Parses a value with its `FromStr` (the libraries' enums name their values).
+pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
+    s.parse()
+}

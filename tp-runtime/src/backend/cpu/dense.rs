@@ -1,0 +1,212 @@
+//! Dense matrices on the CPU, in the element type they are stored in: f32 weights go to the
+//! `gemm` crate as they are (borrowed from the mapped file); f16 and bf16 weights are widened
+//! one tile at a time inside the product, so that no f32 copy of a whole matrix exists.
+
+use checkpoint::FloatData;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::{CpuBackend, SharedOut, matmul_transposed};
+use crate::backend::weights::DenseWeight;
+use crate::backend::{ByteSize, LinearKernel};
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+
+/// Output columns per task of a tiled product (a multiple of 8).
+const N_TILE: usize = 128;
+/// Input rows widened per product.
+const K_TILE: usize = 256;
+/// Activation rows per task.
+const M_CHUNK: usize = 512;
+
+/// How a tile of `Wt[k0..k1, n0..n1]` lies in its buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TileLayout {
+    /// `tile[(k − k0) · (n1 − n0) + (n − n0)]`: rows of `Wt` (how AWQ stores weights).
+    KMajor,
+    /// `tile[(n − n0) · (k1 − k0) + (k − k0)]`: rows of `W` (how dense weights are stored).
+    NMajor,
+}
+
+/// `out[m, n] = x[m, k] · Wt[k, n]` where `fill(k0..k1, n0..n1, tile)` writes a tile of `Wt`
+/// in `layout`: each rayon task owns a block of output columns and widens or unpacks the
+/// tiles it needs into a small buffer of its own.
+pub(crate) fn tiled_matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    layout: TileLayout,
+    fill: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    let shared = SharedOut(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..m)
+        .step_by(M_CHUNK)
+        .flat_map(|m0| (0..n).step_by(N_TILE).map(move |n0| (m0, n0)))
+        .collect();
+    tasks
+        .par_iter()
+        .for_each_init(Vec::new, |tile: &mut Vec<f32>, &(m0, n0)| {
+            let rows = (m - m0).min(M_CHUNK);
+            let n1 = (n0 + N_TILE).min(n);
+            let width = n1 - n0;
+            for k0 in (0..k).step_by(K_TILE) {
+                let k1 = (k0 + K_TILE).min(k);
+                let depth = k1 - k0;
+                tile.resize(depth * width, 0.0);
+                fill(k0..k1, n0..n1, tile);
+                let (rhs_cs, rhs_rs) = match layout {
+                    TileLayout::KMajor => (1, width as isize),
+                    TileLayout::NMajor => (depth as isize, 1),
+                };
+                // SAFETY: this task alone writes rows m0..m0+rows, columns n0..n1 of the
+                // [m, n] output; x rows m0.. hold k values; the tile holds depth × width values
+                // at the strides its layout gives.
+                unsafe {
+                    gemm(
+                        rows,
+                        width,
+                        depth,
+                        shared.ptr().add(m0 * n + n0),
+                        1,
+                        n as isize,
+                        k0 > 0,
+                        x.as_ptr().add(m0 * k + k0),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        rhs_cs,
+                        rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+}
+
+/// A dense `[rows, cols]` matrix in its stored element type, possibly borrowed from a
+/// mapped checkpoint: a linear layer's weight, an embedding table or an lm_head.
+#[derive(Clone, Debug)]
+pub struct CpuMatrix {
+    pub data: FloatData,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuMatrix {
+    /// Places a dense weight (no copy).
+    pub fn new(weight: DenseWeight) -> Self {
+        CpuMatrix {
+            data: weight.data,
+            rows: weight.rows,
+            cols: weight.cols,
+        }
+    }
+
+    /// Row `r` widened to f32 into `out`.
+    pub fn widen_row(&self, r: usize, out: &mut [f32]) {
+        self.data.widen_into(r * self.cols..(r + 1) * self.cols, out);
+    }
+
+    /// `out[m, rows] = x[m, cols] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        match &self.data {
+            FloatData::F32(w) => matmul_transposed(x, w, out, m, k, n),
+            half => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
+                let depth = ks.len();
+                for (nn, row) in ns.zip(tile.chunks_exact_mut(depth)) {
+                    half.widen_into(nn * k + ks.start..nn * k + ks.end, row);
+                }
+            }),
+        }
+    }
+}
+
+impl ByteSize for CpuMatrix {
+    fn byte_size(&self) -> usize {
+        self.data.byte_size()
+    }
+}
+
+impl LinearKernel<CpuBackend> for CpuMatrix {
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn byte_size(&self) -> usize {
+        self.data.byte_size()
+    }
+
+    fn forward_into(&self, _: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+        check_linear_dims(x, out, self.rows, self.cols)?;
+        self.matmul(&x.data, x.rows, &mut out.data);
+        Ok(())
+    }
+}
+
+/// An error unless `x` is `[rows, in_features]` and `out` `[rows, out_features]`.
+pub(crate) fn check_linear_dims(
+    x: &HostTensor,
+    out: &HostTensor,
+    out_features: usize,
+    in_features: usize,
+) -> Result<()> {
+    if x.cols != in_features || (out.rows, out.cols) != (x.rows, out_features) {
+        return Err(Error::Invalid(format!(
+            "linear [{out_features}, {in_features}]: input [{}, {}], output [{}, {}]",
+            x.rows, x.cols, out.rows, out.cols
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+    use rand::{RngExt, SeedableRng};
+
+    #[test]
+    fn half_weights_multiply_as_their_f32_widening() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (m, k, n) in [(3, 70, 9), (600, 300, 260)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let halves = [
+                FloatData::F16(w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>().into()),
+                FloatData::BF16(w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>().into()),
+            ];
+            for data in halves {
+                let widened = data.clone().into_f32().to_vec();
+                let matrix = CpuMatrix::new(DenseWeight::new(data, n, k).unwrap());
+                let mut got = vec![f32::NAN; m * n];
+                matrix.matmul(&x, m, &mut got);
+                let mut want = vec![0f32; m * n];
+                matmul_transposed(&x, &widened, &mut want, m, k, n);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "({m},{k},{n}) {:?}: max error {err}",
+                    matrix.data.dtype()
+                );
+            }
+        }
+    }
+}
