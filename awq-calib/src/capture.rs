@@ -6,7 +6,7 @@
 use checkpoint::names::{self, Projection};
 use checkpoint::{Checkpoint, ModelConfig};
 use rayon::prelude::*;
-use tp_runtime::load::read_vocab_rows;
+use tp_runtime::load::{WeightSource, read_vocab_rows};
 use tp_runtime::model::{DecoderLayer, ForwardContext, Workspace};
 use tp_runtime::{Backend, HostTensor, SeqLayout};
 
@@ -103,9 +103,10 @@ pub struct LayerStream<'a, B: Backend> {
     checkpoint: &'a Checkpoint,
     config: &'a ModelConfig,
     backend: &'a B,
-    /// Residual stream entering the next layer, `[tokens, hidden]`: the output of the
-    /// previous layer with its original (unquantized) weights.
-    x: B::Tensor,
+    /// Residual stream entering the next layer, `[tokens, hidden]`, on the host: the output
+    /// of the previous layer with its original (unquantized) weights. Each chunk of it is
+    /// handed to the backend in turn, and its output written back in place.
+    x: HostTensor,
     tokens: usize,
     seq_len: usize,
     next: usize,
@@ -133,9 +134,15 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             )));
         }
         let whole = tp_runtime::shard::RankShard::whole(config);
-        let table = backend.matrix(read_vocab_rows(checkpoint, names::EMBED_TOKENS, config, &whole)?)?;
-        let x = backend.embed(&table, &ids, 0, config.hidden_size)?;
-        drop(table);
+        let table = backend.matrix(read_vocab_rows(
+            WeightSource::Full(checkpoint),
+            names::EMBED_TOKENS,
+            config,
+            &whole,
+        )?)?;
+        let embedded = backend.embed(&table, &ids, 0, config.hidden_size)?;
+        let x = HostTensor::new(backend.download(&embedded)?, ids.len(), config.hidden_size)?;
+        drop((table, embedded));
         checkpoint.tensor(names::EMBED_TOKENS)?.release_pages();
         Ok(LayerStream {
             checkpoint,
@@ -158,9 +165,9 @@ impl<'a, B: Backend> LayerStream<'a, B> {
         self.next
     }
 
-    /// The residual stream entering the next layer, on the host.
-    pub fn residual(&self) -> Result<Vec<f32>> {
-        Ok(self.backend.download(&self.x)?)
+    /// The residual stream entering the next layer.
+    pub fn residual(&self) -> &HostTensor {
+        &self.x
     }
 
     /// Loads the next layer, runs it over every block while capturing its projection inputs,
@@ -182,8 +189,6 @@ impl<'a, B: Backend> LayerStream<'a, B> {
         let blocks_per_chunk = (TOKENS_PER_CHUNK / self.seq_len).max(1);
         let chunk_rows = blocks_per_chunk * self.seq_len;
         let hidden = c.hidden_size;
-        let residual = backend.download(&self.x)?;
-        let mut next = Vec::with_capacity(residual.len());
         let mut ws = Workspace::default();
         let mut ctx: Option<(usize, ForwardContext<B>)> = None;
         for start in (0..tokens).step_by(chunk_rows) {
@@ -193,7 +198,8 @@ impl<'a, B: Backend> LayerStream<'a, B> {
                 ctx = Some((rows, ForwardContext::new(backend, c, &layout)?));
             }
             let (_, ctx) = ctx.as_ref().expect("set above");
-            let mut x = backend.upload(&residual[start * hidden..(start + rows) * hidden], rows, hidden)?;
+            let rows_range = start..start + rows;
+            let mut x = backend.upload(self.x.rows_slice(rows_range.clone()), rows, hidden)?;
             layer.forward_tapped(backend, &mut x, ctx, &mut ws, &mut |p, t| {
                 let dst = inputs.of_mut(p);
                 let cols = dst.cols;
@@ -202,14 +208,14 @@ impl<'a, B: Backend> LayerStream<'a, B> {
                         .copy_from_slice(&values[..rows * cols])
                 })
             })?;
-            backend.read(&x, |values| next.extend_from_slice(values))?;
+            let residual = self.x.rows_slice_mut(rows_range);
+            backend.read(&x, |values| residual.copy_from_slice(values))?;
         }
         check_finite(&inputs.attn.data, inputs.attn.cols, index, "q/k/v")?;
         check_finite(&inputs.o.data, inputs.o.cols, index, "o_proj")?;
         check_finite(&inputs.mlp.data, inputs.mlp.cols, index, "gate/up")?;
         check_finite(&inputs.down.data, inputs.down.cols, index, "down_proj")?;
-        check_finite(&next, hidden, index, "the next layer")?;
-        self.x = backend.upload(&next, tokens, hidden)?;
+        check_finite(&self.x.data, hidden, index, "the next layer")?;
         self.next += 1;
         Ok(Some(LayerCapture { index, layer, inputs }))
     }
@@ -260,6 +266,6 @@ mod tests {
         for layer in model.layers() {
             layer.forward(model.backend(), &mut x, &ctx, &mut ws).unwrap();
         }
-        assert_eq!(x.data, stream.residual().unwrap());
+        assert_eq!(x.data, stream.residual().data);
     }
 }

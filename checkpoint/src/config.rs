@@ -70,6 +70,9 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
     /// Present for AWQ checkpoints.
     pub quantization: Option<QuantizationConfig>,
+    /// The element type the checkpoint's dense tensors are saved in (`torch_dtype`, or
+    /// `dtype` in transformers 5): "float32", "float16" or "bfloat16".
+    pub torch_dtype: Option<String>,
 }
 
 /// `quantization_config` of an AWQ checkpoint in the "gemm" layout: 4-bit weights with a zero
@@ -205,6 +208,10 @@ impl ModelConfig {
             bos_token_id: keys.opt_token_id("bos_token_id")?,
             eos_token_id: keys.opt_token_id("eos_token_id")?,
             quantization: keys.quantization()?,
+            torch_dtype: match keys.opt_str("torch_dtype")? {
+                Some(t) => Some(t.to_string()),
+                None => keys.opt_str("dtype")?.map(str::to_string),
+            },
         };
         for (key, v) in [
             ("hidden_size", config.hidden_size),

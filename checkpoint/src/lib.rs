@@ -8,6 +8,7 @@
 //! - [`mapped`]: memory-mapped checkpoints (one file or an index of shards), typed views
 //!   of their tensors ([`HostData`], [`FloatData`]);
 //! - [`writer`]: a safetensors file streamed tensor by tensor;
+//! - [`presharded`]: checkpoints stored as one file per rank, with their `mapping`;
 //! - [`gguf`]: llama.cpp's GGUF files and their import into a Hugging Face folder;
 //! - [`tokenizer`]: `tokenizer.json` through the Hugging Face `tokenizers` crate;
 //! - [`atomic`]: outputs that appear whole or not at all; [`digest`]: SHA-256 of files;
@@ -22,6 +23,7 @@ mod error;
 pub mod gguf;
 pub mod mapped;
 pub mod names;
+pub mod presharded;
 pub mod tokenizer;
 pub mod writer;
 

@@ -89,6 +89,23 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// Opens one safetensors file of `dir` alone (a pre-sharded rank's file): no other file
+    /// of the folder is opened.
+    pub fn open_file(dir: &Path, file_name: &str) -> Result<Self> {
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        checkpoint.add_file(&dir.join(file_name), None)?;
+        Ok(checkpoint)
+    }
+
+    /// Bytes of tensor data in the opened files (their sizes less the headers).
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.range.len() as u64).sum()
+    }
+
     /// Maps one safetensors file and registers its tensors; with `listed`, checks that the
     /// file holds exactly the tensors the index assigns to it.
     fn add_file(&mut self, path: &Path, listed: Option<(&Path, &[&str])>) -> Result<()> {
@@ -569,6 +586,15 @@ impl FloatData {
     /// Bytes of the values in their stored type.
     pub fn byte_size(&self) -> usize {
         self.len() * self.dtype().bitsize() / 8
+    }
+
+    /// The values' little-endian bytes, in their stored type.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            FloatData::F32(d) => bytemuck::cast_slice(d),
+            FloatData::F16(d) => bytemuck::cast_slice(d),
+            FloatData::BF16(d) => bytemuck::cast_slice(d),
+        }
     }
 
     /// Values `range` widened to f32 into `out` (which holds `range.len()` values).

@@ -14,6 +14,7 @@
 //!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend.
 
 pub mod compile;
+pub mod devices;
 mod error;
 pub mod gpu;
 pub mod launch;

@@ -8,7 +8,7 @@ use awq_pack::QuantizeReport;
 use checkpoint::ModelConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tp_runtime::ShardPlan;
+use tp_runtime::Placement;
 
 use crate::perplexity::Protocol;
 use crate::provenance::{FileDigest, Machine, ToolInfo};
@@ -42,12 +42,16 @@ pub struct EvalReport {
     pub backend: String,
     /// Threads of the pool the evaluation ran on.
     pub threads: usize,
-    /// Tensor-parallel ranks.
-    pub tp: usize,
-    /// The shard plan, when tp > 1.
-    pub shard_plan: Option<ShardPlan>,
-    /// Weight bytes held by each rank.
+    /// Tensor-parallel ranks per stage, pipeline stages, each stage's layers, the shard plan.
+    pub placement: Placement,
+    /// The pipeline stage of every layer.
+    pub layer_stages: Vec<usize>,
+    /// Weight bytes each rank holds in its backend's memory.
     pub rank_weight_bytes: Vec<usize>,
+    /// Bytes each rank read from the checkpoint, as stored.
+    pub rank_loaded_bytes: Vec<u64>,
+    /// Seconds each stage computed (the busiest of its ranks; split placements only).
+    pub stage_seconds: Option<Vec<f64>>,
     pub model: ModelInfo,
     pub tokenizer: FileDigest,
     pub data: DataInfo,

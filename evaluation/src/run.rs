@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use awq_pack::{Event, Method, QuantizeOptions};
+use checkpoint::presharded::Mapping;
 use checkpoint::{ModelConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
-use tp_runtime::{Backend, CpuBackend, Model, ShardPlan, TensorParallel};
+use tp_runtime::{Backend, CpuBackend, Model, Placement, PlacementRequest, RankGroup};
 
 use crate::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
 use crate::provenance;
@@ -40,8 +41,8 @@ pub struct EvalRequest {
     /// Windows per forward pass.
     pub batch: usize,
     pub device: Device,
-    /// Tensor-parallel ranks.
-    pub tp: usize,
+    /// Tensor and pipeline parallelism (a pre-sharded folder brings its own).
+    pub placement: PlacementRequest,
 }
 
 /// Progress of an evaluation.
@@ -68,22 +69,34 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-/// A loaded model (one rank or a group) that can name its backend and its ranks' bytes.
+/// A loaded model (one rank or a group) that can describe itself for the report.
 trait Loaded: tp_runtime::Scorer {
     fn backend_name(&self) -> String;
-    fn rank_bytes(&self) -> Vec<usize>;
+    fn placement(&self) -> Placement;
+    fn rank_weight_bytes(&self) -> Vec<usize>;
+    fn rank_loaded_bytes(&self) -> Vec<u64>;
+    fn stage_seconds(&self) -> Option<Vec<f64>>;
 }
 
 impl<B: Backend> Loaded for Model<B> {
     fn backend_name(&self) -> String {
         self.backend().name()
     }
-    fn rank_bytes(&self) -> Vec<usize> {
+    fn placement(&self) -> Placement {
+        Placement::single(self.config())
+    }
+    fn rank_weight_bytes(&self) -> Vec<usize> {
         vec![self.weight_bytes()]
+    }
+    fn rank_loaded_bytes(&self) -> Vec<u64> {
+        vec![self.loaded_bytes()]
+    }
+    fn stage_seconds(&self) -> Option<Vec<f64>> {
+        None
     }
 }
 
-impl<B: Backend> Loaded for TensorParallel<B> {
+impl<B: Backend> Loaded for RankGroup<B> {
     fn backend_name(&self) -> String {
         format!(
             "{} × {} ranks",
@@ -91,8 +104,17 @@ impl<B: Backend> Loaded for TensorParallel<B> {
             self.ranks().len()
         )
     }
-    fn rank_bytes(&self) -> Vec<usize> {
-        self.rank_weight_bytes()
+    fn placement(&self) -> Placement {
+        RankGroup::placement(self).clone()
+    }
+    fn rank_weight_bytes(&self) -> Vec<usize> {
+        RankGroup::rank_weight_bytes(self)
+    }
+    fn rank_loaded_bytes(&self) -> Vec<u64> {
+        RankGroup::rank_loaded_bytes(self)
+    }
+    fn stage_seconds(&self) -> Option<Vec<f64>> {
+        Some(RankGroup::stage_seconds(self))
     }
 }
 
@@ -100,7 +122,10 @@ impl<B: Backend> Loaded for TensorParallel<B> {
 struct Scored {
     result: PerplexityResult,
     backend: String,
+    placement: Placement,
     rank_weight_bytes: Vec<usize>,
+    rank_loaded_bytes: Vec<u64>,
+    stage_seconds: Option<Vec<f64>>,
     load_seconds: f64,
 }
 
@@ -117,45 +142,58 @@ fn score(
     Ok(Scored {
         result,
         backend: model.backend_name(),
-        rank_weight_bytes: model.rank_bytes(),
+        placement: model.placement(),
+        rank_weight_bytes: model.rank_weight_bytes(),
+        rank_loaded_bytes: model.rank_loaded_bytes(),
+        stage_seconds: model.stage_seconds(),
         load_seconds,
     })
 }
 
-/// Fails at once, before minutes of tokenizing and loading, where the GPUs asked for are not
-/// there.
-fn check_device(request: &EvalRequest) -> Result<()> {
-    if request.device != Device::Cuda {
+/// Fails at once, before minutes of tokenizing and loading, where the GPUs a placement needs
+/// are not there or our kernels cannot run on them.
+fn check_device(device: Device, world_size: usize) -> Result<()> {
+    if device != Device::Cuda {
         return Ok(());
     }
     #[cfg(feature = "cuda")]
     {
-        let gpus =
-            cuda_kernels::cuda_available().map_err(|e| Error::Invalid(format!("--backend cuda: {e}")))?;
-        if request.tp > gpus {
+        use cuda_kernels::devices::{MIN_CAPABILITY, probe};
+        let gpus = probe().map_err(|e| Error::Invalid(format!("--backend cuda: {e}")))?;
+        if world_size > gpus.len() {
             return Err(Error::Invalid(format!(
-                "--backend cuda --tp {}: needs {} GPUs; this machine has {gpus}",
-                request.tp, request.tp
+                "--backend cuda: the placement has {world_size} ranks, one GPU each; this machine has {}",
+                gpus.len()
+            )));
+        }
+        if let Some(bad) = gpus[..world_size].iter().find(|d| !d.supported()) {
+            return Err(Error::Invalid(format!(
+                "--backend cuda: GPU {} ({}) has compute capability {}.{}; the kernels need {}.{} or newer",
+                bad.ordinal, bad.name, bad.capability.0, bad.capability.1, MIN_CAPABILITY.0, MIN_CAPABILITY.1
             )));
         }
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
-    Err(Error::Invalid(
-        "--backend cuda: this build has no CUDA support (build with the `cuda` feature)".into(),
-    ))
+    {
+        let _ = world_size;
+        Err(Error::Invalid(
+            "--backend cuda: this build has no CUDA support (build with the `cuda` feature)".into(),
+        ))
+    }
 }
 
 fn load_and_score(
     request: &EvalRequest,
+    split: bool,
     tokens: &[u32],
     plan: &WindowPlan,
     on_window: impl FnMut(&WindowScore, &Tally),
 ) -> Result<Scored> {
     let load = Instant::now();
-    let (model, batch) = (&request.model, request.batch);
-    match (request.device, request.tp) {
-        (Device::Cpu, 1) => score(
+    let (model, batch, placement) = (&request.model, request.batch, &request.placement);
+    match (request.device, split) {
+        (Device::Cpu, false) => score(
             Model::load(model, CpuBackend::new())?,
             load,
             tokens,
@@ -163,8 +201,8 @@ fn load_and_score(
             batch,
             on_window,
         ),
-        (Device::Cpu, tp) => score(
-            TensorParallel::load_cpu(model, tp)?,
+        (Device::Cpu, true) => score(
+            RankGroup::load_cpu(model, placement)?,
             load,
             tokens,
             plan,
@@ -172,7 +210,7 @@ fn load_and_score(
             on_window,
         ),
         #[cfg(feature = "cuda")]
-        (Device::Cuda, 1) => score(
+        (Device::Cuda, false) => score(
             Model::load(model, tp_runtime::CudaBackend::new(0)?)?,
             load,
             tokens,
@@ -181,8 +219,8 @@ fn load_and_score(
             on_window,
         ),
         #[cfg(feature = "cuda")]
-        (Device::Cuda, tp) => score(
-            TensorParallel::load_cuda(model, tp)?,
+        (Device::Cuda, true) => score(
+            RankGroup::load_cuda(model, placement)?,
             load,
             tokens,
             plan,
@@ -201,7 +239,11 @@ pub fn evaluate_checkpoint(
     mut on_event: impl FnMut(EvalEvent<'_>),
 ) -> Result<EvalReport> {
     let wall = Instant::now();
-    check_device(request)?;
+    let config = ModelConfig::from_file(&request.model.join("config.json"))?;
+    // Checked before any weight is read or any text tokenized.
+    let mapping = Mapping::read(&request.model)?;
+    let placement = request.placement.resolve(&config, mapping.as_ref())?;
+    check_device(request.device, placement.world_size())?;
     let tokenizer = Tokenizer::from_dir(&request.model)?;
     let text = read_text(&request.data)?;
     let tokens = tokenizer.encode(&text, false)?;
@@ -217,12 +259,8 @@ pub fn evaluate_checkpoint(
         tokens: tokens.len(),
         plan: &plan,
     });
-    let config = ModelConfig::from_file(&request.model.join("config.json"))?;
-    // Checked before any weight is read.
-    let shard_plan = (request.tp != 1)
-        .then(|| ShardPlan::new(&config, request.tp))
-        .transpose()?;
-    let scored = load_and_score(request, &tokens, &plan, |score, tally| {
+    let split = mapping.is_some() || placement.world_size() > 1;
+    let scored = load_and_score(request, split, &tokens, &plan, |score, tally| {
         on_event(EvalEvent::Window { score, tally })
     })?;
     let result = scored.result;
@@ -233,9 +271,13 @@ pub fn evaluate_checkpoint(
         machine: provenance::machine(),
         backend: scored.backend,
         threads: rayon::current_num_threads(),
-        tp: request.tp,
-        shard_plan,
+        layer_stages: (0..config.num_hidden_layers)
+            .map(|l| scored.placement.stages.stage_of(l).unwrap_or(0))
+            .collect(),
+        placement: scored.placement,
         rank_weight_bytes: scored.rank_weight_bytes,
+        rank_loaded_bytes: scored.rank_loaded_bytes,
+        stage_seconds: scored.stage_seconds,
         model: ModelInfo {
             dir: request.model.display().to_string(),
             config,

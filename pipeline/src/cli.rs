@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use evaluation::perplexity::Protocol;
 use evaluation::report::QuantizeRunReport;
 use evaluation::{Device, EvalRequest};
+use tp_runtime::PlacementRequest;
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,9 +59,17 @@ pub struct EvalArgs {
     /// Where the model runs: cpu, or cuda (GPU 0; GPUs 0..tp with --tp).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
-    /// Tensor-parallel ranks (CPU: in-process ranks, one thread each; CUDA: one GPU each).
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
+    /// Tensor-parallel ranks per stage (CPU: in-process ranks, one thread each; CUDA: one GPU
+    /// each). Default: 1, or what a pre-sharded folder was sharded for.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Pipeline stages: contiguous ranges of layers, the leftover layers going to the earliest
+    /// stages. Default: 1, or what a pre-sharded folder was sharded for.
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Layers per stage, e.g. `8,8,7,7` (sets pp).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
+    pub layers: Option<Vec<usize>>,
 }
 
 impl EvalArgs {
@@ -74,7 +83,11 @@ impl EvalArgs {
             protocol: self.protocol,
             batch: self.batch,
             device: self.backend.into(),
-            tp: self.tp,
+            placement: PlacementRequest {
+                tp: self.tp,
+                pp: self.pp,
+                layers: self.layers.clone(),
+            },
         }
     }
 }
@@ -164,4 +177,50 @@ impl QuantizeArgs {
 /// Parses a value with its `FromStr` (the libraries' enums name their values).
 pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
     s.parse()
+}
+
+/// `24GiB`, `80GB`, `512MiB`, `1e9`: a number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a size such as 24GiB or 80GB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    if value < 0.0 {
+        return Err(format!("`{text}`: a size cannot be negative"));
+    }
+    Ok((value * scale) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("80GB").unwrap(), 80_000_000_000);
+        assert_eq!(parse_bytes("1.5 GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("24 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("lots").is_err());
+    }
 }

@@ -10,13 +10,15 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use awq_calib::{CalibFormat, CalibSpec, Sampling};
 use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
 use checkpoint::ModelConfig;
 use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
 use evaluation::perplexity::Protocol;
 use serde::{Deserialize, Serialize};
+use tp_runtime::PlacementRequest;
+use tp_runtime::planner::{PlanDecision, PlanRequest, Strategy};
 
 /// A job file as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -144,12 +146,20 @@ pub enum BackendKind {
 pub struct RuntimeSection {
     #[serde(default)]
     pub backend: BackendKind,
-    #[serde(default = "default_tp")]
+    #[serde(default = "one")]
     pub tp: usize,
+    #[serde(default = "one")]
+    pub pp: usize,
     pub threads: Option<usize>,
+    /// Devices to place the model on; the planner chooses tp, pp and the layer split.
+    pub devices: Option<usize>,
+    /// Memory of each device (`24GiB`), with `devices`.
+    pub device_memory: Option<String>,
+    /// Which parallelism the planner may use (`auto`, `tp`, `pp`, `tp+pp`).
+    pub strategy: Option<Strategy>,
 }
 
-fn default_tp() -> usize {
+fn one() -> usize {
     1
 }
 
@@ -158,7 +168,11 @@ impl Default for RuntimeSection {
         RuntimeSection {
             backend: BackendKind::Cpu,
             tp: 1,
+            pp: 1,
             threads: None,
+            devices: None,
+            device_memory: None,
+            strategy: None,
         }
     }
 }
@@ -407,6 +421,15 @@ pub struct QuantSpec {
     pub calib_path: Option<PathBuf>,
 }
 
+/// How a job's evaluations place a model: as the planner chose (with `[runtime] devices`) or
+/// as `[runtime] tp` and `pp` say.
+#[derive(Clone, Debug, Default)]
+pub struct ModelPlacement {
+    pub request: PlacementRequest,
+    /// The planner's decision, when it made one.
+    pub decision: Option<PlanDecision>,
+}
+
 /// A validated job: every path resolved, every value checked against the model.
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -420,6 +443,10 @@ pub struct Job {
     pub out_dir: PathBuf,
     /// SHA-256 of the job's canonical form (resolved, key order and formatting erased).
     pub canonical_hash: String,
+    /// Placement of the original model's evaluations.
+    pub original_placement: ModelPlacement,
+    /// Placement of the quantized model's evaluations.
+    pub quantized_placement: ModelPlacement,
 }
 
 /// What a job's output folder holds, by name: the one definition the runner, the report and
@@ -457,6 +484,14 @@ impl Job {
     /// The job report (`report.json`; `report.md` and `loss.svg` beside it).
     pub fn report(&self) -> PathBuf {
         self.out_dir.join("report.json")
+    }
+
+    /// How evaluation `i` places its model.
+    pub fn eval_placement(&self, i: usize) -> &ModelPlacement {
+        match self.evals[i].model {
+            EvalModel::Original => &self.original_placement,
+            EvalModel::Quantized => &self.quantized_placement,
+        }
     }
 
     /// The model directory evaluation `i` reads.
@@ -603,12 +638,31 @@ impl Job {
         if runtime.tp == 0 {
             return Err(err("runtime.tp", "must be at least 1".into()));
         }
-        // The shard plan needs only the configuration: tp is checked here against the model
-        // the original's evaluations load, and below against the quantized model.
-        let original_evaluated = file.eval.iter().any(|e| e.model == EvalModel::Original);
-        if original_evaluated || file.quant.is_none() {
-            tp_runtime::ShardPlan::new(&model_config, runtime.tp)
-                .map_err(|e| err("runtime.tp", e.to_string()))?;
+        if runtime.pp == 0 {
+            return Err(err("runtime.pp", "must be at least 1".into()));
+        }
+        let device_memory = match (&runtime.devices, &runtime.device_memory) {
+            (Some(0), _) => return Err(err("runtime.devices", "must be at least 1".into())),
+            (Some(_), None) => {
+                return Err(err(
+                    "runtime.devices",
+                    "needs runtime.device_memory (the memory of each device, e.g. \"24GiB\")".into(),
+                ));
+            }
+            (Some(_), Some(m)) => {
+                Some(crate::cli::parse_bytes(m).map_err(|e| err("runtime.device_memory", e))?)
+            }
+            (None, Some(_)) => return Err(err("runtime.device_memory", "needs runtime.devices".into())),
+            (None, None) => None,
+        };
+        if runtime.devices.is_some() && (runtime.tp != 1 || runtime.pp != 1) {
+            return Err(err(
+                "runtime.devices",
+                "the planner chooses tp and pp for the devices: remove runtime.tp and runtime.pp, or runtime.devices".into(),
+            ));
+        }
+        if runtime.strategy.is_some() && runtime.devices.is_none() {
+            return Err(err("runtime.strategy", "needs runtime.devices".into()));
         }
         if runtime.threads == Some(0) {
             return Err(err("runtime.threads", "must be at least 1".into()));
@@ -719,6 +773,75 @@ impl Job {
             });
         }
 
+        // The placement needs only the configuration: it is checked (or planned) for the
+        // original model its evaluations load, and for the quantized model the job writes.
+        let (ctx, batch) = evals
+            .iter()
+            .map(|e| (e.ctx, e.batch))
+            .fold((0, 1), |(c, b), (ec, eb)| (c.max(ec), b.max(eb)));
+        let place = |config: &ModelConfig, what: &str| -> Result<ModelPlacement> {
+            let located = |key: &str, e: String| {
+                err(
+                    key,
+                    if what.is_empty() {
+                        e
+                    } else {
+                        format!("{what}: {e}")
+                    },
+                )
+            };
+            match (runtime.devices, device_memory) {
+                (Some(devices), Some(memory)) => {
+                    let mut request = PlanRequest::new(config, devices, memory, ctx.max(1), batch);
+                    request.strategy = runtime.strategy.unwrap_or_default();
+                    let decision = tp_runtime::planner::plan(config, &request)
+                        .map_err(|e| located("runtime.devices", e.to_string()))?;
+                    Ok(ModelPlacement {
+                        request: PlacementRequest {
+                            tp: Some(decision.chosen.tp),
+                            pp: Some(decision.chosen.pp),
+                            layers: Some(decision.chosen.layers.clone()),
+                        },
+                        decision: Some(decision),
+                    })
+                }
+                _ => {
+                    let request = PlacementRequest {
+                        tp: Some(runtime.tp),
+                        pp: Some(runtime.pp),
+                        layers: None,
+                    };
+                    request.resolve(config, None).map_err(|e| {
+                        let key = if e.to_string().contains("pp =") {
+                            "runtime.pp"
+                        } else {
+                            "runtime.tp"
+                        };
+                        located(key, e.to_string())
+                    })?;
+                    Ok(ModelPlacement {
+                        request,
+                        decision: None,
+                    })
+                }
+            }
+        };
+        let original_placement = if evals.iter().any(|e| e.model == EvalModel::Original) || quant.is_none() {
+            place(&model_config, "")?
+        } else {
+            ModelPlacement::default()
+        };
+        let quantized_placement = match &quant {
+            Some(q) if evals.iter().any(|e| e.model == EvalModel::Quantized) => {
+                let quantized = awq_pack::quantize::quantized_config(&model_config, &q.options);
+                place(
+                    &quantized,
+                    &format!("the quantized model (group size {})", q.options.group_size.get()),
+                )?
+            }
+            _ => ModelPlacement::default(),
+        };
+
         // [output]
         if file.output.dir.trim().is_empty() {
             return Err(err("output.dir", "must not be empty".into()));
@@ -749,6 +872,8 @@ impl Job {
             evals,
             out_dir,
             canonical_hash,
+            original_placement,
+            quantized_placement,
         })
     }
 }
@@ -768,18 +893,6 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
         return Err(format!("`{s}`: need 0 ≤ K < N"));
     }
     Ok((k, n))
-}
-
-/// Checks a whole list of job files, stopping at the first problem.
-pub fn validate_all(paths: &[PathBuf]) -> Result<()> {
-    for p in paths {
-        Job::load(p)?;
-        println!("{}: ok", p.display());
-    }
-    if paths.is_empty() {
-        bail!("no job files given");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{batch, bench, eval, import, inspect, plan, quantize, run};
+use commands::{batch, bench, devices, eval, import, inspect, plan, quantize, run, shard};
 
 #[derive(Debug, Parser)]
 #[command(name = "awq", version, about, long_about = None)]
@@ -31,8 +31,14 @@ enum Command {
     Batch(batch::BatchArgs),
     /// Describe a checkpoint folder and check an AWQ checkpoint's format.
     Inspect(inspect::InspectArgs),
-    /// Show the tensor-parallel shard plan: per rank, each tensor's shape, bytes and padding.
+    /// Choose tensor and pipeline parallelism for a set of devices, with each device's memory
+    /// and why every other placement was not chosen (or show a given placement).
     Plan(plan::PlanArgs),
+    /// The GPUs of this machine: memory, compute capability, driver, NCCL, peer access.
+    Devices(devices::DevicesArgs),
+    /// Write a checkpoint as one file per rank (tensor and pipeline parallelism), with its
+    /// mapping.
+    Shard(shard::ShardArgs),
     /// Convert a GGUF file into a Hugging Face checkpoint folder.
     ImportGguf(import::ImportArgs),
     /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
@@ -63,6 +69,8 @@ fn main() -> ExitCode {
         Command::Batch(args) => batch::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Devices(args) => devices::run(args),
+        Command::Shard(args) => shard::run(args),
         Command::ImportGguf(args) => import::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),

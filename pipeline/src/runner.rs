@@ -228,7 +228,7 @@ fn run_step(job: &Job, step: Step) -> Result<Vec<PathBuf>> {
                     BackendKind::Cpu => Device::Cpu,
                     BackendKind::Cuda => Device::Cuda,
                 },
-                tp: job.runtime.tp,
+                placement: job.eval_placement(i).request.clone(),
             };
             let report = progress::evaluate(&request)?;
             log(format!(

@@ -106,7 +106,7 @@ fn bad_model_folder_fails_cleanly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("error:") && stderr.contains("tokenizer.json"),
+        stderr.contains("error:") && stderr.contains("config.json"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use checkpoint::Tokenizer;
-use tp_runtime::{CpuBackend, Model, SeqLayout, TensorParallel};
+use tp_runtime::{CpuBackend, Model, PlacementRequest, RankGroup, SeqLayout};
 
 fn awq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_awq"))
@@ -74,7 +74,7 @@ fn awq_with_padded_intermediate_matches_one_rank() {
         "--group-size",
         "32",
     ]));
-    let plan = ok(awq(&["plan", s(&quantized), "--tp", "4"]));
+    let plan = ok(awq(&["plan", s(&quantized), "--tp", "4", "--tensors"]));
     assert!(
         plan.contains("intermediate 704 per rank (64 padding in all)"),
         "{plan}"
@@ -155,7 +155,7 @@ fn smollm2_at_tp3_matches_tp1() {
         let hidden = single.forward(&window0, &layout).unwrap();
         let want = single.logits(&hidden, &rows).unwrap();
         drop(single);
-        let got = TensorParallel::load_cpu(dir, 3)
+        let got = RankGroup::load_cpu(dir, &PlacementRequest::tp(3))
             .unwrap()
             .logits(&window0, &layout, &rows)
             .unwrap();

@@ -13,6 +13,16 @@ pub enum Error {
     /// A caller asked for something impossible (bad context length, empty batch, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A rank of a group failed; the group ended.
+    #[error("rank {failed} failed: {cause}")]
+    RankFailed { failed: usize, cause: String },
+    /// A rank stopped because another rank of its group failed.
+    #[error("rank {rank} stopped because rank {failed} failed: {cause}")]
+    Aborted {
+        rank: usize,
+        failed: usize,
+        cause: String,
+    },
 }
 
 /// The runtime's result type.

@@ -1,21 +1,51 @@
 //! Reading one rank's share of a checkpoint, as the shard plan lays it out: only the rank's
 //! rows or columns are read, padded features are zeros (zero weights, or zero scales for AWQ),
-//! and tensors that stay whole are borrowed from the mapping in their stored type.
+//! and tensors that stay whole are borrowed from the mapping in their stored type. A
+//! pre-sharded rank file already holds exactly that share and is read as it is.
+
+use std::collections::BTreeMap;
 
 use checkpoint::awq::PACK;
 use checkpoint::names::{self, Projection, layer_tensor_name};
+use checkpoint::writer::{SafetensorsStream, TensorSpec};
 use checkpoint::{AwqGemm, AwqShape, Checkpoint, FloatData, HostData, ModelConfig};
 use half::f16;
 
 use crate::Result;
 use crate::backend::weights::{DenseWeight, WeightFormat};
+use crate::placement::RankPlacement;
 use crate::shard::{RankShard, Split, split_of};
+
+/// Where a rank's weights are read from.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightSource<'a> {
+    /// The model's checkpoint: the rank reads its rows or columns of the full tensors.
+    Full(&'a Checkpoint),
+    /// The rank's own file of a pre-sharded checkpoint: the tensors are the rank's share.
+    Rank(&'a Checkpoint),
+}
+
+impl WeightSource<'_> {
+    /// The checkpoint read.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        match self {
+            WeightSource::Full(c) | WeightSource::Rank(c) => c,
+        }
+    }
+}
 
 /// One rank's share of a projection, as read from the checkpoint.
 #[derive(Debug)]
 pub struct LinearShard {
     pub weight: Box<dyn WeightFormat>,
     pub bias: Option<FloatData>,
+}
+
+impl LinearShard {
+    /// Bytes read, as stored.
+    pub fn stored_bytes(&self) -> usize {
+        self.weight.stored_bytes() + self.bias.as_ref().map_or(0, FloatData::byte_size)
+    }
 }
 
 /// Rows of `width` values followed by `pad` zero rows.
@@ -30,17 +60,24 @@ fn pad_rows<T: checkpoint::Element>(data: HostData<T>, width: usize, pad: usize)
 
 /// Reads rank `shard`'s part of projection `p` of layer `layer`.
 pub fn read_linear(
-    checkpoint: &Checkpoint,
+    source: WeightSource<'_>,
     config: &ModelConfig,
     layer: usize,
     p: Projection,
     shard: &RankShard,
 ) -> Result<LinearShard> {
+    let checkpoint = source.checkpoint();
     let prefix = p.prefix(layer);
-    let (out_features, in_features) = p.shape(config);
     let (range, real) = shard.range(p);
-    let pad = range.len() - real.len();
     let (local_out, local_in) = shard.shape(config, p);
+    let (out_features, in_features, pad) = match source {
+        WeightSource::Full(_) => {
+            let (out_features, in_features) = p.shape(config);
+            (out_features, in_features, range.len() - real.len())
+        }
+        // The rank file holds the rank's (padded) share as whole tensors.
+        WeightSource::Rank(_) => (local_out, local_in, 0),
+    };
     let tensor =
         |suffix: &str, shape: &[usize]| checkpoint.tensor_with_shape(&format!("{prefix}.{suffix}"), shape);
     // The whole dimension, unpadded: the tensors are borrowed from the mapping as they are.
@@ -50,7 +87,11 @@ pub fn read_linear(
                 Split::Rows => in_features,
                 _ => out_features,
             };
-    let split = if whole { Split::Replicated } else { split_of(p) };
+    let split = match source {
+        WeightSource::Rank(_) => Split::Replicated,
+        WeightSource::Full(_) if whole => Split::Replicated,
+        WeightSource::Full(_) => split_of(p),
+    };
     let weight: Box<dyn WeightFormat> = match &config.quantization {
         Some(q) if q.converts(&prefix) => {
             let full = AwqShape {
@@ -112,16 +153,16 @@ pub fn read_linear(
             Box::new(DenseWeight::new(data, local_out, local_in)?)
         }
     };
-    let bias = if !p.has_bias(config) {
+    // Partial outputs of a row-parallel projection are summed across ranks: its bias joins
+    // once, on rank 0, and no other rank holds it.
+    let row_parallel_elsewhere = shard.tp > 1 && split_of(p) == Split::Rows && shard.rank != 0;
+    let bias = if !p.has_bias(config) || row_parallel_elsewhere {
         None
     } else {
         let b = tensor("bias", &[out_features])?;
         match split {
             Split::Columns => Some(b.rows(real)?.float_data()?.with_zero_rows(1, pad)),
-            // Partial outputs are summed across ranks: the bias joins once, on rank 0.
-            Split::Rows if shard.rank == 0 => Some(b.float_data()?),
-            Split::Rows => None,
-            Split::Replicated => Some(b.float_data()?),
+            Split::Rows | Split::Replicated => Some(b.float_data()?),
         }
     };
     Ok(LinearShard { weight, bias })
@@ -130,19 +171,25 @@ pub fn read_linear(
 /// Rank `shard`'s rows of a `[vocab, hidden]` table (embeddings or lm_head), in its stored
 /// element type.
 pub fn read_vocab_rows(
-    checkpoint: &Checkpoint,
+    source: WeightSource<'_>,
     name: &str,
     config: &ModelConfig,
     shard: &RankShard,
 ) -> Result<DenseWeight> {
-    let t = checkpoint.tensor_with_shape(name, &[config.vocab_size, config.hidden_size])?;
-    let rows = t.rows(shard.vocab.clone())?;
-    DenseWeight::new(rows.float_data()?, shard.vocab.len(), config.hidden_size)
+    let (rows, hidden) = (shard.vocab.len(), config.hidden_size);
+    let data = match source {
+        WeightSource::Full(c) => c
+            .tensor_with_shape(name, &[config.vocab_size, hidden])?
+            .rows(shard.vocab.clone())?
+            .float_data()?,
+        WeightSource::Rank(c) => c.tensor_with_shape(name, &[rows, hidden])?.float_data()?,
+    };
+    DenseWeight::new(data, rows, hidden)
 }
 
 /// A `[hidden]` norm weight: the final norm, or a layer's norm named by `suffix`.
 pub fn read_norm(
-    checkpoint: &Checkpoint,
+    source: WeightSource<'_>,
     config: &ModelConfig,
     layer: Option<usize>,
     suffix: &str,
@@ -151,7 +198,75 @@ pub fn read_norm(
         Some(l) => layer_tensor_name(l, suffix),
         None => names::FINAL_NORM.to_string(),
     };
-    Ok(checkpoint
+    Ok(source
+        .checkpoint()
         .tensor_with_shape(&name, &[config.hidden_size])?
         .float_data()?)
+}
+
+/// Writes `rank`'s share of the checkpoint to `path` as one safetensors file: the tensors it
+/// would read, sliced and padded as it would read them, in the order
+/// [`RankPlacement::tensors`] lists them. Returns the bytes of tensor data written.
+pub fn write_rank_file(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    rank: &RankPlacement,
+    path: &std::path::Path,
+) -> Result<u64> {
+    let source = WeightSource::Full(checkpoint);
+    let specs = rank
+        .tensors(config)
+        .into_iter()
+        .map(|t| {
+            let dtype = match t.dtype {
+                Some(d) => d,
+                None => checkpoint.tensor(&t.name)?.dtype(),
+            };
+            Ok(TensorSpec::new(t.name, dtype, &t.shape))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = specs.iter().map(|s| s.bytes() as u64).sum();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut out = SafetensorsStream::create(path, specs, metadata)?;
+    let shard = &rank.shard;
+    if rank.holds_embeddings(config) {
+        out.write(
+            names::EMBED_TOKENS,
+            read_vocab_rows(source, names::EMBED_TOKENS, config, shard)?
+                .data
+                .bytes(),
+        )?;
+    }
+    for layer in rank.layers.clone() {
+        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
+            let data = read_norm(source, config, Some(layer), norm)?;
+            out.write(&layer_tensor_name(layer, norm), data.bytes())?;
+        }
+        for p in Projection::ALL {
+            let prefix = p.prefix(layer);
+            let part = read_linear(source, config, layer, p, shard)?;
+            part.weight
+                .stored_tensors(&prefix, &mut |name, bytes| Ok(out.write(name, bytes)?))?;
+            if let Some(bias) = &part.bias {
+                out.write(&format!("{prefix}.bias"), bias.bytes())?;
+            }
+        }
+        checkpoint.release_prefix(&layer_tensor_name(layer, ""));
+    }
+    if rank.is_last() {
+        out.write(
+            names::FINAL_NORM,
+            read_norm(source, config, None, names::FINAL_NORM)?.bytes(),
+        )?;
+        if !config.tie_word_embeddings {
+            out.write(
+                names::LM_HEAD,
+                read_vocab_rows(source, names::LM_HEAD, config, shard)?
+                    .data
+                    .bytes(),
+            )?;
+        }
+    }
+    out.finish()?;
+    Ok(bytes)
 }

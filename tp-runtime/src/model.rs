@@ -12,7 +12,8 @@ use crate::backend::{
     combine_nll_parts, reuse,
 };
 use crate::comm::Communicator;
-use crate::load::{read_linear, read_norm, read_vocab_rows};
+use crate::load::{WeightSource, read_linear, read_norm, read_vocab_rows};
+use crate::placement::RankPlacement;
 use crate::shard::RankShard;
 use crate::{Error, Result};
 
@@ -32,17 +33,19 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Reads `shard`'s part of projection `p` of layer `layer`: dense `{prefix}.weight` or,
-    /// for AWQ checkpoints, `{prefix}.qweight/qzeros/scales`; and its bias.
+    /// for AWQ checkpoints, `{prefix}.qweight/qzeros/scales`; and its bias. Returns the bytes
+    /// read too.
     pub fn load(
         backend: &B,
-        checkpoint: &Checkpoint,
+        source: WeightSource<'_>,
         config: &ModelConfig,
         layer: usize,
         p: Projection,
         shard: &RankShard,
-    ) -> Result<Self> {
-        let part = read_linear(checkpoint, config, layer, p, shard)?;
-        Self::new(backend, part.weight, part.bias)
+    ) -> Result<(Self, usize)> {
+        let part = read_linear(source, config, layer, p, shard)?;
+        let bytes = part.stored_bytes();
+        Ok((Self::new(backend, part.weight, part.bias)?, bytes))
     }
 
     /// Output features.
@@ -229,31 +232,46 @@ pub struct DecoderLayer<B: Backend> {
 impl<B: Backend> DecoderLayer<B> {
     /// Reads layer `index` (all of it) from the checkpoint.
     pub fn load(backend: &B, checkpoint: &Checkpoint, config: &ModelConfig, index: usize) -> Result<Self> {
-        Self::load_shard(backend, checkpoint, config, index, &RankShard::whole(config))
+        let source = WeightSource::Full(checkpoint);
+        Ok(Self::load_shard(backend, source, config, index, &RankShard::whole(config))?.0)
     }
 
-    /// Reads `shard`'s part of layer `index`.
+    /// Reads `shard`'s part of layer `index`; returns it with the bytes read.
     pub fn load_shard(
         backend: &B,
-        checkpoint: &Checkpoint,
+        source: WeightSource<'_>,
         config: &ModelConfig,
         index: usize,
         shard: &RankShard,
-    ) -> Result<Self> {
-        let norm = |suffix: &str| backend.vector(read_norm(checkpoint, config, Some(index), suffix)?);
-        let linear = |p: Projection| Linear::load(backend, checkpoint, config, index, p, shard);
-        Ok(DecoderLayer {
+    ) -> Result<(Self, usize)> {
+        let mut bytes = 0;
+        let mut norm = |suffix: &str| -> Result<B::Vector> {
+            let data = read_norm(source, config, Some(index), suffix)?;
+            bytes += data.byte_size();
+            backend.vector(data)
+        };
+        let (input_layernorm, post_attention_layernorm) = (
+            norm(names::INPUT_LAYERNORM)?,
+            norm(names::POST_ATTENTION_LAYERNORM)?,
+        );
+        let mut linear = |p: Projection| -> Result<Linear<B>> {
+            let (linear, read) = Linear::load(backend, source, config, index, p, shard)?;
+            bytes += read;
+            Ok(linear)
+        };
+        let layer = DecoderLayer {
             index,
-            input_layernorm: norm(names::INPUT_LAYERNORM)?,
+            input_layernorm,
             q_proj: linear(Projection::Q)?,
             k_proj: linear(Projection::K)?,
             v_proj: linear(Projection::V)?,
             o_proj: linear(Projection::O)?,
-            post_attention_layernorm: norm(names::POST_ATTENTION_LAYERNORM)?,
+            post_attention_layernorm,
             gate_proj: linear(Projection::Gate)?,
             up_proj: linear(Projection::Up)?,
             down_proj: linear(Projection::Down)?,
-        })
+        };
+        Ok((layer, bytes))
     }
 
     /// The projection `p` of this layer.
@@ -334,18 +352,24 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// A causal language model on one backend: the whole model, or one rank's share of it.
+/// A causal language model on one backend: the whole model, or one rank's share of it (a
+/// tensor-parallel slice of one pipeline stage's layers).
 pub struct Model<B: Backend> {
     backend: B,
     config: ModelConfig,
-    shard: RankShard,
+    placement: RankPlacement,
     comm: Option<Comm<B>>,
-    /// Rows `shard.vocab` of the embedding table.
-    embed_tokens: B::Matrix,
-    /// `None` when tied to `embed_tokens`.
+    /// Rows `shard.vocab` of the embedding table: on the first stage, and on the last as the
+    /// tied lm_head.
+    embed_tokens: Option<B::Matrix>,
+    /// The untied lm_head, on the last stage.
     lm_head: Option<B::Matrix>,
+    /// The stage's layers.
     layers: Vec<DecoderLayer<B>>,
-    norm: B::Vector,
+    /// The final norm, on the last stage.
+    norm: Option<B::Vector>,
+    /// Bytes read from the checkpoint, as stored.
+    loaded_bytes: u64,
 }
 
 impl<B: Backend> Model<B> {
@@ -358,45 +382,64 @@ impl<B: Backend> Model<B> {
 
     /// Builds the whole model from an opened checkpoint.
     pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint, backend: B) -> Result<Self> {
-        let shard = RankShard::whole(&config);
-        Self::load_rank(config, checkpoint, backend, shard, None)
+        let placement = RankPlacement::whole(&config);
+        Self::load_rank(config, WeightSource::Full(checkpoint), backend, placement, None)
     }
 
-    /// Builds one rank's share of the model; `comm` joins it to the other ranks (`None` for
-    /// the whole model on one rank).
+    /// Builds one rank's share of the model; `comm` joins it to the other ranks of its stage
+    /// (`None` for one rank per stage).
     pub fn load_rank(
         config: ModelConfig,
-        checkpoint: &Checkpoint,
+        source: WeightSource<'_>,
         backend: B,
-        shard: RankShard,
+        placement: RankPlacement,
         comm: Option<Comm<B>>,
     ) -> Result<Self> {
+        let shard = &placement.shard;
         if shard.tp > 1 && comm.as_ref().is_none_or(|c| c.world_size() != shard.tp) {
             return Err(Error::Invalid(format!(
                 "rank {} of {} needs a communicator of that size",
                 shard.rank, shard.tp
             )));
         }
-        let embed_tokens =
-            backend.matrix(read_vocab_rows(checkpoint, names::EMBED_TOKENS, &config, &shard)?)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(backend.matrix(read_vocab_rows(checkpoint, names::LM_HEAD, &config, &shard)?)?)
+        let mut loaded_bytes = 0u64;
+        let mut table = |name: &str| -> Result<B::Matrix> {
+            let weight = read_vocab_rows(source, name, &config, shard)?;
+            loaded_bytes += weight.data.byte_size() as u64;
+            backend.matrix(weight)
         };
-        let norm = backend.vector(read_norm(checkpoint, &config, None, names::FINAL_NORM)?)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load_shard(&backend, checkpoint, &config, i, &shard))
-            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = match placement.holds_embeddings(&config) {
+            true => Some(table(names::EMBED_TOKENS)?),
+            false => None,
+        };
+        let lm_head = match placement.is_last() && !config.tie_word_embeddings {
+            true => Some(table(names::LM_HEAD)?),
+            false => None,
+        };
+        let norm = match placement.is_last() {
+            true => {
+                let data = read_norm(source, &config, None, names::FINAL_NORM)?;
+                loaded_bytes += data.byte_size() as u64;
+                Some(backend.vector(data)?)
+            }
+            false => None,
+        };
+        let mut layers = Vec::with_capacity(placement.layers.len());
+        for i in placement.layers.clone() {
+            let (layer, bytes) = DecoderLayer::load_shard(&backend, source, &config, i, shard)?;
+            loaded_bytes += bytes as u64;
+            layers.push(layer);
+        }
         Ok(Model {
             backend,
             config,
-            shard,
+            placement,
             comm,
             embed_tokens,
             lm_head,
             layers,
             norm,
+            loaded_bytes,
         })
     }
 
@@ -406,8 +449,13 @@ impl<B: Backend> Model<B> {
     }
 
     /// The share of the model this instance holds.
+    pub fn placement(&self) -> &RankPlacement {
+        &self.placement
+    }
+
+    /// Its tensor-parallel slice.
     pub fn shard(&self) -> &RankShard {
-        &self.shard
+        &self.placement.shard
     }
 
     /// The backend the model runs on.
@@ -415,26 +463,42 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// The decoder layers.
+    /// The decoder layers this instance holds.
     pub fn layers(&self) -> &[DecoderLayer<B>] {
         &self.layers
     }
 
-    /// The output projection (the embedding table when tied).
-    pub fn lm_head(&self) -> &B::Matrix {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    /// The output projection (the embedding table when tied), on the last stage.
+    pub fn lm_head(&self) -> Result<&B::Matrix> {
+        self.lm_head
+            .as_ref()
+            .or(self.embed_tokens.as_ref().filter(|_| self.placement.is_last()))
+            .ok_or_else(|| self.not_here("the lm_head"))
     }
 
-    /// Bytes held by this instance's weights.
+    fn not_here(&self, what: &str) -> Error {
+        Error::Invalid(format!(
+            "rank {} (stage {} of {}, layers {:?}) does not hold {what}",
+            self.placement.rank, self.placement.stage, self.placement.stages, self.placement.layers
+        ))
+    }
+
+    /// Bytes held by this instance's weights in the backend's memory.
     pub fn weight_bytes(&self) -> usize {
-        self.embed_tokens.byte_size()
+        self.embed_tokens.as_ref().map_or(0, ByteSize::byte_size)
             + self.lm_head.as_ref().map_or(0, ByteSize::byte_size)
-            + self.norm.byte_size()
+            + self.norm.as_ref().map_or(0, ByteSize::byte_size)
             + self.layers.iter().map(DecoderLayer::byte_size).sum::<usize>()
     }
 
+    /// Bytes this instance read from the checkpoint, as stored (padding included): what
+    /// the placement planner predicts, and what a pre-sharded rank file holds.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded_bytes
+    }
+
     fn vocab_parallel(&self) -> bool {
-        self.shard.vocab.len() < self.config.vocab_size
+        self.shard().vocab.len() < self.config.vocab_size
     }
 
     /// The per-forward context for a batch laid out as `layout`.
@@ -443,25 +507,27 @@ impl<B: Backend> Model<B> {
             &self.backend,
             &self.config,
             layout,
-            &self.shard,
+            self.shard(),
             self.comm.clone(),
         )
     }
 
-    /// Embeddings of `ids`: the residual stream entering layer 0.
+    /// Embeddings of `ids`: the residual stream entering the first layer (first stage).
     pub fn embed(&self, ids: &[u32]) -> Result<B::Tensor> {
+        let table = self
+            .embed_tokens
+            .as_ref()
+            .filter(|_| self.placement.is_first())
+            .ok_or_else(|| self.not_here("the embeddings"))?;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
             return Err(Error::Invalid(format!(
                 "token id {id} is outside the vocabulary of {} entries",
                 self.config.vocab_size
             )));
         }
-        let mut x = self.backend.embed(
-            &self.embed_tokens,
-            ids,
-            self.shard.vocab.start,
-            self.config.hidden_size,
-        )?;
+        let mut x = self
+            .backend
+            .embed(table, ids, self.shard().vocab.start, self.config.hidden_size)?;
         if self.vocab_parallel()
             && let Some(comm) = &self.comm
         {
@@ -470,7 +536,31 @@ impl<B: Backend> Model<B> {
         Ok(x)
     }
 
-    /// Final hidden states (after the last norm) of a batch of token sequences.
+    /// Runs this instance's layers on the residual stream `x` in place.
+    pub fn run_layers(
+        &self,
+        x: &mut B::Tensor,
+        ctx: &ForwardContext<B>,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        for layer in &self.layers {
+            layer.forward(&self.backend, x, ctx, ws)?;
+        }
+        Ok(())
+    }
+
+    /// The final norm of the residual stream: the hidden states the logits come from (last
+    /// stage).
+    pub fn finish(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        let norm = self
+            .norm
+            .as_ref()
+            .ok_or_else(|| self.not_here("the final norm"))?;
+        self.backend.rms_norm(x, norm, self.config.rms_norm_eps)
+    }
+
+    /// Final hidden states (after the last norm) of a batch of token sequences; the whole
+    /// model on this rank's stage (one stage, any tensor parallelism).
     pub fn forward(&self, ids: &[u32], layout: &SeqLayout) -> Result<B::Tensor> {
         if ids.len() != layout.rows() {
             return Err(Error::Invalid(format!(
@@ -482,10 +572,8 @@ impl<B: Backend> Model<B> {
         let ctx = self.context(layout)?;
         let mut ws = Workspace::default();
         let mut x = self.embed(ids)?;
-        for layer in &self.layers {
-            layer.forward(&self.backend, &mut x, &ctx, &mut ws)?;
-        }
-        self.backend.rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.run_layers(&mut x, &ctx, &mut ws)?;
+        self.finish(&x)
     }
 
     /// Gathers a `[rows, cols]` tensor from every rank into `[ranks, rows, cols]` on the host.
@@ -502,9 +590,9 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Negative log-likelihood of each prediction, from final hidden states. With a split
-    /// vocabulary, each rank reduces its own logits and only three numbers per prediction
-    /// cross ranks.
+    /// Negative log-likelihood of each prediction, from final hidden states (last stage).
+    /// With a split vocabulary, each rank reduces its own logits and only three numbers per
+    /// prediction cross ranks.
     pub fn token_nll(&self, hidden: &B::Tensor, predictions: &[Prediction]) -> Result<Vec<f32>> {
         let rows = self.backend.dims(hidden).0;
         if let Some(p) = predictions
@@ -518,16 +606,16 @@ impl<B: Backend> Model<B> {
         }
         let parts = self
             .backend
-            .nll_parts(hidden, self.lm_head(), predictions, self.shard.vocab.start)?;
-        let slices = if self.vocab_parallel() { self.shard.tp } else { 1 };
+            .nll_parts(hidden, self.lm_head()?, predictions, self.shard().vocab.start)?;
+        let slices = if self.vocab_parallel() { self.shard().tp } else { 1 };
         Ok(combine_nll_parts(&self.gather(&parts)?, slices))
     }
 
-    /// Full logits of the given rows, from final hidden states, on the host.
+    /// Full logits of the given rows, from final hidden states, on the host (last stage).
     pub fn logits(&self, hidden: &B::Tensor, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let local = self.backend.logits(hidden, self.lm_head(), rows)?;
+        let local = self.backend.logits(hidden, self.lm_head()?, rows)?;
         let all = self.gather(&local)?;
-        let per = self.shard.vocab.len();
+        let per = self.shard().vocab.len();
         let slices = all.len() / (rows.len() * per).max(1);
         Ok((0..rows.len())
             .map(|r| {
@@ -549,6 +637,23 @@ pub trait Scorer {
     fn config(&self) -> &ModelConfig;
     /// NLL of each prediction after a forward pass over `ids` laid out as `layout`.
     fn score(&self, ids: &[u32], layout: &SeqLayout, predictions: &[Prediction]) -> Result<Vec<f32>>;
+    /// NLLs of several batches, in order. A pipeline keeps several of them in flight at once
+    /// (stage 2 works on one while stage 1 works on the next).
+    fn score_batches(&self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
+        batches
+            .iter()
+            .map(|b| self.score(&b.ids, &b.layout, &b.predictions))
+            .collect()
+    }
+}
+
+/// One forward pass's worth of scoring: token ids laid out as `layout`, and the predictions
+/// to score (rows of that layout).
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub layout: SeqLayout,
+    pub predictions: Vec<Prediction>,
 }
 
 impl<B: Backend> Scorer for Model<B> {

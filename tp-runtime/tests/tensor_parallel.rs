@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use tp_runtime::backend::Prediction;
-use tp_runtime::{CpuBackend, Model, Scorer, SeqLayout, ShardPlan, TensorParallel};
+use tp_runtime::{CpuBackend, Model, PlacementRequest, RankGroup, Scorer, SeqLayout, ShardPlan};
 
 fn ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
     (0..n as u32)
@@ -15,7 +15,7 @@ fn ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
 /// Logits and NLL at `tp` against one rank.
 fn compare(dir: &Path, tp: usize) {
     let one = Model::load(dir, CpuBackend::new()).unwrap();
-    let many = TensorParallel::load_cpu(dir, tp).unwrap();
+    let many = RankGroup::load_cpu(dir, &PlacementRequest::tp(tp)).unwrap();
     let vocab = one.config().vocab_size as u32;
     let (a, b) = (ids(70, vocab, 1), ids(50, vocab, 2));
     let layout = SeqLayout::new(&[70, 50]).unwrap();
@@ -65,7 +65,7 @@ fn each_rank_holds_its_share_of_the_weights() {
     let tiny = testkit::tiny("tiny-llama");
     let dir = tiny.dir.clone();
     let one = Model::load(&dir, CpuBackend::new()).unwrap().weight_bytes();
-    let many = TensorParallel::load_cpu(&dir, 2).unwrap();
+    let many = RankGroup::load_cpu(&dir, &PlacementRequest::tp(2)).unwrap();
     let norms = (2 * 3 + 1) * 256 * 4;
     for bytes in many.rank_weight_bytes() {
         let share = (one - norms) as f64 / 2.0 + norms as f64;
@@ -117,7 +117,7 @@ fn padded_intermediate_matches_one_rank() {
         sum / (8.0 * 255.0)
     };
     let one = mean_nll(&Model::load(&dir, CpuBackend::new()).unwrap());
-    let many = mean_nll(&TensorParallel::load_cpu(&dir, 3).unwrap());
+    let many = mean_nll(&RankGroup::load_cpu(&dir, &PlacementRequest::tp(3)).unwrap());
     assert!(((one - many) / one).abs() < 1e-5, "{one} vs {many}");
 }
 
@@ -130,7 +130,7 @@ fn impossible_tp_fails_before_loading() {
         (3, "8 attention heads are not divisible by 3"),
         (16, "exceeds the 8 attention heads"),
     ] {
-        let err = TensorParallel::load_cpu(&dir, tp)
+        let err = RankGroup::load_cpu(&dir, &PlacementRequest::tp(tp))
             .err()
             .expect("must fail")
             .to_string();

@@ -7,7 +7,9 @@ use clap::Args;
 
 use evaluation::provenance;
 
-use crate::job::{Job, validate_all};
+use anyhow::bail;
+
+use crate::job::Job;
 use crate::progress::log;
 use crate::runner::run_job;
 
@@ -51,7 +53,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `awq validate`.
+/// Runs `awq validate`: every job file checked, stopping at the first problem, with the
+/// placement each of its evaluations would get.
 pub fn validate(args: &ValidateArgs) -> Result<()> {
-    validate_all(&args.jobs)
+    if args.jobs.is_empty() {
+        bail!("no job files given");
+    }
+    for path in &args.jobs {
+        let job = Job::load(path)?;
+        println!("{}: ok", path.display());
+        for (what, placement) in [
+            ("original", &job.original_placement),
+            ("quantized", &job.quantized_placement),
+        ] {
+            if let Some(decision) = &placement.decision {
+                println!("placement of the {what} model:");
+                super::plan::print_decision(decision);
+            }
+        }
+    }
+    Ok(())
 }

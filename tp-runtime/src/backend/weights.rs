@@ -49,6 +49,11 @@ pub trait WeightFormat: Send + fmt::Debug {
     fn out_features(&self) -> usize;
     /// Input features.
     fn in_features(&self) -> usize;
+    /// Bytes of the weight as stored (what was read from the checkpoint).
+    fn stored_bytes(&self) -> usize;
+    /// Shows `f` each stored tensor of the weight, named from `prefix` (`…q_proj`), with its
+    /// little-endian bytes: what a checkpoint of this share holds.
+    fn stored_tensors(&self, prefix: &str, f: &mut dyn FnMut(&str, &[u8]) -> Result<()>) -> Result<()>;
     /// The CPU kernel for this weight.
     fn place_cpu(self: Box<Self>, cpu: &CpuBackend) -> Result<Box<dyn LinearKernel<CpuBackend>>>;
     /// The CUDA kernel for this weight.
@@ -67,6 +72,14 @@ impl WeightFormat for DenseWeight {
 
     fn in_features(&self) -> usize {
         self.cols
+    }
+
+    fn stored_bytes(&self) -> usize {
+        self.data.byte_size()
+    }
+
+    fn stored_tensors(&self, prefix: &str, f: &mut dyn FnMut(&str, &[u8]) -> Result<()>) -> Result<()> {
+        f(&format!("{prefix}.weight"), self.data.bytes())
     }
 
     fn place_cpu(self: Box<Self>, _: &CpuBackend) -> Result<Box<dyn LinearKernel<CpuBackend>>> {
@@ -90,6 +103,17 @@ impl WeightFormat for AwqGemm {
 
     fn in_features(&self) -> usize {
         self.shape.in_features
+    }
+
+    fn stored_bytes(&self) -> usize {
+        4 * (self.qweight.len() + self.qzeros.len()) + 2 * self.scales.len()
+    }
+
+    fn stored_tensors(&self, prefix: &str, f: &mut dyn FnMut(&str, &[u8]) -> Result<()>) -> Result<()> {
+        let [qweight, qzeros, scales] = self.shape.tensors(prefix).map(|t| t.0);
+        f(&qweight, bytemuck::cast_slice(&self.qweight))?;
+        f(&qzeros, bytemuck::cast_slice(&self.qzeros))?;
+        f(&scales, bytemuck::cast_slice(&self.scales))
     }
 
     fn place_cpu(self: Box<Self>, _: &CpuBackend) -> Result<Box<dyn LinearKernel<CpuBackend>>> {

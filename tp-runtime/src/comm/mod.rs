@@ -2,11 +2,13 @@
 //! on its backend's buffers; an in-process group serves CPU ranks (one thread each), NCCL
 //! serves GPU ranks (one GPU each).
 
+mod abort;
 mod local;
 #[cfg(feature = "cuda")]
 mod nccl;
 pub mod rendezvous;
 
+pub use abort::Abort;
 pub use local::LocalCommunicator;
 #[cfg(feature = "cuda")]
 pub use nccl::{NCCL_ID_BYTES, NcclCommunicator, nccl_available, new_unique_id};
