@@ -264,7 +264,9 @@ mod tests {
         let mut ws = Workspace::default();
         let mut x = model.embed(&blocks.concat()).unwrap();
         for layer in model.layers() {
-            layer.forward(model.backend(), &mut x, &ctx, &mut ws).unwrap();
+            layer
+                .forward(model.backend(), &mut x, &ctx, &mut ws, None)
+                .unwrap();
         }
         assert_eq!(x.data, stream.residual().data);
     }

@@ -338,7 +338,7 @@ fn block_output<B: Backend>(
             );
             for_each_chunk(backend, x.rows, seq_len, config, |rows, ctx| {
                 let h = backend.upload(x.rows_slice(rows.clone()), rows.len(), x.cols)?;
-                let attended = self_attention(backend, [&q, &k, &v], &h, ctx, &mut ws)?;
+                let attended = self_attention(backend, [&q, &k, &v], &h, ctx, &mut ws, None)?;
                 let y = project(backend, &o, attended, &mut out)?;
                 backend.read(y, |values| sink(rows, values))?
             })

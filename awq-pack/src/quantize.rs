@@ -80,6 +80,22 @@ pub struct QuantizeOptions {
     pub replace: bool,
 }
 
+impl QuantizeOptions {
+    /// Round-to-nearest at `group_size`, every linear layer, no calibration: the baseline
+    /// AWQ is measured against, and a quantized checkpoint made in seconds.
+    pub fn rtn(group_size: GroupSize) -> Self {
+        QuantizeOptions {
+            method: Method::Rtn,
+            group_size,
+            scaling: Scaling::Duo,
+            clip: false,
+            calib: CalibSpec::new(""),
+            modules_to_not_convert: Vec::new(),
+            replace: false,
+        }
+    }
+}
+
 /// Progress of a run.
 pub enum Event<'a> {
     /// Calibration blocks are ready.

@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
     let rope = RopeFrequencies::new(HEAD_DIM, 100_000.0);
     let ctx = ForwardContext {
         rope_table: backend.rope_table(&rope, &layout.positions()).unwrap(),
-        layout,
+        layout: tp_runtime::backend::AttentionLayout::within(&layout),
         attention: tp_runtime::backend::AttentionSpec {
             heads: HEADS,
             kv_heads: KV_HEADS,
@@ -71,7 +71,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("layer_forward", |b| {
         b.iter(|| {
             let mut x = input.clone();
-            layer.forward(&backend, &mut x, &ctx, &mut ws).unwrap();
+            layer.forward(&backend, &mut x, &ctx, &mut ws, None).unwrap();
             x
         })
     });

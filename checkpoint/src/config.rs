@@ -113,6 +113,23 @@ impl QuantizationConfig {
 }
 
 impl ModelConfig {
+    /// Parameters in all: embeddings, every layer's projections, biases and norms, the final
+    /// norm and an untied lm_head.
+    pub fn parameters(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let (q, kv) = (self.q_features() as u64, self.kv_features() as u64);
+        let mut layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+        if self.qkv_bias {
+            layer += q + 2 * kv;
+        }
+        if self.o_bias {
+            layer += h;
+        }
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + h + self.num_hidden_layers as u64 * layer
+    }
+
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -434,6 +451,19 @@ mod tests {
     const BASE: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
         "vocab_size":100,"rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#;
+
+    #[test]
+    fn parameters_match_the_published_counts() {
+        // SmolLM2-135M: 134,515,008 (tied); Llama-2-7B: 6,738,415,616 (untied).
+        let smollm2 = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
+            "vocab_size":49152,"tie_word_embeddings":true}"#;
+        assert_eq!(parse(smollm2).unwrap().parameters(), 134_515_008);
+        let llama = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"intermediate_size":11008,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"rms_norm_eps":1e-5,
+            "vocab_size":32000}"#;
+        assert_eq!(parse(llama).unwrap().parameters(), 6_738_415_616);
+    }
 
     #[test]
     fn reads_defaults_and_rope_parameters() {

@@ -1,10 +1,12 @@
-// Causal grouped-query attention for prefill, flash-attention style: each block takes 32
-// queries of one head and walks the keys in tiles with an online softmax, so no score
-// matrix larger than 32 x BK ever exists. f32 throughout. CPU twin: CpuBackend::attention.
+// Causal grouped-query attention, flash-attention style: each block takes 32 queries of one
+// head and walks their keys in tiles with an online softmax, so no score matrix larger than
+// 32 x BK ever exists. f32 throughout. CPU twin: CpuBackend::attention.
 //
-// q [rows, heads*d], k and v [rows, kv_heads*d], out [rows, heads*d]; seq_start[r] is the
-// first row of row r's sequence (sequences never attend to each other); keys at least
-// `window` positions back are masked. Requires d <= 128 and d % 4 == 0.
+// q [rows, heads*d], out [rows, heads*d]; k and v are a key store [key_rows, kv_heads*d]: the
+// same rows as q in a plain forward pass, a KV cache when decoding. Query row r sits at
+// position pos[r] of its sequence, whose position 0 is key-store row key_base[r]; it sees the
+// key rows key_base[r] + p for p <= pos[r] and pos[r] - p < window. Requires d <= 128 and
+// d % 4 == 0.
 
 #define BQ 32
 #define ATT_THREADS 128
@@ -12,7 +14,8 @@
 
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k,
                                      const float* __restrict__ v, float* __restrict__ out,
-                                     const unsigned int* __restrict__ seq_start, int rows, int heads,
+                                     const unsigned int* __restrict__ key_base,
+                                     const unsigned int* __restrict__ pos, int rows, int heads,
                                      int kv_heads, int d, float scale, int window, int bk) {
     extern __shared__ float smem[];
     float* qs = smem;                       // [BQ][d]
@@ -39,26 +42,36 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
         m_s[tid] = NEG_INF;
         l_s[tid] = 0.0f;
     }
-    int kstart = (int)seq_start[q0];
-    if (q0 + 1 - window > kstart) kstart = q0 + 1 - window;
+    // The key rows any query of the block sees: [kstart, kend).
+    int kstart = 0x7fffffff, kend = 0;
+    for (int qi = q0; qi < q_end; qi++) {
+        int p = (int)pos[qi], base = (int)key_base[qi];
+        int lo = p + 1 > window ? p + 1 - window : 0;
+        if (base + lo < kstart) kstart = base + lo;
+        if (base + p + 1 > kend) kend = base + p + 1;
+    }
 
     int row = tid / 4, part = tid % 4, cols = d / 4;
     float acc[MAX_COLS];
 #pragma unroll
     for (int c = 0; c < MAX_COLS; c++) acc[c] = 0.0f;
 
-    for (int kb = kstart; kb < q_end; kb += bk) {
+    for (int kb = kstart; kb < kend; kb += bk) {
         __syncthreads();
         for (int e = tid; e < bk * d; e += ATT_THREADS) {
             int j = e / d, c = e % d, kj = kb + j;
-            bool in = kj < q_end;
+            bool in = kj < kend;
             ks[j * (d + 1) + c] = in ? k[(size_t)kj * kstride + kvh * d + c] : 0.0f;
             vs[j * d + c] = in ? v[(size_t)kj * kstride + kvh * d + c] : 0.0f;
         }
         __syncthreads();
         for (int e = tid; e < BQ * bk; e += ATT_THREADS) {
             int r = e / bk, j = e % bk, qi = q0 + r, kj = kb + j;
-            bool valid = qi < rows && kj < q_end && kj <= qi && seq_start[kj] == seq_start[qi] && qi - kj < window;
+            bool valid = false;
+            if (qi < rows && kj < kend) {
+                int p = kj - (int)key_base[qi];  // the key's position in the query's sequence
+                valid = p >= 0 && p <= (int)pos[qi] && (int)pos[qi] - p < window;
+            }
             float dot = NEG_INF;
             if (valid) {
                 dot = 0.0f;

@@ -280,6 +280,31 @@ impl Gpu {
         Ok(self.stream.clone_htod(host)?)
     }
 
+    /// Copies `n` values from `src[src_at..]` to `dst[dst_at..]` on the device.
+    pub fn copy_within<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        src_at: usize,
+        dst: &mut CudaSlice<T>,
+        dst_at: usize,
+        n: usize,
+    ) -> Result<()> {
+        if src_at + n > src.len() || dst_at + n > dst.len() {
+            return Err(KernelError::Shape(format!(
+                "copy of {n} values from {src_at} of {} to {dst_at} of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if n > 0 {
+            self.stream.memcpy_dtod(
+                &src.slice(src_at..src_at + n),
+                &mut dst.slice_mut(dst_at..dst_at + n),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Copies device values to the host.
     pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
         Ok(self.stream.clone_dtoh(dev)?)
@@ -521,8 +546,10 @@ impl Gpu {
         Ok(())
     }
 
-    /// Causal grouped-query attention within sequences (`seq_start[r]` is the first row of
-    /// row r's sequence). CPU twin: `CpuBackend::attention`.
+    /// Causal grouped-query attention of `rows` queries over a key store of `key_rows` rows:
+    /// query row r sits at position `pos[r]` of a sequence whose position 0 is key row
+    /// `key_base[r]` (`pos` and `key_base` are checked on the host by the caller against
+    /// `key_rows`). CPU twin: `CpuBackend::attention`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -530,8 +557,10 @@ impl Gpu {
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
-        seq_start: &CudaSlice<u32>,
+        key_base: &CudaSlice<u32>,
+        pos: &CudaSlice<u32>,
         rows: usize,
+        key_rows: usize,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
@@ -544,14 +573,13 @@ impl Gpu {
             )));
         }
         expect_len("attention q", q, rows * heads * head_dim)?;
-        expect_len("attention k", k, rows * kv_heads * head_dim)?;
-        expect_len("attention v", v, rows * kv_heads * head_dim)?;
+        expect_len("attention k", k, key_rows * kv_heads * head_dim)?;
+        expect_len("attention v", v, key_rows * kv_heads * head_dim)?;
         expect_len("attention out", out, rows * heads * head_dim)?;
-        expect_len("attention seq_start", seq_start, rows)?;
+        expect_len("attention key_base", key_base, rows)?;
+        expect_len("attention pos", pos, rows)?;
         let f = self.function("attention")?;
-        const BQ: usize = 32;
-        let bk = if head_dim <= 64 { 32 } else { 16 };
-        let smem = (BQ * head_dim + bk * (head_dim + 1) + bk * head_dim + BQ * (bk + 1) + 3 * BQ) * 4;
+        let launch = crate::launch::attention_launch(rows, heads, head_dim);
         let (r, h, kv, d) = (
             int("rows", rows)?,
             int("heads", heads)?,
@@ -559,13 +587,14 @@ impl Gpu {
             int("head_dim", head_dim)?,
         );
         let w = window.map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32);
-        let bk = bk as i32;
+        let bk = launch.key_tile as i32;
         let mut b = self.stream.launch_builder(&f);
         b.arg(q)
             .arg(k)
             .arg(v)
             .arg(out)
-            .arg(seq_start)
+            .arg(key_base)
+            .arg(pos)
             .arg(&r)
             .arg(&h)
             .arg(&kv)
@@ -574,9 +603,9 @@ impl Gpu {
             .arg(&w)
             .arg(&bk);
         let cfg = LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(BQ as u32).max(1), heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
+            grid_dim: launch.grid,
+            block_dim: (crate::launch::ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: launch.shared_bytes as u32,
         };
         // SAFETY: sizes checked above; shared memory sized as the kernel lays it out.
         unsafe { b.launch(cfg) }?;

@@ -1,7 +1,8 @@
-//! Launch shapes of the fused W4A16 kernels: which kernel a call runs, its grid and how K is
-//! split over blocks. Plain arithmetic on the call's sizes and the device's multiprocessor
-//! count, so that the host emulation test (`tests/emulated_w4a16.rs`) launches exactly what
-//! a device would.
+//! Launch shapes of the fused W4A16 kernels (which kernel a call runs, its grid and how K is
+//! split over blocks) and of the attention kernel. Plain arithmetic on the call's sizes and
+//! the device's multiprocessor count, so that the host emulation tests
+//! (`tests/emulated_w4a16.rs`, `tests/emulated_attention.rs`) launch exactly what a device
+//! would.
 
 use crate::layout::{STEP, STRIP};
 use crate::{KernelError, Result};
@@ -151,6 +152,33 @@ pub fn dequant_blocks(k: usize, n: usize) -> Result<u32> {
     let warps = n.div_ceil(STRIP) * (k / STEP).div_ceil(4);
     u32::try_from(warps.div_ceil(WARPS))
         .map_err(|_| KernelError::Shape(format!("w4a16: dequantization grid for [{n}, {k}] too large")))
+}
+
+/// Query rows per block of the attention kernel (`BQ` in attention.cu).
+pub const ATTENTION_QUERIES: usize = 32;
+/// Threads per block of the attention kernel (`ATT_THREADS`).
+pub const ATTENTION_THREADS: u32 = 128;
+
+/// The launch of the attention kernel for `rows` queries of `heads` heads of `head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionLaunch {
+    /// (query blocks, heads, 1).
+    pub grid: (u32, u32, u32),
+    /// Key rows per shared-memory tile.
+    pub key_tile: usize,
+    /// Dynamic shared memory, laid out as the kernel expects.
+    pub shared_bytes: usize,
+}
+
+/// [`AttentionLaunch`] of a call; the key tile shrinks for wide heads to fit shared memory.
+pub fn attention_launch(rows: usize, heads: usize, head_dim: usize) -> AttentionLaunch {
+    let (q, d) = (ATTENTION_QUERIES, head_dim);
+    let bk = if d <= 64 { 32 } else { 16 };
+    AttentionLaunch {
+        grid: ((rows.div_ceil(q) as u32).max(1), heads as u32, 1),
+        key_tile: bk,
+        shared_bytes: (q * d + bk * (d + 1) + bk * d + q * (bk + 1) + 3 * q) * 4,
+    }
 }
 
 #[cfg(test)]

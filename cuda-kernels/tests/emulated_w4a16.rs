@@ -77,42 +77,14 @@ fn host_source() -> String {
     out
 }
 
+#[path = "emulation/build.rs"]
+mod build;
+
 /// The emulator, built once per test run; `None` (after `test` says why it skips) where no
 /// compiler is found.
 fn emulator(test: &str) -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BUILT.get_or_init(build) {
-        Ok(exe) => Some(exe),
-        Err(reason) => {
-            if std::env::var("AWQ_REQUIRE_CXX").is_ok_and(|v| v == "1") {
-                panic!("AWQ_REQUIRE_CXX=1 but {reason}");
-            }
-            eprintln!("SKIPPED {test}: {reason}");
-            None
-        }
-    }
-}
-
-/// Compiles host.cpp with the kernel module; the reason where there is no compiler.
-fn build() -> Result<PathBuf, String> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("w4a16-emulation");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("w4a16_host.inc"), host_source()).unwrap();
-    let exe = dir.join("host");
-    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulation/host.cpp");
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-w", "-fsanitize=address", "-I"])
-        .arg(&dir)
-        .arg(&host)
-        .arg("-o")
-        .arg(&exe)
-        .status();
-    match status {
-        Ok(s) if s.success() => Ok(exe),
-        Ok(s) => panic!("{cxx} could not compile the emulated kernels ({s})"),
-        Err(e) => Err(format!("no C++ compiler `{cxx}` ({e})")),
-    }
+    build::emulator(test, &BUILT, "w4a16", "host.cpp", host_source)
 }
 
 /// A deterministic stream of pseudo-random words (splitmix64).

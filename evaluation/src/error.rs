@@ -21,6 +21,9 @@ pub enum Error {
     /// Quantization failed.
     #[error(transparent)]
     Quantize(#[from] awq_pack::PackError),
+    /// Generation failed (chat template, sampling settings, the model).
+    #[error(transparent)]
+    Generate(#[from] generation::Error),
 }
 
 impl Error {

@@ -181,7 +181,7 @@ pub struct PerplexityResult {
 
 /// Scores the windows of `plan` over `tokens`, `batch` windows per forward pass, calling
 /// `on_window` after each window with its score and the running tally.
-pub fn evaluate<S: Scorer>(
+pub fn evaluate<S: Scorer + ?Sized>(
     model: &S,
     tokens: &[u32],
     plan: &WindowPlan,

@@ -10,6 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Placement;
 
+use generation::{Sampling, StopReason};
+
+use crate::kl::KlStats;
 use crate::perplexity::Protocol;
 use crate::provenance::{FileDigest, Machine, ToolInfo};
 use crate::{Error, Result};
@@ -71,6 +74,48 @@ pub struct EvalReport {
     pub load_seconds: f64,
     pub wall_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// With `--kl-base`: the base model and how far this model's distributions are from its.
+    #[serde(default)]
+    pub kl: Option<KlSection>,
+}
+
+/// The comparison with a base model of a `kl` evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KlSection {
+    pub base: ModelInfo,
+    pub stats: KlStats,
+}
+
+/// `awq generate`'s report: the prompt, the tokens and text produced, and the speed of
+/// prefill and decoding.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateReport {
+    pub schema_version: u32,
+    pub kind: String,
+    pub tool: ToolInfo,
+    pub machine: Machine,
+    pub backend: String,
+    pub threads: usize,
+    pub placement: Placement,
+    pub model: ModelInfo,
+    /// The prompt as given, and as the model read it (after the chat template).
+    pub prompt: String,
+    pub chat: bool,
+    pub rendered_prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub new_ids: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub stop_tokens: Vec<u32>,
+    pub sampling: Sampling,
+    pub max_new_tokens: usize,
+    pub prefill_seconds: f64,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+    pub decode_tokens_per_second: f64,
+    pub load_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// `awq quantize`'s report: the quantizer's own report with the run's provenance.
@@ -101,6 +146,15 @@ pub struct EvalRow {
     pub mean_nll: f64,
     pub predictions: usize,
     pub tokens_per_second: f64,
+    /// "perplexity" or "kl".
+    #[serde(default)]
+    pub kind: String,
+    /// Mean KL divergence from the original (kind "kl").
+    #[serde(default)]
+    pub mean_kld: Option<f64>,
+    /// Share of predictions with the original's most likely token (kind "kl").
+    #[serde(default)]
+    pub same_top: Option<f64>,
 }
 
 /// Original against quantized on the same data and protocol.

@@ -6,26 +6,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use awq_pack::{Event, Method, QuantizeOptions};
-use checkpoint::presharded::Mapping;
 use checkpoint::{ModelConfig, Tokenizer};
-use serde::{Deserialize, Serialize};
-use tp_runtime::{Backend, CpuBackend, Model, Placement, PlacementRequest, RankGroup};
+use generation::{ChatTemplate, GenerateOptions, Message, Sampling, TextStream, generate, stop_tokens};
+use tp_runtime::loaded;
+pub use tp_runtime::loaded::Device;
+use tp_runtime::{Placement, PlacementRequest};
 
+use crate::kl::{KlStats, kl_divergence};
 use crate::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
 use crate::provenance;
-use crate::report::{DataInfo, EvalReport, ModelInfo, QuantizeRunReport, SCHEMA_VERSION};
+use crate::report::{
+    DataInfo, EvalReport, GenerateReport, KlSection, ModelInfo, QuantizeRunReport, SCHEMA_VERSION,
+};
 use crate::{Error, Result};
-
-/// Where a model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// The CPU backend (rayon threads); tensor-parallel ranks are threads of this process.
-    #[default]
-    Cpu,
-    /// The CUDA backend on GPU 0, or GPUs `0..tp` joined by NCCL.
-    Cuda,
-}
 
 /// What to evaluate, and how.
 #[derive(Clone, Debug)]
@@ -43,6 +36,9 @@ pub struct EvalRequest {
     pub device: Device,
     /// Tensor and pipeline parallelism (a pre-sharded folder brings its own).
     pub placement: PlacementRequest,
+    /// Compare the model's token distributions with this base model's on the same windows
+    /// (KL divergence); both are loaded at once, on the same device and placement.
+    pub kl_base: Option<PathBuf>,
 }
 
 /// Progress of an evaluation.
@@ -53,6 +49,12 @@ pub enum EvalEvent<'a> {
     Window {
         score: &'a WindowScore,
         tally: &'a Tally,
+    },
+    /// A window was compared with the base model (`kl_base`).
+    Compared {
+        windows: usize,
+        of: usize,
+        mean_kld: f64,
     },
 }
 
@@ -69,58 +71,10 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-/// A loaded model (one rank or a group) that can describe itself for the report.
-trait Loaded: tp_runtime::Scorer {
-    fn backend_name(&self) -> String;
-    fn placement(&self) -> Placement;
-    fn rank_weight_bytes(&self) -> Vec<usize>;
-    fn rank_loaded_bytes(&self) -> Vec<u64>;
-    fn stage_seconds(&self) -> Option<Vec<f64>>;
-}
-
-impl<B: Backend> Loaded for Model<B> {
-    fn backend_name(&self) -> String {
-        self.backend().name()
-    }
-    fn placement(&self) -> Placement {
-        Placement::single(self.config())
-    }
-    fn rank_weight_bytes(&self) -> Vec<usize> {
-        vec![self.weight_bytes()]
-    }
-    fn rank_loaded_bytes(&self) -> Vec<u64> {
-        vec![self.loaded_bytes()]
-    }
-    fn stage_seconds(&self) -> Option<Vec<f64>> {
-        None
-    }
-}
-
-impl<B: Backend> Loaded for RankGroup<B> {
-    fn backend_name(&self) -> String {
-        format!(
-            "{} × {} ranks",
-            self.ranks()[0].backend().name(),
-            self.ranks().len()
-        )
-    }
-    fn placement(&self) -> Placement {
-        RankGroup::placement(self).clone()
-    }
-    fn rank_weight_bytes(&self) -> Vec<usize> {
-        RankGroup::rank_weight_bytes(self)
-    }
-    fn rank_loaded_bytes(&self) -> Vec<u64> {
-        RankGroup::rank_loaded_bytes(self)
-    }
-    fn stage_seconds(&self) -> Option<Vec<f64>> {
-        Some(RankGroup::stage_seconds(self))
-    }
-}
-
 /// What scoring with a loaded model produced.
 struct Scored {
     result: PerplexityResult,
+    kl: Option<KlStats>,
     backend: String,
     placement: Placement,
     rank_weight_bytes: Vec<usize>,
@@ -129,18 +83,72 @@ struct Scored {
     load_seconds: f64,
 }
 
-fn score(
-    model: impl Loaded,
-    load: Instant,
+/// The perplexity part of a comparison (the model's own NLLs, from full logits).
+fn perplexity_of(stats: &KlStats, plan: &WindowPlan) -> PerplexityResult {
+    let per_window = plan.predictions_per_window();
+    let windows: Vec<WindowScore> = stats
+        .window_mean_nll
+        .iter()
+        .enumerate()
+        .map(|(index, &mean)| WindowScore {
+            index,
+            nll_sum: mean * per_window as f64,
+            predictions: per_window,
+        })
+        .collect();
+    let tokens_processed = plan.windows * plan.ctx;
+    PerplexityResult {
+        plan: plan.clone(),
+        ppl: stats.ppl,
+        mean_nll: stats.ppl.ln(),
+        predictions: stats.predictions,
+        tokens_processed,
+        seconds: stats.seconds,
+        tokens_per_second: tokens_processed as f64 / stats.seconds,
+        windows,
+    }
+}
+
+fn load_and_score(
+    request: &EvalRequest,
     tokens: &[u32],
     plan: &WindowPlan,
-    batch: usize,
-    on_window: impl FnMut(&WindowScore, &Tally),
+    mut on_event: impl FnMut(EvalEvent<'_>),
 ) -> Result<Scored> {
+    let load = Instant::now();
+    let model = loaded::load(&request.model, request.device, &request.placement)?;
+    let base = match &request.kl_base {
+        Some(dir) => Some(loaded::load(dir, request.device, &request.placement)?),
+        None => None,
+    };
     let load_seconds = load.elapsed().as_secs_f64();
-    let result = evaluate(&model, tokens, plan, batch, on_window)?;
+    let (result, kl) = match &base {
+        None => {
+            let result = evaluate(model.as_ref(), tokens, plan, request.batch, |score, tally| {
+                on_event(EvalEvent::Window { score, tally })
+            })?;
+            (result, None)
+        }
+        Some(base) => {
+            let stats = kl_divergence(
+                base.as_ref(),
+                model.as_ref(),
+                tokens,
+                plan,
+                |windows, mean_kld| {
+                    on_event(EvalEvent::Compared {
+                        windows,
+                        of: plan.windows,
+                        mean_kld,
+                    })
+                },
+            )?;
+            (perplexity_of(&stats, plan), Some(stats))
+        }
+    };
     Ok(Scored {
         result,
+        kl,
         backend: model.backend_name(),
         placement: model.placement(),
         rank_weight_bytes: model.rank_weight_bytes(),
@@ -150,88 +158,6 @@ fn score(
     })
 }
 
-/// Fails at once, before minutes of tokenizing and loading, where the GPUs a placement needs
-/// are not there or our kernels cannot run on them.
-fn check_device(device: Device, world_size: usize) -> Result<()> {
-    if device != Device::Cuda {
-        return Ok(());
-    }
-    #[cfg(feature = "cuda")]
-    {
-        use cuda_kernels::devices::{MIN_CAPABILITY, probe};
-        let gpus = probe().map_err(|e| Error::Invalid(format!("--backend cuda: {e}")))?;
-        if world_size > gpus.len() {
-            return Err(Error::Invalid(format!(
-                "--backend cuda: the placement has {world_size} ranks, one GPU each; this machine has {}",
-                gpus.len()
-            )));
-        }
-        if let Some(bad) = gpus[..world_size].iter().find(|d| !d.supported()) {
-            return Err(Error::Invalid(format!(
-                "--backend cuda: GPU {} ({}) has compute capability {}.{}; the kernels need {}.{} or newer",
-                bad.ordinal, bad.name, bad.capability.0, bad.capability.1, MIN_CAPABILITY.0, MIN_CAPABILITY.1
-            )));
-        }
-        Ok(())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = world_size;
-        Err(Error::Invalid(
-            "--backend cuda: this build has no CUDA support (build with the `cuda` feature)".into(),
-        ))
-    }
-}
-
-fn load_and_score(
-    request: &EvalRequest,
-    split: bool,
-    tokens: &[u32],
-    plan: &WindowPlan,
-    on_window: impl FnMut(&WindowScore, &Tally),
-) -> Result<Scored> {
-    let load = Instant::now();
-    let (model, batch, placement) = (&request.model, request.batch, &request.placement);
-    match (request.device, split) {
-        (Device::Cpu, false) => score(
-            Model::load(model, CpuBackend::new())?,
-            load,
-            tokens,
-            plan,
-            batch,
-            on_window,
-        ),
-        (Device::Cpu, true) => score(
-            RankGroup::load_cpu(model, placement)?,
-            load,
-            tokens,
-            plan,
-            batch,
-            on_window,
-        ),
-        #[cfg(feature = "cuda")]
-        (Device::Cuda, false) => score(
-            Model::load(model, tp_runtime::CudaBackend::new(0)?)?,
-            load,
-            tokens,
-            plan,
-            batch,
-            on_window,
-        ),
-        #[cfg(feature = "cuda")]
-        (Device::Cuda, true) => score(
-            RankGroup::load_cuda(model, placement)?,
-            load,
-            tokens,
-            plan,
-            batch,
-            on_window,
-        ),
-        #[cfg(not(feature = "cuda"))]
-        (Device::Cuda, _) => unreachable!("check_device refuses cuda without the feature"),
-    }
-}
-
 /// Loads, tokenizes and scores a checkpoint; the report holds the perplexity and its
 /// provenance.
 pub fn evaluate_checkpoint(
@@ -239,14 +165,25 @@ pub fn evaluate_checkpoint(
     mut on_event: impl FnMut(EvalEvent<'_>),
 ) -> Result<EvalReport> {
     let wall = Instant::now();
-    let config = ModelConfig::from_file(&request.model.join("config.json"))?;
     // Checked before any weight is read or any text tokenized.
-    let mapping = Mapping::read(&request.model)?;
-    let placement = request.placement.resolve(&config, mapping.as_ref())?;
-    check_device(request.device, placement.world_size())?;
+    let config = ModelConfig::from_file(&request.model.join("config.json"))?;
+    let placement = loaded::resolve(&request.model, &request.placement)?;
+    loaded::check_device(request.device, placement.world_size())?;
     let tokenizer = Tokenizer::from_dir(&request.model)?;
     let text = read_text(&request.data)?;
     let tokens = tokenizer.encode(&text, false)?;
+    if let Some(base) = &request.kl_base {
+        // Both models must read the same ids: the base's tokenizer must agree.
+        let base_tokens = Tokenizer::from_dir(base)?.encode(&text, false)?;
+        if base_tokens != tokens {
+            return Err(Error::Invalid(format!(
+                "{} and the base model {} tokenize {} differently: their distributions cannot be compared",
+                request.model.display(),
+                base.display(),
+                request.data.display()
+            )));
+        }
+    }
     let plan = WindowPlan::new(
         tokens.len(),
         request.ctx,
@@ -259,14 +196,22 @@ pub fn evaluate_checkpoint(
         tokens: tokens.len(),
         plan: &plan,
     });
-    let split = mapping.is_some() || placement.world_size() > 1;
-    let scored = load_and_score(request, split, &tokens, &plan, |score, tally| {
-        on_event(EvalEvent::Window { score, tally })
-    })?;
+    let scored = load_and_score(request, &tokens, &plan, &mut on_event)?;
     let result = scored.result;
+    let kl = match (&request.kl_base, scored.kl) {
+        (Some(dir), Some(stats)) => Some(KlSection {
+            base: ModelInfo {
+                dir: dir.display().to_string(),
+                config: ModelConfig::from_file(&dir.join("config.json"))?,
+                files: provenance::digest_dir(dir)?,
+            },
+            stats,
+        }),
+        _ => None,
+    };
     Ok(EvalReport {
         schema_version: SCHEMA_VERSION,
-        kind: "perplexity".into(),
+        kind: if kl.is_some() { "kl" } else { "perplexity" }.into(),
         tool: provenance::tool(),
         machine: provenance::machine(),
         backend: scored.backend,
@@ -303,6 +248,7 @@ pub fn evaluate_checkpoint(
         load_seconds: scored.load_seconds,
         wall_seconds: wall.elapsed().as_secs_f64(),
         peak_rss_bytes: provenance::peak_rss_bytes(),
+        kl,
     })
 }
 
@@ -335,5 +281,91 @@ pub fn quantize_checkpoint(
         quantization: report,
         wall_seconds: wall.elapsed().as_secs_f64(),
         peak_rss_bytes,
+    })
+}
+
+/// What to generate, and where.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub model: PathBuf,
+    /// The user's text; with `chat`, the one user message of a conversation rendered by the
+    /// checkpoint's chat template (after `system`, if given).
+    pub prompt: String,
+    pub chat: bool,
+    pub system: Option<String>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub device: Device,
+    pub placement: PlacementRequest,
+}
+
+/// Loads a model and generates a reply to one prompt; `on_text` sees the text as it is
+/// produced.
+pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<GenerateReport> {
+    request.sampling.validate()?;
+    let placement = loaded::resolve(&request.model, &request.placement)?;
+    loaded::check_device(request.device, placement.world_size())?;
+    let tokenizer = Tokenizer::from_dir(&request.model)?;
+    let (rendered, prompt_ids) = if request.chat {
+        let template = ChatTemplate::from_dir(&request.model)?;
+        let mut messages: Vec<Message> = request.system.iter().map(|s| Message::new("system", s)).collect();
+        messages.push(Message::new("user", &request.prompt));
+        let text = template.render(&messages, true)?;
+        // The template writes the special tokens itself, as transformers' apply_chat_template.
+        let ids = tokenizer.encode(&text, false)?;
+        (text, ids)
+    } else {
+        let ids = tokenizer.encode(&request.prompt, true)?;
+        (request.prompt.clone(), ids)
+    };
+    if prompt_ids.is_empty() {
+        return Err(Error::Invalid("the prompt encodes to no tokens".into()));
+    }
+    let stop = stop_tokens(&request.model, &tokenizer)?;
+    let load = Instant::now();
+    let model = loaded::load(&request.model, request.device, &request.placement)?;
+    let load_seconds = load.elapsed().as_secs_f64();
+    let options = GenerateOptions {
+        max_new_tokens: request.max_new_tokens,
+        sampling: request.sampling,
+        stop: stop.clone(),
+    };
+    let mut stream = TextStream::new(&tokenizer);
+    let generation = generate(model.as_ref(), &prompt_ids, &options, |id| {
+        on_text(&stream.push(id)?);
+        Ok(())
+    })?;
+    on_text(&stream.flush()?);
+    let sequence = &generation.sequences[0];
+    Ok(GenerateReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "generation".into(),
+        tool: provenance::tool(),
+        machine: provenance::machine(),
+        backend: model.backend_name(),
+        threads: rayon::current_num_threads(),
+        placement: model.placement(),
+        model: ModelInfo {
+            dir: request.model.display().to_string(),
+            config: ModelConfig::from_file(&request.model.join("config.json"))?,
+            files: provenance::digest_dir(&request.model)?,
+        },
+        prompt: request.prompt.clone(),
+        chat: request.chat,
+        rendered_prompt: rendered,
+        prompt_ids,
+        new_ids: sequence.new_ids.clone(),
+        text: stream.text()?,
+        stop: sequence.stop,
+        stop_tokens: stop,
+        sampling: request.sampling,
+        max_new_tokens: request.max_new_tokens,
+        prefill_seconds: generation.prefill_seconds,
+        prefill_tokens_per_second: generation.prefill_tokens_per_second(),
+        decode_tokens: generation.decode_tokens,
+        decode_seconds: generation.decode_seconds,
+        decode_tokens_per_second: generation.decode_tokens_per_second(),
+        load_seconds,
+        peak_rss_bytes: provenance::peak_rss_bytes(),
     })
 }

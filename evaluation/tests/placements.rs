@@ -5,8 +5,7 @@
 
 use std::path::Path;
 
-use awq_calib::CalibSpec;
-use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling, quantize};
+use awq_pack::{GroupSize, QuantizeOptions, quantize};
 use checkpoint::{ModelConfig, Tokenizer};
 use evaluation::perplexity::{Protocol, WindowPlan, evaluate};
 use tp_runtime::planner::DtypeName;
@@ -87,15 +86,7 @@ fn smollm2_placements_agree_with_one_rank() {
 
     let tmp = tempfile::tempdir().unwrap();
     let rtn = tmp.path().join("rtn-g64");
-    let options = QuantizeOptions {
-        method: Method::Rtn,
-        group_size: GroupSize::new(64).unwrap(),
-        scaling: Scaling::Duo,
-        clip: false,
-        calib: CalibSpec::new(""),
-        modules_to_not_convert: Vec::new(),
-        replace: false,
-    };
+    let options = QuantizeOptions::rtn(GroupSize::new(64).unwrap());
     quantize(&model, &rtn, &options, |_| {}).unwrap();
     check(&rtn, &tokens);
 }

@@ -70,6 +70,11 @@ pub struct EvalArgs {
     /// Layers per stage, e.g. `8,8,7,7` (sets pp).
     #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
     pub layers: Option<Vec<usize>>,
+    /// Also run this base model (the original) on the same windows and report how far the
+    /// model's token distributions are from its: KL divergence, Δp, same top token
+    /// (llama.cpp's statistics).
+    #[arg(long, value_name = "ORIGINAL")]
+    pub kl_base: Option<PathBuf>,
 }
 
 impl EvalArgs {
@@ -88,6 +93,7 @@ impl EvalArgs {
                 pp: self.pp,
                 layers: self.layers.clone(),
             },
+            kl_base: self.kl_base.clone(),
         }
     }
 }

@@ -199,6 +199,9 @@ impl fmt::Display for EvalModel {
 #[serde(rename_all = "lowercase")]
 pub enum EvalKind {
     Perplexity,
+    /// Perplexity with the KL divergence of the quantized model's token distributions from
+    /// the original's, on the same windows.
+    Kl,
 }
 
 /// One `[[eval]]`.
@@ -406,6 +409,7 @@ pub enum Source {
 /// One evaluation, resolved.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalSpec {
+    pub kind: EvalKind,
     pub data: PathBuf,
     pub ctx: usize,
     pub windows: Option<usize>,
@@ -447,6 +451,8 @@ pub struct Job {
     pub original_placement: ModelPlacement,
     /// Placement of the quantized model's evaluations.
     pub quantized_placement: ModelPlacement,
+    /// The source model's configuration.
+    pub model_config: ModelConfig,
 }
 
 /// What a job's output folder holds, by name: the one definition the runner, the report and
@@ -763,7 +769,15 @@ impl Job {
             if e.model == EvalModel::Quantized && quant.is_none() {
                 return Err(err(&key("model"), "`quantized` needs a [quant] table".into()));
             }
+            if e.kind == EvalKind::Kl && e.model != EvalModel::Quantized {
+                return Err(err(
+                    &key("model"),
+                    "kind `kl` compares the quantized model with the original: set model = \"quantized\""
+                        .into(),
+                ));
+            }
             evals.push(EvalSpec {
+                kind: e.kind,
                 data,
                 ctx: e.ctx,
                 windows: e.windows,
@@ -874,25 +888,9 @@ impl Job {
             canonical_hash,
             original_placement,
             quantized_placement,
+            model_config,
         })
     }
-}
-
-/// Parses `K/N` (0 ≤ K < N).
-pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
-    let (k, n) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected K/N"))?;
-    let k: usize = k
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}`: K is not a number"))?;
-    let n: usize = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}`: N is not a number"))?;
-    if n == 0 || k >= n {
-        return Err(format!("`{s}`: need 0 ≤ K < N"));
-    }
-    Ok((k, n))
 }
 
 #[cfg(test)]
@@ -946,7 +944,5 @@ mod tests {
                 .unwrap_err()
                 .contains("not set")
         );
-        assert_eq!(parse_shard("1/3").unwrap(), (1, 3));
-        assert!(parse_shard("3/3").is_err() && parse_shard("x").is_err());
     }
 }

@@ -3,16 +3,18 @@
 mod cli;
 mod commands;
 mod job;
+mod lock;
 mod manifest;
 mod progress;
 mod report;
 mod runner;
+mod zoo;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{batch, bench, devices, eval, import, inspect, plan, quantize, run, shard};
+use commands::{batch, bench, devices, eval, generate, import, inspect, plan, quantize, run, shard};
 
 #[derive(Debug, Parser)]
 #[command(name = "awq", version, about, long_about = None)]
@@ -43,8 +45,11 @@ enum Command {
     ImportGguf(import::ImportArgs),
     /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
     Quantize(cli::QuantizeArgs),
-    /// Perplexity of a checkpoint on a text file.
+    /// Perplexity of a checkpoint on a text file (with --kl-base, its KL divergence from the
+    /// original too).
     Eval(cli::EvalArgs),
+    /// Generate text from a prompt (greedy or seeded sampling; --chat uses the chat template).
+    Generate(generate::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         Command::ImportGguf(args) => import::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),
         Command::CacheDir => {
             println!("{}", checkpoint::cache::cache_dir().display());

@@ -134,6 +134,13 @@ pub fn evaluate(request: &EvalRequest) -> Result<EvalReport> {
                 );
             }
         }
+        EvalEvent::Compared {
+            windows, mean_kld, ..
+        } => {
+            if let Some(bar) = &bar {
+                bar.update(windows as u64, format!("mean KLD {mean_kld:.6}"));
+            }
+        }
     })?;
     Ok(report)
 }

@@ -44,6 +44,9 @@ pub fn build(job: &Job) -> Result<JobReport> {
             mean_nll: r.mean_nll,
             predictions: r.predictions,
             tokens_per_second: r.tokens_per_second,
+            kind: r.kind.clone(),
+            mean_kld: r.kl.as_ref().map(|k| k.stats.kld.mean),
+            same_top: r.kl.as_ref().map(|k| k.stats.same_top.mean),
         });
     }
     let mut comparisons = Vec::new();
@@ -155,18 +158,20 @@ pub fn markdown(r: &JobReport) -> String {
     }
     let _ = writeln!(
         md,
-        "## Evaluations\n\n| model | data | protocol | ctx | windows | PPL | tokens/s |\n|---|---|---|---:|---:|---:|---:|"
+        "## Evaluations\n\n| model | data | protocol | ctx | windows | PPL | mean KLD | same top | tokens/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
     );
     for e in &r.evals {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.4} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.4} | {} | {} | {:.1} |",
             e.model,
             file_name(&e.data),
             e.protocol,
             e.ctx,
             e.windows,
             e.ppl,
+            e.mean_kld.map_or("—".into(), |k| format!("{k:.6}")),
+            e.same_top.map_or("—".into(), |p| format!("{:.2} %", 100.0 * p)),
             e.tokens_per_second
         );
     }

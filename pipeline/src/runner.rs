@@ -13,7 +13,8 @@ use evaluation::report::SCHEMA_VERSION;
 use evaluation::{Device, EvalRequest};
 use serde_json::json;
 
-use crate::job::{BackendKind, EvalModel, ImportDtype, Job, Source};
+use crate::job::{BackendKind, EvalKind, EvalModel, ImportDtype, Job, Source};
+use crate::lock::lock_folder;
 use crate::manifest::{DigestCache, JobRecord, MANIFEST, Manifest, StepRecord, outputs_intact, relative};
 use crate::progress::{self, Progress, log};
 use crate::report;
@@ -162,6 +163,9 @@ fn step_inputs(
         Step::Eval(i) => {
             let e = &job.evals[i];
             let mut inputs = cache.dir(&job.eval_model_dir(i))?;
+            if e.kind == EvalKind::Kl {
+                inputs.extend(cache.dir(&job.original_dir())?);
+            }
             inputs.push(cache.file(&e.data)?);
             (serde_json::to_value(e)?, inputs)
         }
@@ -229,6 +233,7 @@ fn run_step(job: &Job, step: Step) -> Result<Vec<PathBuf>> {
                     BackendKind::Cuda => Device::Cuda,
                 },
                 placement: job.eval_placement(i).request.clone(),
+                kl_base: (e.kind == EvalKind::Kl).then(|| job.original_dir()),
             };
             let report = progress::evaluate(&request)?;
             log(format!(
@@ -272,10 +277,20 @@ fn output_digests(paths: &[PathBuf], out: &Path, cache: &mut DigestCache) -> Res
     Ok(relative(digests, out))
 }
 
-/// Runs every step of `job` that is not already done.
-pub fn run_job(job: &Job, force: bool) -> Result<Outcome> {
+/// How a job is run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Start over: remove the output folder first.
+    pub force: bool,
+    /// When another run holds the output folder, wait for it rather than fail.
+    pub wait: bool,
+}
+
+/// Runs every step of `job` that is not already done, holding its output folder's lock.
+pub fn run_job(job: &Job, options: RunOptions) -> Result<Outcome> {
     let start = Instant::now();
-    let mut manifest = claim_output(job, force)?;
+    let _lock = lock_folder(&job.out_dir, options.wait)?;
+    let mut manifest = claim_output(job, options.force)?;
     let mut cache = DigestCache::default();
     let steps = steps(job);
     let mut outcome = Outcome {

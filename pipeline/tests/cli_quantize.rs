@@ -2,16 +2,12 @@
 //! memory does not grow with the number of layers.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use testkit::SyntheticLlama;
 
-fn awq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_awq"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+
+use common::{awq, s};
 
 /// Runs a quantization expected to fail; checks the message and that `out` was not created.
 fn fails(args: &[&str], out: &Path, expect: &[&str]) {
@@ -30,10 +26,6 @@ fn fails(args: &[&str], out: &Path, expect: &[&str]) {
         .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary output left behind");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

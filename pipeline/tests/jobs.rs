@@ -2,98 +2,12 @@
 //! synthetic models.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::SyntheticLlama;
+mod common;
 
-fn awq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_awq"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A folder with a synthetic model, calibration and evaluation text.
-struct Workspace {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Workspace {
-    fn new(layers: usize) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        SyntheticLlama {
-            hidden: 256,
-            intermediate: 1024,
-            layers,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 512,
-            seed: 9,
-        }
-        .write(&root.join("model"));
-        std::fs::write(root.join("calib.txt"), testkit::synthetic_text(300)).unwrap();
-        std::fs::write(root.join("eval.txt"), testkit::synthetic_text(120)).unwrap();
-        Workspace { _tmp: tmp, root }
-    }
-
-    /// A job file quantizing the synthetic model, with `extra` appended.
-    fn job(&self, name: &str, out: &str, extra: &str) -> PathBuf {
-        let body = format!(
-            r#"[model]
-source = "model"
-name = "{name}"
-
-[calibration]
-data = "calib.txt"
-samples = 64
-seq_len = 256
-
-[quant]
-method = "awq"
-group_size = 64
-
-[[eval]]
-kind = "perplexity"
-data = "eval.txt"
-ctx = 128
-windows = 4
-model = "original"
-
-[[eval]]
-kind = "perplexity"
-data = "eval.txt"
-ctx = 128
-windows = 4
-model = "quantized"
-
-[output]
-dir = "{out}"
-{extra}"#
-        );
-        let path = self.root.join(format!("{name}.toml"));
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-}
-
-fn digests(dir: &Path) -> Vec<(String, String)> {
-    testkit::awq::folder_digest(dir)
-}
+use common::{Workspace, awq, digests, list, s, text};
 
 #[test]
 fn job_file_errors_name_line_column_and_suggest() {
@@ -380,14 +294,7 @@ threads = 1
 "#,
     )
     .unwrap();
-    let listed = |shard: &str| -> Vec<String> {
-        let o = awq(&["batch", s(&zoo), "--shard", shard, "--list"]);
-        assert!(o.status.success(), "{}", text(&o));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| l.split('\t').nth(1).unwrap().to_string())
-            .collect()
-    };
+    let listed = |shard: &str| -> Vec<String> { list(&zoo, &["--shard", shard]).mine().to_vec() };
     let (a, b) = (listed("0/2"), listed("1/2"));
     let mut all: Vec<String> = a.iter().chain(&b).cloned().collect();
     all.sort();
@@ -492,7 +399,7 @@ fn shipped_job_files_validate() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&jobs)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml") && !p.to_string_lossy().contains("zoo"))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
     assert!(!files.is_empty());
@@ -500,6 +407,14 @@ fn shipped_job_files_validate() {
     args.extend(files.iter().map(|p| s(p)));
     let o = awq(&args);
     assert!(o.status.success(), "{}", text(&o));
+    // A zoo file is validated entry by entry.
+    for entry in [
+        "smollm2-135m-awq-g32",
+        "smollm2-135m-awq-g64",
+        "smollm2-135m-rtn-g64",
+    ] {
+        assert!(text(&o).contains(entry), "{entry} not validated: {}", text(&o));
+    }
     // The example zoo: its two shards cover each entry exactly once.
     let zoo = jobs.join("zoo-example.toml");
     let shard = |k: &str| -> Vec<String> {
@@ -510,10 +425,9 @@ fn shipped_job_files_validate() {
             "{}",
             text(&o)
         );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| l.split('\t').nth(1).unwrap().to_string())
-            .collect()
+        common::Listing::parse(&String::from_utf8_lossy(&o.stdout))
+            .mine()
+            .to_vec()
     };
     let mut all = shard("0/2");
     all.extend(shard("1/2"));
@@ -526,4 +440,101 @@ fn shipped_job_files_validate() {
             "smollm2-135m-rtn-g64"
         ]
     );
+}
+
+#[test]
+fn one_run_per_output_folder() {
+    let w = Workspace::new(2);
+    let job = w.job("locked", "out", "");
+    let out = w.root.join("out");
+    // Another run (here: this test) holds the folder's lock and has written its name.
+    let lock_file = w.root.join("out.lock");
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&lock_file)
+        .unwrap();
+    held.try_lock().unwrap();
+    std::fs::write(
+        &lock_file,
+        r#"{"pid":424242,"host":"runner-7","started":"2026-12-03T10:00:00Z"}"#,
+    )
+    .unwrap();
+    let o = awq(&["run", s(&job)]);
+    let msg = text(&o);
+    assert!(
+        !o.status.success(),
+        "ran while another run held the folder: {msg}"
+    );
+    assert!(
+        msg.contains("in use by another run")
+            && msg.contains("pid 424242 on runner-7, since 2026-12-03T10:00:00Z")
+            && msg.contains("--wait"),
+        "{msg}"
+    );
+    assert!(!out.exists(), "the refused run wrote into the folder");
+
+    // With --wait it runs once the holder lets go.
+    let mut waiting = Command::new(env!("CARGO_BIN_EXE_awq"))
+        .args(["run", s(&job), "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(waiting.try_wait().unwrap().is_none(), "--wait did not wait");
+    assert!(!out.exists());
+    drop(held);
+    let o = waiting.wait_with_output().unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && msg.contains("waiting"), "{msg}");
+
+    // A lock file left by a run that was killed (its name still in it, no lock held) is stale:
+    // the next run takes it over.
+    std::fs::write(
+        &lock_file,
+        r#"{"pid":424243,"host":"runner-8","started":"2026-12-03T11:00:00Z"}"#,
+    )
+    .unwrap();
+    let o = awq(&["run", s(&job)]);
+    let msg = text(&o);
+    assert!(
+        o.status.success() && msg.contains("taking it over") && msg.contains("pid 424243"),
+        "{msg}"
+    );
+
+    // Two runs started together: each waits its turn, one does the work, the other finds it
+    // done; the folder holds what a single run writes.
+    let single = w.job("single", "single-out", "");
+    assert!(awq(&["run", s(&single)]).status.success());
+    let racing = w.job("racing", "race-out", "");
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_awq"))
+                .args(["run", s(&racing), "--wait"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let logs: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            let msg = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(o.status.success(), "{msg}");
+            msg
+        })
+        .collect();
+    let worked = logs.iter().filter(|l| l.contains("quantize: running")).count();
+    assert_eq!(worked, 1, "both runs quantized:\n{}", logs.join("\n---\n"));
+    let race = w.root.join("race-out");
+    assert_eq!(
+        digests(&race.join("quantized")),
+        digests(&w.root.join("single-out/quantized"))
+    );
+    let manifest = testkit::read_json(&race.join("manifest.json"));
+    assert_eq!(manifest["steps"].as_object().unwrap().len(), 4);
 }

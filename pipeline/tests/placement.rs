@@ -2,26 +2,10 @@
 //! pre-sharded folder, and a job whose evaluations the planner places.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn awq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_awq"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{awq, s, text};
 
 #[test]
 fn devices_without_a_gpu_is_one_line_and_success() {

@@ -2,17 +2,14 @@
 //! tp = 3 against tp = 1, per-rank memory, and tp values that cannot work.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use checkpoint::Tokenizer;
 use tp_runtime::{CpuBackend, Model, PlacementRequest, RankGroup, SeqLayout};
 
-fn awq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_awq"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+
+use common::{awq, s};
 
 fn ok(o: Output) -> String {
     let text = format!(
@@ -22,10 +19,6 @@ fn ok(o: Output) -> String {
     );
     assert!(o.status.success(), "{text}");
     text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn eval_report(model: &Path, data: &Path, tp: usize, windows: usize, ctx: usize) -> serde_json::Value {

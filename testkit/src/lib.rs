@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod awq;
+pub mod reference;
 pub mod tiny;
 
 pub use tiny::{TINY_MODELS, TinyModel, tiny, tiny_with_tokenizer};

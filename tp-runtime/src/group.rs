@@ -23,6 +23,7 @@ use checkpoint::{Checkpoint, ModelConfig};
 use crate::backend::CudaBackend;
 use crate::backend::{Backend, CpuBackend, Prediction, SeqLayout};
 use crate::comm::{Abort, Communicator, LocalCommunicator};
+use crate::decode::{Decoder, last_rows, per_sequence};
 use crate::load::WeightSource;
 use crate::model::{Batch, Comm, Model, Scorer, Workspace};
 use crate::placement::{Placement, PlacementRequest};
@@ -307,13 +308,19 @@ impl<B: Backend> RankGroup<B> {
             predictions: Vec::new(),
         };
         let vocab = self.config.vocab_size;
-        let flat = self.run(std::slice::from_ref(&batch), Some(rows))?.remove(0);
+        let work = Work {
+            batches: std::slice::from_ref(&batch),
+            logits: Some(rows),
+            cached: None,
+        };
+        let flat = self.run(work)?.remove(0);
         Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// Runs every batch through every stage; the last stage's tensor-parallel rank 0 returns
-    /// each batch's NLLs (or, with `logits`, the logits of those rows).
-    fn run(&self, batches: &[Batch], logits: Option<&[usize]>) -> Result<Vec<Vec<f32>>> {
+    /// Runs every batch of `work` through every stage; the last stage's tensor-parallel rank 0
+    /// returns each batch's NLLs or logits.
+    fn run(&self, work: Work<'_>) -> Result<Vec<Vec<f32>>> {
+        let batches = work.batches;
         if let Some((failed, cause)) = self.abort.cause() {
             return Err(Error::RankFailed { failed, cause });
         }
@@ -331,7 +338,7 @@ impl<B: Backend> RankGroup<B> {
                 let results = &results;
                 s.spawn(move || {
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        self.rank_loop(rank, batches, logits, rx, tx, results)
+                        self.rank_loop(rank, work, rx, tx, results)
                     }));
                     match outcome {
                         Ok(Ok(())) | Ok(Err(Error::Aborted { .. })) => {}
@@ -362,8 +369,7 @@ impl<B: Backend> RankGroup<B> {
     fn rank_loop(
         &self,
         rank: usize,
-        batches: &[Batch],
-        logits: Option<&[usize]>,
+        work: Work<'_>,
         from_previous: Option<Receiver<Vec<f32>>>,
         to_next: Option<SyncSender<Vec<f32>>>,
         results: &Mutex<Vec<Option<Vec<f32>>>>,
@@ -374,6 +380,11 @@ impl<B: Backend> RankGroup<B> {
         let hidden = self.config.hidden_size;
         let mut ws = Workspace::default();
         let mut busy = 0.0;
+        let Work {
+            batches,
+            logits,
+            cached,
+        } = work;
         for (i, batch) in batches.iter().enumerate() {
             self.strike(rank, i)?;
             let mut x = match &from_previous {
@@ -385,12 +396,14 @@ impl<B: Backend> RankGroup<B> {
                 }
                 Some(rx) => {
                     let values = receive(rx, &self.abort, rank)?;
-                    backend.upload(&values, batch.layout.rows(), hidden)?
+                    backend.upload(&values, batch.ids.len(), hidden)?
                 }
             };
             let start = Instant::now();
-            let ctx = model.context(&batch.layout)?;
-            model.run_layers(&mut x, &ctx, &mut ws)?;
+            match cached {
+                Some(new) => model.run_layers_cached(&mut x, new, &mut ws)?,
+                None => model.run_layers(&mut x, &model.context(&batch.layout)?, &mut ws)?,
+            }
             if placement.is_last() {
                 let h = model.finish(&x)?;
                 let out = match logits {
@@ -432,6 +445,27 @@ impl<B: Backend> RankGroup<B> {
     }
 }
 
+/// What one call of a group computes.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    batches: &'a [Batch],
+    /// Return the logits of these rows of each batch instead of the NLLs of its predictions.
+    logits: Option<&'a [usize]>,
+    /// Each batch holds `cached[s]` new tokens of each decoded sequence `s`: every rank runs
+    /// its layers on its KV cache.
+    cached: Option<&'a [usize]>,
+}
+
+impl<'a> Work<'a> {
+    fn nll(batches: &'a [Batch]) -> Self {
+        Work {
+            batches,
+            logits: None,
+            cached: None,
+        }
+    }
+}
+
 /// The previous stage's activations, or an error once the group is aborted.
 fn receive(rx: &Receiver<Vec<f32>>, abort: &Abort, rank: usize) -> Result<Vec<f32>> {
     loop {
@@ -457,10 +491,46 @@ impl<B: Backend> Scorer for RankGroup<B> {
             layout: layout.clone(),
             predictions: predictions.to_vec(),
         };
-        Ok(self.run(std::slice::from_ref(&batch), None)?.remove(0))
+        Ok(self.run(Work::nll(std::slice::from_ref(&batch)))?.remove(0))
     }
 
     fn score_batches(&self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
-        self.run(batches, None)
+        self.run(Work::nll(batches))
+    }
+
+    fn logits_at(&self, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.logits(ids, layout, rows)
+    }
+}
+
+impl<B: Backend> Decoder for RankGroup<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn start(&self, sequences: usize, capacity: usize) -> Result<()> {
+        self.ranks
+            .iter()
+            .try_for_each(|rank| rank.start_cache(sequences, capacity))
+    }
+
+    fn extend(&self, tokens: &[Vec<u32>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let new: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let active: Vec<usize> = new.iter().copied().filter(|&n| n > 0).collect();
+        let (rows, slots) = last_rows(&new);
+        let batch = Batch {
+            ids: tokens.concat(),
+            layout: SeqLayout::new(&active)?,
+            predictions: Vec::new(),
+        };
+        let work = Work {
+            batches: std::slice::from_ref(&batch),
+            logits: Some(&rows),
+            cached: Some(&new),
+        };
+        let flat = self.run(work)?.remove(0);
+        let vocab = self.config.vocab_size;
+        let logits = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
+        Ok(per_sequence(logits, &slots))
     }
 }

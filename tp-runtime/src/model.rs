@@ -1,17 +1,18 @@
 //! The Llama-family decoder, written once against [`Backend`].
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use checkpoint::names::{self, Projection};
 use checkpoint::{Checkpoint, FloatData, ModelConfig};
 
 use crate::backend::weights::WeightFormat;
 use crate::backend::{
-    AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout,
+    AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout,
     combine_nll_parts, reuse,
 };
 use crate::comm::Communicator;
+use crate::decode::{Decoder, KvCache, LayerCache, last_rows, per_sequence};
 use crate::load::{WeightSource, read_linear, read_norm, read_vocab_rows};
 use crate::placement::RankPlacement;
 use crate::shard::RankShard;
@@ -85,7 +86,8 @@ pub type Comm<B> = Arc<dyn Communicator<<B as Backend>::Buffer>>;
 
 /// Per-forward state shared by all layers.
 pub struct ForwardContext<B: Backend> {
-    pub layout: SeqLayout,
+    /// The queries of this pass and where their keys are (the same rows, or a KV cache).
+    pub layout: AttentionLayout,
     pub rope_table: B::Tensor,
     pub attention: AttentionSpec,
     pub rms_norm_eps: f32,
@@ -107,10 +109,21 @@ impl<B: Backend> ForwardContext<B> {
         shard: &RankShard,
         comm: Option<Comm<B>>,
     ) -> Result<Self> {
+        Self::attending(backend, config, AttentionLayout::within(layout), shard, comm)
+    }
+
+    /// The context of a pass whose keys are laid out as `layout` says (a KV cache).
+    pub fn attending(
+        backend: &B,
+        config: &ModelConfig,
+        layout: AttentionLayout,
+        shard: &RankShard,
+        comm: Option<Comm<B>>,
+    ) -> Result<Self> {
         let rope = RopeFrequencies::new(config.head_dim, config.rope_theta);
         Ok(ForwardContext {
             rope_table: backend.rope_table(&rope, &layout.positions())?,
-            layout: layout.clone(),
+            layout,
             attention: AttentionSpec {
                 heads: shard.heads.len(),
                 kv_heads: shard.kv_heads.len(),
@@ -163,13 +176,16 @@ impl<B: Backend> Default for Workspace<B> {
 }
 
 /// Multi-head attention before o_proj: q/k/v projections of `h`, rotary embeddings, causal
-/// attention within each sequence, into `ws`'s attention output (returned).
+/// attention within each sequence, into `ws`'s attention output (returned). With `cache`, the
+/// new keys and values are stored in it first and the queries attend to every cached
+/// position of their sequence (`ctx.layout` says where).
 pub fn self_attention<'w, B: Backend>(
     backend: &B,
     [q_proj, k_proj, v_proj]: [&Linear<B>; 3],
     h: &B::Tensor,
     ctx: &ForwardContext<B>,
     ws: &'w mut Workspace<B>,
+    cache: Option<&mut LayerCache<B>>,
 ) -> Result<&'w B::Tensor> {
     let rows = backend.dims(h).0;
     let q = reuse(backend, &mut ws.q, rows, q_proj.out_features())?;
@@ -181,7 +197,24 @@ pub fn self_attention<'w, B: Backend>(
     backend.rotary(q, &ctx.rope_table, ctx.attention.head_dim)?;
     backend.rotary(k, &ctx.rope_table, ctx.attention.head_dim)?;
     let attended = reuse(backend, &mut ws.attended, rows, q_proj.out_features())?;
-    backend.attention_into(q, k, v, &ctx.attention, &ctx.layout, attended)?;
+    match cache {
+        None => backend.attention_into(q, k, v, &ctx.attention, &ctx.layout, attended)?,
+        Some(cache) => {
+            for s in ctx.layout.sequences() {
+                let (from, to, n) = (s.queries.start, s.keys + s.past, s.queries.len());
+                backend.copy_rows(k, from, &mut cache.keys, to, n)?;
+                backend.copy_rows(v, from, &mut cache.values, to, n)?;
+            }
+            backend.attention_into(
+                q,
+                &cache.keys,
+                &cache.values,
+                &ctx.attention,
+                &ctx.layout,
+                attended,
+            )?
+        }
+    }
     Ok(attended)
 }
 
@@ -297,19 +330,22 @@ impl<B: Backend> DecoderLayer<B> {
                 .sum::<usize>()
     }
 
-    /// Runs the layer on the residual stream `x` in place.
+    /// Runs the layer on the residual stream `x` in place; with `cache`, keys and values are
+    /// stored in it and attention reads every cached position.
     pub fn forward(
         &self,
         backend: &B,
         x: &mut B::Tensor,
         ctx: &ForwardContext<B>,
         ws: &mut Workspace<B>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Result<()> {
-        self.forward_tapped(backend, x, ctx, ws, &mut |_, _| Ok(()))
+        self.run(backend, x, ctx, ws, cache, &mut |_, _| Ok(()))
     }
 
-    /// Like [`DecoderLayer::forward`], showing `tap` the input of every projection group:
-    /// `Q` (the normed input of q/k/v), `O`, `Gate` (the normed input of gate/up) and `Down`.
+    /// Like [`DecoderLayer::forward`] without a cache, showing `tap` the input of every
+    /// projection group: `Q` (the normed input of q/k/v), `O`, `Gate` (the normed input of
+    /// gate/up) and `Down`.
     pub fn forward_tapped(
         &self,
         backend: &B,
@@ -318,12 +354,25 @@ impl<B: Backend> DecoderLayer<B> {
         ws: &mut Workspace<B>,
         tap: &mut dyn FnMut(Projection, &B::Tensor) -> Result<()>,
     ) -> Result<()> {
+        self.run(backend, x, ctx, ws, None, tap)
+    }
+
+    fn run(
+        &self,
+        backend: &B,
+        x: &mut B::Tensor,
+        ctx: &ForwardContext<B>,
+        ws: &mut Workspace<B>,
+        cache: Option<&mut LayerCache<B>>,
+        tap: &mut dyn FnMut(Projection, &B::Tensor) -> Result<()>,
+    ) -> Result<()> {
         let (rows, cols) = backend.dims(x);
         let mut normed = ws.normed.take();
         let h = reuse(backend, &mut normed, rows, cols)?;
         backend.rms_norm_into(x, &self.input_layernorm, ctx.rms_norm_eps, h)?;
         tap(Projection::Q, h)?;
-        let attended = self_attention(backend, [&self.q_proj, &self.k_proj, &self.v_proj], h, ctx, ws)?;
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let attended = self_attention(backend, projections, h, ctx, ws, cache)?;
         tap(Projection::O, attended)?;
         let mut projected = ws.projected.take();
         let out = project(
@@ -370,6 +419,8 @@ pub struct Model<B: Backend> {
     norm: Option<B::Vector>,
     /// Bytes read from the checkpoint, as stored.
     loaded_bytes: u64,
+    /// The keys and values of the sequences being decoded ([`Decoder`]).
+    kv: Mutex<Option<KvCache<B>>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -440,6 +491,7 @@ impl<B: Backend> Model<B> {
             layers,
             norm,
             loaded_bytes,
+            kv: Mutex::new(None),
         })
     }
 
@@ -544,8 +596,55 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
     ) -> Result<()> {
         for layer in &self.layers {
-            layer.forward(&self.backend, x, ctx, ws)?;
+            layer.forward(&self.backend, x, ctx, ws, None)?;
         }
+        Ok(())
+    }
+
+    /// Starts a KV cache for `sequences` sequences of at most `capacity` positions on this
+    /// rank (its layers, its kv heads), replacing any earlier one.
+    pub fn start_cache(&self, sequences: usize, capacity: usize) -> Result<()> {
+        let kv_width = self.shard().kv_heads.len() * self.config.head_dim;
+        let cache = KvCache::new(&self.backend, self.layers.len(), kv_width, sequences, capacity)?;
+        *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache);
+        Ok(())
+    }
+
+    /// Bytes of this rank's KV cache (0 before [`Model::start_cache`]).
+    pub fn cache_bytes(&self) -> usize {
+        self.kv
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, KvCache::byte_size)
+    }
+
+    /// Runs this instance's layers on `x`, the residual stream of `new[s]` tokens appended to
+    /// each cached sequence `s` (in sequence order), storing their keys and values.
+    pub fn run_layers_cached(&self, x: &mut B::Tensor, new: &[usize], ws: &mut Workspace<B>) -> Result<()> {
+        let mut guard = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = guard
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("decoding needs a KV cache: call start first".into()))?;
+        let layout = cache.layout(new)?;
+        if layout.rows() != self.backend.dims(x).0 {
+            return Err(Error::Invalid(format!(
+                "{} rows of hidden states for {} new tokens",
+                self.backend.dims(x).0,
+                layout.rows()
+            )));
+        }
+        let ctx = ForwardContext::attending(
+            &self.backend,
+            &self.config,
+            layout,
+            self.shard(),
+            self.comm.clone(),
+        )?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers_mut()) {
+            layer.forward(&self.backend, x, &ctx, ws, Some(layer_cache))?;
+        }
+        cache.advance(new);
         Ok(())
     }
 
@@ -631,12 +730,33 @@ impl<B: Backend> Model<B> {
     }
 }
 
+impl<B: Backend> Decoder for Model<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn start(&self, sequences: usize, capacity: usize) -> Result<()> {
+        self.start_cache(sequences, capacity)
+    }
+
+    fn extend(&self, tokens: &[Vec<u32>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let new: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let (rows, slots) = last_rows(&new);
+        let mut x = self.embed(&tokens.concat())?;
+        self.run_layers_cached(&mut x, &new, &mut Workspace::default())?;
+        let hidden = self.finish(&x)?;
+        Ok(per_sequence(self.logits(&hidden, &rows)?, &slots))
+    }
+}
+
 /// Anything that scores next-token predictions: a model, or a tensor-parallel group.
 pub trait Scorer {
     /// The configuration of the whole model.
     fn config(&self) -> &ModelConfig;
     /// NLL of each prediction after a forward pass over `ids` laid out as `layout`.
     fn score(&self, ids: &[u32], layout: &SeqLayout, predictions: &[Prediction]) -> Result<Vec<f32>>;
+    /// Full logits of the given rows after a forward pass over `ids` laid out as `layout`.
+    fn logits_at(&self, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Result<Vec<Vec<f32>>>;
     /// NLLs of several batches, in order. A pipeline keeps several of them in flight at once
     /// (stage 2 works on one while stage 1 works on the next).
     fn score_batches(&self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
@@ -664,5 +784,10 @@ impl<B: Backend> Scorer for Model<B> {
     fn score(&self, ids: &[u32], layout: &SeqLayout, predictions: &[Prediction]) -> Result<Vec<f32>> {
         let hidden = self.forward(ids, layout)?;
         self.token_nll(&hidden, predictions)
+    }
+
+    fn logits_at(&self, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.forward(ids, layout)?;
+        self.logits(&hidden, rows)
     }
 }

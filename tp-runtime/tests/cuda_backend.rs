@@ -14,7 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use tp_runtime::backend::cpu::CpuMatrix;
 use tp_runtime::backend::cuda::{CudaMatrix, CudaTensor};
 use tp_runtime::backend::{
-    AttentionSpec, Backend, Prediction, RopeFrequencies, SeqLayout, combine_nll_parts,
+    AttendedSequence, AttentionLayout, AttentionSpec, Backend, Prediction, RopeFrequencies, SeqLayout,
+    combine_nll_parts,
 };
 use tp_runtime::model::Linear;
 use tp_runtime::{CpuBackend, CudaBackend, DenseWeight, HostTensor};
@@ -228,12 +229,35 @@ fn attention_matches_cpu() {
     };
     let c = CpuBackend::new();
     let mut rng = rng();
-    for (lengths, heads, kv_heads, d, window) in [
-        (vec![512], 9, 3, 64, None),
-        (vec![70, 33, 1, 130], 8, 2, 32, None),
-        (vec![300, 200], 4, 4, 128, Some(100)),
+    let plain = |lengths: &[usize]| {
+        let layout = SeqLayout::new(lengths).unwrap();
+        (AttentionLayout::within(&layout), layout.rows())
+    };
+    // Decoding: sequences in a KV cache of capacity 600, one token each or a prefill chunk
+    // after cached positions.
+    let cached = |seqs: &[(usize, usize)]| {
+        let mut row = 0;
+        let seqs = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, &(new, past))| {
+                row += new;
+                AttendedSequence {
+                    queries: row - new..row,
+                    keys: i * 600,
+                    past,
+                }
+            })
+            .collect();
+        (AttentionLayout::new(seqs).unwrap(), 600 * 4)
+    };
+    for ((layout, key_rows), heads, kv_heads, d, window) in [
+        (plain(&[512]), 9, 3, 64, None),
+        (plain(&[70, 33, 1, 130]), 8, 2, 32, None),
+        (plain(&[300, 200]), 4, 4, 128, Some(100)),
+        (cached(&[(1, 511), (1, 0), (1, 77), (1, 300)]), 9, 3, 64, None),
+        (cached(&[(40, 100), (1, 599), (33, 2)]), 8, 2, 32, Some(50)),
     ] {
-        let layout = SeqLayout::new(&lengths).unwrap();
         let rows = layout.rows();
         let spec = AttentionSpec {
             heads,
@@ -243,20 +267,38 @@ fn attention_matches_cpu() {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let q = random(&mut rng, rows * heads * d, 1.0);
-        let k = random(&mut rng, rows * kv_heads * d, 1.0);
-        let v = random(&mut rng, rows * kv_heads * d, 1.0);
+        let k = random(&mut rng, key_rows * kv_heads * d, 1.0);
+        let v = random(&mut rng, key_rows * kv_heads * d, 1.0);
         let (qc, qg) = both(&g, &q, rows, heads * d);
-        let (kc, kg) = both(&g, &k, rows, kv_heads * d);
-        let (vc, vg) = both(&g, &v, rows, kv_heads * d);
+        let (kc, kg) = both(&g, &k, key_rows, kv_heads * d);
+        let (vc, vg) = both(&g, &v, key_rows, kv_heads * d);
         let want = c.attention(&qc, &kc, &vc, &spec, &layout).unwrap();
         let got = g.attention(&qg, &kg, &vg, &spec, &layout).unwrap();
         check(
-            &format!("attention {lengths:?} {heads}/{kv_heads} d{d} {window:?}"),
+            &format!("attention {layout:?} {heads}/{kv_heads} d{d} {window:?}"),
             &g.download(&got).unwrap(),
             &want.data,
             1e-5,
         );
     }
+}
+
+#[test]
+fn copy_rows_matches_cpu() {
+    let Some(g) = gpu("copy_rows_matches_cpu") else {
+        return;
+    };
+    let c = CpuBackend::new();
+    let mut rng = rng();
+    let src = random(&mut rng, 7 * 24, 1.0);
+    let dst = random(&mut rng, 30 * 24, 1.0);
+    let (sc, sg) = both(&g, &src, 7, 24);
+    let (mut dc, mut dg) = both(&g, &dst, 30, 24);
+    c.copy_rows(&sc, 2, &mut dc, 21, 5).unwrap();
+    g.copy_rows(&sg, 2, &mut dg, 21, 5).unwrap();
+    check("copy_rows", &g.download(&dg).unwrap(), &dc.data, 0.0);
+    assert!(g.copy_rows(&sg, 3, &mut dg, 0, 5).is_err());
+    assert!(g.copy_rows(&sg, 0, &mut dg, 26, 5).is_err());
 }
 
 /// A random AWQ weight `[n, k]` with group size `gs`.

@@ -9,46 +9,7 @@
 //        bits) with their lengths as three more u64 before them, then x (m x k f16 bits).
 //   OUT: u32 count of split-K counters left non-zero, then y (m x n f32; f16 outputs widened);
 //        for ENTRY w4a16_dequant (m = 0, K_SPLIT ignored), the f16 weight [n, k] widened.
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <string>
-#include <thread>
-#include <vector>
-
-#define __device__
-#define __forceinline__ inline
-#define __global__
-#define __shared__ static
-#define __restrict__ __restrict
-#define __align__(n) __attribute__((aligned(n)))
-
-struct dim3 {
-    unsigned x = 0, y = 0, z = 0;
-};
-thread_local dim3 threadIdx, blockIdx;
-dim3 gridDim, blockDim;
-inline int min(int a, int b) { return a < b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-template <typename T>
-T __shfl_xor_sync(unsigned, T, int) {
-    abort();  // no warp shuffles in the emulated kernels
-}
-
-alignas(16) unsigned char emu_smem[200 << 10];  // the block's dynamic shared memory
-struct Warp {
-    std::barrier<>* bar;
-    unsigned a[32][4], b[32][2], addr[32];
-};
-Warp emu_warps[32];
-std::barrier<>* emu_block;
-void __syncthreads() { emu_block->arrive_and_wait(); }
-void __syncwarp() { emu_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
+#include "cuda_host.h"
 
 static float half_to_float(unsigned bits) {
     _Float16 h;
@@ -135,32 +96,6 @@ void ldmatrix_x4(unsigned int* a, unsigned int addr) {
     w.bar->arrive_and_wait();
 }
 
-static void launch(dim3 grid, const std::function<void()>& kernel) {
-    const int threads = MMA_THREADS;
-    gridDim = grid;
-    blockDim = {(unsigned)threads, 1, 1};
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                std::barrier<> block(threads);
-                std::vector<std::unique_ptr<std::barrier<>>> warps;
-                for (int i = 0; i < threads / 32; i++) {
-                    warps.emplace_back(new std::barrier<>(32));
-                    emu_warps[i].bar = warps.back().get();
-                }
-                emu_block = &block;
-                memset(emu_smem, 0xAB, sizeof emu_smem);  // garbage, as a fresh block finds it
-                std::vector<std::thread> ts;
-                for (int t = 0; t < threads; t++)
-                    ts.emplace_back([&, t] {
-                        threadIdx = {(unsigned)t, 0, 0};
-                        blockIdx = {x, y, z};
-                        kernel();
-                    });
-                for (auto& t : ts) t.join();
-            }
-}
-
 static int write_out(const char* path, unsigned left, const std::vector<float>& y) {
     FILE* out = fopen(path, "wb");
     if (!out) return 2;
@@ -174,14 +109,6 @@ static int write_out(const char* path, unsigned left, const std::vector<uint16_t
     std::vector<float> y(y16.size());
     for (size_t i = 0; i < y.size(); i++) y[i] = half_to_float(y16[i]);
     return write_out(path, left, y);
-}
-
-template <typename T>
-static void read(FILE* f, std::vector<T>& v) {
-    if (fread(v.data(), sizeof(T), v.size(), f) != v.size()) {
-        fprintf(stderr, "short input\n");
-        exit(2);
-    }
 }
 
 int main(int argc, char** argv) {
@@ -206,7 +133,7 @@ int main(int argc, char** argv) {
     const int k_split = atoi(argv[7]);
     if (entry == "w4a16_dequant") {  // y is the weight [n, k]
         std::vector<uint16_t> w16((size_t)N * K, 0x7E00);
-        launch(grid, [&] {
+        launch(grid, MMA_THREADS, [&] {
             w4a16_dequant(reinterpret_cast<const u32x4*>(qweight.data()), zeros.data(), scales.data(),
                           reinterpret_cast<u32x4*>(w16.data()), K, N, G);
         });
@@ -225,12 +152,12 @@ int main(int argc, char** argv) {
     std::vector<unsigned> counters(grid.x * grid.z, 0);
     const u32x4* qw = reinterpret_cast<const u32x4*>(qweight.data());
     if (row->f32)
-        launch(grid, [&] {
+        launch(grid, MMA_THREADS, [&] {
             row->f32(x.data(), qw, zeros.data(), scales.data(), y.data(), partial.data(), counters.data(), M, K, N, G,
                      k_split);
         });
     else
-        launch(grid, [&] {
+        launch(grid, MMA_THREADS, [&] {
             row->f16(x.data(), qw, zeros.data(), scales.data(), y16.data(), partial.data(), counters.data(), M, K, N,
                      G, k_split);
         });

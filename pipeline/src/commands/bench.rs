@@ -22,6 +22,8 @@ pub enum BenchCommand {
     /// Quantization time against the arithmetic floor of the search, from this machine's
     /// GEMM rate measured in the same run.
     Quantize(QuantizeArgs),
+    /// Decoding tokens/s at batch 1 and 8 against the memory roofline measured in the same run.
+    Generate(super::bench_generate::BenchGenerateArgs),
     /// The W4A16 kernels against cuBLAS f16 on Llama-2-7B shapes (needs a GPU).
     #[cfg(feature = "cuda")]
     Kernels(super::bench_kernels::KernelBenchArgs),
@@ -80,6 +82,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Eval(args) => bench_eval(args),
         BenchCommand::Quantize(args) => bench_quantize(args),
+        BenchCommand::Generate(args) => super::bench_generate::run(args),
         #[cfg(feature = "cuda")]
         BenchCommand::Kernels(args) => super::bench_kernels::run(args),
     }

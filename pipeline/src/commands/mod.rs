@@ -2,10 +2,12 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_generate;
 #[cfg(feature = "cuda")]
 pub mod bench_kernels;
 pub mod devices;
 pub mod eval;
+pub mod generate;
 pub mod import;
 pub mod inspect;
 pub mod plan;

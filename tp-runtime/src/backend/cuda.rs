@@ -14,7 +14,10 @@ use cuda_kernels::layout::MmaLayout;
 use cuda_kernels::{Gpu, KernelError};
 use half::{bf16, f16};
 
-use super::{AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout};
+use super::{
+    AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies,
+    check_copy_rows,
+};
 use crate::backend::weights::{DenseWeight, WeightFormat};
 use crate::{Error, Result};
 
@@ -282,6 +285,14 @@ impl Backend for CudaBackend {
         self.output(rows, cols)
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            data: self.gpu.zeros::<f32>(rows * cols)?,
+            rows,
+            cols,
+        })
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         if data.len() != rows * cols {
             return Err(Error::Invalid(format!(
@@ -389,41 +400,63 @@ impl Backend for CudaBackend {
         k: &CudaTensor,
         v: &CudaTensor,
         spec: &AttentionSpec,
-        layout: &SeqLayout,
+        layout: &AttentionLayout,
         out: &mut CudaTensor,
     ) -> Result<()> {
         let rows = layout.rows();
         let d = spec.head_dim;
-        for (name, t, cols) in [
-            ("q", q, spec.heads * d),
-            ("k", k, spec.kv_heads * d),
-            ("v", v, spec.kv_heads * d),
-            ("output", &*out, spec.heads * d),
+        // The kernel trusts every key row it is given: the store must hold them all.
+        let key_rows = k.rows.max(layout.key_rows());
+        for (name, t, expected_rows, cols) in [
+            ("q", q, rows, spec.heads * d),
+            ("k", k, key_rows, spec.kv_heads * d),
+            ("v", v, key_rows, spec.kv_heads * d),
+            ("output", &*out, rows, spec.heads * d),
         ] {
-            if t.rows != rows || t.cols != cols {
+            if t.rows != expected_rows || t.cols != cols {
                 return Err(Error::Invalid(format!(
-                    "attention: {name} is [{}, {}], expected [{rows}, {cols}]",
+                    "attention: {name} is [{}, {}], expected [{expected_rows}, {cols}]",
                     t.rows, t.cols
                 )));
             }
         }
-        let starts: Vec<u32> = layout
-            .sequences()
-            .flat_map(|s| std::iter::repeat_n(s.start as u32, s.len()))
-            .collect();
-        let starts = self.gpu.upload(&starts)?;
+        let (key_base, positions) = layout.per_row();
+        let key_base = self.gpu.upload(&key_base)?;
+        let positions = self.gpu.upload(&positions)?;
         self.gpu.attention(
             &q.data,
             &k.data,
             &v.data,
             &mut out.data,
-            &starts,
+            &key_base,
+            &positions,
             rows,
+            key_rows,
             spec.heads,
             spec.kv_heads,
             d,
             spec.scale,
             spec.sliding_window,
+        )?;
+        Ok(())
+    }
+
+    fn copy_rows(
+        &self,
+        src: &CudaTensor,
+        src_row: usize,
+        dst: &mut CudaTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        check_copy_rows((src.rows, src.cols), src_row, (dst.rows, dst.cols), dst_row, rows)?;
+        let cols = src.cols;
+        self.gpu.copy_within(
+            &src.data,
+            src_row * cols,
+            &mut dst.data,
+            dst_row * cols,
+            rows * cols,
         )?;
         Ok(())
     }

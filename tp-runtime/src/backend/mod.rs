@@ -75,6 +75,106 @@ impl SeqLayout {
     }
 }
 
+/// Where each sequence's queries and keys sit in one attention call: the queries are rows of
+/// `q`, the keys (and values) rows of a key store that may hold earlier positions too (a KV
+/// cache) or be the same rows as the queries (a plain forward pass).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionLayout {
+    sequences: Vec<AttendedSequence>,
+}
+
+/// One sequence of an [`AttentionLayout`]: query row `queries.start + i` sits at position
+/// `past + i` and sees key-store rows `keys + j` for the positions `j ≤ past + i` inside the
+/// sliding window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttendedSequence {
+    /// Rows of `q` (and of the output).
+    pub queries: Range<usize>,
+    /// The key-store row of position 0.
+    pub keys: usize,
+    /// Positions before the first query, already in the key store.
+    pub past: usize,
+}
+
+impl AttendedSequence {
+    /// Position of the last query.
+    pub fn last_position(&self) -> usize {
+        self.past + self.queries.len() - 1
+    }
+}
+
+impl AttentionLayout {
+    /// Sequences whose query rows tile `0..rows` in order, none empty.
+    pub fn new(sequences: Vec<AttendedSequence>) -> Result<Self> {
+        let mut next = 0;
+        for s in &sequences {
+            if s.queries.start != next || s.queries.is_empty() {
+                return Err(crate::Error::Invalid(format!(
+                    "attention layout: query rows {:?} do not follow row {next} or are empty",
+                    s.queries
+                )));
+            }
+            next = s.queries.end;
+        }
+        if sequences.is_empty() {
+            return Err(crate::Error::Invalid("attention layout: no sequence".into()));
+        }
+        Ok(AttentionLayout { sequences })
+    }
+
+    /// A plain forward pass: each sequence's keys are its own query rows.
+    pub fn within(layout: &SeqLayout) -> Self {
+        AttentionLayout {
+            sequences: layout
+                .sequences()
+                .map(|queries| AttendedSequence {
+                    keys: queries.start,
+                    past: 0,
+                    queries,
+                })
+                .collect(),
+        }
+    }
+
+    /// The sequences.
+    pub fn sequences(&self) -> &[AttendedSequence] {
+        &self.sequences
+    }
+
+    /// Query rows in all.
+    pub fn rows(&self) -> usize {
+        self.sequences.last().map_or(0, |s| s.queries.end)
+    }
+
+    /// Key-store rows the layout reads: one past the last.
+    pub fn key_rows(&self) -> usize {
+        self.sequences
+            .iter()
+            .map(|s| s.keys + s.last_position() + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Per query row: the key-store row of its position 0 and its position (what the CUDA
+    /// kernel reads).
+    pub fn per_row(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut keys = Vec::with_capacity(self.rows());
+        let mut positions = Vec::with_capacity(self.rows());
+        for s in &self.sequences {
+            for i in 0..s.queries.len() {
+                keys.push(s.keys as u32);
+                positions.push((s.past + i) as u32);
+            }
+        }
+        (keys, positions)
+    }
+
+    /// The position of every query row, for the rotary table.
+    pub fn positions(&self) -> Vec<u32> {
+        self.per_row().1
+    }
+}
+
 /// Head layout of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionSpec {
@@ -174,6 +274,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// A `[rows, cols]` activation tensor whose contents the next `…_into` overwrites.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A `[rows, cols]` tensor of zeros (a KV cache: rows never written are still read as
+    /// masked keys by some kernels, and must not be NaN).
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload(&vec![0.0; rows * cols], rows, cols)
+    }
     /// Copies host values into a `[rows, cols]` activation tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Copies an activation tensor back to the host.
@@ -212,15 +317,26 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<Self::Tensor>;
     /// Rotates every head of `x` in place (rotate-half convention).
     fn rotary(&self, x: &mut Self::Tensor, table: &Self::Tensor, head_dim: usize) -> Result<()>;
-    /// Causal grouped-query attention within each sequence of `layout`.
+    /// Causal grouped-query attention: each query of `layout` over its sequence's keys in the
+    /// key store `k`, `v` (`[key rows, kv_heads·head_dim]`).
     fn attention_into(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         spec: &AttentionSpec,
-        layout: &SeqLayout,
+        layout: &AttentionLayout,
         out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Copies rows `src_row..src_row + rows` of `src` to rows `dst_row..` of `dst` (same
+    /// columns): new keys and values into a KV cache.
+    fn copy_rows(
+        &self,
+        src: &Self::Tensor,
+        src_row: usize,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        rows: usize,
     ) -> Result<()>;
     /// `silu(gate) * up`.
     fn silu_mul_into(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
@@ -260,7 +376,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         k: &Self::Tensor,
         v: &Self::Tensor,
         spec: &AttentionSpec,
-        layout: &SeqLayout,
+        layout: &AttentionLayout,
     ) -> Result<Self::Tensor> {
         let mut out = self.alloc(layout.rows(), spec.heads * spec.head_dim)?;
         self.attention_into(q, k, v, spec, layout, &mut out)?;
@@ -287,6 +403,24 @@ pub fn reuse<'a, B: Backend>(
         *out = Some(backend.alloc(rows, cols)?);
     }
     Ok(out.as_mut().expect("set above"))
+}
+
+/// Checks a [`Backend::copy_rows`] against both tensors' `(rows, cols)`.
+pub fn check_copy_rows(
+    src: (usize, usize),
+    src_row: usize,
+    dst: (usize, usize),
+    dst_row: usize,
+    rows: usize,
+) -> Result<()> {
+    if src.1 != dst.1 || src_row + rows > src.0 || dst_row + rows > dst.0 {
+        return Err(crate::Error::Invalid(format!(
+            "copy of rows {src_row}..{} of a {src:?} tensor to rows {dst_row}..{} of a {dst:?} one",
+            src_row + rows,
+            dst_row + rows
+        )));
+    }
+    Ok(())
 }
 
 /// Negative log-likelihoods from the `[max, Σ exp(l − max), target logit]` parts of every

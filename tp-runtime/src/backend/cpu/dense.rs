@@ -1,6 +1,9 @@
 //! Dense matrices on the CPU, in the element type they are stored in: f32 weights go to the
 //! `gemm` crate as they are (borrowed from the mapped file); f16 and bf16 weights are widened
-//! one tile at a time inside the product, so that no f32 copy of a whole matrix exists.
+//! one tile at a time inside the product, so that no f32 copy of a whole matrix exists. For a
+//! few rows (decoding), every weight row is read once and dotted with each input row
+//! ([`few_rows`]): `gemm` would first pack the whole weight, doubling the traffic that bounds
+//! a decode step.
 
 use checkpoint::FloatData;
 use gemm::{Parallelism, gemm};
@@ -119,6 +122,9 @@ impl CpuMatrix {
     /// `out[m, rows] = x[m, cols] · selfᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.rows, self.cols);
+        if m <= FEW_ROWS {
+            return few_rows(x, m, k, n, out, |r, row| self.widen_row(r, row));
+        }
         match &self.data {
             FloatData::F32(w) => matmul_transposed(x, w, out, m, k, n),
             half => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
@@ -129,6 +135,69 @@ impl CpuMatrix {
             }),
         }
     }
+}
+
+/// Input rows up to which products take the decoding paths (dense here, AWQ in `w4a16`).
+pub(crate) const FEW_ROWS: usize = 16;
+/// Weight rows (outputs) per task of [`few_rows`].
+const ROWS_PER_TASK: usize = 64;
+
+/// `out[m, n] = x[m, k] · Wᵀ` for small `m`, `weight_row(r, buf)` writing row `r` of `W` in
+/// f32: each task reads its weight rows once and dots each with every input row.
+pub(crate) fn few_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    weight_row: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|b| {
+            let rows = b * ROWS_PER_TASK..((b + 1) * ROWS_PER_TASK).min(n);
+            let mut w = vec![0f32; k];
+            let mut y = vec![0f32; m * rows.len()];
+            for (j, r) in rows.clone().enumerate() {
+                weight_row(r, &mut w);
+                for i in 0..m {
+                    y[i * rows.len() + j] = dot(&x[i * k..(i + 1) * k], &w);
+                }
+            }
+            y
+        })
+        .collect();
+    for (b, y) in blocks.iter().enumerate() {
+        let n0 = b * ROWS_PER_TASK;
+        let width = y.len() / m;
+        for i in 0..m {
+            out[i * n + n0..i * n + n0 + width].copy_from_slice(&y[i * width..(i + 1) * width]);
+        }
+    }
+}
+
+/// `Σ a·b` in 16 lanes summed in a fixed order: it vectorises, and every instruction set
+/// gives the same bits.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (a16.remainder(), b16.remainder());
+    for (x, y) in a16.zip(b16) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        lanes[l] += x * y;
+    }
+    let mut sum = 0f32;
+    for l in lanes {
+        sum += l;
+    }
+    sum
 }
 
 impl ByteSize for CpuMatrix {
@@ -180,12 +249,13 @@ mod tests {
     use rand::{RngExt, SeedableRng};
 
     #[test]
-    fn half_weights_multiply_as_their_f32_widening() {
+    fn weights_multiply_as_their_f32_widening() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for (m, k, n) in [(3, 70, 9), (600, 300, 260)] {
+        for (m, k, n) in [(1, 70, 9), (3, 70, 130), (16, 40, 65), (600, 300, 260)] {
             let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let halves = [
+                FloatData::F32(w.clone().into()),
                 FloatData::F16(w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>().into()),
                 FloatData::BF16(w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>().into()),
             ];

@@ -10,7 +10,10 @@ mod w4a16;
 use checkpoint::{FloatData, HostData};
 use rayon::prelude::*;
 
-use super::{AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout};
+use super::{
+    AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies,
+    check_copy_rows,
+};
 use crate::backend::weights::{DenseWeight, WeightFormat};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
@@ -143,6 +146,10 @@ impl Backend for CpuBackend {
         Ok(HostTensor::zeros(rows, cols))
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> Result<HostTensor> {
+        Ok(HostTensor::zeros(rows, cols))
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<HostTensor> {
         HostTensor::new(data.to_vec(), rows, cols)
     }
@@ -271,10 +278,25 @@ impl Backend for CpuBackend {
         k: &HostTensor,
         v: &HostTensor,
         spec: &AttentionSpec,
-        layout: &SeqLayout,
+        layout: &AttentionLayout,
         out: &mut HostTensor,
     ) -> Result<()> {
         attention::attention(q, k, v, spec, layout, out)
+    }
+
+    fn copy_rows(
+        &self,
+        src: &HostTensor,
+        src_row: usize,
+        dst: &mut HostTensor,
+        dst_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        check_copy_rows((src.rows, src.cols), src_row, (dst.rows, dst.cols), dst_row, rows)?;
+        let cols = src.cols;
+        dst.data[dst_row * cols..(dst_row + rows) * cols]
+            .copy_from_slice(&src.data[src_row * cols..(src_row + rows) * cols]);
+        Ok(())
     }
 
     fn silu_mul_into(&self, gate: &HostTensor, up: &HostTensor, out: &mut HostTensor) -> Result<()> {
