@@ -114,7 +114,8 @@ pub enum Inspect {
     SelfAttention,
     /// The whole MLP (down_proj included, unquantized).
     Mlp,
-    /// The scaled linear alone (its loss in the Gram form `tr(ΔW XᵀX ΔWᵀ)`).
+    /// The scaled linear alone (its loss in the Gram form `tr(ΔW XᵀX ΔWᵀ)`, or directly when
+    /// there are fewer tokens than input features).
     Linear(Projection),
 }
 
@@ -183,7 +184,7 @@ impl ScalingGroup {
 
 /// Floating-point operations of the AWQ search on one layer with `tokens` calibration tokens
 /// in blocks of `seq_len`: the capture forward, a reference and [`GRID`] trials of each
-/// block-inspected group, and the Gram form of the linear-inspected groups. The clip search
+/// block-inspected group, and the linear-inspected groups' trials (Gram or direct form). The clip search
 /// is left out (under 1 %). `awq bench quantize` divides by this.
 pub fn search_flops(config: &ModelConfig, tokens: f64, seq_len: usize) -> f64 {
     let product = |p: Projection| {
@@ -210,7 +211,10 @@ pub fn search_flops(config: &ModelConfig, tokens: f64, seq_len: usize) -> f64 {
             Inspect::Linear(p) => {
                 let (out_features, in_features) = p.shape(config);
                 let (k, out) = (in_features as f64, out_features as f64);
-                2.0 * tokens * k * k + trials * 2.0 * out * k * k
+                match tokens < k {
+                    true => trials * 2.0 * tokens * k * out,
+                    false => 2.0 * tokens * k * k + trials * 2.0 * out * k * k,
+                }
             }
         };
     }
@@ -356,7 +360,7 @@ fn block_output<B: Backend>(
                 backend.read(y, |values| sink(rows, values))?
             })
         }
-        Inspect::Linear(_) => unreachable!("linear groups use the Gram form"),
+        Inspect::Linear(_) => unreachable!("linear groups are scored on the linear alone"),
     }
 }
 
@@ -364,8 +368,13 @@ fn block_output<B: Backend>(
 enum Evaluator {
     /// Reference output of the block over all tokens.
     Block { reference: Vec<f32>, cols: usize },
-    /// Gram matrix of the linear's input: loss = Σ_n Δw_nᵀ G Δw_n / (tokens · out).
+    /// Gram matrix of the linear's input: loss = Σ_n Δw_nᵀ G Δw_n / (tokens · out), which
+    /// costs out·in² per trial whatever the number of tokens.
     Gram { gram: Vec<f32> },
+    /// The linear's output error over the captured inputs, ‖X ΔWᵀ‖² / (tokens · out): tokens·in·out
+    /// per trial, cheaper than the Gram form when there are fewer tokens than input features
+    /// (a short calibration of a wide model).
+    Direct,
 }
 
 /// Searches, fuses, clips and quantizes one layer: `w` are its weights, `inputs` its captured
@@ -405,6 +414,7 @@ pub fn quantize_layer<B: Backend>(
         let weights: Vec<&[f32]> = group.linears.iter().map(|&p| w.weight(p)).collect();
         let w_mean = weight_mean(&weights, in_features, g);
         let evaluator = match group.inspect {
+            Inspect::Linear(_) if tokens < in_features => Evaluator::Direct,
             Inspect::Linear(_) => Evaluator::Gram {
                 gram: gram(&x.data, x.rows, x.cols, 1.0),
             },
@@ -436,7 +446,7 @@ pub fn quantize_layer<B: Backend>(
                 Evaluator::Gram { gram } => {
                     let (p, wq) = &trial[0];
                     let (out_features, _) = p.shape(config);
-                    let delta: Vec<f32> = wq.iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
+                    let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
                     let mut projected = vec![0f32; delta.len()];
                     matmul_transposed(
                         &delta,
@@ -454,6 +464,15 @@ pub fn quantize_layer<B: Backend>(
                         .into_iter()
                         .sum();
                     Ok(sum / (tokens * out_features) as f64)
+                }
+                Evaluator::Direct => {
+                    let (p, wq) = &trial[0];
+                    let (out_features, _) = p.shape(config);
+                    let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
+                    let mut error = vec![0f32; tokens * out_features];
+                    matmul_transposed(&x.data, &delta, &mut error, tokens, in_features, out_features);
+                    let zeros = vec![0f32; error.len()];
+                    Ok(squared_error(&error, &zeros) / (tokens * out_features) as f64)
                 }
                 Evaluator::Block { reference, cols } => {
                     let mut sum = 0f64;

@@ -10,7 +10,9 @@ use std::time::Instant;
 use awq_calib::{CalibSpec, CalibSummary, LayerStream, dataset};
 use checkpoint::Dtype;
 use checkpoint::names::{self, Projection, layer_tensor_name, projection_tensors};
-use checkpoint::writer::{SafetensorsStream, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes};
+use checkpoint::writer::{
+    CheckpointStream, DEFAULT_MAX_SHARD_BYTES, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes,
+};
 use checkpoint::{AwqShape, Checkpoint, ModelConfig, QuantizationConfig, Tokenizer, atomic};
 use serde::{Deserialize, Serialize};
 use tp_runtime::{Backend, CpuBackend};
@@ -78,6 +80,9 @@ pub struct QuantizeOptions {
     pub modules_to_not_convert: Vec<String>,
     /// Replace a non-empty output folder.
     pub replace: bool,
+    /// The largest weights file of the output; a larger checkpoint is written as Hugging Face
+    /// shards with an index, each finished as its last layer is.
+    pub max_shard_bytes: u64,
 }
 
 impl QuantizeOptions {
@@ -92,6 +97,7 @@ impl QuantizeOptions {
             calib: CalibSpec::new(""),
             modules_to_not_convert: Vec::new(),
             replace: false,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
         }
     }
 }
@@ -216,7 +222,7 @@ fn tensor_specs(config: &ModelConfig, q: &QuantizationConfig) -> Vec<TensorSpec>
 }
 
 fn write_layer(
-    out: &mut SafetensorsStream,
+    out: &mut CheckpointStream,
     layer: usize,
     q: &QuantizedLayer,
     config: &ModelConfig,
@@ -252,7 +258,7 @@ fn write_layer(
 
 /// Copies a dense tensor to the output as f16.
 fn copy_as_f16(
-    out: &mut SafetensorsStream,
+    out: &mut CheckpointStream,
     checkpoint: &Checkpoint,
     name: &str,
     shape: &[usize],
@@ -323,13 +329,13 @@ pub fn quantize_on<B: Backend>(
     )
     .map_err(|e| PackError::Invalid(format!("{}: {e}", config_path.display())))?;
     let specs = tensor_specs(&config, &qconfig);
-    let safetensors_bytes = specs.iter().map(|s| s.bytes() as u64).sum();
+    let safetensors_bytes = specs.iter().map(TensorSpec::bytes).sum();
     let layers = config.num_hidden_layers;
     let mut layer_reports = Vec::with_capacity(layers);
 
     atomic::write_dir::<_, PackError>(out_dir, options.replace, |dir| {
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        let mut out = SafetensorsStream::create(&dir.join("model.safetensors"), specs, metadata)?;
+        let mut out = CheckpointStream::create(dir, specs, options.max_shard_bytes, metadata)?;
         let (v, h) = (config.vocab_size, config.hidden_size);
         copy_as_f16(&mut out, &checkpoint, names::EMBED_TOKENS, &[v, h])?;
 

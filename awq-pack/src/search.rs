@@ -106,10 +106,15 @@ pub fn scaled_fake_quantize(
     scales: &[f32],
     group_size: GroupSize,
 ) -> Vec<f32> {
-    let mut out: Vec<f32> = w
-        .chunks_exact(in_features)
-        .flat_map(|row| row.iter().zip(scales).map(|(w, s)| w * s))
-        .collect();
+    // Row-parallel: at 7B widths each trial scales hundreds of millions of weights.
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(in_features)
+        .zip(w.par_chunks(in_features))
+        .for_each(|(out, row)| {
+            for ((o, w), s) in out.iter_mut().zip(row).zip(scales) {
+                *o = w * s;
+            }
+        });
     fake_quantize(&mut out, in_features, group_size);
     out.par_chunks_mut(in_features).for_each(|row| {
         row.iter_mut().zip(scales).for_each(|(w, s)| *w /= s);

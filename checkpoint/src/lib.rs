@@ -7,7 +7,8 @@
 //! - [`awq`]: the AWQ "gemm" schema — tensor shapes, nibble order, packing of one word;
 //! - [`mapped`]: memory-mapped checkpoints (one file or an index of shards), typed views
 //!   of their tensors ([`HostData`], [`FloatData`]);
-//! - [`writer`]: a safetensors file streamed tensor by tensor;
+//! - [`synth`]: synthetic checkpoints at real shapes, generated tensor by tensor;
+//! - [`writer`]: checkpoints streamed tensor by tensor, one file or Hugging Face shards;
 //! - [`presharded`]: checkpoints stored as one file per rank, with their `mapping`;
 //! - [`gguf`]: llama.cpp's GGUF files and their import into a Hugging Face folder;
 //! - [`tokenizer`]: `tokenizer.json` through the Hugging Face `tokenizers` crate;
@@ -24,6 +25,7 @@ pub mod gguf;
 pub mod mapped;
 pub mod names;
 pub mod presharded;
+pub mod synth;
 pub mod tokenizer;
 pub mod writer;
 

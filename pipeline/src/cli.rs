@@ -145,6 +145,10 @@ pub struct QuantizeArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
+    /// The largest weights file; a larger checkpoint is written as Hugging Face shards
+    /// (model-00001-of-0000N.safetensors) with model.safetensors.index.json.
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_bytes)]
+    pub max_shard_size: u64,
     /// Worker threads (default: all logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -176,6 +180,7 @@ impl QuantizeArgs {
             calib,
             modules_to_not_convert: self.modules_to_not_convert.clone(),
             replace: self.force,
+            max_shard_bytes: self.max_shard_size,
         })
     }
 }

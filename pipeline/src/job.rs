@@ -15,6 +15,7 @@ use awq_calib::{CalibFormat, CalibSpec, Sampling};
 use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
 use checkpoint::ModelConfig;
 use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
+use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
 use evaluation::perplexity::Protocol;
 use serde::{Deserialize, Serialize};
 use tp_runtime::PlacementRequest;
@@ -231,6 +232,10 @@ fn default_batch() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: String,
+    /// The largest weights file of the quantized checkpoint (`"5GB"`, `"2GiB"`); larger
+    /// checkpoints are written as shards with an index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_size: Option<String>,
 }
 
 /// A location in a TOML document.
@@ -725,6 +730,14 @@ impl Job {
                     }
                     (None, Method::Rtn) => (CalibSpec::new(PathBuf::new()), None),
                 };
+                let max_shard_bytes = match &file.output.max_shard_size {
+                    None => DEFAULT_MAX_SHARD_BYTES,
+                    Some(size) => match crate::cli::parse_bytes(size) {
+                        Ok(0) => return Err(err("output.max_shard_size", "must be above 0 bytes".into())),
+                        Ok(bytes) => bytes,
+                        Err(e) => return Err(err("output.max_shard_size", e)),
+                    },
+                };
                 let options = QuantizeOptions {
                     method: q.method,
                     group_size,
@@ -733,6 +746,7 @@ impl Job {
                     calib,
                     modules_to_not_convert: q.modules_to_not_convert.clone(),
                     replace: true,
+                    max_shard_bytes,
                 };
                 awq_pack::quantize::check(&model_config, &options)
                     .map_err(|e| err("quant.group_size", e.to_string()))?;

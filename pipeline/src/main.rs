@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{batch, bench, devices, eval, generate, import, inspect, plan, quantize, run, shard};
+use commands::{batch, bench, devices, eval, generate, import, inspect, plan, quantize, run, shard, synth};
 
 #[derive(Debug, Parser)]
 #[command(name = "awq", version, about, long_about = None)]
@@ -43,6 +43,9 @@ enum Command {
     Shard(shard::ShardArgs),
     /// Convert a GGUF file into a Hugging Face checkpoint folder.
     ImportGguf(import::ImportArgs),
+    /// Write a synthetic checkpoint at a real model's shapes (deterministic weights, sharded,
+    /// streamed tensor by tensor): for tests, benchmarks and dry runs before any download.
+    Synth(synth::SynthArgs),
     /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
     Quantize(cli::QuantizeArgs),
     /// Perplexity of a checkpoint on a text file (with --kl-base, its KL divergence from the
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => devices::run(args),
         Command::Shard(args) => shard::run(args),
         Command::ImportGguf(args) => import::run(args),
+        Command::Synth(args) => synth::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),

@@ -216,7 +216,13 @@ fn run_step(job: &Job, step: Step) -> Result<Vec<PathBuf>> {
                 ImportDtype::F16 => OutputDtype::F16,
                 ImportDtype::Bf16 => OutputDtype::BF16,
             };
-            import_gguf(gguf, &job.imported_dir(), dtype, true)?;
+            import_gguf(
+                gguf,
+                &job.imported_dir(),
+                dtype,
+                true,
+                checkpoint::writer::DEFAULT_MAX_SHARD_BYTES,
+            )?;
             Ok(vec![job.imported_dir()])
         }
         Step::Eval(i) => {
@@ -322,6 +328,9 @@ pub fn run_job(job: &Job, options: RunOptions) -> Result<Outcome> {
             manifest.write(&job.out_dir)?;
         }
         let step_start = Instant::now();
+        // The previous step's freed buffers go back to the kernel first: the allocator keeps
+        // them for reuse, and they would otherwise count in this step's peak.
+        tp_runtime::backend::cpu::release_freed_memory();
         provenance::reset_peak_rss();
         let written = run_step(job, step).with_context(|| format!("step {name}"))?;
         let record = StepRecord {

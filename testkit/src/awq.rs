@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use checkpoint::Checkpoint;
-use safetensors::tensor::TensorView;
+use checkpoint::writer::{CheckpointStream, TensorSpec};
+use checkpoint::{Checkpoint, Dtype};
 
 /// Unpacks one "gemm" linear into a dense `[out, in]` f32 weight, written from awq-format.md §5
 /// alone (not from the packer): `qweight` is `[in, out/8]` int32, nibble `i` of word
@@ -44,7 +44,7 @@ pub fn unpack_gemm(
 }
 
 /// Rewrites an AWQ checkpoint folder as a dense f32 one (same config without
-/// `quantization_config`), unpacking every linear with [`unpack_gemm`].
+/// `quantization_config`), unpacking every linear with [`unpack_gemm`], one tensor at a time.
 pub fn dequantize_checkpoint(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
     let mut config = crate::read_json(&src.join("config.json"));
@@ -53,39 +53,41 @@ pub fn dequantize_checkpoint(src: &Path, dst: &Path) {
     std::fs::write(dst.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(src.join("tokenizer.json"), dst.join("tokenizer.json")).unwrap();
     let ck = Checkpoint::open(src).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for name in ck.names() {
-        let t = ck.tensor(name).unwrap();
-        if let Some(prefix) = name.strip_suffix(".qweight") {
-            let qweight = t.to_i32().unwrap();
-            let qzeros = ck.tensor(&format!("{prefix}.qzeros")).unwrap().to_i32().unwrap();
-            let scales = ck.tensor(&format!("{prefix}.scales")).unwrap().to_f32().unwrap();
-            let (in_f, out_f) = (t.shape()[0], t.shape()[1] * 8);
-            let w = unpack_gemm(&qweight, &qzeros, &scales, in_f, out_f, g);
-            tensors.push((
-                format!("{prefix}.weight"),
-                vec![out_f, in_f],
-                w.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ));
-        } else if !name.ends_with(".qzeros") && !name.ends_with(".scales") {
-            let v = t.to_f32().unwrap();
-            tensors.push((
-                name.to_string(),
-                t.shape().to_vec(),
-                v.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ));
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
-            )
+    // Dense names and shapes first (the file's header), then each tensor's values.
+    let dense: Vec<(String, Option<&str>, Vec<usize>)> = ck
+        .names()
+        .into_iter()
+        .filter(|n| !n.ends_with(".qzeros") && !n.ends_with(".scales"))
+        .map(|name| {
+            let shape = ck.tensor(name).unwrap().shape().to_vec();
+            match name.strip_suffix(".qweight") {
+                Some(prefix) => (
+                    format!("{prefix}.weight"),
+                    Some(prefix),
+                    vec![shape[1] * 8, shape[0]],
+                ),
+                None => (name.to_string(), None, shape),
+            }
         })
         .collect();
-    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+    let specs = dense
+        .iter()
+        .map(|(name, _, shape)| TensorSpec::new(name.clone(), Dtype::F32, shape))
+        .collect();
+    let mut out = CheckpointStream::create(dst, specs, u64::MAX, Default::default()).unwrap();
+    for (name, prefix, shape) in &dense {
+        let values = match prefix {
+            Some(prefix) => {
+                let qweight = ck.tensor(&format!("{prefix}.qweight")).unwrap().to_i32().unwrap();
+                let qzeros = ck.tensor(&format!("{prefix}.qzeros")).unwrap().to_i32().unwrap();
+                let scales = ck.tensor(&format!("{prefix}.scales")).unwrap().to_f32().unwrap();
+                unpack_gemm(&qweight, &qzeros, &scales, shape[1], shape[0], g)
+            }
+            None => ck.tensor(name).unwrap().to_f32().unwrap().into_vec(),
+        };
+        out.write(name, bytemuck::cast_slice(&values)).unwrap();
+    }
+    out.finish().unwrap();
 }
 
 /// SHA-256 of every file under a folder (recursively), by relative path.

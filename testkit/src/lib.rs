@@ -85,50 +85,12 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// GPT-2's byte-to-character table: printable bytes stand for themselves, the others are
-/// shifted past 255. Token `b` of a byte-level vocabulary is `byte_level_alphabet()[b]`.
-pub fn byte_level_alphabet() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut shifted = 0;
-    (0..256u32)
-        .map(|b| {
-            let c = if printable(b) {
-                b
-            } else {
-                shifted += 1;
-                255 + shifted
-            };
-            char::from_u32(c).expect("valid char").to_string()
-        })
-        .collect()
-}
+pub use checkpoint::synth::byte_level_alphabet;
 
 /// Writes `dir/tokenizer.json`: a byte-level BPE without merges whose ids 0..256 are the
 /// bytes, padded with `<extra_i>` special tokens up to `vocab` entries.
 pub fn write_byte_tokenizer(dir: &Path, vocab: usize) {
-    use tokenizers::models::bpe::{BPE, Vocab};
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let mut map = Vocab::default();
-    for (i, t) in byte_level_alphabet().into_iter().enumerate() {
-        map.insert(t, i as u32);
-    }
-    let extra: Vec<String> = (256..vocab).map(|i| format!("<extra_{i}>")).collect();
-    for (i, t) in extra.iter().enumerate() {
-        map.insert(t.clone(), (256 + i) as u32);
-    }
-    let bpe = BPE::builder()
-        .vocab_and_merges(map, Vec::new())
-        .build()
-        .expect("valid BPE");
-    let mut tok = tokenizers::Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(
-        true, true, true,
-    )));
-    tok.add_special_tokens(extra.into_iter().map(|t| tokenizers::AddedToken::from(t, true)))
-        .expect("special tokens");
-    tok.save(dir.join("tokenizer.json"), false)
-        .expect("write tokenizer.json");
+    checkpoint::synth::write_byte_tokenizer(dir, vocab).expect("write tokenizer.json");
 }
 
 /// Shape of a synthetic Llama model.

@@ -225,7 +225,7 @@ pub fn write_rank_file(
             Ok(TensorSpec::new(t.name, dtype, &t.shape))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = specs.iter().map(|s| s.bytes() as u64).sum();
+    let bytes = specs.iter().map(TensorSpec::bytes).sum();
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut out = SafetensorsStream::create(path, specs, metadata)?;
     let shard = &rank.shard;

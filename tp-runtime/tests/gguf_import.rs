@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use checkpoint::gguf::{OutputDtype, import_gguf};
+use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
 use checkpoint::{Checkpoint, ModelConfig};
 use tp_runtime::{CpuBackend, Model, SeqLayout};
 
@@ -212,7 +213,7 @@ fn roundtrip(name: &str) {
     let gguf = tmp.path().join("model.gguf");
     write_gguf(&dir, &gguf);
     let out = tmp.path().join("imported");
-    let summary = import_gguf(&gguf, &out, OutputDtype::F32, false).unwrap();
+    let summary = import_gguf(&gguf, &out, OutputDtype::F32, false, DEFAULT_MAX_SHARD_BYTES).unwrap();
     assert_eq!(summary.config.num_hidden_layers, 3);
 
     let reference = testkit::read_json(&dir.join("reference.json"));
@@ -230,6 +231,41 @@ fn roundtrip(name: &str) {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(err < 1e-4, "{name}: logits after GGUF import differ by {err}");
+    }
+    // Streamed into shards of at most 64 KiB: the same tensors, an index naming every one.
+    let sharded = tmp.path().join("sharded");
+    import_gguf(&gguf, &sharded, OutputDtype::F32, false, 64 << 10).unwrap();
+    let index = testkit::read_json(&sharded.join("model.safetensors.index.json"));
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let (single, split) = (
+        Checkpoint::open(&out).unwrap(),
+        Checkpoint::open(&sharded).unwrap(),
+    );
+    assert!(split.files().count() > 2 && !sharded.join("model.safetensors").exists());
+    assert_eq!(weight_map.len(), single.names().len());
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        summary.safetensors_bytes
+    );
+    for name in single.names() {
+        let (a, b) = (single.tensor(name).unwrap(), split.tensor(name).unwrap());
+        assert_eq!(a.bytes(), b.bytes(), "{name}");
+        let file = b.path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(weight_map[name], file, "{name}");
+    }
+    // A shard holds at most 64 KiB of data, unless it is one tensor larger than that.
+    let mut per_file = std::collections::BTreeMap::<&str, Vec<usize>>::new();
+    for (name, file) in weight_map {
+        per_file
+            .entry(file.as_str().unwrap())
+            .or_default()
+            .push(split.tensor(name).unwrap().bytes().len());
+    }
+    for (file, sizes) in per_file {
+        assert!(
+            sizes.len() == 1 || sizes.iter().sum::<usize>() <= 64 << 10,
+            "{file}: {sizes:?}"
+        );
     }
     // The tokenizer written beside the weights loads; with no merges every byte is a token.
     let tok = checkpoint::Tokenizer::from_dir(&out).unwrap();
@@ -262,16 +298,22 @@ fn truncated_gguf_is_a_clear_error() {
     for cut in [100, bytes.len() - 1000] {
         std::fs::write(&gguf, &bytes[..cut]).unwrap();
         let out = tmp.path().join("out");
-        let err = import_gguf(&gguf, &out, OutputDtype::F32, false)
+        let err = import_gguf(&gguf, &out, OutputDtype::F32, false, DEFAULT_MAX_SHARD_BYTES)
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.gguf") && err.contains("truncated"), "{err}");
         assert!(!out.exists(), "nothing may be written for a bad input");
     }
     std::fs::write(&gguf, b"not a gguf file at all").unwrap();
-    let err = import_gguf(&gguf, &tmp.path().join("out"), OutputDtype::F32, false)
-        .unwrap_err()
-        .to_string();
+    let err = import_gguf(
+        &gguf,
+        &tmp.path().join("out"),
+        OutputDtype::F32,
+        false,
+        DEFAULT_MAX_SHARD_BYTES,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("bad magic"), "{err}");
 }
 
@@ -285,12 +327,12 @@ fn existing_output_is_not_overwritten() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), b"mine").unwrap();
-    let err = import_gguf(&gguf, &out, OutputDtype::F32, false)
+    let err = import_gguf(&gguf, &out, OutputDtype::F32, false, DEFAULT_MAX_SHARD_BYTES)
         .unwrap_err()
         .to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
-    import_gguf(&gguf, &out, OutputDtype::F16, true).unwrap();
+    import_gguf(&gguf, &out, OutputDtype::F16, true, DEFAULT_MAX_SHARD_BYTES).unwrap();
     assert!(!out.join("keep.txt").exists());
     let ck = Checkpoint::open(&out).unwrap();
     assert_eq!(

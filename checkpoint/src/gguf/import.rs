@@ -1,18 +1,17 @@
 //! GGUF → Hugging Face checkpoint folder: safetensors with HF names and layouts,
 //! `config.json`, and the tokenizer files.
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-use safetensors::{Dtype, View};
+use safetensors::Dtype;
 use serde_json::{Value, json};
 
 use super::reader::{GgufFile, GgufTensor, MetaValue};
 use super::vocab::{GgufTokenizer, SpecialTokens, build_tokenizer, special_tokens};
 use crate::config::{Architecture, ModelConfig};
-use crate::mapped::SINGLE_FILE;
+use crate::writer::{CheckpointStream, TensorSpec};
 use crate::{Error, Result, atomic};
 
 /// Element type of the written safetensors.
@@ -210,49 +209,34 @@ fn unpermute_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
     out
 }
 
-/// One converted tensor, ready for serialization.
-struct OutTensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &OutTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
+impl OutputDtype {
+    /// The safetensors element type.
+    fn dtype(self) -> Dtype {
+        match self {
+            OutputDtype::F32 => Dtype::F32,
+            OutputDtype::F16 => Dtype::F16,
+            OutputDtype::BF16 => Dtype::BF16,
+        }
     }
 }
 
-fn encode(values: &[f32], dtype: OutputDtype) -> (Dtype, Vec<u8>) {
+fn encode(values: &[f32], dtype: OutputDtype) -> Vec<u8> {
     match dtype {
-        OutputDtype::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        OutputDtype::F16 => (
-            Dtype::F16,
-            values
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
-        OutputDtype::BF16 => (
-            Dtype::BF16,
-            values
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
+        OutputDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        OutputDtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        OutputDtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
     }
 }
 
-fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) -> Result<(String, OutTensor)> {
+/// What tensor `t` becomes: its Hugging Face name, shape and element type (checked against
+/// the metadata before anything is converted).
+fn plan(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) -> Result<TensorSpec> {
     let mapped = map_tensor(gguf, hp, &t.name)?;
     let shape = t.torch_shape();
     if shape != mapped.expected_shape {
@@ -261,14 +245,20 @@ fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) ->
             t.name, mapped.expected_shape
         )));
     }
+    Ok(TensorSpec::new(mapped.hf_name, dtype.dtype(), &shape))
+}
+
+/// Tensor `t` dequantized, in Hugging Face's layout, as `dtype` bytes.
+fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) -> Result<Vec<u8>> {
+    let mapped = map_tensor(gguf, hp, &t.name)?;
     let mut values = gguf.dequantize(t)?;
     if let Some(heads) = mapped.unpermute_heads {
+        let shape = t.torch_shape();
         let row_len = if shape.len() == 2 { shape[1] } else { 1 };
         values = unpermute_rows(&values, heads, row_len);
     }
     // Norm weights are kept in f32 like every other tensor unless a smaller dtype is asked for.
-    let (dtype, data) = encode(&values, dtype);
-    Ok((mapped.hf_name, OutTensor { dtype, shape, data }))
+    Ok(encode(&values, dtype))
 }
 
 fn config_json(
@@ -388,7 +378,15 @@ pub fn gguf_model_config(path: &Path) -> Result<ModelConfig> {
 ///
 /// The folder is built under a temporary name and renamed when complete; an existing
 /// non-empty `out` is refused unless `replace` is set.
-pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -> Result<ImportSummary> {
+/// Tensors are converted a few at a time and streamed into the files; a checkpoint larger
+/// than `max_shard_bytes` is written as Hugging Face shards with an index.
+pub fn import_gguf(
+    path: &Path,
+    out: &Path,
+    dtype: OutputDtype,
+    replace: bool,
+    max_shard_bytes: u64,
+) -> Result<ImportSummary> {
     if atomic::is_occupied(out) && !replace {
         return Err(Error::Invalid(format!(
             "{}: already exists and is not empty (choose another output folder or pass --force)",
@@ -399,29 +397,39 @@ pub fn import_gguf(path: &Path, out: &Path, dtype: OutputDtype, replace: bool) -
     let tok = build_tokenizer(&gguf)?;
     let hp = hparams(&gguf, tok.tokens.len())?;
     let tied = gguf.tensor("output.weight").is_none();
-    let tensors: Vec<(String, OutTensor)> = gguf
+    // Every tensor's name, shape and type first: the files' headers are written before any
+    // data, and the tensors are then converted a few at a time (peak memory: a few tensors,
+    // not the model), in name order as safetensors' own writer orders them.
+    let mut tensors: Vec<(&GgufTensor, TensorSpec)> = gguf
         .tensors
-        .par_iter()
-        .map(|t| convert(&gguf, &hp, t, dtype))
+        .iter()
+        .map(|t| plan(&gguf, &hp, t, dtype).map(|spec| (t, spec)))
         .collect::<Result<_>>()?;
-    let safetensors_bytes = tensors.iter().map(|(_, t)| t.data.len() as u64).sum();
+    tensors.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let safetensors_bytes = tensors.iter().map(|(_, spec)| spec.bytes()).sum();
     let config = config_json(&gguf, &hp, &tok.special, tied, dtype);
     // Check that what we write is a model we can load.
     let parsed = ModelConfig::from_json(&config, &out.join("config.json"))?;
     for required in crate::names::required_tensors(&parsed) {
-        if !tensors.iter().any(|(n, _)| *n == required.name) {
+        if !tensors.iter().any(|(_, spec)| spec.name == required.name) {
             return Err(gguf.error(format!("the file has no tensor for `{}`", required.name)));
         }
     }
     let count = tensors.len();
     atomic::write_dir::<_, Error>(out, replace, |dir| {
-        let st_path = dir.join(SINGLE_FILE);
-        let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
         let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        safetensors::serialize_to_file(views, Some(metadata), &st_path).map_err(|e| Error::Safetensors {
-            path: st_path.clone(),
-            message: e.to_string(),
-        })?;
+        let specs = tensors.iter().map(|(_, spec)| spec.clone()).collect();
+        let mut stream = CheckpointStream::create(dir, specs, max_shard_bytes, metadata)?;
+        for batch in tensors.chunks(rayon::current_num_threads().max(1)) {
+            let converted: Vec<Vec<u8>> = batch
+                .par_iter()
+                .map(|(t, _)| convert(&gguf, &hp, t, dtype))
+                .collect::<Result<_>>()?;
+            for ((_, spec), bytes) in batch.iter().zip(converted) {
+                stream.write(&spec.name, &bytes)?;
+            }
+        }
+        stream.finish()?;
         write_json(dir, "config.json", &config)?;
         let generation = json!({
             "bos_token_id": tok.special.bos,

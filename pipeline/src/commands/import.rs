@@ -31,6 +31,10 @@ pub struct ImportArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
+    /// The largest weights file; a larger checkpoint is written as Hugging Face shards with
+    /// model.safetensors.index.json.
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = crate::cli::parse_bytes)]
+    pub max_shard_size: u64,
 }
 
 /// Runs the import.
@@ -46,7 +50,7 @@ pub fn run(args: &ImportArgs) -> Result<()> {
         args.gguf.display(),
         args.out.display()
     ));
-    let summary = import_gguf(&args.gguf, &args.out, dtype, args.force)?;
+    let summary = import_gguf(&args.gguf, &args.out, dtype, args.force, args.max_shard_size)?;
     let c = &summary.config;
     println!(
         "imported {} tensors ({:.1} MB {}) of a {} with {} layers, hidden {}, vocab {} into {} in {:.1}s",

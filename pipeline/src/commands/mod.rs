@@ -14,3 +14,4 @@ pub mod plan;
 pub mod quantize;
 pub mod run;
 pub mod shard;
+pub mod synth;
