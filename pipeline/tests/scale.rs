@@ -1,5 +1,5 @@
 //! Real widths on a CI runner: a Llama-2-7B-shaped checkpoint (4096 / 11008 / 32 heads, the
-//! 32000-token vocabulary), truncated to a few layers, through `awq synth`, AWQ quantization
+//! 32000-token vocabulary), truncated to a few layers, through `awq synth`, 4-bit quantization
 //! into shards, and evaluation.
 
 use std::path::{Path, PathBuf};
@@ -76,19 +76,17 @@ fn a_7b_shaped_model_quantizes_into_shards_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth_7b(tmp.path(), 2, "300MB");
     assert!(check_shards(&model) >= 4, "1.3 GB in shards of 300 MB");
-    let calib = testkit::workspace_root().join("data/wikitext2-valid.txt");
+    // Round to nearest: the same packing, writer and shards as AWQ, in seconds. (AWQ's search
+    // at this width takes about 50 s per layer on two cores even with 64 calibration tokens;
+    // it is measured by hand, not in CI.)
     let quantize = |out: &Path| {
         let o = awq(&[
             "quantize",
             s(&model),
             "--out",
             s(out),
-            "--calib",
-            s(&calib),
-            "--samples",
-            "4",
-            "--seq-len",
-            "64",
+            "--mode",
+            "rtn",
             "--group-size",
             "128",
             "--max-shard-size",
@@ -96,7 +94,7 @@ fn a_7b_shaped_model_quantizes_into_shards_bit_identically() {
         ]);
         assert!(o.status.success(), "{}", text(&o));
     };
-    let (first, second) = (tmp.path().join("awq-1"), tmp.path().join("awq-2"));
+    let (first, second) = (tmp.path().join("rtn-1"), tmp.path().join("rtn-2"));
     quantize(&first);
     assert!(check_shards(&first) >= 2, "the quantized model is sharded too");
     let o = awq(&["inspect", s(&first)]);
