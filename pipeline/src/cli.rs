@@ -59,17 +59,8 @@ pub struct EvalArgs {
     /// Where the model runs: cpu, or cuda (GPU 0; GPUs 0..tp with --tp).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
-    /// Tensor-parallel ranks per stage (CPU: in-process ranks, one thread each; CUDA: one GPU
-    /// each). Default: 1, or what a pre-sharded folder was sharded for.
-    #[arg(long)]
-    pub tp: Option<usize>,
-    /// Pipeline stages: contiguous ranges of layers, the leftover layers going to the earliest
-    /// stages. Default: 1, or what a pre-sharded folder was sharded for.
-    #[arg(long)]
-    pub pp: Option<usize>,
-    /// Layers per stage, e.g. `8,8,7,7` (sets pp).
-    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
-    pub layers: Option<Vec<usize>>,
+    #[command(flatten)]
+    pub place: PlacementArgs,
     /// Also run this base model (the original) on the same windows and report how far the
     /// model's token distributions are from its: KL divergence, Δp, same top token
     /// (llama.cpp's statistics).
@@ -88,11 +79,7 @@ impl EvalArgs {
             protocol: self.protocol,
             batch: self.batch,
             device: self.backend.into(),
-            placement: PlacementRequest {
-                tp: self.tp,
-                pp: self.pp,
-                layers: self.layers.clone(),
-            },
+            placement: self.place.request(),
             kl_base: self.kl_base.clone(),
         }
     }
@@ -182,6 +169,33 @@ impl QuantizeArgs {
             replace: self.force,
             max_shard_bytes: self.max_shard_size,
         })
+    }
+}
+
+/// Where a model runs across ranks: what `awq eval` and `awq generate` share.
+#[derive(Debug, Args)]
+pub struct PlacementArgs {
+    /// Tensor-parallel ranks per stage (CPU: in-process ranks, one thread each; CUDA: one GPU
+    /// each). Default: 1, or what a pre-sharded folder was sharded for.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Pipeline stages: contiguous ranges of layers, the leftover layers going to the earliest
+    /// stages. Default: 1, or what a pre-sharded folder was sharded for.
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Layers per stage, e.g. `8,8,7,7` (sets pp).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
+    pub layers: Option<Vec<usize>>,
+}
+
+impl PlacementArgs {
+    /// The placement these arguments ask for.
+    pub fn request(&self) -> PlacementRequest {
+        PlacementRequest {
+            tp: self.tp,
+            pp: self.pp,
+            layers: self.layers.clone(),
+        }
     }
 }
 

@@ -8,9 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use evaluation::{GenerateRequest, generate_text, provenance};
 use generation::Sampling;
-use tp_runtime::PlacementRequest;
 
-use crate::cli::BackendArg;
+use crate::cli::{BackendArg, PlacementArgs};
 use crate::progress::log;
 
 /// Arguments of `awq generate`.
@@ -48,15 +47,8 @@ pub struct GenerateArgs {
     /// Where the model runs.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendArg,
-    /// Tensor-parallel ranks per stage.
-    #[arg(long)]
-    pub tp: Option<usize>,
-    /// Pipeline stages.
-    #[arg(long)]
-    pub pp: Option<usize>,
-    /// Layers per stage, e.g. `8,8,7,7` (sets pp).
-    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
-    pub layers: Option<Vec<usize>>,
+    #[command(flatten)]
+    pub place: PlacementArgs,
     /// Worker threads (default: all logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -86,11 +78,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             seed: args.seed,
         },
         device: args.backend.into(),
-        placement: PlacementRequest {
-            tp: args.tp,
-            pp: args.pp,
-            layers: args.layers.clone(),
-        },
+        placement: args.place.request(),
     };
     let mut out = std::io::stdout().lock();
     let report = generate_text(&request, |piece| {
