@@ -296,6 +296,15 @@ fn for_each_chunk<B: Backend>(
 }
 
 /// Σ (a − b)², in f64, in a fixed order.
+/// Σ x², accumulated in f64 over the same chunks as [`squared_error`].
+fn sum_of_squares(a: &[f32]) -> f64 {
+    a.par_chunks(16_384)
+        .map(|a| a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .into_iter()
+        .sum()
+}
+
 fn squared_error(a: &[f32], b: &[f32]) -> f64 {
     a.par_chunks(16_384)
         .zip(b.par_chunks(16_384))
@@ -471,8 +480,7 @@ pub fn quantize_layer<B: Backend>(
                     let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
                     let mut error = vec![0f32; tokens * out_features];
                     matmul_transposed(&x.data, &delta, &mut error, tokens, in_features, out_features);
-                    let zeros = vec![0f32; error.len()];
-                    Ok(squared_error(&error, &zeros) / (tokens * out_features) as f64)
+                    Ok(sum_of_squares(&error) / (tokens * out_features) as f64)
                 }
                 Evaluator::Block { reference, cols } => {
                     let mut sum = 0f64;
