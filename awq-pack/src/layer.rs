@@ -11,7 +11,8 @@ use checkpoint::{Checkpoint, ModelConfig};
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tp_runtime::backend::cpu::{gram, matmul_transposed};
+use tp_runtime::Compute;
+use tp_runtime::backend::cpu::{gram, matmul_transposed_in};
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
 use tp_runtime::{Backend, DenseWeight, HostTensor, SeqLayout};
 
@@ -34,6 +35,8 @@ pub struct LayerSettings {
     pub seq_len: usize,
     /// Which projections are quantized (the others stay dense).
     pub converted: [bool; 7],
+    /// The arithmetic of the linear-inspected groups' loss products.
+    pub compute: Compute,
 }
 
 /// Owned, modifiable f32 weights of one decoder layer, indexed by [`Projection`].
@@ -457,7 +460,8 @@ pub fn quantize_layer<B: Backend>(
                     let (out_features, _) = p.shape(config);
                     let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
                     let mut projected = vec![0f32; delta.len()];
-                    matmul_transposed(
+                    matmul_transposed_in(
+                        settings.compute,
                         &delta,
                         gram,
                         &mut projected,
@@ -479,7 +483,15 @@ pub fn quantize_layer<B: Backend>(
                     let (out_features, _) = p.shape(config);
                     let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
                     let mut error = vec![0f32; tokens * out_features];
-                    matmul_transposed(&x.data, &delta, &mut error, tokens, in_features, out_features);
+                    matmul_transposed_in(
+                        settings.compute,
+                        &x.data,
+                        &delta,
+                        &mut error,
+                        tokens,
+                        in_features,
+                        out_features,
+                    );
                     Ok(sum_of_squares(&error) / (tokens * out_features) as f64)
                 }
                 Evaluator::Block { reference, cols } => {

@@ -15,7 +15,7 @@ use checkpoint::writer::{
 };
 use checkpoint::{AwqShape, Checkpoint, ModelConfig, QuantizationConfig, Tokenizer, atomic};
 use serde::{Deserialize, Serialize};
-use tp_runtime::{Backend, CpuBackend};
+use tp_runtime::{Backend, Compute, CpuBackend};
 
 use crate::layer::{
     LayerReport, LayerSettings, LayerWeights, OutLinear, QuantizedLayer, quantize_layer, rtn_layer,
@@ -83,6 +83,9 @@ pub struct QuantizeOptions {
     /// The largest weights file of the output; a larger checkpoint is written as Hugging Face
     /// shards with an index, each finished as its last layer is.
     pub max_shard_bytes: u64,
+    /// The arithmetic of the calibration passes and the search's trials (resolved against
+    /// this CPU by the caller).
+    pub compute: Compute,
 }
 
 impl QuantizeOptions {
@@ -98,6 +101,7 @@ impl QuantizeOptions {
             modules_to_not_convert: Vec::new(),
             replace: false,
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            compute: Compute::F32,
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct QuantizeReport {
     pub calibration: Option<CalibSummary>,
     pub quantization_config: serde_json::Value,
     pub layers: Vec<LayerReport>,
+    /// The arithmetic the search ran in.
+    #[serde(default)]
+    pub compute: Compute,
     pub seconds: RunSeconds,
     pub safetensors_bytes: u64,
 }
@@ -282,7 +289,7 @@ pub fn quantize(
     options: &QuantizeOptions,
     on_event: impl FnMut(Event<'_>),
 ) -> Result<QuantizeReport> {
-    quantize_on(&CpuBackend::new(), model_dir, out_dir, options, on_event)
+    quantize_on(&CpuBackend::with_compute(options.compute), model_dir, out_dir, options, on_event)
 }
 
 /// [`quantize`] with the calibration forward passes and the search's trials on `backend`.
@@ -350,6 +357,7 @@ pub fn quantize_on<B: Backend>(
                 clip: options.clip,
                 seq_len: options.calib.seq_len,
                 converted: converted(&qconfig, index),
+                compute: options.compute,
             };
             let (quantized, mut report) = match &mut stream {
                 Some(stream) => {
@@ -426,6 +434,7 @@ pub fn quantize_on<B: Backend>(
         calibration: calib.map(|c| c.summary),
         quantization_config: qconfig.to_json(),
         layers: layer_reports,
+        compute: options.compute,
         seconds,
         safetensors_bytes,
     })

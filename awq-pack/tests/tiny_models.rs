@@ -26,6 +26,7 @@ fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
         modules_to_not_convert: Vec::new(),
         replace: false,
         max_shard_bytes: checkpoint::writer::DEFAULT_MAX_SHARD_BYTES,
+        compute: tp_runtime::Compute::F32,
     }
 }
 

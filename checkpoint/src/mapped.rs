@@ -606,6 +606,20 @@ impl FloatData {
         }
     }
 
+    /// Values `range` rounded to bf16 (to nearest even) into `out`: a copy when stored as
+    /// bf16.
+    pub fn narrow_into_bf16(&self, range: Range<usize>, out: &mut [half::bf16]) {
+        match self {
+            FloatData::F32(d) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, &d[range]),
+            FloatData::F16(d) => {
+                for (o, v) in out.iter_mut().zip(&d[range]) {
+                    *o = half::bf16::from_f32(v.to_f32());
+                }
+            }
+            FloatData::BF16(d) => out.copy_from_slice(&d[range]),
+        }
+    }
+
     /// All values as f32: the same storage when already f32, converted otherwise.
     pub fn into_f32(self) -> HostData<f32> {
         match self {

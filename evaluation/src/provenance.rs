@@ -31,6 +31,9 @@ pub struct Machine {
     pub os: String,
     pub arch: String,
     pub cpu: Option<String>,
+    /// The instruction-set features that choose the compute kernels (`+avx512_bf16 …`).
+    #[serde(default)]
+    pub cpu_features: String,
     pub logical_cpus: usize,
     pub memory_bytes: Option<u64>,
 }
@@ -48,6 +51,7 @@ pub fn machine() -> Machine {
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
         cpu: proc_field("/proc/cpuinfo", "model name"),
+        cpu_features: tp_runtime::CpuFeatures::detect().to_string(),
         logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes: proc_field("/proc/meminfo", "MemTotal")
             .and_then(|v| v.trim_end_matches(" kB").trim().parse::<u64>().ok())

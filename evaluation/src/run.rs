@@ -10,7 +10,7 @@ use checkpoint::{ModelConfig, Tokenizer};
 use generation::{ChatTemplate, GenerateOptions, Message, Sampling, TextStream, generate, stop_tokens};
 use tp_runtime::loaded;
 pub use tp_runtime::loaded::Device;
-use tp_runtime::{Placement, PlacementRequest};
+use tp_runtime::{ComputeRequest, Placement, PlacementRequest};
 
 use crate::kl::{KlStats, kl_divergence};
 use crate::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
@@ -39,6 +39,8 @@ pub struct EvalRequest {
     /// Compare the model's token distributions with this base model's on the same windows
     /// (KL divergence); both are loaded at once, on the same device and placement.
     pub kl_base: Option<PathBuf>,
+    /// The arithmetic of CPU matrix products (each model resolves `auto` by itself).
+    pub compute: ComputeRequest,
 }
 
 /// Progress of an evaluation.
@@ -116,9 +118,9 @@ fn load_and_score(
     mut on_event: impl FnMut(EvalEvent<'_>),
 ) -> Result<Scored> {
     let load = Instant::now();
-    let model = loaded::load(&request.model, request.device, &request.placement)?;
+    let model = loaded::load(&request.model, request.device, request.compute, &request.placement)?;
     let base = match &request.kl_base {
-        Some(dir) => Some(loaded::load(dir, request.device, &request.placement)?),
+        Some(dir) => Some(loaded::load(dir, request.device, request.compute, &request.placement)?),
         None => None,
     };
     let load_seconds = load.elapsed().as_secs_f64();
@@ -323,7 +325,9 @@ pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -
     }
     let stop = stop_tokens(&request.model, &tokenizer)?;
     let load = Instant::now();
-    let model = loaded::load(&request.model, request.device, &request.placement)?;
+    // Decoding steps are a few rows, which always compute in f32; prompts too, so that a
+    // generation does not depend on the CPU it ran on.
+    let model = loaded::load(&request.model, request.device, ComputeRequest::F32, &request.placement)?;
     let load_seconds = load.elapsed().as_secs_f64();
     let options = GenerateOptions {
         max_new_tokens: request.max_new_tokens,

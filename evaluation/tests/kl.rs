@@ -125,6 +125,7 @@ fn evaluate_checkpoint_reports_the_comparison() {
         device: Device::Cpu,
         placement: PlacementRequest::default(),
         kl_base,
+        compute: tp_runtime::ComputeRequest::F32,
     };
     let plain = evaluate_checkpoint(&request(None), |_| {}).unwrap();
     assert!(plain.kl.is_none() && plain.kind == "perplexity");

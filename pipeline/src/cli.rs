@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use evaluation::perplexity::Protocol;
 use evaluation::report::QuantizeRunReport;
 use evaluation::{Device, EvalRequest};
-use tp_runtime::PlacementRequest;
+use tp_runtime::{ComputeRequest, PlacementRequest};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,6 +66,11 @@ pub struct EvalArgs {
     /// (llama.cpp's statistics).
     #[arg(long, value_name = "ORIGINAL")]
     pub kl_base: Option<PathBuf>,
+    /// CPU matrix products: f32 (exact), bf16 (bf16 operands, f32 accumulation; needs
+    /// avx512_bf16) or auto (bf16 for AWQ and 16-bit checkpoints where the CPU has it, else f32). In `awq bench`, auto measures every path this CPU
+    /// has against f32.
+    #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
+    pub compute: ComputeRequest,
 }
 
 impl EvalArgs {
@@ -81,6 +86,7 @@ impl EvalArgs {
             device: self.backend.into(),
             placement: self.place.request(),
             kl_base: self.kl_base.clone(),
+            compute: self.compute,
         }
     }
 }
@@ -139,6 +145,11 @@ pub struct QuantizeArgs {
     /// Worker threads (default: all logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// CPU matrix products: f32 (exact), bf16 (bf16 operands, f32 accumulation; needs
+    /// avx512_bf16) or auto (bf16 where the CPU has it, else f32). In `awq bench`, auto measures every path this CPU
+    /// has against f32.
+    #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
+    pub compute: ComputeRequest,
 }
 
 impl QuantizeArgs {
@@ -149,7 +160,8 @@ impl QuantizeArgs {
         crate::progress::quantize(&self.model, &self.out, &self.options()?, self.calib.as_deref())
     }
 
-    /// The library options these arguments describe.
+    /// The library options these arguments describe (the search's arithmetic resolved
+    /// against this CPU).
     pub fn options(&self) -> Result<QuantizeOptions> {
         let calib = CalibSpec {
             format: self.calib_format,
@@ -168,6 +180,7 @@ impl QuantizeArgs {
             modules_to_not_convert: self.modules_to_not_convert.clone(),
             replace: self.force,
             max_shard_bytes: self.max_shard_size,
+            compute: self.compute.resolve_here(true)?,
         })
     }
 }

@@ -18,7 +18,7 @@ use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
 use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
 use evaluation::perplexity::Protocol;
 use serde::{Deserialize, Serialize};
-use tp_runtime::PlacementRequest;
+use tp_runtime::{ComputeRequest, PlacementRequest};
 use tp_runtime::planner::{PlanDecision, PlanRequest, Strategy};
 
 /// A job file as written.
@@ -158,6 +158,10 @@ pub struct RuntimeSection {
     pub device_memory: Option<String>,
     /// Which parallelism the planner may use (`auto`, `tp`, `pp`, `tp+pp`).
     pub strategy: Option<Strategy>,
+    /// CPU matrix products: `f32`, `bf16` or `auto` (16 bits for the scale search, AWQ
+    /// models and 16-bit checkpoints where the CPU multiplies bf16 natively).
+    #[serde(default)]
+    pub compute: ComputeRequest,
 }
 
 fn one() -> usize {
@@ -174,6 +178,7 @@ impl Default for RuntimeSection {
             devices: None,
             device_memory: None,
             strategy: None,
+            compute: ComputeRequest::Auto,
         }
     }
 }
@@ -646,6 +651,11 @@ impl Job {
 
         // [runtime]
         let runtime = file.runtime.clone();
+        // A forced path this CPU lacks fails here, before any step runs.
+        let search_compute = runtime
+            .compute
+            .resolve_here(true)
+            .map_err(|e| err("runtime.compute", e.to_string()))?;
         if runtime.tp == 0 {
             return Err(err("runtime.tp", "must be at least 1".into()));
         }
@@ -747,6 +757,7 @@ impl Job {
                     modules_to_not_convert: q.modules_to_not_convert.clone(),
                     replace: true,
                     max_shard_bytes,
+                    compute: search_compute,
                 };
                 awq_pack::quantize::check(&model_config, &options)
                     .map_err(|e| err("quant.group_size", e.to_string()))?;

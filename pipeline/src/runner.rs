@@ -167,7 +167,11 @@ fn step_inputs(
                 inputs.extend(cache.dir(&job.original_dir())?);
             }
             inputs.push(cache.file(&e.data)?);
-            (serde_json::to_value(e)?, inputs)
+            let mut config = serde_json::to_value(e)?;
+            // The arithmetic this machine resolves for the scored model decides the result.
+            let compute = tp_runtime::loaded::resolve_compute(&job.eval_model_dir(i), job.runtime.compute)?;
+            config["compute"] = json!(compute);
+            (config, inputs)
         }
         Step::Quantize => {
             let q = job.quant.as_ref().expect("quantize step only with [quant]");
@@ -179,6 +183,7 @@ fn step_inputs(
             let config = json!({
                 "method": o.method, "group_size": o.group_size, "scaling": o.scaling, "clip": o.clip,
                 "calibration": o.calib, "modules_to_not_convert": o.modules_to_not_convert,
+                "compute": o.compute,
             });
             (config, inputs)
         }
@@ -240,6 +245,7 @@ fn run_step(job: &Job, step: Step) -> Result<Vec<PathBuf>> {
                 },
                 placement: job.eval_placement(i).request.clone(),
                 kl_base: (e.kind == EvalKind::Kl).then(|| job.original_dir()),
+                compute: job.runtime.compute,
             };
             let report = progress::evaluate(&request)?;
             log(format!(

@@ -151,6 +151,11 @@ impl RankGroup<CpuBackend> {
     /// in-process CPU ranks. The placement is checked from the configuration before any
     /// weight is read; each rank then reads only its share.
     pub fn load_cpu(dir: &Path, request: &PlacementRequest) -> Result<Self> {
+        Self::load_cpu_on(dir, request, CpuBackend::new())
+    }
+
+    /// [`load_cpu`](Self::load_cpu) with every rank on (a copy of) `backend`.
+    pub fn load_cpu_on(dir: &Path, request: &PlacementRequest, backend: CpuBackend) -> Result<Self> {
         let (config, placement, sources) = prepare(dir, request)?;
         let abort = Arc::new(Abort::new());
         let tp = placement.tp();
@@ -171,7 +176,7 @@ impl RankGroup<CpuBackend> {
             Model::load_rank(
                 config.clone(),
                 sources.of(r),
-                CpuBackend::new(),
+                backend,
                 placement.rank(r),
                 comm,
             )

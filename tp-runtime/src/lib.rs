@@ -6,6 +6,8 @@
 //!   linear layers with, and the weight formats ([`DenseWeight`], AWQ) with how each is
 //!   placed on each backend (`backend::weights`);
 //! - [`model`]: the decoder, written once against [`Backend`]; [`Scorer`];
+//! - [`compute`]: the arithmetic of CPU matrix products (f32, or bf16 operands where the CPU
+//!   multiplies them natively), requested and resolved against the CPU's features;
 //! - [`decode`]: the KV cache and [`Decoder`], what generation drives;
 //! - [`shard`]: the tensor-parallel plan and [`placement`]: pipeline stages and the ranks of
 //!   both, from the configuration alone; [`load`]: reading one rank's share of a checkpoint
@@ -20,6 +22,7 @@
 
 pub mod backend;
 pub mod comm;
+pub mod compute;
 pub mod decode;
 mod error;
 pub mod group;
@@ -35,6 +38,7 @@ pub mod tensor;
 pub use backend::CudaBackend;
 pub use backend::weights::{DenseWeight, WeightFormat};
 pub use backend::{Backend, CpuBackend, LinearKernel, SeqLayout};
+pub use compute::{Compute, ComputeRequest, CpuFeatures};
 pub use decode::{Decoder, KvCache};
 pub use error::{Error, Result};
 pub use group::RankGroup;

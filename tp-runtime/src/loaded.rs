@@ -13,6 +13,7 @@ use crate::backend::Backend;
 use crate::decode::Decoder;
 use crate::model::{Model, Scorer};
 use crate::placement::{Placement, PlacementRequest};
+use crate::compute::{Compute, ComputeRequest};
 use crate::{CpuBackend, Error, RankGroup, Result};
 
 /// Where a model runs.
@@ -129,15 +130,32 @@ pub fn check_device(device: Device, world_size: usize) -> Result<()> {
     }
 }
 
+/// The CPU arithmetic for the model in `dir`: `auto` takes 16 bits where the checkpoint is
+/// AWQ or stored in 16 bits (its products are 16-bit in nature) and the CPU has a native
+/// bf16 product.
+pub fn resolve_compute(dir: &Path, compute: ComputeRequest) -> Result<Compute> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let sixteen_bit = config.quantization.is_some()
+        || matches!(config.torch_dtype.as_deref(), Some("bfloat16" | "float16"));
+    compute.resolve_here(sixteen_bit)
+}
+
 /// Loads `dir` on `device` as `request` places it: one model where the placement is a
-/// single rank of an unsharded folder, else a [`RankGroup`].
-pub fn load(dir: &Path, device: Device, request: &PlacementRequest) -> Result<Box<dyn LoadedModel>> {
+/// single rank of an unsharded folder, else a [`RankGroup`]. On the CPU, matrix products
+/// compute as `compute` resolves to ([`resolve_compute`]); GPUs ignore it.
+pub fn load(
+    dir: &Path,
+    device: Device,
+    compute: ComputeRequest,
+    request: &PlacementRequest,
+) -> Result<Box<dyn LoadedModel>> {
     let placement = resolve(dir, request)?;
     check_device(device, placement.world_size())?;
     let split = placement.world_size() > 1 || Mapping::read(dir)?.is_some();
+    let cpu = || resolve_compute(dir, compute).map(CpuBackend::with_compute);
     Ok(match (device, split) {
-        (Device::Cpu, false) => Box::new(Model::load(dir, CpuBackend::new())?),
-        (Device::Cpu, true) => Box::new(RankGroup::load_cpu(dir, request)?),
+        (Device::Cpu, false) => Box::new(Model::load(dir, cpu()?)?),
+        (Device::Cpu, true) => Box::new(RankGroup::load_cpu_on(dir, request, cpu()?)?),
         #[cfg(feature = "cuda")]
         (Device::Cuda, false) => Box::new(Model::load(dir, crate::CudaBackend::new(0)?)?),
         #[cfg(feature = "cuda")]

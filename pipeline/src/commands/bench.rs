@@ -1,5 +1,6 @@
-//! `awq bench eval`: perplexity-evaluation throughput, reported against a roofline measured
-//! in the same run (the f32 GEMM rate of this machine on the model's own shapes).
+//! `awq bench eval` and `awq bench quantize`: evaluation throughput and quantization time on
+//! each compute path this CPU has (f32, bf16), each against the f32 path and against a
+//! roofline (that path's GEMM rate on the model's own shapes) measured in the same run.
 
 use std::time::Instant;
 
@@ -7,9 +8,13 @@ use anyhow::Result;
 use checkpoint::ModelConfig;
 use clap::Subcommand;
 use evaluation::provenance;
+use awq_pack::QuantizeOptions;
+use checkpoint::FloatData;
+use evaluation::EvalRequest;
 use evaluation::report::{EvalReport, QuantizeRunReport};
 use serde::Serialize;
-use tp_runtime::backend::cpu::matmul_transposed;
+use tp_runtime::backend::cpu::CpuMatrix;
+use tp_runtime::{Compute, ComputeRequest, CpuFeatures, DenseWeight};
 
 use crate::cli::{EvalArgs, QuantizeArgs};
 use crate::progress::{self, log};
@@ -32,7 +37,7 @@ pub enum BenchCommand {
 /// The same-run baseline: how fast this machine multiplies f32 matrices of the model's shape.
 #[derive(Debug, Serialize)]
 pub struct GemmBaseline {
-    pub name: &'static str,
+    pub name: String,
     /// `[m, k] × [k, n]`.
     pub shape: [usize; 3],
     pub gflops: f64,
@@ -42,13 +47,27 @@ pub struct GemmBaseline {
     pub roofline_tokens_per_second: f64,
 }
 
+/// One compute path of `awq bench eval`.
+#[derive(Debug, Serialize)]
+pub struct EvalPath {
+    pub compute: Compute,
+    pub kernel: &'static str,
+    pub eval: EvalReport,
+    pub baseline: GemmBaseline,
+    /// Measured tokens/s over this path's roofline.
+    pub fraction_of_roofline: f64,
+    /// Tokens/s over the f32 path's, measured in the same run.
+    pub speedup_over_f32: Option<f64>,
+    /// (PPL − PPL with f32) / PPL with f32.
+    pub ppl_relative_to_f32: Option<f64>,
+}
+
 /// `awq bench eval`'s report.
 #[derive(Debug, Serialize)]
 pub struct BenchEvalReport {
-    pub eval: EvalReport,
-    pub baseline: GemmBaseline,
-    /// Measured tokens/s over the roofline.
-    pub fraction_of_roofline: f64,
+    pub cpu: Option<String>,
+    pub cpu_features: String,
+    pub paths: Vec<EvalPath>,
 }
 
 /// FLOPs per token of a forward pass at context `ctx` (multiply-add = 2).
@@ -63,18 +82,52 @@ pub fn flops_per_token(c: &ModelConfig, ctx: usize) -> f64 {
     linear + attention
 }
 
-fn gemm_gflops(m: usize, k: usize, n: usize) -> f64 {
+/// This machine's rate (GFLOP/s) for `[m, k] × [k, n]` products computed as `compute` says.
+fn gemm_gflops(compute: Compute, m: usize, k: usize, n: usize) -> f64 {
     let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut out = vec![0f32; m * n];
-    matmul_transposed(&x, &w, &mut out, m, k, n);
+    // The weight as the runtime holds it for this path (bf16 weights are rounded once).
+    let matrix = CpuMatrix::new(DenseWeight::new(FloatData::F32(w.into()), n, k).expect("shape"));
+    matrix.matmul(compute, &x, m, &mut out);
     let start = Instant::now();
     let mut reps = 0u32;
     while start.elapsed().as_secs_f64() < 2.0 {
-        matmul_transposed(&x, &w, &mut out, m, k, n);
+        matrix.matmul(compute, &x, m, &mut out);
         reps += 1;
     }
     2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// The compute paths a bench measures: the one asked for, or with `auto` every path this CPU
+/// has, f32 first (the baseline of the others).
+fn bench_paths(request: ComputeRequest) -> Result<Vec<Compute>> {
+    let features = CpuFeatures::detect();
+    Ok(match request {
+        ComputeRequest::Auto if features.has_bf16() => vec![Compute::F32, Compute::Bf16],
+        ComputeRequest::Auto => vec![Compute::F32],
+        forced => vec![forced.resolve(&features, true)?],
+    })
+}
+
+fn request_of(compute: Compute) -> ComputeRequest {
+    match compute {
+        Compute::F32 => ComputeRequest::F32,
+        Compute::Bf16 => ComputeRequest::Bf16,
+    }
+}
+
+/// Prints the CPU every figure of a bench was measured on.
+fn print_machine() -> (Option<String>, String) {
+    let machine = provenance::machine();
+    println!(
+        "CPU: {} ({} logical CPUs, {} threads); features: {}",
+        machine.cpu.as_deref().unwrap_or("unknown"),
+        machine.logical_cpus,
+        rayon::current_num_threads(),
+        machine.cpu_features
+    );
+    (machine.cpu, machine.cpu_features)
 }
 
 /// Runs a bench subcommand.
@@ -91,72 +144,110 @@ pub fn run(command: &BenchCommand) -> Result<()> {
 /// The same-run baseline of a quantization: its arithmetic at the measured GEMM rate.
 #[derive(Debug, Serialize)]
 pub struct QuantizeFloor {
-    pub name: &'static str,
+    pub name: String,
     pub gemm_gflops: f64,
     pub search_flops: f64,
     pub floor_seconds: f64,
 }
 
-/// `awq bench quantize`'s report.
+/// One compute path of `awq bench quantize`.
 #[derive(Debug, Serialize)]
-pub struct BenchQuantizeReport {
+pub struct QuantizePath {
+    pub compute: Compute,
+    pub kernel: &'static str,
     pub run: QuantizeRunReport,
     pub baseline: QuantizeFloor,
     /// Floor over measured search time (capture + scale search).
     pub fraction_of_floor: f64,
+    /// f32's total seconds over this path's, measured in the same run.
+    pub speedup_over_f32: Option<f64>,
+}
+
+/// `awq bench quantize`'s report.
+#[derive(Debug, Serialize)]
+pub struct BenchQuantizeReport {
+    pub cpu: Option<String>,
+    pub cpu_features: String,
+    pub paths: Vec<QuantizePath>,
 }
 
 fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
-    let run = args.execute()?;
+    provenance::set_threads(args.threads)?;
+    let (cpu, cpu_features) = print_machine();
+    let computes = bench_paths(args.compute)?;
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let q = &run.quantization;
-    let tokens = q.calibration.as_ref().map_or(0, |c| c.tokens) as f64;
-    let shape = [4096, config.hidden_size, config.intermediate_size];
-    log(format!("measuring the f32 GEMM rate on {shape:?}"));
-    let gflops = gemm_gflops(shape[0], shape[1], shape[2]);
-    let flops =
-        awq_pack::layer::search_flops(&config, tokens, args.seq_len) * config.num_hidden_layers as f64;
-    let floor = flops / (gflops * 1e9);
-    let s = &q.seconds;
-    let searched = s.capture + s.scale_search;
-    let report = BenchQuantizeReport {
-        fraction_of_floor: floor / searched,
-        baseline: QuantizeFloor {
-            name: "AWQ search FLOPs at the f32 GEMM rate (gemm crate, same run)",
-            gemm_gflops: gflops,
-            search_flops: flops,
-            floor_seconds: floor,
-        },
-        run,
-    };
-    let s = &report.run.quantization.seconds;
-    println!("| measure | seconds |");
-    println!("|---|---|");
-    for (name, v) in [
-        ("total", s.total),
-        ("calibration data", s.calibration_data),
-        ("capture", s.capture),
-        ("scale search", s.scale_search),
-        ("clip search", s.clip_search),
-        ("quantize + pack", s.quantize_pack),
-        ("write", s.write),
-    ] {
-        println!("| {name} | {v:.1} |");
+    let mut paths: Vec<QuantizePath> = Vec::new();
+    for &compute in &computes {
+        // Several paths write side by side: OUT-f32, OUT-bf16.
+        let out = if computes.len() > 1 {
+            let mut name = args.out.file_name().unwrap_or_default().to_os_string();
+            name.push(format!("-{compute}"));
+            args.out.with_file_name(name)
+        } else {
+            args.out.clone()
+        };
+        let options = QuantizeOptions {
+            compute,
+            ..args.options()?
+        };
+        let run = progress::quantize(&args.model, &out, &options, args.calib.as_deref())?;
+        let q = &run.quantization;
+        let tokens = q.calibration.as_ref().map_or(0, |c| c.tokens) as f64;
+        let shape = [4096, config.hidden_size, config.intermediate_size];
+        log(format!("measuring the {compute} GEMM rate on {shape:?}"));
+        let gflops = gemm_gflops(compute, shape[0], shape[1], shape[2]);
+        let flops =
+            awq_pack::layer::search_flops(&config, tokens, args.seq_len) * config.num_hidden_layers as f64;
+        let floor = flops / (gflops * 1e9);
+        let s = &q.seconds;
+        let searched = s.capture + s.scale_search;
+        let speedup = paths
+            .first()
+            .filter(|p| p.compute == Compute::F32 && compute != Compute::F32)
+            .map(|f32_path| f32_path.run.quantization.seconds.total / s.total);
+        paths.push(QuantizePath {
+            compute,
+            kernel: compute.kernel(),
+            fraction_of_floor: floor / searched,
+            baseline: QuantizeFloor {
+                name: format!("AWQ search FLOPs at the {compute} GEMM rate (same run)"),
+                gemm_gflops: gflops,
+                search_flops: flops,
+                floor_seconds: floor,
+            },
+            speedup_over_f32: speedup,
+            run,
+        });
     }
-    println!(
-        "| baseline: search FLOPs ({:.1} TFLOP) at {:.0} GFLOP/s | {:.1} |",
-        flops / 1e12,
-        gflops,
-        floor
-    );
-    println!(
-        "| capture + scale search over that floor | {:.2}x |",
-        1.0 / report.fraction_of_floor
-    );
-    println!(
-        "| peak RSS | {:.0} MB |",
-        report.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6
-    );
+    println!();
+    println!("| measure (seconds) | {} |", paths.iter().map(|p| p.compute.to_string()).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}", "---|".repeat(paths.len()));
+    let row = |name: &str, value: &dyn Fn(&QuantizePath) -> String| {
+        println!("| {name} | {} |", paths.iter().map(value).collect::<Vec<_>>().join(" | "));
+    };
+    let secs = |p: &QuantizePath| p.run.quantization.seconds.clone();
+    row("total", &|p| format!("{:.1}", secs(p).total));
+    row("calibration data", &|p| format!("{:.1}", secs(p).calibration_data));
+    row("capture", &|p| format!("{:.1}", secs(p).capture));
+    row("scale search", &|p| format!("{:.1}", secs(p).scale_search));
+    row("clip search", &|p| format!("{:.1}", secs(p).clip_search));
+    row("quantize + pack", &|p| format!("{:.1}", secs(p).quantize_pack));
+    row("write", &|p| format!("{:.1}", secs(p).write));
+    row("speed-up of the total over f32 (same run)", &|p| {
+        p.speedup_over_f32.map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
+    });
+    row("GEMM rate on [4096, h] × [h, i], GFLOP/s", &|p| format!("{:.0}", p.baseline.gemm_gflops));
+    row("search FLOPs at that rate (floor)", &|p| {
+        format!("{:.1} ({:.1} TFLOP)", p.baseline.floor_seconds, p.baseline.search_flops / 1e12)
+    });
+    row("capture + scale search over the floor", &|p| format!("{:.2}x", 1.0 / p.fraction_of_floor));
+    row("peak RSS, MB", &|p| format!("{:.0}", p.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6));
+    row("kernel", &|p| p.kernel.to_string());
+    let report = BenchQuantizeReport {
+        cpu,
+        cpu_features,
+        paths,
+    };
     if let Some(path) = &args.json {
         evaluation::report::write(path, &report)?;
         log(format!("report written to {}", path.display()));
@@ -166,41 +257,65 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
 
 fn bench_eval(args: &EvalArgs) -> Result<()> {
     let threads = provenance::set_threads(args.threads)?;
-    let eval = progress::evaluate(&args.request())?;
-    let c = &eval.model.config;
-    let shape = [args.ctx, c.hidden_size, c.intermediate_size];
-    log(format!("measuring the f32 GEMM rate on {shape:?}"));
-    let gflops = gemm_gflops(shape[0], shape[1], shape[2]);
-    let flops = flops_per_token(c, args.ctx);
-    let roofline = gflops * 1e9 / flops;
-    let report = BenchEvalReport {
-        fraction_of_roofline: eval.tokens_per_second / roofline,
-        baseline: GemmBaseline {
-            name: "f32 GEMM roofline (gemm crate, same run)",
-            shape,
-            gflops,
-            flops_per_token: flops,
-            roofline_tokens_per_second: roofline,
-        },
-        eval,
+    let (cpu, cpu_features) = print_machine();
+    let mut paths: Vec<EvalPath> = Vec::new();
+    for compute in bench_paths(args.compute)? {
+        let request = EvalRequest {
+            compute: request_of(compute),
+            ..args.request()
+        };
+        let eval = progress::evaluate(&request)?;
+        let c = &eval.model.config;
+        let shape = [args.ctx, c.hidden_size, c.intermediate_size];
+        log(format!("measuring the {compute} GEMM rate on {shape:?}"));
+        let gflops = gemm_gflops(compute, shape[0], shape[1], shape[2]);
+        let flops = flops_per_token(c, args.ctx);
+        let roofline = gflops * 1e9 / flops;
+        let f32_path = paths.first().filter(|p| p.compute == Compute::F32 && compute != Compute::F32);
+        paths.push(EvalPath {
+            compute,
+            kernel: compute.kernel(),
+            fraction_of_roofline: eval.tokens_per_second / roofline,
+            baseline: GemmBaseline {
+                name: format!("{compute} GEMM roofline (same run)"),
+                shape,
+                gflops,
+                flops_per_token: flops,
+                roofline_tokens_per_second: roofline,
+            },
+            speedup_over_f32: f32_path.map(|p| eval.tokens_per_second / p.eval.tokens_per_second),
+            ppl_relative_to_f32: f32_path.map(|p| (eval.ppl - p.eval.ppl) / p.eval.ppl),
+            eval,
+        });
+    }
+    let first = &paths[0].eval;
+    println!();
+    println!(
+        "{} windows of {} ({} protocol), {threads} threads",
+        first.windows, first.ctx, first.protocol
+    );
+    println!("| measure | {} |", paths.iter().map(|p| p.compute.to_string()).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}", "---|".repeat(paths.len()));
+    let row = |name: &str, value: &dyn Fn(&EvalPath) -> String| {
+        println!("| {name} | {} |", paths.iter().map(value).collect::<Vec<_>>().join(" | "));
     };
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
-        "| perplexity ({}, ctx {}, {} windows) | {:.4} |",
-        report.eval.protocol, report.eval.ctx, report.eval.windows, report.eval.ppl
-    );
-    println!(
-        "| evaluation tokens/s ({} threads) | {:.1} |",
-        threads, report.eval.tokens_per_second
-    );
-    println!("| baseline: f32 GEMM {:?} | {:.1} GFLOP/s |", shape, gflops);
-    println!(
-        "| roofline tokens/s ({:.3} GFLOP/token) | {:.1} |",
-        flops / 1e9,
-        roofline
-    );
-    println!("| fraction of roofline | {:.3} |", report.fraction_of_roofline);
+    row("perplexity", &|p| format!("{:.4}", p.eval.ppl));
+    row("PPL relative to f32", &|p| {
+        p.ppl_relative_to_f32.map_or("0 (baseline)".into(), |r| format!("{:+.3} %", 100.0 * r))
+    });
+    row("evaluation tokens/s", &|p| format!("{:.1}", p.eval.tokens_per_second));
+    row("speed-up over f32 (same run)", &|p| {
+        p.speedup_over_f32.map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
+    });
+    row("GEMM rate on the model's MLP shape, GFLOP/s", &|p| format!("{:.1}", p.baseline.gflops));
+    row("roofline tokens/s (that rate)", &|p| format!("{:.1}", p.baseline.roofline_tokens_per_second));
+    row("fraction of roofline", &|p| format!("{:.3}", p.fraction_of_roofline));
+    row("kernel", &|p| p.kernel.to_string());
+    let report = BenchEvalReport {
+        cpu,
+        cpu_features,
+        paths,
+    };
     if let Some(path) = &args.json {
         evaluation::report::write(path, &report)?;
         log(format!("report written to {}", path.display()));

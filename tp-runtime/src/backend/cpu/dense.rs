@@ -9,7 +9,13 @@ use checkpoint::FloatData;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use std::sync::OnceLock;
+
+use half::bf16;
+
+use super::bf16::{matmul_bf16_weight, to_bf16};
 use super::{CpuBackend, SharedOut, matmul_transposed};
+use crate::compute::Compute;
 use crate::backend::weights::DenseWeight;
 use crate::backend::{ByteSize, LinearKernel};
 use crate::tensor::HostTensor;
@@ -102,6 +108,8 @@ pub struct CpuMatrix {
     pub data: FloatData,
     pub rows: usize,
     pub cols: usize,
+    /// f32 or f16 data rounded to bf16, made on the first 16-bit product and kept.
+    bf16_copy: OnceLock<Vec<bf16>>,
 }
 
 impl CpuMatrix {
@@ -111,6 +119,20 @@ impl CpuMatrix {
             data: weight.data,
             rows: weight.rows,
             cols: weight.cols,
+            bf16_copy: OnceLock::new(),
+        }
+    }
+
+    /// The weight in bf16: the stored values when stored so, else a copy rounded once.
+    fn bf16_weight(&self) -> &[bf16] {
+        match &self.data {
+            FloatData::BF16(w) => w,
+            FloatData::F32(w) => self.bf16_copy.get_or_init(|| to_bf16(w)),
+            FloatData::F16(_) => self.bf16_copy.get_or_init(|| {
+                let mut copy = vec![bf16::ZERO; self.data.len()];
+                self.data.narrow_into_bf16(0..copy.len(), &mut copy);
+                copy
+            }),
         }
     }
 
@@ -119,15 +141,17 @@ impl CpuMatrix {
         self.data.widen_into(r * self.cols..(r + 1) * self.cols, out);
     }
 
-    /// `out[m, rows] = x[m, cols] · selfᵀ`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    /// `out[m, rows] = x[m, cols] · selfᵀ`, computed as `compute` says (a few rows, which
+    /// are bound by reading the weight, always in f32).
+    pub fn matmul(&self, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.rows, self.cols);
         if m <= FEW_ROWS {
             return few_rows(x, m, k, n, out, |r, row| self.widen_row(r, row));
         }
-        match &self.data {
-            FloatData::F32(w) => matmul_transposed(x, w, out, m, k, n),
-            half => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
+        match (compute, &self.data) {
+            (Compute::Bf16, _) => matmul_bf16_weight(x, self.bf16_weight(), out, m, k, n),
+            (Compute::F32, FloatData::F32(w)) => matmul_transposed(x, w, out, m, k, n),
+            (Compute::F32, half) => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
                 let depth = ks.len();
                 for (nn, row) in ns.zip(tile.chunks_exact_mut(depth)) {
                     half.widen_into(nn * k + ks.start..nn * k + ks.end, row);
@@ -219,9 +243,9 @@ impl LinearKernel<CpuBackend> for CpuMatrix {
         self.data.byte_size()
     }
 
-    fn forward_into(&self, _: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
         check_linear_dims(x, out, self.rows, self.cols)?;
-        self.matmul(&x.data, x.rows, &mut out.data);
+        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
         Ok(())
     }
 }
@@ -263,7 +287,7 @@ mod tests {
                 let widened = data.clone().into_f32().to_vec();
                 let matrix = CpuMatrix::new(DenseWeight::new(data, n, k).unwrap());
                 let mut got = vec![f32::NAN; m * n];
-                matrix.matmul(&x, m, &mut got);
+                matrix.matmul(Compute::F32, &x, m, &mut got);
                 let mut want = vec![0f32; m * n];
                 matmul_transposed(&x, &widened, &mut want, m, k, n);
                 let err = got

@@ -2,6 +2,7 @@
 //! and heads. It is also the reference twin of every GPU kernel.
 
 mod attention;
+mod bf16;
 mod dense;
 mod math;
 mod matmul;
@@ -15,12 +16,14 @@ use super::{
     check_copy_rows,
 };
 use crate::backend::weights::{DenseWeight, WeightFormat};
+use crate::compute::Compute;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
 pub use dense::CpuMatrix;
 pub use math::exp_in_place;
-pub use matmul::{gram, matmul_transposed};
+pub use bf16::matmul_transposed_bf16;
+pub use matmul::{gram, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
 /// Keeps freed activation buffers inside the process.
@@ -75,14 +78,27 @@ impl ByteSize for HostData<f32> {
     }
 }
 
-/// Runs everything on the host's cores.
+/// Runs everything on the host's cores; matrix products in the arithmetic it was made with.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    compute: Compute,
+}
 
 impl CpuBackend {
-    /// A CPU backend on the current rayon pool.
+    /// A CPU backend on the current rayon pool, computing in f32.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { compute: Compute::F32 }
+    }
+
+    /// A CPU backend whose linear layers compute as `compute` says (resolved against this
+    /// CPU by [`ComputeRequest::resolve`](crate::ComputeRequest::resolve)).
+    pub fn with_compute(compute: Compute) -> Self {
+        CpuBackend { compute }
+    }
+
+    /// The arithmetic of this backend's matrix products.
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 }
 
@@ -127,7 +143,7 @@ impl Backend for CpuBackend {
     type Vector = HostData<f32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads, {} compute)", rayon::current_num_threads(), self.compute)
     }
 
     fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {
@@ -368,7 +384,7 @@ impl CpuBackend {
             x.extend_from_slice(hidden.row(r));
         }
         let mut out = vec![0f32; rows.len() * lm_head.rows];
-        lm_head.matmul(&x, rows.len(), &mut out);
+        lm_head.matmul(self.compute, &x, rows.len(), &mut out);
         Ok(out)
     }
 }
@@ -385,7 +401,7 @@ mod tests {
 
     #[test]
     fn rotary_rotates_pairs_half_apart() {
-        let b = CpuBackend;
+        let b = CpuBackend::new();
         let rope = RopeFrequencies::new(4, 10_000.0);
         let table = b.rope_table(&rope, &[2]).unwrap();
         let mut x = HostTensor::new(vec![1.0, 0.0, 0.0, 1.0], 1, 4).unwrap();
@@ -399,7 +415,7 @@ mod tests {
 
     #[test]
     fn nll_parts_match_direct_softmax() {
-        let b = CpuBackend;
+        let b = CpuBackend::new();
         let lm = b
             .matrix(DenseWeight::f32(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2).unwrap())
             .unwrap();
@@ -420,7 +436,7 @@ mod tests {
 
     #[test]
     fn embed_zeroes_ids_of_other_shards() {
-        let b = CpuBackend;
+        let b = CpuBackend::new();
         let table = b
             .matrix(DenseWeight::f32(vec![1.0, 2.0, 3.0, 4.0], 2, 2).unwrap())
             .unwrap();

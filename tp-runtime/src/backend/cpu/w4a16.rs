@@ -9,9 +9,13 @@ use rayon::prelude::*;
 
 use checkpoint::AwqGemm;
 use checkpoint::HostData;
-use checkpoint::awq::{ORDER, PACK};
+use checkpoint::awq::{NIBBLE_OF, ORDER, PACK};
+
+use half::bf16;
 
 use super::CpuBackend;
+use super::bf16::{narrow, panel_matmul_bf16};
+use crate::compute::Compute;
 use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
 use crate::Result;
 use crate::backend::LinearKernel;
@@ -49,31 +53,44 @@ impl CpuAwq {
         self.qweight.len() * 4 + self.zeros.len() + self.scales.len() * 4
     }
 
-    /// Writes `Wt[ks, ns]` into `tile` (row-major, `ns.len()` columns).
+    /// Writes `Wt[ks, ns]` into `tile` (row-major, `ns.len()` columns; `ns` starts and ends
+    /// on whole words).
     fn unpack_tile(&self, ks: std::ops::Range<usize>, ns: std::ops::Range<usize>, tile: &mut [f32]) {
         let n_total = self.out_features;
         let (n0, n1) = (ns.start, ns.end);
         for (k, row) in ks.zip(tile.chunks_exact_mut(n1 - n0)) {
             let group_row = (k / self.group_size) * n_total;
             let words = &self.qweight[(k * n_total + n0) / PACK..(k * n_total + n1) / PACK];
-            let zeros = &self.zeros[group_row + n0..group_row + n1];
-            let scales = &self.scales[group_row + n0..group_row + n1];
-            for (c, &word) in words.iter().enumerate() {
-                let word = word as u32;
-                let base = c * PACK;
-                for (i, &column) in ORDER.iter().enumerate() {
-                    let q = ((word >> (4 * i)) & 0xF) as f32;
-                    let n = base + column;
-                    row[n] = (q - zeros[n] as f32) * scales[n];
-                }
-            }
+            unpack_row(
+                words,
+                &self.zeros[group_row + n0..group_row + n1],
+                &self.scales[group_row + n0..group_row + n1],
+                row,
+            );
         }
     }
 
-    /// `out[m, out_features] = x[m, in_features] · Wt`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    /// Writes `Wt[ks, ns]` into `tile` as bf16, row-major.
+    fn unpack_tile_bf16(&self, ks: std::ops::Range<usize>, ns: std::ops::Range<usize>, tile: &mut [bf16]) {
+        let width = ns.len();
+        let mut row = vec![0f32; width];
+        for (k, out) in ks.zip(tile.chunks_exact_mut(width)) {
+            self.unpack_tile(k..k + 1, ns.clone(), &mut row);
+            narrow(&row, out);
+        }
+    }
+
+    /// `out[m, out_features] = x[m, in_features] · Wt`, computed as `compute` says (a few
+    /// rows, which are bound by reading the weight, always in f32).
+    pub fn matmul(&self, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) {
         if m <= FEW_ROWS {
             return self.matmul_few_rows(x, m, out);
+        }
+        if compute == Compute::Bf16 {
+            let (k, n) = (self.in_features, self.out_features);
+            return panel_matmul_bf16(x, m, k, n, out, TileLayout::KMajor, |ks, ns, tile| {
+                self.unpack_tile_bf16(ks, ns, tile)
+            });
         }
         tiled_matmul(
             x,
@@ -109,6 +126,35 @@ impl CpuAwq {
             for (o, p) in out.iter_mut().zip(partial) {
                 *o += p;
             }
+        }
+    }
+}
+
+/// Nibble shift of each output column within its word.
+const SHIFT_OF: [u32; PACK] = {
+    let mut shift = [0u32; PACK];
+    let mut column = 0;
+    while column < PACK {
+        shift[column] = 4 * NIBBLE_OF[column] as u32;
+        column += 1;
+    }
+    shift
+};
+
+/// One row of `Wt`: `row[n] = (q[n] − zeros[n]) · scales[n]` for the columns of `words`.
+/// Each word's eight columns are shifted out in column order (one variable shift per lane),
+/// so the loop vectorises.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
+fn unpack_row(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [f32]) {
+    for (((&word, z), s), out) in words
+        .iter()
+        .zip(zeros.chunks_exact(PACK))
+        .zip(scales.chunks_exact(PACK))
+        .zip(row.chunks_exact_mut(PACK))
+    {
+        for j in 0..PACK {
+            let q = ((word as u32) >> SHIFT_OF[j]) & 0xF;
+            out[j] = (q as f32 - z[j] as f32) * s[j];
         }
     }
 }
@@ -175,9 +221,9 @@ impl LinearKernel<CpuBackend> for CpuAwq {
         self.bytes()
     }
 
-    fn forward_into(&self, _: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
         check_linear_dims(x, out, self.out_features, self.in_features)?;
-        self.matmul(&x.data, x.rows, &mut out.data);
+        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
         Ok(())
     }
 }
@@ -236,16 +282,24 @@ mod tests {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let mut out = vec![f32::NAN; m * n];
-            awq.matmul(&x, m, &mut out);
+            awq.matmul(Compute::F32, &x, m, &mut out);
             let mut want = vec![0f32; m * n];
             crate::backend::cpu::matmul_transposed(&x, &dense, &mut want, m, k, n);
-            let num: f64 = out.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            assert!(
-                (num / den).sqrt() < 1e-6,
-                "({m},{k},{n},{g}): rel err {}",
+            let rel = |a: &[f32], b: &[f32]| {
+                let num: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+                let den: f64 = b.iter().map(|b| (*b as f64).powi(2)).sum();
                 (num / den).sqrt()
-            );
+            };
+            assert!(rel(&out, &want) < 1e-6, "({m},{k},{n},{g}): rel err {}", rel(&out, &want));
+            // The 16-bit path equals the dense bf16 product of the dequantized weight up to
+            // the output's bf16 rounding, and f32 within bf16's precision.
+            if m > FEW_ROWS {
+                awq.matmul(Compute::Bf16, &x, m, &mut out);
+                let mut twin = vec![0f32; m * n];
+                crate::backend::cpu::matmul_transposed_bf16(&x, &dense, &mut twin, m, k, n);
+                assert!(rel(&out, &twin) < 1e-3, "({m},{k},{n},{g}) bf16 vs twin: {}", rel(&out, &twin));
+                assert!(rel(&out, &want) < 1e-2, "({m},{k},{n},{g}) bf16 vs f32: {}", rel(&out, &want));
+            }
         }
     }
 }

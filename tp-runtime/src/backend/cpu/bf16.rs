@@ -1,0 +1,303 @@
+//! Products with bf16 operands and f32 accumulation, through the `gemmkit` crate (whose bf16
+//! kernel is AVX512-BF16's `vdpbf16ps`). Activations are rounded to bf16 once per product;
+//! weights one column panel at a time (at most [`PANEL_BYTES`] of bf16), so that no bf16
+//! copy of a whole large matrix exists. Every output is a single f32 sum over all of `k`,
+//! rounded once to bf16 by the kernel and widened back.
+
+use std::ops::Range;
+
+use gemmkit::{MatMut, MatRef, Parallelism};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::dense::TileLayout;
+
+/// The largest weight panel rounded to bf16 at once.
+const PANEL_BYTES: usize = 32 << 20;
+/// Rows (`KMajor`) or columns (`NMajor`) of a panel filled per rayon task.
+const FILL_CHUNK: usize = 64;
+
+/// `src` rounded to bf16 into `dst`: round to nearest even, NaN kept quiet — `half`'s
+/// `bf16::from_f32` bit for bit, written branch-free so that it vectorises (`half`'s slice
+/// conversion is a scalar loop).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+pub(crate) fn narrow(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
+    for (d, s) in dst.iter_mut().zip(src) {
+        let x = s.to_bits();
+        let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+        let quiet = (x >> 16) | 0x40;
+        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 { quiet } else { rounded };
+        *d = bf16::from_bits(bits as u16);
+    }
+}
+
+/// `x` rounded to bf16, in parallel.
+pub(crate) fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    let mut out = Vec::new();
+    to_bf16_into(x, &mut out);
+    out
+}
+
+/// `x` rounded to bf16 into `out` (resized; its old contents are overwritten).
+fn to_bf16_into(x: &[f32], out: &mut Vec<bf16>) {
+    out.resize(x.len(), bf16::ZERO);
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, x)| narrow(x, o));
+}
+
+thread_local! {
+    /// Buffers of the last product on this thread (activations in bf16, the bf16 output),
+    /// reused so that each product does not zero fresh pages. Taken out while in use, so a
+    /// product nested inside another (work stealing) just allocates its own.
+    static SCRATCH: std::cell::Cell<[Vec<bf16>; 3]> = const {
+        std::cell::Cell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// Runs `f` with this thread's scratch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut [Vec<bf16>; 3]) -> R) -> R {
+    let mut buffers = SCRATCH.take();
+    let result = f(&mut buffers);
+    SCRATCH.set(buffers);
+    result
+}
+
+/// `y[m, w]` widened into columns `n0..n0 + w` of `out[m, n]`.
+fn widen_columns(y: &[bf16], w: usize, out: &mut [f32], n: usize, n0: usize) {
+    out.par_chunks_mut(n).zip(y.par_chunks(w)).for_each(|(o, y)| {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(y, &mut o[n0..n0 + w]);
+    });
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for a weight already in bf16: one `gemmkit` product on
+/// every thread.
+pub(crate) fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    with_scratch(|[xb, y, _]| {
+        to_bf16_into(x, xb);
+        y.resize(m * n, bf16::ZERO);
+        gemmkit::gemm(
+            bf16::ONE,
+            MatRef::from_row_major(xb, m, k),
+            MatRef::from_col_major(w, k, n),
+            bf16::ZERO,
+            MatMut::from_row_major(&mut y[..m * n], m, n),
+            Parallelism::Rayon(0),
+        );
+        widen_columns(&y[..m * n], n, out, n, 0);
+    })
+}
+
+/// `out[m, n] = x[m, k] · Wt[k, n]` with bf16 operands, where `fill(ks, ns, chunk)` writes
+/// `Wt[ks, ns]` as bf16 in `layout` (`KMajor`: `chunk[(k − k0) · w + j]`, called with
+/// whole panel rows; `NMajor`: `chunk[j · k + k']`, called with every `k`; `w = ns.len()`).
+/// Panels are filled by parallel tasks, then multiplied by `gemmkit` on every thread.
+pub(crate) fn panel_matmul_bf16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    layout: TileLayout,
+    fill: impl Fn(Range<usize>, Range<usize>, &mut [bf16]) + Sync,
+) {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    with_scratch(|[xb, y, tile]| {
+        to_bf16_into(x, xb);
+        let panel = (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK).max(FILL_CHUNK).min(n);
+        y.resize(m * panel, bf16::ZERO);
+        tile.resize(k * panel, bf16::ZERO);
+        let (y, tile) = (&mut y[..m * panel], &mut tile[..k * panel]);
+        panels_bf16(xb, m, k, n, out, layout, &fill, y, tile)
+    })
+}
+
+/// The panels of [`panel_matmul_bf16`]: `xb` already rounded, `y` holding `m × panel` and
+/// `tile` `k × panel` values.
+#[allow(clippy::too_many_arguments)]
+fn panels_bf16(
+    xb: &[bf16],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    layout: TileLayout,
+    fill: &(impl Fn(Range<usize>, Range<usize>, &mut [bf16]) + Sync),
+    y: &mut [bf16],
+    tile: &mut [bf16],
+) {
+    let lhs = MatRef::from_row_major(xb, m, k);
+    let panel = tile.len() / k;
+    for n0 in (0..n).step_by(panel) {
+        let n1 = (n0 + panel).min(n);
+        let w = n1 - n0;
+        let tile = &mut tile[..k * w];
+        let rhs = match layout {
+            TileLayout::KMajor => {
+                tile.par_chunks_mut(FILL_CHUNK * w).enumerate().for_each(|(c, chunk)| {
+                    let k0 = c * FILL_CHUNK;
+                    fill(k0..k0 + chunk.len() / w, n0..n1, chunk)
+                });
+                MatRef::from_row_major(tile, k, w)
+            }
+            TileLayout::NMajor => {
+                tile.par_chunks_mut(FILL_CHUNK * k).enumerate().for_each(|(c, chunk)| {
+                    let c0 = n0 + c * FILL_CHUNK;
+                    fill(0..k, c0..c0 + chunk.len() / k, chunk)
+                });
+                MatRef::from_col_major(tile, k, w)
+            }
+        };
+        let y = &mut y[..m * w];
+        gemmkit::gemm(
+            bf16::ONE,
+            lhs,
+            rhs,
+            bf16::ZERO,
+            MatMut::from_row_major(y, m, w),
+            Parallelism::Rayon(0),
+        );
+        widen_columns(y, w, out, n, n0);
+    }
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 operands: [`matmul_transposed`]'s 16-bit twin.
+///
+/// [`matmul_transposed`]: super::matmul_transposed
+pub fn matmul_transposed_bf16(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
+    panel_matmul_bf16(x, m, k, n, out, TileLayout::NMajor, |_, ns, chunk| {
+        narrow(&w[ns.start * k..ns.end * k], chunk)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// The scalar twin: bf16-rounded operands, products summed in f64, the sum rounded to
+    /// bf16 — what the kernel computes up to f32 accumulation order.
+    fn twin(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| r(x[i * k + p]) * r(w[j * k + p])).sum();
+                out[i * n + j] = bf16::from_f64(s).to_f32();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_its_scalar_twin() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (m, k, n) in [(1, 1, 1), (3, 70, 9), (17, 64, 130), (600, 300, 260), (513, 33, 600)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+            let mut got = vec![f32::NAN; m * n];
+            matmul_transposed_bf16(&x, &w, &mut got, m, k, n);
+            let want = twin(&x, &w, m, k, n);
+            for (i, (g, t)) in got.iter().zip(&want).enumerate() {
+                // The f32 and f64 sums may round to neighbouring bf16 values: one unit in
+                // the last place (2⁻⁷ relative) apart at most.
+                let tol = t.abs() / 128.0 + 1e-5 * (k as f32).sqrt();
+                assert!((g - t).abs() <= tol, "({m},{k},{n}) element {i}: {g} vs twin {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn narrowing_is_halfs_conversion() {
+        let mut values: Vec<f32> = [0.0, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, 1e-40, f32::INFINITY]
+            .into_iter()
+            .chain([f32::NEG_INFINITY, f32::NAN, -f32::NAN])
+            .collect();
+        // Exact ties (lower half 0x8000) with even and odd upper halves, and their neighbours.
+        for upper in [0x3F80u32, 0x3F81, 0x7F7F, 0xBF80] {
+            for lower in [0x7FFFu32, 0x8000, 0x8001, 0xFFFF] {
+                values.push(f32::from_bits(upper << 16 | lower));
+            }
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        values.extend((0..10_000).map(|_| f32::from_bits(rng.random::<u32>())));
+        let mut got = vec![bf16::ZERO; values.len()];
+        narrow(&values, &mut got);
+        for (v, g) in values.iter().zip(&got) {
+            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "{v:e} ({:#010x})", v.to_bits());
+        }
+    }
+
+    #[test]
+    fn a_bf16_weight_multiplies_as_its_panels() {
+        let (m, k, n) = (300, 130, 90);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let mut panels = vec![0f32; m * n];
+        matmul_transposed_bf16(&x, &w, &mut panels, m, k, n);
+        let mut whole = vec![1f32; m * n];
+        matmul_bf16_weight(&x, &to_bf16(&w), &mut whole, m, k, n);
+        let twin = twin(&x, &w, m, k, n);
+        for ((a, b), t) in panels.iter().zip(&whole).zip(&twin) {
+            let tol = t.abs() / 128.0 + 1e-4;
+            assert!((a - t).abs() <= tol && (b - t).abs() <= tol, "{a} {b} vs twin {t}");
+        }
+    }
+
+    #[test]
+    fn is_deterministic() {
+        let (m, k, n) = (700, 96, 200);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let mut a = vec![0f32; m * n];
+        let mut b = vec![1f32; m * n];
+        matmul_transposed_bf16(&x, &w, &mut a, m, k, n);
+        matmul_transposed_bf16(&x, &w, &mut b, m, k, n);
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+#[cfg(test)]
+mod timing_tmp {
+    use super::*;
+    #[test]
+    fn timing_tmp() {
+        for (m, k, n) in [(512usize, 576usize, 1536usize), (512, 1536, 576), (512, 576, 49152), (512, 4096, 11008)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+            let mut out = vec![0f32; m * n];
+            crate::backend::cpu::matmul_transposed(&x, &w, &mut out, m, k, n);
+            let t = std::time::Instant::now();
+            for _ in 0..10 { crate::backend::cpu::matmul_transposed(&x, &w, &mut out, m, k, n); }
+            let f = t.elapsed().as_secs_f64() / 10.0;
+            matmul_transposed_bf16(&x, &w, &mut out, m, k, n);
+            let t = std::time::Instant::now();
+            for _ in 0..10 { matmul_transposed_bf16(&x, &w, &mut out, m, k, n); }
+            let b = t.elapsed().as_secs_f64() / 10.0;
+            let t = std::time::Instant::now();
+            for _ in 0..3 { let _ = to_bf16(&x); }
+            let c = t.elapsed().as_secs_f64() / 3.0;
+            let fl = 2.0 * (m * k * n) as f64;
+            eprintln!("{m}x{k}x{n}: f32 {:.1} GF/s bf16 {:.1} GF/s (x conv {:.2} ms)", fl / f / 1e9, fl / b / 1e9, c * 1e3);
+        }
+    }
+}
