@@ -10,7 +10,7 @@ use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling, quantize};
 use checkpoint::{Checkpoint, Tokenizer};
 use rand::{RngExt, SeedableRng};
 use testkit::awq::{dequantize_checkpoint, folder_digest, unpack_gemm};
-use tp_runtime::{CpuBackend, Model, SeqLayout};
+use tp_runtime::{Compute, CpuBackend, Model, SeqLayout};
 
 fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
     QuantizeOptions {
@@ -26,7 +26,7 @@ fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
         modules_to_not_convert: Vec::new(),
         replace: false,
         max_shard_bytes: checkpoint::writer::DEFAULT_MAX_SHARD_BYTES,
-        compute: tp_runtime::Compute::F32,
+        compute: Compute::F32,
     }
 }
 
@@ -124,6 +124,62 @@ fn reruns_are_bit_identical() {
     assert_eq!(
         first.calibration.as_ref().unwrap().blocks * 64,
         first.calibration.unwrap().tokens
+    );
+}
+
+/// A search computed in bf16 is as reproducible as one in f32, and so is the bf16 forward pass
+/// of its checkpoint; both stay close to f32.
+#[test]
+fn bf16_reruns_are_bit_identical() {
+    if !tp_runtime::CpuFeatures::detect().has_bf16() {
+        eprintln!("skipped: this CPU has no avx512_bf16 (the bf16 path is refused there)");
+        return;
+    }
+    let (tmp, model, calib) = setup("tiny-llama");
+    let bf16 = QuantizeOptions {
+        compute: Compute::Bf16,
+        ..options(Method::Awq, &calib, 16)
+    };
+    let (a, b, f) = (tmp.root().join("a"), tmp.root().join("b"), tmp.root().join("f32"));
+    let report = quantize(&model, &a, &bf16, |_| {}).unwrap();
+    assert_eq!(report.compute, Compute::Bf16);
+    quantize(&model, &b, &bf16, |_| {}).unwrap();
+    assert_eq!(folder_digest(&a), folder_digest(&b));
+    quantize(&model, &f, &options(Method::Awq, &calib, 16), |_| {}).unwrap();
+
+    let ids: Vec<u32> = (0..96).map(|i| (i * 37 % 512) as u32).collect();
+    let layout = SeqLayout::single(ids.len()).unwrap();
+    let rows: Vec<usize> = (0..ids.len()).collect();
+    let logits = |dir: &Path, compute| {
+        let m = Model::load(dir, CpuBackend::with_compute(compute)).unwrap();
+        let h = m.forward(&ids, &layout).unwrap();
+        m.logits(&h, &rows).unwrap().concat()
+    };
+    let (first, second) = (logits(&a, Compute::Bf16), logits(&a, Compute::Bf16));
+    assert!(first.iter().zip(&second).all(|(x, y)| x.to_bits() == y.to_bits()));
+    // bf16 compute against f32 on the same checkpoint: within bf16's rounding.
+    let rms = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    let relative = |x: &[f32], y: &[f32]| {
+        let d: Vec<f32> = x.iter().zip(y).map(|(a, b)| a - b).collect();
+        rms(&d) / rms(y)
+    };
+    let f32_logits = logits(&f, Compute::F32);
+    let compute_error = relative(&logits(&f, Compute::Bf16), &f32_logits);
+    // The two searches may choose different scales (a tiny random model's losses are flat),
+    // but the bf16-searched checkpoint is as close to the original as the f32-searched one.
+    let original = logits(&model, Compute::F32);
+    let (bf16_search, f32_search) = (
+        relative(&logits(&a, Compute::F32), &original),
+        relative(&f32_logits, &original),
+    );
+    eprintln!(
+        "bf16 vs f32 compute: relative RMS {compute_error:.2e}; distance from the original: \
+         bf16 search {bf16_search:.4}, f32 search {f32_search:.4}"
+    );
+    assert!(compute_error < 0.02, "bf16 compute differs by {compute_error}");
+    assert!(
+        (bf16_search - f32_search).abs() / f32_search < 0.05,
+        "bf16 search {bf16_search} vs f32 search {f32_search}"
     );
 }
 
