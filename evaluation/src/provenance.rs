@@ -72,6 +72,57 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Peaks of this process's resident memory, split by kind, as sampled by [`RssSampler`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RssPeaks {
+    /// File-backed pages (memory-mapped weights, the binary).
+    pub mapped_bytes: u64,
+    /// Anonymous pages: everything the process allocated.
+    pub other_bytes: u64,
+    /// The largest sum of the two seen at one sample.
+    pub total_bytes: u64,
+}
+
+/// Samples `RssFile` and `RssAnon` of `/proc/self/status` every 20 ms on a thread of its own
+/// (Linux keeps only the total's peak), until [`finish`](Self::finish).
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<RssPeaks>,
+}
+
+impl RssSampler {
+    /// Starts sampling.
+    pub fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peaks = RssPeaks::default();
+            loop {
+                let kb = |key| {
+                    proc_field("/proc/self/status", key)
+                        .and_then(|v| v.trim_end_matches(" kB").trim().parse::<u64>().ok())
+                        .map_or(0, |kb| kb * 1024)
+                };
+                let (mapped, other) = (kb("RssFile"), kb("RssAnon"));
+                peaks.mapped_bytes = peaks.mapped_bytes.max(mapped);
+                peaks.other_bytes = peaks.other_bytes.max(other);
+                peaks.total_bytes = peaks.total_bytes.max(mapped + other);
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return peaks;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling and returns the peaks.
+    pub fn finish(self) -> RssPeaks {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// A file's identity in a report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {

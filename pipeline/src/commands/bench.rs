@@ -29,6 +29,10 @@ pub enum BenchCommand {
     Quantize(QuantizeArgs),
     /// Decoding tokens/s at batch 1 and 8 against the memory roofline measured in the same run.
     Generate(super::bench_generate::BenchGenerateArgs),
+    /// A real-size model from synthetic checkpoints at its shapes: AWQ seconds per layer
+    /// against the search's floor, peak memory, the whole model's projected time and disk,
+    /// and (--eval) whole-model evaluation against the GEMM roofline.
+    Scale(super::bench_scale::BenchScaleArgs),
     /// The W4A16 kernels against cuBLAS f16 on Llama-2-7B shapes (needs a GPU).
     #[cfg(feature = "cuda")]
     Kernels(super::bench_kernels::KernelBenchArgs),
@@ -83,7 +87,7 @@ pub fn flops_per_token(c: &ModelConfig, ctx: usize) -> f64 {
 }
 
 /// This machine's rate (GFLOP/s) for `[m, k] × [k, n]` products computed as `compute` says.
-fn gemm_gflops(compute: Compute, m: usize, k: usize, n: usize) -> f64 {
+pub(crate) fn gemm_gflops(compute: Compute, m: usize, k: usize, n: usize) -> f64 {
     let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let mut out = vec![0f32; m * n];
@@ -136,6 +140,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Eval(args) => bench_eval(args),
         BenchCommand::Quantize(args) => bench_quantize(args),
         BenchCommand::Generate(args) => super::bench_generate::run(args),
+        BenchCommand::Scale(args) => super::bench_scale::run(args),
         #[cfg(feature = "cuda")]
         BenchCommand::Kernels(args) => super::bench_kernels::run(args),
     }

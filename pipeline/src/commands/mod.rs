@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_generate;
+pub mod bench_scale;
 #[cfg(feature = "cuda")]
 pub mod bench_kernels;
 pub mod devices;
