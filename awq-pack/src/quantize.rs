@@ -289,7 +289,13 @@ pub fn quantize(
     options: &QuantizeOptions,
     on_event: impl FnMut(Event<'_>),
 ) -> Result<QuantizeReport> {
-    quantize_on(&CpuBackend::with_compute(options.compute), model_dir, out_dir, options, on_event)
+    quantize_on(
+        &CpuBackend::with_compute(options.compute),
+        model_dir,
+        out_dir,
+        options,
+        on_event,
+    )
 }
 
 /// [`quantize`] with the calibration forward passes and the search's trials on `backend`.

@@ -118,9 +118,19 @@ fn load_and_score(
     mut on_event: impl FnMut(EvalEvent<'_>),
 ) -> Result<Scored> {
     let load = Instant::now();
-    let model = loaded::load(&request.model, request.device, request.compute, &request.placement)?;
+    let model = loaded::load(
+        &request.model,
+        request.device,
+        request.compute,
+        &request.placement,
+    )?;
     let base = match &request.kl_base {
-        Some(dir) => Some(loaded::load(dir, request.device, request.compute, &request.placement)?),
+        Some(dir) => Some(loaded::load(
+            dir,
+            request.device,
+            request.compute,
+            &request.placement,
+        )?),
         None => None,
     };
     let load_seconds = load.elapsed().as_secs_f64();
@@ -327,7 +337,12 @@ pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -
     let load = Instant::now();
     // Decoding steps are a few rows, which always compute in f32; prompts too, so that a
     // generation does not depend on the CPU it ran on.
-    let model = loaded::load(&request.model, request.device, ComputeRequest::F32, &request.placement)?;
+    let model = loaded::load(
+        &request.model,
+        request.device,
+        ComputeRequest::F32,
+        &request.placement,
+    )?;
     let load_seconds = load.elapsed().as_secs_f64();
     let options = GenerateOptions {
         max_new_tokens: request.max_new_tokens,

@@ -18,8 +18,8 @@ use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
 use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
 use evaluation::perplexity::Protocol;
 use serde::{Deserialize, Serialize};
-use tp_runtime::{ComputeRequest, PlacementRequest};
 use tp_runtime::planner::{PlanDecision, PlanRequest, Strategy};
+use tp_runtime::{ComputeRequest, PlacementRequest};
 
 /// A job file as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]

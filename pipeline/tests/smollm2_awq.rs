@@ -137,12 +137,18 @@ fn awq_closes_the_rtn_gap_on_smollm2() {
         // The AWQ checkpoint evaluated in bf16 (auto) and in f32.
         let ppl_awq_f32 = ppl(&awq_dir, &data, "f32")["ppl"].as_f64().unwrap();
         eprintln!("AWQ PPL: bf16 compute {ppl_awq:.4}, f32 compute {ppl_awq_f32:.4}");
-        assert!(relative(ppl_awq, ppl_awq_f32) < 0.002, "bf16 {ppl_awq} vs f32 {ppl_awq_f32}");
+        assert!(
+            relative(ppl_awq, ppl_awq_f32) < 0.002,
+            "bf16 {ppl_awq} vs f32 {ppl_awq_f32}"
+        );
         // The original model in bf16 against f32 (transformers' f32 figure, which our f32
         // path reproduces within 1e-5: evaluation/tests/smollm2.rs).
         let ppl_fp_bf16 = ppl(&model, &data, "bf16")["ppl"].as_f64().unwrap();
         eprintln!("f32 model PPL: bf16 compute {ppl_fp_bf16:.4}, f32 {ppl_fp:.4}");
-        assert!(relative(ppl_fp_bf16, ppl_fp) < 0.002, "bf16 {ppl_fp_bf16} vs f32 {ppl_fp}");
+        assert!(
+            relative(ppl_fp_bf16, ppl_fp) < 0.002,
+            "bf16 {ppl_fp_bf16} vs f32 {ppl_fp}"
+        );
         // The bf16-searched checkpoint against the f32-searched one, both evaluated in f32.
         let f32_search = testkit::read_json(&testkit::fixture("smollm2-135m/awq_g64_f32_search.json"));
         let ppl_f32_search = f32_search["ctx512_first40"]["ppl"].as_f64().unwrap();

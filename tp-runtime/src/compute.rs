@@ -174,18 +174,39 @@ mod tests {
 
     #[test]
     fn forced_bf16_on_a_cpu_without_it_names_the_feature() {
-        let err = ComputeRequest::Bf16.resolve(&WITHOUT_BF16, true).unwrap_err().to_string();
+        let err = ComputeRequest::Bf16
+            .resolve(&WITHOUT_BF16, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("avx512_bf16"), "{err}");
-        assert!(err.contains("-avx512_bf16"), "the CPU's features are listed: {err}");
-        assert_eq!(ComputeRequest::Bf16.resolve(&WITH_BF16, false).unwrap(), Compute::Bf16);
+        assert!(
+            err.contains("-avx512_bf16"),
+            "the CPU's features are listed: {err}"
+        );
+        assert_eq!(
+            ComputeRequest::Bf16.resolve(&WITH_BF16, false).unwrap(),
+            Compute::Bf16
+        );
     }
 
     #[test]
     fn auto_takes_sixteen_bits_only_for_sixteen_bit_work_on_a_capable_cpu() {
-        assert_eq!(ComputeRequest::Auto.resolve(&WITH_BF16, true).unwrap(), Compute::Bf16);
-        assert_eq!(ComputeRequest::Auto.resolve(&WITH_BF16, false).unwrap(), Compute::F32);
-        assert_eq!(ComputeRequest::Auto.resolve(&WITHOUT_BF16, true).unwrap(), Compute::F32);
-        assert_eq!(ComputeRequest::F32.resolve(&WITH_BF16, true).unwrap(), Compute::F32);
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&WITH_BF16, true).unwrap(),
+            Compute::Bf16
+        );
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&WITH_BF16, false).unwrap(),
+            Compute::F32
+        );
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&WITHOUT_BF16, true).unwrap(),
+            Compute::F32
+        );
+        assert_eq!(
+            ComputeRequest::F32.resolve(&WITH_BF16, true).unwrap(),
+            Compute::F32
+        );
     }
 
     #[test]
@@ -193,6 +214,11 @@ mod tests {
         for r in [ComputeRequest::F32, ComputeRequest::Bf16, ComputeRequest::Auto] {
             assert_eq!(r.to_string().parse::<ComputeRequest>().unwrap(), r);
         }
-        assert!("fp16".parse::<ComputeRequest>().unwrap_err().contains("f32, bf16 or auto"));
+        assert!(
+            "fp16"
+                .parse::<ComputeRequest>()
+                .unwrap_err()
+                .contains("f32, bf16 or auto")
+        );
     }
 }

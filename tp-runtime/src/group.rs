@@ -173,13 +173,7 @@ impl RankGroup<CpuBackend> {
         let ranks = load_ranks(&placement, &abort, |r| {
             let comm: Option<Comm<CpuBackend>> =
                 local_comms[r].clone().map(|c| c as Arc<dyn Communicator<[f32]>>);
-            Model::load_rank(
-                config.clone(),
-                sources.of(r),
-                backend,
-                placement.rank(r),
-                comm,
-            )
+            Model::load_rank(config.clone(), sources.of(r), backend, placement.rank(r), comm)
         })?;
         let files = sources.files(placement.world_size());
         Ok(Self::assemble(

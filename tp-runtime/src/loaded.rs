@@ -10,10 +10,10 @@ use checkpoint::presharded::Mapping;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
+use crate::compute::{Compute, ComputeRequest};
 use crate::decode::Decoder;
 use crate::model::{Model, Scorer};
 use crate::placement::{Placement, PlacementRequest};
-use crate::compute::{Compute, ComputeRequest};
 use crate::{CpuBackend, Error, RankGroup, Result};
 
 /// Where a model runs.

@@ -5,12 +5,12 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use checkpoint::ModelConfig;
-use clap::Subcommand;
-use evaluation::provenance;
 use awq_pack::QuantizeOptions;
 use checkpoint::FloatData;
+use checkpoint::ModelConfig;
+use clap::Subcommand;
 use evaluation::EvalRequest;
+use evaluation::provenance;
 use evaluation::report::{EvalReport, QuantizeRunReport};
 use serde::Serialize;
 use tp_runtime::backend::cpu::CpuMatrix;
@@ -225,28 +225,51 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
         });
     }
     println!();
-    println!("| measure (seconds) | {} |", paths.iter().map(|p| p.compute.to_string()).collect::<Vec<_>>().join(" | "));
+    println!(
+        "| measure (seconds) | {} |",
+        paths
+            .iter()
+            .map(|p| p.compute.to_string())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     println!("|---|{}", "---|".repeat(paths.len()));
     let row = |name: &str, value: &dyn Fn(&QuantizePath) -> String| {
-        println!("| {name} | {} |", paths.iter().map(value).collect::<Vec<_>>().join(" | "));
+        println!(
+            "| {name} | {} |",
+            paths.iter().map(value).collect::<Vec<_>>().join(" | ")
+        );
     };
     let secs = |p: &QuantizePath| p.run.quantization.seconds.clone();
     row("total", &|p| format!("{:.1}", secs(p).total));
-    row("calibration data", &|p| format!("{:.1}", secs(p).calibration_data));
+    row("calibration data", &|p| {
+        format!("{:.1}", secs(p).calibration_data)
+    });
     row("capture", &|p| format!("{:.1}", secs(p).capture));
     row("scale search", &|p| format!("{:.1}", secs(p).scale_search));
     row("clip search", &|p| format!("{:.1}", secs(p).clip_search));
     row("quantize + pack", &|p| format!("{:.1}", secs(p).quantize_pack));
     row("write", &|p| format!("{:.1}", secs(p).write));
     row("speed-up of the total over f32 (same run)", &|p| {
-        p.speedup_over_f32.map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
+        p.speedup_over_f32
+            .map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
     });
-    row("GEMM rate on [4096, h] × [h, i], GFLOP/s", &|p| format!("{:.0}", p.baseline.gemm_gflops));
+    row("GEMM rate on [4096, h] × [h, i], GFLOP/s", &|p| {
+        format!("{:.0}", p.baseline.gemm_gflops)
+    });
     row("search FLOPs at that rate (floor)", &|p| {
-        format!("{:.1} ({:.1} TFLOP)", p.baseline.floor_seconds, p.baseline.search_flops / 1e12)
+        format!(
+            "{:.1} ({:.1} TFLOP)",
+            p.baseline.floor_seconds,
+            p.baseline.search_flops / 1e12
+        )
     });
-    row("capture + scale search over the floor", &|p| format!("{:.2}x", 1.0 / p.fraction_of_floor));
-    row("peak RSS, MB", &|p| format!("{:.0}", p.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6));
+    row("capture + scale search over the floor", &|p| {
+        format!("{:.2}x", 1.0 / p.fraction_of_floor)
+    });
+    row("peak RSS, MB", &|p| {
+        format!("{:.0}", p.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6)
+    });
     row("kernel", &|p| p.kernel.to_string());
     let report = BenchQuantizeReport {
         cpu,
@@ -276,7 +299,9 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         let gflops = gemm_gflops(compute, shape[0], shape[1], shape[2]);
         let flops = flops_per_token(c, args.ctx);
         let roofline = gflops * 1e9 / flops;
-        let f32_path = paths.first().filter(|p| p.compute == Compute::F32 && compute != Compute::F32);
+        let f32_path = paths
+            .first()
+            .filter(|p| p.compute == Compute::F32 && compute != Compute::F32);
         paths.push(EvalPath {
             compute,
             kernel: compute.kernel(),
@@ -299,22 +324,42 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         "{} windows of {} ({} protocol), {threads} threads",
         first.windows, first.ctx, first.protocol
     );
-    println!("| measure | {} |", paths.iter().map(|p| p.compute.to_string()).collect::<Vec<_>>().join(" | "));
+    println!(
+        "| measure | {} |",
+        paths
+            .iter()
+            .map(|p| p.compute.to_string())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     println!("|---|{}", "---|".repeat(paths.len()));
     let row = |name: &str, value: &dyn Fn(&EvalPath) -> String| {
-        println!("| {name} | {} |", paths.iter().map(value).collect::<Vec<_>>().join(" | "));
+        println!(
+            "| {name} | {} |",
+            paths.iter().map(value).collect::<Vec<_>>().join(" | ")
+        );
     };
     row("perplexity", &|p| format!("{:.4}", p.eval.ppl));
     row("PPL relative to f32", &|p| {
-        p.ppl_relative_to_f32.map_or("0 (baseline)".into(), |r| format!("{:+.3} %", 100.0 * r))
+        p.ppl_relative_to_f32
+            .map_or("0 (baseline)".into(), |r| format!("{:+.3} %", 100.0 * r))
     });
-    row("evaluation tokens/s", &|p| format!("{:.1}", p.eval.tokens_per_second));
+    row("evaluation tokens/s", &|p| {
+        format!("{:.1}", p.eval.tokens_per_second)
+    });
     row("speed-up over f32 (same run)", &|p| {
-        p.speedup_over_f32.map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
+        p.speedup_over_f32
+            .map_or("1 (baseline)".into(), |r| format!("{r:.2}x"))
     });
-    row("GEMM rate on the model's MLP shape, GFLOP/s", &|p| format!("{:.1}", p.baseline.gflops));
-    row("roofline tokens/s (that rate)", &|p| format!("{:.1}", p.baseline.roofline_tokens_per_second));
-    row("fraction of roofline", &|p| format!("{:.3}", p.fraction_of_roofline));
+    row("GEMM rate on the model's MLP shape, GFLOP/s", &|p| {
+        format!("{:.1}", p.baseline.gflops)
+    });
+    row("roofline tokens/s (that rate)", &|p| {
+        format!("{:.1}", p.baseline.roofline_tokens_per_second)
+    });
+    row("fraction of roofline", &|p| {
+        format!("{:.3}", p.fraction_of_roofline)
+    });
     row("kernel", &|p| p.kernel.to_string());
     let report = BenchEvalReport {
         cpu,

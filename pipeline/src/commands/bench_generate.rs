@@ -151,7 +151,12 @@ pub fn run(args: &BenchGenerateArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut backend = String::new();
     for dir in &args.models {
-        let model = loaded::load(dir, device, tp_runtime::ComputeRequest::F32, &PlacementRequest::default())?;
+        let model = loaded::load(
+            dir,
+            device,
+            tp_runtime::ComputeRequest::F32,
+            &PlacementRequest::default(),
+        )?;
         backend = model.backend_name();
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_dir(dir)?;

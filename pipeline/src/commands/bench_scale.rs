@@ -162,7 +162,11 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
         args.config.clone()
     };
     let config = ModelConfig::from_file(&config_path)?;
-    if args.layers.iter().any(|&l| l == 0 || l > config.num_hidden_layers) {
+    if args
+        .layers
+        .iter()
+        .any(|&l| l == 0 || l > config.num_hidden_layers)
+    {
         bail!(
             "--layers: each count must be 1..={} (the model's layers)",
             config.num_hidden_layers
@@ -321,7 +325,9 @@ fn print_report(r: &BenchScaleReport, config: &ModelConfig) {
     }
     if !r.evals.is_empty() {
         println!();
-        println!("| whole model | compute | checkpoint | PPL | tokens/s | roofline tokens/s | fraction | mapped RSS | other RSS |");
+        println!(
+            "| whole model | compute | checkpoint | PPL | tokens/s | roofline tokens/s | fraction | mapped RSS | other RSS |"
+        );
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for e in &r.evals {
             println!(

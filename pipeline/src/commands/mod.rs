@@ -3,9 +3,9 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_generate;
-pub mod bench_scale;
 #[cfg(feature = "cuda")]
 pub mod bench_kernels;
+pub mod bench_scale;
 pub mod devices;
 pub mod eval;
 pub mod generate;

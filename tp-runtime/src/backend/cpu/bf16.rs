@@ -27,7 +27,11 @@ pub(crate) fn narrow(src: &[f32], dst: &mut [bf16]) {
         let x = s.to_bits();
         let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
         let quiet = (x >> 16) | 0x40;
-        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 { quiet } else { rounded };
+        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
+            quiet
+        } else {
+            rounded
+        };
         *d = bf16::from_bits(bits as u16);
     }
 }
@@ -123,7 +127,9 @@ pub(crate) fn panel_matmul_bf16(
     }
     with_scratch(|[xb, y, tile]| {
         to_bf16_into(x, xb);
-        let panel = (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK).max(FILL_CHUNK).min(n);
+        let panel = (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK)
+            .max(FILL_CHUNK)
+            .min(n);
         y.resize(m * panel, bf16::ZERO);
         tile.resize(k * panel, bf16::ZERO);
         let (y, tile) = (&mut y[..m * panel], &mut tile[..k * panel]);
@@ -153,17 +159,21 @@ fn panels_bf16(
         let tile = &mut tile[..k * w];
         let rhs = match layout {
             TileLayout::KMajor => {
-                tile.par_chunks_mut(FILL_CHUNK * w).enumerate().for_each(|(c, chunk)| {
-                    let k0 = c * FILL_CHUNK;
-                    fill(k0..k0 + chunk.len() / w, n0..n1, chunk)
-                });
+                tile.par_chunks_mut(FILL_CHUNK * w)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let k0 = c * FILL_CHUNK;
+                        fill(k0..k0 + chunk.len() / w, n0..n1, chunk)
+                    });
                 MatRef::from_row_major(tile, k, w)
             }
             TileLayout::NMajor => {
-                tile.par_chunks_mut(FILL_CHUNK * k).enumerate().for_each(|(c, chunk)| {
-                    let c0 = n0 + c * FILL_CHUNK;
-                    fill(0..k, c0..c0 + chunk.len() / k, chunk)
-                });
+                tile.par_chunks_mut(FILL_CHUNK * k)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let c0 = n0 + c * FILL_CHUNK;
+                        fill(0..k, c0..c0 + chunk.len() / k, chunk)
+                    });
                 MatRef::from_col_major(tile, k, w)
             }
         };
@@ -212,7 +222,13 @@ mod tests {
     #[test]
     fn matches_its_scalar_twin() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (m, k, n) in [(1, 1, 1), (3, 70, 9), (17, 64, 130), (600, 300, 260), (513, 33, 600)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 70, 9),
+            (17, 64, 130),
+            (600, 300, 260),
+            (513, 33, 600),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let mut got = vec![f32::NAN; m * n];
@@ -244,15 +260,24 @@ mod tests {
         let mut got = vec![bf16::ZERO; values.len()];
         narrow(&values, &mut got);
         for (v, g) in values.iter().zip(&got) {
-            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "{v:e} ({:#010x})", v.to_bits());
+            assert_eq!(
+                g.to_bits(),
+                bf16::from_f32(*v).to_bits(),
+                "{v:e} ({:#010x})",
+                v.to_bits()
+            );
         }
     }
 
     #[test]
     fn a_bf16_weight_multiplies_as_its_panels() {
         let (m, k, n) = (300, 130, 90);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
         let mut panels = vec![0f32; m * n];
         matmul_transposed_bf16(&x, &w, &mut panels, m, k, n);
         let mut whole = vec![1f32; m * n];
@@ -260,44 +285,26 @@ mod tests {
         let twin = twin(&x, &w, m, k, n);
         for ((a, b), t) in panels.iter().zip(&whole).zip(&twin) {
             let tol = t.abs() / 128.0 + 1e-4;
-            assert!((a - t).abs() <= tol && (b - t).abs() <= tol, "{a} {b} vs twin {t}");
+            assert!(
+                (a - t).abs() <= tol && (b - t).abs() <= tol,
+                "{a} {b} vs twin {t}"
+            );
         }
     }
 
     #[test]
     fn is_deterministic() {
         let (m, k, n) = (700, 96, 200);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
         let mut a = vec![0f32; m * n];
         let mut b = vec![1f32; m * n];
         matmul_transposed_bf16(&x, &w, &mut a, m, k, n);
         matmul_transposed_bf16(&x, &w, &mut b, m, k, n);
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
-}
-#[cfg(test)]
-mod timing_tmp {
-    use super::*;
-    #[test]
-    fn timing_tmp() {
-        for (m, k, n) in [(512usize, 576usize, 1536usize), (512, 1536, 576), (512, 576, 49152), (512, 4096, 11008)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
-            let mut out = vec![0f32; m * n];
-            crate::backend::cpu::matmul_transposed(&x, &w, &mut out, m, k, n);
-            let t = std::time::Instant::now();
-            for _ in 0..10 { crate::backend::cpu::matmul_transposed(&x, &w, &mut out, m, k, n); }
-            let f = t.elapsed().as_secs_f64() / 10.0;
-            matmul_transposed_bf16(&x, &w, &mut out, m, k, n);
-            let t = std::time::Instant::now();
-            for _ in 0..10 { matmul_transposed_bf16(&x, &w, &mut out, m, k, n); }
-            let b = t.elapsed().as_secs_f64() / 10.0;
-            let t = std::time::Instant::now();
-            for _ in 0..3 { let _ = to_bf16(&x); }
-            let c = t.elapsed().as_secs_f64() / 3.0;
-            let fl = 2.0 * (m * k * n) as f64;
-            eprintln!("{m}x{k}x{n}: f32 {:.1} GF/s bf16 {:.1} GF/s (x conv {:.2} ms)", fl / f / 1e9, fl / b / 1e9, c * 1e3);
-        }
     }
 }

@@ -15,9 +15,9 @@ use half::bf16;
 
 use super::bf16::{matmul_bf16_weight, to_bf16};
 use super::{CpuBackend, SharedOut, matmul_transposed};
-use crate::compute::Compute;
 use crate::backend::weights::DenseWeight;
 use crate::backend::{ByteSize, LinearKernel};
+use crate::compute::Compute;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 

@@ -59,7 +59,15 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usi
 }
 
 /// [`matmul_transposed`] computed as `compute` says.
-pub fn matmul_transposed_in(compute: Compute, x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn matmul_transposed_in(
+    compute: Compute,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     match compute {
         Compute::F32 => matmul_transposed(x, w, out, m, k, n),
         Compute::Bf16 => super::bf16::matmul_transposed_bf16(x, w, out, m, k, n),

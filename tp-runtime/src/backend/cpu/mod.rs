@@ -20,9 +20,9 @@ use crate::compute::Compute;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
+pub use bf16::matmul_transposed_bf16;
 pub use dense::CpuMatrix;
 pub use math::exp_in_place;
-pub use bf16::matmul_transposed_bf16;
 pub use matmul::{gram, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
@@ -88,7 +88,9 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A CPU backend on the current rayon pool, computing in f32.
     pub fn new() -> Self {
-        CpuBackend { compute: Compute::F32 }
+        CpuBackend {
+            compute: Compute::F32,
+        }
     }
 
     /// A CPU backend whose linear layers compute as `compute` says (resolved against this
@@ -144,7 +146,11 @@ impl Backend for CpuBackend {
     type Vector = HostData<f32>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads, {} compute)", rayon::current_num_threads(), self.compute)
+        format!(
+            "cpu ({} threads, {} compute)",
+            rayon::current_num_threads(),
+            self.compute
+        )
     }
 
     fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {

@@ -15,10 +15,10 @@ use half::bf16;
 
 use super::CpuBackend;
 use super::bf16::{narrow, panel_matmul_bf16};
-use crate::compute::Compute;
 use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
 use crate::Result;
 use crate::backend::LinearKernel;
+use crate::compute::Compute;
 use crate::tensor::HostTensor;
 
 /// An AWQ weight ready for the CPU kernel.
@@ -290,15 +290,27 @@ mod tests {
                 let den: f64 = b.iter().map(|b| (*b as f64).powi(2)).sum();
                 (num / den).sqrt()
             };
-            assert!(rel(&out, &want) < 1e-6, "({m},{k},{n},{g}): rel err {}", rel(&out, &want));
+            assert!(
+                rel(&out, &want) < 1e-6,
+                "({m},{k},{n},{g}): rel err {}",
+                rel(&out, &want)
+            );
             // The 16-bit path equals the dense bf16 product of the dequantized weight up to
             // the output's bf16 rounding, and f32 within bf16's precision.
             if m > FEW_ROWS {
                 awq.matmul(Compute::Bf16, &x, m, &mut out);
                 let mut twin = vec![0f32; m * n];
                 crate::backend::cpu::matmul_transposed_bf16(&x, &dense, &mut twin, m, k, n);
-                assert!(rel(&out, &twin) < 1e-3, "({m},{k},{n},{g}) bf16 vs twin: {}", rel(&out, &twin));
-                assert!(rel(&out, &want) < 1e-2, "({m},{k},{n},{g}) bf16 vs f32: {}", rel(&out, &want));
+                assert!(
+                    rel(&out, &twin) < 1e-3,
+                    "({m},{k},{n},{g}) bf16 vs twin: {}",
+                    rel(&out, &twin)
+                );
+                assert!(
+                    rel(&out, &want) < 1e-2,
+                    "({m},{k},{n},{g}) bf16 vs f32: {}",
+                    rel(&out, &want)
+                );
             }
         }
     }
