@@ -159,8 +159,9 @@ pub struct RuntimeSection {
     /// Which parallelism the planner may use (`auto`, `tp`, `pp`, `tp+pp`).
     pub strategy: Option<Strategy>,
     /// CPU matrix products: `f32`, `bf16` or `auto` (16 bits for the scale search, AWQ
-    /// models and 16-bit checkpoints where the CPU multiplies bf16 natively).
-    #[serde(default)]
+    /// models and 16-bit checkpoints where the CPU multiplies bf16 natively). Left out of
+    /// the canonical form when `auto`, so that jobs written before it keep their hash.
+    #[serde(default, skip_serializing_if = "ComputeRequest::is_auto")]
     pub compute: ComputeRequest,
 }
 

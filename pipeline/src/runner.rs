@@ -12,6 +12,7 @@ use evaluation::provenance::{self, FileDigest};
 use evaluation::report::SCHEMA_VERSION;
 use evaluation::{Device, EvalRequest};
 use serde_json::json;
+use tp_runtime::Compute;
 
 use crate::job::{BackendKind, EvalKind, EvalModel, ImportDtype, Job, Source};
 use crate::lock::lock_folder;
@@ -168,9 +169,12 @@ fn step_inputs(
             }
             inputs.push(cache.file(&e.data)?);
             let mut config = serde_json::to_value(e)?;
-            // The arithmetic this machine resolves for the scored model decides the result.
+            // The arithmetic this machine resolves for the scored model decides the result;
+            // f32 (the only path before there was a choice) keeps earlier fingerprints.
             let compute = tp_runtime::loaded::resolve_compute(&job.eval_model_dir(i), job.runtime.compute)?;
-            config["compute"] = json!(compute);
+            if compute != Compute::F32 {
+                config["compute"] = json!(compute);
+            }
             (config, inputs)
         }
         Step::Quantize => {
@@ -180,11 +184,13 @@ fn step_inputs(
                 inputs.push(cache.file(c)?);
             }
             let o = &q.options;
-            let config = json!({
+            let mut config = json!({
                 "method": o.method, "group_size": o.group_size, "scaling": o.scaling, "clip": o.clip,
                 "calibration": o.calib, "modules_to_not_convert": o.modules_to_not_convert,
-                "compute": o.compute,
             });
+            if o.compute != Compute::F32 {
+                config["compute"] = json!(o.compute);
+            }
             (config, inputs)
         }
         Step::Report => {

@@ -54,7 +54,7 @@ fn check_shards(dir: &Path) -> usize {
     present.len()
 }
 
-fn ppl(model: &Path, data: &Path, json: &Path) -> f64 {
+fn ppl(model: &Path, data: &Path, compute: &str, json: &Path) -> f64 {
     let o = awq(&[
         "eval",
         s(model),
@@ -64,6 +64,8 @@ fn ppl(model: &Path, data: &Path, json: &Path) -> f64 {
         "64",
         "--windows",
         "2",
+        "--compute",
+        compute,
         "--json",
         s(json),
     ]);
@@ -114,15 +116,21 @@ fn a_7b_shaped_model_quantizes_into_shards_bit_identically() {
     let dense = tmp.path().join("dequantized");
     testkit::awq::dequantize_checkpoint(&first, &dense);
     let data = testkit::workspace_root().join("data/wiki.test.raw");
-    let (w4, twin) = (
-        ppl(&first, &data, &tmp.path().join("w4.json")),
-        ppl(&dense, &data, &tmp.path().join("twin.json")),
-    );
-    eprintln!("7B-shaped, 2 layers: PPL W4A16 {w4}, dequantized twin {twin}");
-    assert!(
-        ((w4 - twin) / twin).abs() < 1e-4,
-        "W4A16 {w4} vs dequantized {twin}"
-    );
+    for compute in ["f32", "bf16"] {
+        if compute == "bf16" && !tp_runtime::CpuFeatures::detect().has_bf16() {
+            eprintln!("bf16 twin check skipped: this CPU has no avx512_bf16");
+            continue;
+        }
+        let (w4, twin) = (
+            ppl(&first, &data, compute, &tmp.path().join("w4.json")),
+            ppl(&dense, &data, compute, &tmp.path().join("twin.json")),
+        );
+        eprintln!("7B-shaped, 2 layers, {compute} compute: PPL W4A16 {w4}, dequantized twin {twin}");
+        assert!(
+            ((w4 - twin) / twin).abs() < 1e-4,
+            "{compute}: W4A16 {w4} vs dequantized {twin}"
+        );
+    }
 }
 
 #[test]

@@ -34,6 +34,10 @@ fn eval_report(model: &Path, data: &Path, tp: usize, windows: usize, ctx: usize)
         &windows.to_string(),
         "--tp",
         &tp.to_string(),
+        // Exactness across placements is a property of the f32 reference path; bf16 rounds
+        // each rank's partial sums.
+        "--compute",
+        "f32",
         "--json",
         s(tmp.path()),
     ]));

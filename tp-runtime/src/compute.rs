@@ -135,6 +135,11 @@ impl fmt::Display for CpuFeatures {
 }
 
 impl ComputeRequest {
+    /// Whether this is the default, `auto`.
+    pub fn is_auto(&self) -> bool {
+        *self == ComputeRequest::Auto
+    }
+
     /// The path that runs on a CPU with `features`; `sixteen_bit_work` says whether `auto`
     /// should take 16 bits (AWQ weights, a 16-bit checkpoint, the scale search).
     pub fn resolve(self, features: &CpuFeatures, sixteen_bit_work: bool) -> Result<Compute> {
