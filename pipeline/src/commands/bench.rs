@@ -134,6 +134,22 @@ fn print_machine() -> (Option<String>, String) {
     (machine.cpu, machine.cpu_features)
 }
 
+/// Prints the header of a table with one column per compute path and returns the printer of
+/// its rows: `row(name, value of a path)`.
+fn table_printer<'a, P>(
+    first: &str,
+    paths: &'a [P],
+    compute: impl Fn(&P) -> Compute,
+) -> impl Fn(&str, &dyn Fn(&P) -> String) + 'a {
+    let names: Vec<String> = paths.iter().map(|p| compute(p).to_string()).collect();
+    println!("| {first} | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(paths.len()));
+    move |name, value| {
+        let cells: Vec<String> = paths.iter().map(value).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+}
+
 /// Runs a bench subcommand.
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
@@ -225,21 +241,7 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
         });
     }
     println!();
-    println!(
-        "| measure (seconds) | {} |",
-        paths
-            .iter()
-            .map(|p| p.compute.to_string())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|{}", "---|".repeat(paths.len()));
-    let row = |name: &str, value: &dyn Fn(&QuantizePath) -> String| {
-        println!(
-            "| {name} | {} |",
-            paths.iter().map(value).collect::<Vec<_>>().join(" | ")
-        );
-    };
+    let row = table_printer("measure (seconds)", &paths, |p| p.compute);
     let secs = |p: &QuantizePath| p.run.quantization.seconds.clone();
     row("total", &|p| format!("{:.1}", secs(p).total));
     row("calibration data", &|p| {
@@ -271,6 +273,7 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
         format!("{:.0}", p.run.peak_rss_bytes.unwrap_or(0) as f64 / 1e6)
     });
     row("kernel", &|p| p.kernel.to_string());
+    drop(row);
     let report = BenchQuantizeReport {
         cpu,
         cpu_features,
@@ -324,21 +327,7 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         "{} windows of {} ({} protocol), {threads} threads",
         first.windows, first.ctx, first.protocol
     );
-    println!(
-        "| measure | {} |",
-        paths
-            .iter()
-            .map(|p| p.compute.to_string())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|{}", "---|".repeat(paths.len()));
-    let row = |name: &str, value: &dyn Fn(&EvalPath) -> String| {
-        println!(
-            "| {name} | {} |",
-            paths.iter().map(value).collect::<Vec<_>>().join(" | ")
-        );
-    };
+    let row = table_printer("measure", &paths, |p| p.compute);
     row("perplexity", &|p| format!("{:.4}", p.eval.ppl));
     row("PPL relative to f32", &|p| {
         p.ppl_relative_to_f32
@@ -361,6 +350,7 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         format!("{:.3}", p.fraction_of_roofline)
     });
     row("kernel", &|p| p.kernel.to_string());
+    drop(row);
     let report = BenchEvalReport {
         cpu,
         cpu_features,

@@ -11,6 +11,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::dense::TileLayout;
+use super::matmul::empty_product;
 
 /// The largest weight panel rounded to bf16 at once.
 const PANEL_BYTES: usize = 32 << 20;
@@ -78,14 +79,7 @@ fn widen_columns(y: &[bf16], w: usize, out: &mut [f32], n: usize, n0: usize) {
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` for a weight already in bf16: one `gemmkit` product on
 /// every thread.
 pub(crate) fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
-    assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
-    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
+    if empty_product(x, Some(w.len()), out, m, k, n) {
         return;
     }
     with_scratch(|[xb, y, _]| {
@@ -116,13 +110,7 @@ pub(crate) fn panel_matmul_bf16(
     layout: TileLayout,
     fill: impl Fn(Range<usize>, Range<usize>, &mut [bf16]) + Sync,
 ) {
-    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
-    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
+    if empty_product(x, None, out, m, k, n) {
         return;
     }
     with_scratch(|[xb, y, tile]| {
@@ -272,12 +260,7 @@ mod tests {
     #[test]
     fn a_bf16_weight_multiplies_as_its_panels() {
         let (m, k, n) = (300, 130, 90);
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-            .collect();
+        let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
         let mut panels = vec![0f32; m * n];
         matmul_transposed_bf16(&x, &w, &mut panels, m, k, n);
         let mut whole = vec![1f32; m * n];
@@ -295,12 +278,7 @@ mod tests {
     #[test]
     fn is_deterministic() {
         let (m, k, n) = (700, 96, 200);
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-            .collect();
+        let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
         let mut a = vec![0f32; m * n];
         let mut b = vec![1f32; m * n];
         matmul_transposed_bf16(&x, &w, &mut a, m, k, n);

@@ -16,19 +16,34 @@ fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     }
 }
 
+/// Checks the extents of `out[m, n] = x[m, k] · w` (`w` of `w_len` values, `None` when a
+/// product does not hold its weight whole) and does the product's work when it is empty;
+/// `true` when nothing is left to compute.
+pub(crate) fn empty_product(
+    x: &[f32],
+    w_len: Option<usize>,
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> bool {
+    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
+    if let Some(len) = w_len {
+        assert_eq!(len, n * k, "weight is not [{n}, {k}]");
+    }
+    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
+    if k == 0 {
+        out.fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, where `w` is a PyTorch-layout weight (`[out, in]`).
 ///
 /// Runs on the rayon pool when called from outside it and the product is large enough;
 /// inside a rayon task it stays on that task's thread.
 pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert_eq!(x.len(), m * k, "lhs is not [{m}, {k}]");
-    assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
-    assert_eq!(out.len(), m * n, "output is not [{m}, {n}]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
+    if empty_product(x, Some(w.len()), out, m, k, n) {
         return;
     }
     // SAFETY: the three slices have exactly the extents the strides below describe:
@@ -110,18 +125,24 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Deterministic operands in [−1, 1]: `x[m, k]` and `w[n, k]`.
+    pub(crate) fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w = (0..n * k)
+            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        (x, w)
+    }
 
     #[test]
     fn matches_naive_product() {
         let (m, k, n) = (37, 53, 29);
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
-            .collect();
+        let (x, w) = operands(m, k, n);
         let mut out = vec![f32::NAN; m * n];
         matmul_transposed(&x, &w, &mut out, m, k, n);
         for i in 0..m {
