@@ -128,6 +128,14 @@ fn awq_closes_the_rtn_gap_on_smollm2() {
     assert!(peak < model_bytes + activations, "peak RSS {peak} bytes");
     assert_eq!(q["layers"].as_array().unwrap().len(), 30);
     assert_eq!(q["calibration"]["records_used"], 128);
+    for file in report["output"].as_array().unwrap() {
+        eprintln!(
+            "{}: SHA-256 {}",
+            file["path"].as_str().unwrap(),
+            file["sha256"].as_str().unwrap()
+        );
+    }
+    eprintln!("quantization seconds: {}", q["seconds"]);
 
     // 16-bit compute against f32, where this CPU has it (40 windows each).
     if !tp_runtime::CpuFeatures::detect().has_bf16() {
