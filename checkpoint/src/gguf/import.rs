@@ -425,7 +425,8 @@ pub fn import_gguf(
                 .par_iter()
                 .map(|(t, _)| convert(&gguf, &hp, t, dtype))
                 .collect::<Result<_>>()?;
-            for ((_, spec), bytes) in batch.iter().zip(converted) {
+            for ((t, spec), bytes) in batch.iter().zip(converted) {
+                gguf.release_pages(t);
                 stream.write(&spec.name, &bytes)?;
             }
         }

@@ -261,6 +261,25 @@ impl GgufFile {
         &self.mmap[tensor.range.clone()]
     }
 
+    /// Drops a tensor's pages from this process's resident memory once it is converted, so
+    /// that an import's resident set stays near the tensors in flight rather than growing to
+    /// the file's size.
+    pub fn release_pages(&self, tensor: &GgufTensor) {
+        if tensor.range.is_empty() {
+            return;
+        }
+        // SAFETY: a read-only shared mapping of a file: MADV_DONTNEED discards no data (a
+        // later read faults the same bytes back in), so no live reference sees a change.
+        // Failure only means the pages stay resident.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                tensor.range.start,
+                tensor.range.len(),
+            )
+        };
+    }
+
     /// A tensor's values as f32, in ggml order (innermost dimension contiguous).
     pub fn dequantize(&self, tensor: &GgufTensor) -> Result<Vec<f32>> {
         super::dequant::dequantize(
