@@ -48,6 +48,12 @@ pub struct BenchScaleArgs {
     pub seq_len: usize,
     #[arg(long, default_value_t = 128)]
     pub group_size: usize,
+    /// Calibration tokens to project the whole-model time to (default: 40 blocks of 512, what
+    /// AutoAWQ's default 128 records give with a Llama-family tokenizer on this text), at the
+    /// measured ratio to the search's floor: a synthetic checkpoint's byte-level tokenizer
+    /// turns the same records into a different number of tokens.
+    #[arg(long, default_value_t = 20480)]
+    pub project_tokens: usize,
     /// The search's and the evaluations' arithmetic (f32, bf16, auto).
     #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
     pub compute: ComputeRequest,
@@ -88,6 +94,10 @@ pub struct QuantizedLayers {
     pub peak_rss_bytes: Option<u64>,
     /// Seconds per layer × the model's layers + everything else.
     pub projected_model_seconds: f64,
+    /// The floor at `projected_tokens` × the measured ratio to the floor, per layer.
+    pub projected_seconds_per_layer_at_tokens: f64,
+    /// That × the model's layers + everything else.
+    pub projected_model_seconds_at_tokens: f64,
 }
 
 /// Evaluation of a whole model.
@@ -112,6 +122,8 @@ pub struct BenchScaleReport {
     pub compute: Compute,
     pub gemm_gflops: f64,
     pub quantized: Vec<QuantizedLayers>,
+    /// The calibration tokens the `projected_*_at_tokens` figures are for.
+    pub projected_tokens: usize,
     /// Bytes of the whole model's AWQ checkpoint (from its shapes).
     pub projected_checkpoint_bytes: u64,
     pub evals: Vec<WholeModelEval>,
@@ -212,6 +224,10 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
         let tokens = q.calibration.as_ref().map_or(0, |c| c.tokens);
         let floor = awq_pack::layer::search_flops(&config, tokens as f64, args.seq_len) / (gflops * 1e9);
         let other = s.total - per_layer * layers as f64;
+        let floor_at = |tokens: usize| {
+            awq_pack::layer::search_flops(&config, tokens as f64, args.seq_len) / (gflops * 1e9)
+        };
+        let at_tokens = floor_at(args.project_tokens) * per_layer / floor;
         quantized.push(QuantizedLayers {
             layers,
             calibration_tokens: tokens,
@@ -222,6 +238,8 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
             floor_seconds_per_layer: floor,
             peak_rss_bytes: run.peak_rss_bytes,
             projected_model_seconds: per_layer * config.num_hidden_layers as f64 + other,
+            projected_seconds_per_layer_at_tokens: at_tokens,
+            projected_model_seconds_at_tokens: at_tokens * config.num_hidden_layers as f64 + other,
         });
     }
     let quantized_config = awq_pack::quantize::quantized_config(&config, &options(Method::Awq)?);
@@ -279,6 +297,7 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
         compute,
         gemm_gflops: gflops,
         quantized,
+        projected_tokens: args.project_tokens,
         projected_checkpoint_bytes,
         evals,
     };
@@ -306,13 +325,14 @@ fn print_report(r: &BenchScaleReport, config: &ModelConfig) {
         r.gemm_gflops
     );
     println!(
-        "| layers | calibration tokens | s/layer | floor s/layer | over floor | peak RSS | projected {} layers | AWQ checkpoint |",
-        config.num_hidden_layers
+        "| layers | calibration tokens | s/layer | floor s/layer | over floor | peak RSS | {n} layers at these tokens | s/layer at {t} tokens | {n} layers at {t} tokens | AWQ checkpoint |",
+        n = config.num_hidden_layers,
+        t = r.projected_tokens
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for q in &r.quantized {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.2}x | {:.2} GB | {:.1} h | {:.2} GB |",
+            "| {} | {} | {:.1} | {:.1} | {:.2}x | {:.2} GB | {:.1} h | {:.0} | {:.1} h | {:.2} GB |",
             q.layers,
             q.calibration_tokens,
             q.seconds_per_layer,
@@ -320,6 +340,8 @@ fn print_report(r: &BenchScaleReport, config: &ModelConfig) {
             q.seconds_per_layer / q.floor_seconds_per_layer,
             gb(q.peak_rss_bytes.unwrap_or(0)),
             q.projected_model_seconds / 3600.0,
+            q.projected_seconds_per_layer_at_tokens,
+            q.projected_model_seconds_at_tokens / 3600.0,
             gb(r.projected_checkpoint_bytes)
         );
     }
