@@ -14,7 +14,8 @@ use plotters::prelude::*;
 use crate::job::{Job, Source};
 use crate::manifest::Manifest;
 
-fn weights_bytes(dir: &Path) -> u64 {
+/// Bytes of the safetensors files in a checkpoint folder (0 when it cannot be read).
+pub(crate) fn weights_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

@@ -66,12 +66,13 @@ pub struct EvalPath {
     pub ppl_relative_to_f32: Option<f64>,
 }
 
-/// `awq bench eval`'s report.
+/// The report of `awq bench eval` (paths: [`EvalPath`]) or `awq bench quantize`
+/// ([`QuantizePath`]): the CPU every path was measured on, and the paths.
 #[derive(Debug, Serialize)]
-pub struct BenchEvalReport {
+pub struct BenchReport<P> {
     pub cpu: Option<String>,
     pub cpu_features: String,
-    pub paths: Vec<EvalPath>,
+    pub paths: Vec<P>,
 }
 
 /// FLOPs per token of a forward pass at context `ctx` (multiply-add = 2).
@@ -184,14 +185,6 @@ pub struct QuantizePath {
     pub speedup_over_f32: Option<f64>,
 }
 
-/// `awq bench quantize`'s report.
-#[derive(Debug, Serialize)]
-pub struct BenchQuantizeReport {
-    pub cpu: Option<String>,
-    pub cpu_features: String,
-    pub paths: Vec<QuantizePath>,
-}
-
 fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
     provenance::set_threads(args.threads)?;
     let (cpu, cpu_features) = print_machine();
@@ -274,7 +267,7 @@ fn bench_quantize(args: &QuantizeArgs) -> Result<()> {
     });
     row("kernel", &|p| p.kernel.to_string());
     drop(row);
-    let report = BenchQuantizeReport {
+    let report = BenchReport {
         cpu,
         cpu_features,
         paths,
@@ -351,7 +344,7 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
     });
     row("kernel", &|p| p.kernel.to_string());
     drop(row);
-    let report = BenchEvalReport {
+    let report = BenchReport {
         cpu,
         cpu_features,
         paths,

@@ -147,17 +147,6 @@ fn synth(config: &Path, dir: &Path, layers: Option<usize>) -> Result<Option<f64>
     Ok(Some(start.elapsed().as_secs_f64()))
 }
 
-fn folder_bytes(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().ends_with(".safetensors") {
-            total += entry.metadata()?.len();
-        }
-    }
-    Ok(total)
-}
-
 /// Runs `awq bench scale`.
 pub fn run(args: &BenchScaleArgs) -> Result<()> {
     let threads = provenance::set_threads(args.threads)?;
@@ -280,7 +269,7 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
             evals.push(WholeModelEval {
                 model: name.into(),
                 compute: used,
-                checkpoint_bytes: folder_bytes(dir)?,
+                checkpoint_bytes: crate::report::weights_bytes(dir),
                 ppl: report.ppl,
                 tokens_per_second: report.tokens_per_second,
                 roofline_tokens_per_second: rate * 1e9 / flops_per_token(&config, args.ctx),

@@ -30,8 +30,9 @@ pub use w4a16::CpuAwq;
 ///
 /// glibc hands large freed blocks back to the kernel; every fresh buffer of the next layer
 /// then page-faults its way in, which costs about a fifth of a decoder layer's time at 512
-/// tokens. Raising the mmap and trim thresholds makes such buffers reuse heap memory. Call
-/// once at startup; a no-op outside glibc.
+/// tokens. Raising the trim threshold and allocating every block from the heap (no mmap: glibc
+/// caps the mmap threshold at 32 MB, below a 7B-wide search's 100+ MB trial buffers) makes
+/// such buffers reuse heap memory. Call once at startup; a no-op outside glibc.
 pub fn retain_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; it is called before any
