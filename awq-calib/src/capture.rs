@@ -5,33 +5,33 @@
 
 use checkpoint::names::{self, Projection};
 use checkpoint::{Checkpoint, ModelConfig};
-use rayon::prelude::*;
 use tp_runtime::load::{WeightSource, read_vocab_rows};
 use tp_runtime::model::{DecoderLayer, ForwardContext, Workspace};
-use tp_runtime::{Backend, HostTensor, SeqLayout};
+use tp_runtime::{Backend, Compute, HostTensor, SeqLayout};
 
-use crate::{CalibError, Result};
+use crate::{Activations, CalibError, Result};
 
 /// Tokens per forward pass while capturing: bounds the transient MLP activations.
 const TOKENS_PER_CHUNK: usize = 4096;
 
 /// The inputs of one decoder layer's projection groups over every calibration token, in host
-/// memory (the scale and clip searches read them there, whatever backend ran the layer).
+/// memory (the scale and clip searches read them there, whatever backend ran the layer), in
+/// the precision the search computes in ([`Activations`]).
 #[derive(Clone, Debug)]
 pub struct LayerInputs {
     /// Input of q/k/v (the normed residual), `[tokens, hidden]`.
-    pub attn: HostTensor,
+    pub attn: Activations,
     /// Input of o_proj (attention output), `[tokens, q_features]`.
-    pub o: HostTensor,
+    pub o: Activations,
     /// Input of gate/up (the normed residual), `[tokens, hidden]`.
-    pub mlp: HostTensor,
+    pub mlp: Activations,
     /// Input of down_proj (`silu(gate) * up`), `[tokens, intermediate]`.
-    pub down: HostTensor,
+    pub down: Activations,
 }
 
 impl LayerInputs {
     /// The captured input of projection `p`.
-    pub fn of(&self, p: Projection) -> &HostTensor {
+    pub fn of(&self, p: Projection) -> &Activations {
         match p {
             Projection::Q | Projection::K | Projection::V => &self.attn,
             Projection::O => &self.o,
@@ -41,7 +41,7 @@ impl LayerInputs {
     }
 
     /// Mutable access to the captured input of projection `p`.
-    pub fn of_mut(&mut self, p: Projection) -> &mut HostTensor {
+    pub fn of_mut(&mut self, p: Projection) -> &mut Activations {
         match p {
             Projection::Q | Projection::K | Projection::V => &mut self.attn,
             Projection::O => &mut self.o,
@@ -49,36 +49,19 @@ impl LayerInputs {
             Projection::Down => &mut self.down,
         }
     }
-}
 
-/// Per-channel mean |x| over the rows, accumulated in f64 in a fixed order (so that the
-/// result does not depend on thread scheduling) and returned as f32.
-pub fn mean_abs(x: &HostTensor) -> Vec<f32> {
-    const ROWS: usize = 256;
-    let partial: Vec<Vec<f64>> = x
-        .data
-        .par_chunks(ROWS * x.cols)
-        .map(|rows| {
-            let mut acc = vec![0f64; x.cols];
-            for row in rows.chunks_exact(x.cols) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v.abs() as f64;
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut total = vec![0f64; x.cols];
-    for p in partial {
-        for (t, v) in total.iter_mut().zip(p) {
-            *t += v;
-        }
+    /// Bytes held by the four inputs.
+    pub fn bytes(&self) -> usize {
+        [&self.attn, &self.o, &self.mlp, &self.down]
+            .iter()
+            .map(|a| a.bytes())
+            .sum()
     }
-    total.into_iter().map(|v| (v / x.rows as f64) as f32).collect()
 }
 
-fn check_finite(x: &[f32], cols: usize, layer: usize, what: &'static str) -> Result<()> {
-    match x.iter().position(|v| !v.is_finite()) {
+fn check_finite(x: &Activations, layer: usize, what: &'static str) -> Result<()> {
+    let cols = x.cols();
+    match x.first_non_finite() {
         None => Ok(()),
         Some(i) => Err(CalibError::NonFinite {
             layer,
@@ -110,15 +93,19 @@ pub struct LayerStream<'a, B: Backend> {
     tokens: usize,
     seq_len: usize,
     next: usize,
+    /// How the captured inputs are stored: as the search's products read them.
+    storage: Compute,
 }
 
 impl<'a, B: Backend> LayerStream<'a, B> {
-    /// Embeds the calibration blocks (all of length `seq_len`).
+    /// Embeds the calibration blocks (all of length `seq_len`); the layers' captured inputs
+    /// will be stored for a search computing in `compute` (see [`Activations`]).
     pub fn new(
         backend: &'a B,
         checkpoint: &'a Checkpoint,
         config: &'a ModelConfig,
         blocks: &[Vec<u32>],
+        compute: Compute,
     ) -> Result<Self> {
         let seq_len = blocks.first().map_or(0, Vec::len);
         if seq_len == 0 || blocks.iter().any(|b| b.len() != seq_len) {
@@ -152,6 +139,7 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             tokens: ids.len(),
             seq_len,
             next: 0,
+            storage: compute,
         })
     }
 
@@ -180,11 +168,12 @@ impl<'a, B: Backend> LayerStream<'a, B> {
         let (c, backend) = (self.config, self.backend);
         let layer = DecoderLayer::load(backend, self.checkpoint, c, index)?;
         let tokens = self.tokens;
+        let storage = self.storage;
         let mut inputs = LayerInputs {
-            attn: HostTensor::zeros(tokens, c.hidden_size),
-            o: HostTensor::zeros(tokens, c.q_features()),
-            mlp: HostTensor::zeros(tokens, c.hidden_size),
-            down: HostTensor::zeros(tokens, c.intermediate_size),
+            attn: Activations::zeros(tokens, c.hidden_size, storage),
+            o: Activations::zeros(tokens, c.q_features(), storage),
+            mlp: Activations::zeros(tokens, c.hidden_size, storage),
+            down: Activations::zeros(tokens, c.intermediate_size, storage),
         };
         let blocks_per_chunk = (TOKENS_PER_CHUNK / self.seq_len).max(1);
         let chunk_rows = blocks_per_chunk * self.seq_len;
@@ -202,20 +191,24 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             let mut x = backend.upload(self.x.rows_slice(rows_range.clone()), rows, hidden)?;
             layer.forward_tapped(backend, &mut x, ctx, &mut ws, &mut |p, t| {
                 let dst = inputs.of_mut(p);
-                let cols = dst.cols;
-                backend.read(t, |values| {
-                    dst.rows_slice_mut(start..start + rows)
-                        .copy_from_slice(&values[..rows * cols])
-                })
+                let cols = dst.cols();
+                backend.read(t, |values| dst.write_rows(start, &values[..rows * cols]))
             })?;
             let residual = self.x.rows_slice_mut(rows_range);
             backend.read(&x, |values| residual.copy_from_slice(values))?;
         }
-        check_finite(&inputs.attn.data, inputs.attn.cols, index, "q/k/v")?;
-        check_finite(&inputs.o.data, inputs.o.cols, index, "o_proj")?;
-        check_finite(&inputs.mlp.data, inputs.mlp.cols, index, "gate/up")?;
-        check_finite(&inputs.down.data, inputs.down.cols, index, "down_proj")?;
-        check_finite(&self.x.data, hidden, index, "the next layer")?;
+        check_finite(&inputs.attn, index, "q/k/v")?;
+        check_finite(&inputs.o, index, "o_proj")?;
+        check_finite(&inputs.mlp, index, "gate/up")?;
+        check_finite(&inputs.down, index, "down_proj")?;
+        if let Some(i) = self.x.data.iter().position(|v| !v.is_finite()) {
+            return Err(CalibError::NonFinite {
+                layer: index,
+                what: "the next layer",
+                row: i / hidden,
+                channel: i % hidden,
+            });
+        }
         self.next += 1;
         Ok(Some(LayerCapture { index, layer, inputs }))
     }
@@ -233,12 +226,6 @@ mod tests {
     use tp_runtime::CpuBackend;
 
     #[test]
-    fn mean_abs_is_per_channel() {
-        let x = HostTensor::new(vec![1.0, -2.0, -3.0, 4.0], 2, 2).unwrap();
-        assert_eq!(mean_abs(&x), vec![2.0, 3.0]);
-    }
-
-    #[test]
     fn capture_matches_full_forward_on_tiny_llama() {
         let tiny = testkit::tiny("tiny-llama");
         let dir = tiny.dir.clone();
@@ -248,11 +235,11 @@ mod tests {
             .map(|b| (0..40).map(|i| (i * 7 + b * 13) % 512).collect())
             .collect();
         let backend = CpuBackend::new();
-        let mut stream = LayerStream::new(&backend, &checkpoint, &config, &blocks).unwrap();
+        let mut stream = LayerStream::new(&backend, &checkpoint, &config, &blocks, Compute::F32).unwrap();
         let mut captures = 0;
         while let Some(cap) = stream.next_layer().unwrap() {
-            assert_eq!(cap.inputs.down.cols, config.intermediate_size);
-            assert_eq!(cap.inputs.attn.rows, 120);
+            assert_eq!(cap.inputs.down.cols(), config.intermediate_size);
+            assert_eq!(cap.inputs.attn.rows(), 120);
             stream.release(cap.index);
             captures += 1;
         }

@@ -6,6 +6,7 @@
 //! which equals `dᵀ G d` with `d = Q(clamp(w)) − w` and `G = Xᵀ X / T` the group's Gram
 //! matrix: one small product per group instead of one per token.
 
+use awq_calib::Activations;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::HostTensor;
@@ -20,19 +21,9 @@ pub const CLIP_STEPS: usize = 10;
 /// About this many calibration tokens are sampled.
 pub const CLIP_TOKENS: usize = 512;
 
-/// Every `max(1, rows / 512)`-th row of the calibration input, `[T, cols]`.
-pub fn sample_tokens(x: &HostTensor) -> HostTensor {
-    let step = (x.rows / CLIP_TOKENS).max(1);
-    let data: Vec<f32> = (0..x.rows)
-        .step_by(step)
-        .flat_map(|r| x.row(r).iter().copied())
-        .collect();
-    let rows = data.len() / x.cols;
-    HostTensor {
-        data,
-        rows,
-        cols: x.cols,
-    }
+/// Every `max(1, rows / 512)`-th row of the calibration input, `[T, cols]`, in f32.
+pub fn sample_tokens(x: &Activations) -> HostTensor {
+    x.every_nth_row((x.rows() / CLIP_TOKENS).max(1))
 }
 
 /// What the clip search did to one linear.
@@ -218,7 +209,7 @@ mod tests {
     #[test]
     fn sampling_takes_every_step_th_row() {
         let x = HostTensor::new((0..2048).map(|v| v as f32).collect(), 1024, 2).unwrap();
-        let s = sample_tokens(&x);
+        let s = sample_tokens(&Activations::from_f32(x));
         assert_eq!(s.rows, 512);
         assert_eq!(s.row(1), &[4.0, 5.0]);
     }

@@ -2,19 +2,20 @@
 //! layer, fuse them into the norms and previous linears, search clipping on the scaled
 //! weights and inputs, quantize and pack.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use awq_calib::LayerInputs;
-use awq_calib::capture::mean_abs;
+use awq_calib::{Activations, LayerInputs};
+use checkpoint::FloatData;
 use checkpoint::names::{self, Projection, layer_tensor_name};
 use checkpoint::{Checkpoint, ModelConfig};
-use half::f16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
-use tp_runtime::backend::cpu::{gram, matmul_transposed_in};
+use tp_runtime::backend::cpu::{matmul_bf16_weight, matmul_transposed, matmul_transposed_in, to_bf16};
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
-use tp_runtime::{Backend, DenseWeight, HostTensor, SeqLayout};
+use tp_runtime::{Backend, DenseWeight, SeqLayout};
 
 use crate::clip::{ClipStats, apply_clip, sample_tokens, search_clip};
 use crate::pack::{PackedGemm, pack_gemm};
@@ -22,8 +23,10 @@ use crate::quant::{GroupSize, QuantizedLinear};
 use crate::search::{GRID, ScaleChoice, Scaling, scaled_fake_quantize, search_scales, weight_mean};
 use crate::{PackError, Result};
 
-/// Calibration tokens per forward pass in a trial: bounds transient memory.
-const TRIAL_TOKENS: usize = 4096;
+/// Calibration tokens per forward pass in a trial: bounds transient memory (at the 7B shape
+/// the MLP's activations take 130 KB per token). Benchmarks measure the GEMM rate of the
+/// search's floor at this many rows.
+pub const TRIAL_TOKENS: usize = 2048;
 
 /// Settings of the per-layer search.
 #[derive(Clone, Debug)]
@@ -93,10 +96,10 @@ impl LayerWeights {
         backend: &B,
         config: &ModelConfig,
         p: Projection,
-        weight: Vec<f32>,
+        weight: FloatData,
     ) -> Result<Linear<B>> {
         let (out_features, in_features) = p.shape(config);
-        let weight = DenseWeight::f32(weight, out_features, in_features)?;
+        let weight = DenseWeight::new(weight, out_features, in_features)?;
         let bias = self.biases[p.index()].clone().map(Into::into);
         Ok(Linear::new(backend, Box::new(weight), bias)?)
     }
@@ -329,16 +332,16 @@ fn block_output<B: Backend>(
     backend: &B,
     inspect: Inspect,
     w: &LayerWeights,
-    trial: &mut Vec<(Projection, Vec<f32>)>,
-    x: &HostTensor,
+    trial: &mut Vec<(Projection, FloatData)>,
+    x: &Activations,
     config: &ModelConfig,
-    seq_len: usize,
+    settings: &LayerSettings,
     mut sink: impl FnMut(std::ops::Range<usize>, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let mut linear = |p: Projection| {
         let weight = match trial.iter().position(|(q, _)| *q == p) {
             Some(i) => trial.swap_remove(i).1,
-            None => w.weight(p).to_vec(),
+            None => stored(Cow::Borrowed(w.weight(p)), settings.compute),
         };
         w.linear(backend, config, p, weight)
     };
@@ -352,8 +355,8 @@ fn block_output<B: Backend>(
                 linear(Projection::V)?,
                 linear(Projection::O)?,
             );
-            for_each_chunk(backend, x.rows, seq_len, config, |rows, ctx| {
-                let h = backend.upload(x.rows_slice(rows.clone()), rows.len(), x.cols)?;
+            for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, ctx| {
+                let h = backend.upload(&x.rows_f32(rows.clone()), rows.len(), x.cols())?;
                 let attended = self_attention(backend, [&q, &k, &v], &h, ctx, &mut ws, None)?;
                 let y = project(backend, &o, attended, &mut out)?;
                 backend.read(y, |values| sink(rows, values))?
@@ -365,8 +368,8 @@ fn block_output<B: Backend>(
                 linear(Projection::Up)?,
                 linear(Projection::Down)?,
             );
-            for_each_chunk(backend, x.rows, seq_len, config, |rows, _| {
-                let h = backend.upload(x.rows_slice(rows.clone()), rows.len(), x.cols)?;
+            for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, _| {
+                let h = backend.upload(&x.rows_f32(rows.clone()), rows.len(), x.cols())?;
                 let activated = gated_activation(backend, &gate, &up, &h, &mut ws)?;
                 let y = project(backend, &down, activated, &mut out)?;
                 backend.read(y, |values| sink(rows, values))?
@@ -376,13 +379,81 @@ fn block_output<B: Backend>(
     }
 }
 
+/// `weight` as the products of `compute` read it: rounded to bf16 once for a bf16 search,
+/// so that no f32 copy stays beside the bf16 one.
+fn stored(weight: Cow<'_, [f32]>, compute: Compute) -> FloatData {
+    match compute {
+        Compute::F32 => FloatData::from(weight.into_owned()),
+        Compute::Bf16 => FloatData::BF16(to_bf16(&weight).into()),
+    }
+}
+
+/// Output rows of a trial's weight delta projected through a Gram matrix at once (64 MB).
+const GRAM_BLOCK_VALUES: usize = 1 << 24;
+
+/// A `[n, n]` Gram matrix `XᵀX`, held as the products of the search read it: rounded to bf16
+/// once for a bf16 search rather than in every trial.
+enum GramMatrix {
+    F32 { gram: Vec<f32>, n: usize },
+    Bf16 { gram: Vec<bf16>, n: usize },
+}
+
+impl GramMatrix {
+    fn new(gram: Vec<f32>, n: usize, compute: Compute) -> Self {
+        match compute {
+            Compute::F32 => GramMatrix::F32 { gram, n },
+            Compute::Bf16 => GramMatrix::Bf16 {
+                gram: to_bf16(&gram),
+                n,
+            },
+        }
+    }
+
+    /// The matrix's side, `n`.
+    fn n(&self) -> usize {
+        match self {
+            GramMatrix::F32 { n, .. } | GramMatrix::Bf16 { n, .. } => *n,
+        }
+    }
+
+    /// `out[rows, n] = delta[rows, n] · G` (G is symmetric).
+    fn project(&self, delta: &[f32], rows: usize, out: &mut [f32]) {
+        match self {
+            GramMatrix::F32 { gram, n } => matmul_transposed(delta, gram, out, rows, *n, *n),
+            GramMatrix::Bf16 { gram, n } => matmul_bf16_weight(delta, gram, out, rows, *n, *n),
+        }
+    }
+}
+
+/// `Σ_n Δw_nᵀ G Δw_n` over the rows of `weight` (`[out, n]`), `Δw = Q(W · diag(s)) / s − W`:
+/// computed `rows_per_block` output rows at a time, so that no whole-matrix delta or product
+/// exists (at the 70B shape each would take 0.9 GB per trial). Row sums are added in row
+/// order, whatever the blocks.
+fn gram_loss(gram: &GramMatrix, weight: &[f32], scales: &[f32], g: GroupSize, rows_per_block: usize) -> f64 {
+    let n = gram.n();
+    let mut row_sums = Vec::with_capacity(weight.len() / n);
+    for original in weight.chunks(rows_per_block * n) {
+        let mut delta = scaled_fake_quantize(original, n, scales, g);
+        delta.par_iter_mut().zip(original).for_each(|(q, w)| *q -= w);
+        let mut projected = vec![0f32; delta.len()];
+        gram.project(&delta, delta.len() / n, &mut projected);
+        row_sums.par_extend(
+            delta
+                .par_chunks(n)
+                .zip(projected.par_chunks(n))
+                .map(|(d, p)| d.iter().zip(p).map(|(a, b)| (a * b) as f64).sum::<f64>()),
+        );
+    }
+    row_sums.into_iter().sum()
+}
+
 /// The loss evaluator of one group.
 enum Evaluator {
     /// Reference output of the block over all tokens.
     Block { reference: Vec<f32>, cols: usize },
     /// Gram matrix of the linear's input: loss = Σ_n Δw_nᵀ G Δw_n / (tokens · out), which
     /// costs out·in² per trial whatever the number of tokens.
-    Gram { gram: Vec<f32> },
+    Gram { gram: GramMatrix },
     /// The linear's output error over the captured inputs, ‖X ΔWᵀ‖² / (tokens · out): tokens·in·out
     /// per trial, cheaper than the Gram form when there are fewer tokens than input features
     /// (a short calibration of a wide model).
@@ -420,15 +491,15 @@ pub fn quantize_layer<B: Backend>(
         }
         let input_tap = group.linears[0];
         let x = inputs.of(input_tap);
-        let tokens = x.rows;
-        let in_features = x.cols;
-        let x_mean = mean_abs(x);
+        let tokens = x.rows();
+        let in_features = x.cols();
+        let x_mean = x.mean_abs();
         let weights: Vec<&[f32]> = group.linears.iter().map(|&p| w.weight(p)).collect();
         let w_mean = weight_mean(&weights, in_features, g);
         let evaluator = match group.inspect {
             Inspect::Linear(_) if tokens < in_features => Evaluator::Direct,
             Inspect::Linear(_) => Evaluator::Gram {
-                gram: gram(&x.data, x.rows, x.cols, 1.0),
+                gram: GramMatrix::new(x.gram(), in_features, settings.compute),
             },
             inspect => {
                 let cols = config.hidden_size;
@@ -440,7 +511,7 @@ pub fn quantize_layer<B: Backend>(
                     &mut Vec::new(),
                     x,
                     config,
-                    settings.seq_len,
+                    settings,
                     |rows, out| {
                         reference[rows.start * cols..rows.end * cols].copy_from_slice(out);
                         Ok(())
@@ -450,51 +521,45 @@ pub fn quantize_layer<B: Backend>(
             }
         };
         let choice = search_scales(&x_mean, &w_mean, settings.scaling, |scales| {
-            let mut trial: Vec<(Projection, Vec<f32>)> = quantized
-                .iter()
-                .map(|&p| (p, scaled_fake_quantize(w.weight(p), in_features, scales, g)))
-                .collect();
+            let fake_quantized = |p: Projection| scaled_fake_quantize(w.weight(p), in_features, scales, g);
             match &evaluator {
                 Evaluator::Gram { gram } => {
-                    let (p, wq) = &trial[0];
+                    let p = quantized[0];
                     let (out_features, _) = p.shape(config);
-                    let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
-                    let mut projected = vec![0f32; delta.len()];
-                    matmul_transposed_in(
-                        settings.compute,
-                        &delta,
-                        gram,
-                        &mut projected,
-                        out_features,
-                        in_features,
-                        in_features,
-                    );
-                    let sum: f64 = delta
-                        .par_chunks(in_features)
-                        .zip(projected.par_chunks(in_features))
-                        .map(|(d, p)| d.iter().zip(p).map(|(a, b)| (a * b) as f64).sum::<f64>())
-                        .collect::<Vec<f64>>()
-                        .into_iter()
-                        .sum();
+                    let rows_per_block = (GRAM_BLOCK_VALUES / in_features).max(1);
+                    let sum = gram_loss(gram, w.weight(p), scales, g, rows_per_block);
                     Ok(sum / (tokens * out_features) as f64)
                 }
                 Evaluator::Direct => {
-                    let (p, wq) = &trial[0];
+                    let p = quantized[0];
                     let (out_features, _) = p.shape(config);
-                    let delta: Vec<f32> = wq.par_iter().zip(w.weight(*p)).map(|(a, b)| a - b).collect();
-                    let mut error = vec![0f32; tokens * out_features];
-                    matmul_transposed_in(
-                        settings.compute,
-                        &x.data,
-                        &delta,
-                        &mut error,
-                        tokens,
-                        in_features,
-                        out_features,
-                    );
-                    Ok(sum_of_squares(&error) / (tokens * out_features) as f64)
+                    let wq = fake_quantized(p);
+                    let delta: Vec<f32> = wq.par_iter().zip(w.weight(p)).map(|(a, b)| a - b).collect();
+                    drop(wq);
+                    let mut sum = 0f64;
+                    let mut error = Vec::new();
+                    x.for_each_block(|rows, x| {
+                        error.resize(rows.len() * out_features, 0f32);
+                        matmul_transposed_in(
+                            settings.compute,
+                            x,
+                            &delta,
+                            &mut error,
+                            rows.len(),
+                            in_features,
+                            out_features,
+                        );
+                        sum += sum_of_squares(&error);
+                        Ok::<(), PackError>(())
+                    })?;
+                    Ok(sum / (tokens * out_features) as f64)
                 }
                 Evaluator::Block { reference, cols } => {
+                    // Each one rounded as soon as it is made: one f32 copy at a time.
+                    let mut trial: Vec<(Projection, FloatData)> = quantized
+                        .iter()
+                        .map(|&p| (p, stored(Cow::Owned(fake_quantized(p)), settings.compute)))
+                        .collect();
                     let mut sum = 0f64;
                     block_output(
                         backend,
@@ -503,7 +568,7 @@ pub fn quantize_layer<B: Backend>(
                         &mut trial,
                         x,
                         config,
-                        settings.seq_len,
+                        settings,
                         |rows, out| {
                             sum += squared_error(out, &reference[rows.start * cols..rows.end * cols]);
                             Ok(())
@@ -549,10 +614,7 @@ pub fn quantize_layer<B: Backend>(
                 row.iter_mut().zip(s).for_each(|(v, s)| *v *= s);
             });
         }
-        let x = inputs.of_mut(group.linears[0]);
-        x.data
-            .par_chunks_mut(x.cols)
-            .for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v /= s));
+        inputs.of_mut(group.linears[0]).divide_columns(s);
     }
     report.seconds.scale_search = start.elapsed().as_secs_f64();
 
@@ -621,4 +683,47 @@ fn finish_layer(w: LayerWeights, config: &ModelConfig, settings: &LayerSettings)
         linears,
         biases: w.biases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// The Gram form in row blocks is the output error ‖X ΔWᵀ‖² of its definition.
+    #[test]
+    fn gram_loss_in_blocks_is_the_output_error() {
+        let (tokens, n, out) = (96, 64, 40);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let x: Vec<f32> = (0..tokens * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..out * n).map(|_| rng.random_range(-0.2..0.2)).collect();
+        let scales: Vec<f32> = (0..n).map(|_| rng.random_range(0.5..2.0)).collect();
+        let g = GroupSize::new(16).unwrap();
+        let delta: Vec<f64> = scaled_fake_quantize(&w, n, &scales, g)
+            .iter()
+            .zip(&w)
+            .map(|(q, w)| (q - w) as f64)
+            .collect();
+        let direct: f64 = (0..tokens)
+            .flat_map(|t| (0..out).map(move |o| (t, o)))
+            .map(|(t, o)| {
+                let e: f64 = (0..n).map(|j| x[t * n + j] as f64 * delta[o * n + j]).sum();
+                e * e
+            })
+            .sum();
+        let activations = Activations::from_f32(tp_runtime::HostTensor::new(x, tokens, n).unwrap());
+        let gram = GramMatrix::new(activations.gram(), n, Compute::F32);
+        for rows_per_block in [1, 7, out, 1000] {
+            let loss = gram_loss(&gram, &w, &scales, g, rows_per_block);
+            assert!(
+                (loss - direct).abs() < 1e-4 * direct,
+                "{rows_per_block} rows per block: {loss} vs {direct}"
+            );
+        }
+        if tp_runtime::CpuFeatures::detect().has_bf16() {
+            let gram = GramMatrix::new(activations.gram(), n, Compute::Bf16);
+            let loss = gram_loss(&gram, &w, &scales, g, 7);
+            assert!((loss - direct).abs() < 1e-2 * direct, "bf16: {loss} vs {direct}");
+        }
+    }
 }

@@ -353,7 +353,13 @@ pub fn quantize_on<B: Backend>(
         copy_as_f16(&mut out, &checkpoint, names::EMBED_TOKENS, &[v, h])?;
 
         let mut stream = match &calib {
-            Some(set) => Some(LayerStream::new(backend, &checkpoint, &config, &set.blocks)?),
+            Some(set) => Some(LayerStream::new(
+                backend,
+                &checkpoint,
+                &config,
+                &set.blocks,
+                options.compute,
+            )?),
             None => None,
         };
         for index in 0..layers {
@@ -372,10 +378,11 @@ pub fn quantize_on<B: Backend>(
                     drop(capture.layer);
                     let capture_seconds = start.elapsed().as_secs_f64();
                     let weights = LayerWeights::read(&checkpoint, &config, index)?;
+                    // The search works on its own f32 copy: the mapped pages can go now.
+                    stream.release(index);
                     let result =
                         quantize_layer(backend, weights, index, &mut capture.inputs, &config, &settings)?;
                     drop(capture.inputs);
-                    stream.release(index);
                     let (q, mut r) = result;
                     r.seconds.capture = capture_seconds;
                     (q, r)

@@ -37,8 +37,8 @@ pub(crate) fn narrow(src: &[f32], dst: &mut [bf16]) {
     }
 }
 
-/// `x` rounded to bf16, in parallel.
-pub(crate) fn to_bf16(x: &[f32]) -> Vec<bf16> {
+/// `x` rounded to bf16 (round to nearest even, as `half`'s `bf16::from_f32`), in parallel.
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     let mut out = Vec::new();
     to_bf16_into(x, &mut out);
     out
@@ -78,7 +78,7 @@ fn widen_columns(y: &[bf16], w: usize, out: &mut [f32], n: usize, n0: usize) {
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` for a weight already in bf16: one `gemmkit` product on
 /// every thread.
-pub(crate) fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: usize, n: usize) {
     if empty_product(x, Some(w.len()), out, m, k, n) {
         return;
     }

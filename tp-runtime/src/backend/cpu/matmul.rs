@@ -91,10 +91,18 @@ pub fn matmul_transposed_in(
 
 /// `scale · xᵀ x` for a row-major `[rows, cols]` matrix: the `[cols, cols]` Gram matrix.
 pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
-    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
     let mut out = vec![0f32; cols * cols];
+    gram_into(x, rows, cols, scale, &mut out, false);
+    out
+}
+
+/// [`gram`] written into `out` (`[cols, cols]`), or added to it when `accumulate`: the Gram
+/// matrix of a matrix too large to hold in f32 at once, summed block of rows by block.
+pub fn gram_into(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32], accumulate: bool) {
+    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
+    assert_eq!(out.len(), cols * cols, "output is not [{cols}, {cols}]");
     if rows == 0 || cols == 0 {
-        return out;
+        return;
     }
     // SAFETY: lhs(r, t) = x[t·cols + r] is xᵀ (cols×rows); rhs(t, c) = x[t·cols + c] is x
     // (rows×cols); out is cols×cols row-major.
@@ -106,14 +114,14 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
             out.as_mut_ptr(),
             1,
             cols as isize,
-            false,
+            accumulate,
             x.as_ptr(),
             cols as isize,
             1,
             x.as_ptr(),
             1,
             cols as isize,
-            0.0,
+            1.0,
             scale,
             false,
             false,
@@ -121,7 +129,6 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
             parallelism(cols, rows, cols),
         );
     }
-    out
 }
 
 #[cfg(test)]
@@ -164,5 +171,18 @@ pub(crate) mod tests {
                 assert_eq!(g[a * cols + b], want);
             }
         }
+    }
+
+    #[test]
+    fn gram_accumulated_over_row_blocks_is_the_whole_gram() {
+        let (rows, cols) = (96, 40);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37) % 17) as f32 - 8.0).collect();
+        let whole = gram(&x, rows, cols, 1.0);
+        let mut summed = vec![f32::NAN; cols * cols];
+        for (i, block) in x.chunks(32 * cols).enumerate() {
+            gram_into(block, block.len() / cols, cols, 1.0, &mut summed, i > 0);
+        }
+        // Small integers: every partial sum is exact, so the order of the sums cannot matter.
+        assert_eq!(summed, whole);
     }
 }

@@ -20,10 +20,10 @@ use crate::compute::Compute;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
-pub use bf16::matmul_transposed_bf16;
+pub use bf16::{matmul_bf16_weight, matmul_transposed_bf16, to_bf16};
 pub use dense::CpuMatrix;
 pub use math::exp_in_place;
-pub use matmul::{gram, matmul_transposed, matmul_transposed_in};
+pub use matmul::{gram, gram_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
 /// Keeps freed activation buffers inside the process.
