@@ -399,11 +399,13 @@ enum GramMatrix {
 }
 
 impl GramMatrix {
-    fn new(gram: Vec<f32>, n: usize, compute: Compute) -> Self {
+    /// The Gram matrix of `x`'s columns, for products in `compute`.
+    fn of(x: &Activations, compute: Compute) -> Self {
+        let n = x.cols();
         match compute {
-            Compute::F32 => GramMatrix::F32 { gram, n },
+            Compute::F32 => GramMatrix::F32 { gram: x.gram(), n },
             Compute::Bf16 => GramMatrix::Bf16 {
-                gram: to_bf16(&gram),
+                gram: x.gram_bf16(),
                 n,
             },
         }
@@ -499,7 +501,7 @@ pub fn quantize_layer<B: Backend>(
         let evaluator = match group.inspect {
             Inspect::Linear(_) if tokens < in_features => Evaluator::Direct,
             Inspect::Linear(_) => Evaluator::Gram {
-                gram: GramMatrix::new(x.gram(), in_features, settings.compute),
+                gram: GramMatrix::of(x, settings.compute),
             },
             inspect => {
                 let cols = config.hidden_size;
@@ -712,7 +714,7 @@ mod tests {
             })
             .sum();
         let activations = Activations::from_f32(tp_runtime::HostTensor::new(x, tokens, n).unwrap());
-        let gram = GramMatrix::new(activations.gram(), n, Compute::F32);
+        let gram = GramMatrix::of(&activations, Compute::F32);
         for rows_per_block in [1, 7, out, 1000] {
             let loss = gram_loss(&gram, &w, &scales, g, rows_per_block);
             assert!(
@@ -721,7 +723,7 @@ mod tests {
             );
         }
         if tp_runtime::CpuFeatures::detect().has_bf16() {
-            let gram = GramMatrix::new(activations.gram(), n, Compute::Bf16);
+            let gram = GramMatrix::of(&activations, Compute::Bf16);
             let loss = gram_loss(&gram, &w, &scales, g, 7);
             assert!((loss - direct).abs() < 1e-2 * direct, "bf16: {loss} vs {direct}");
         }

@@ -131,6 +131,53 @@ pub fn gram_into(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32
     }
 }
 
+/// Rows `result_rows` of `xᵀ x` (`[result_rows.len(), cols]`) written into `out`, or added to
+/// it when `accumulate`: part of a Gram matrix, for one that is built block by block.
+pub fn gram_rows_into(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    result_rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
+    assert!(
+        result_rows.end <= cols,
+        "result rows {result_rows:?} beyond {cols}"
+    );
+    let m = result_rows.len();
+    assert_eq!(out.len(), m * cols, "output is not [{m}, {cols}]");
+    if rows == 0 || m == 0 {
+        return;
+    }
+    // SAFETY: lhs(r, t) = x[t·cols + first + r] is columns first.. of x, transposed (m×rows);
+    // rhs(t, c) = x[t·cols + c] is x (rows×cols); out is m×cols row-major.
+    unsafe {
+        gemm(
+            m,
+            cols,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            accumulate,
+            x.as_ptr().add(result_rows.start),
+            cols as isize,
+            1,
+            x.as_ptr(),
+            1,
+            cols as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, rows, cols),
+        );
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -184,5 +231,10 @@ pub(crate) mod tests {
         }
         // Small integers: every partial sum is exact, so the order of the sums cannot matter.
         assert_eq!(summed, whole);
+        // Rows 10..25 of it, from two blocks of input rows.
+        let mut part = vec![f32::NAN; 15 * cols];
+        gram_rows_into(&x[..50 * cols], 50, cols, 10..25, &mut part, false);
+        gram_rows_into(&x[50 * cols..], rows - 50, cols, 10..25, &mut part, true);
+        assert_eq!(part, whole[10 * cols..25 * cols]);
     }
 }

@@ -23,7 +23,7 @@ use crate::{Error, Result};
 pub use bf16::{matmul_bf16_weight, matmul_transposed_bf16, to_bf16};
 pub use dense::CpuMatrix;
 pub use math::exp_in_place;
-pub use matmul::{gram, gram_into, matmul_transposed, matmul_transposed_in};
+pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
 /// Keeps freed activation buffers inside the process.
