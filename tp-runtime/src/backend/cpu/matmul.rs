@@ -99,36 +99,7 @@ pub fn gram(x: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
 /// [`gram`] written into `out` (`[cols, cols]`), or added to it when `accumulate`: the Gram
 /// matrix of a matrix too large to hold in f32 at once, summed block of rows by block.
 pub fn gram_into(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32], accumulate: bool) {
-    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
-    assert_eq!(out.len(), cols * cols, "output is not [{cols}, {cols}]");
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    // SAFETY: lhs(r, t) = x[t·cols + r] is xᵀ (cols×rows); rhs(t, c) = x[t·cols + c] is x
-    // (rows×cols); out is cols×cols row-major.
-    unsafe {
-        gemm(
-            cols,
-            cols,
-            rows,
-            out.as_mut_ptr(),
-            1,
-            cols as isize,
-            accumulate,
-            x.as_ptr(),
-            cols as isize,
-            1,
-            x.as_ptr(),
-            1,
-            cols as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism(cols, rows, cols),
-        );
-    }
+    gram_rows_scaled(x, rows, cols, 0..cols, scale, out, accumulate);
 }
 
 /// Rows `result_rows` of `xᵀ x` (`[result_rows.len(), cols]`) written into `out`, or added to
@@ -138,6 +109,19 @@ pub fn gram_rows_into(
     rows: usize,
     cols: usize,
     result_rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    gram_rows_scaled(x, rows, cols, result_rows, 1.0, out, accumulate);
+}
+
+/// `scale ·` rows `result_rows` of `xᵀ x`: [`gram_into`] and [`gram_rows_into`].
+fn gram_rows_scaled(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    result_rows: std::ops::Range<usize>,
+    scale: f32,
     out: &mut [f32],
     accumulate: bool,
 ) {
@@ -169,7 +153,7 @@ pub fn gram_rows_into(
             1,
             cols as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
