@@ -279,26 +279,59 @@ pub struct QuantizedLayer {
     pub biases: [Option<Vec<f32>>; 7],
 }
 
-/// Runs `f` over the calibration tokens in chunks of whole blocks, with the forward context
-/// of each chunk's layout.
-fn for_each_chunk<B: Backend>(
-    backend: &B,
-    tokens: usize,
-    seq_len: usize,
-    config: &ModelConfig,
-    mut f: impl FnMut(std::ops::Range<usize>, &ForwardContext<B>) -> Result<()>,
-) -> Result<()> {
-    let chunk = (TRIAL_TOKENS / seq_len).max(1) * seq_len;
-    let mut ctx: Option<(usize, ForwardContext<B>)> = None;
-    for start in (0..tokens).step_by(chunk) {
-        let rows = chunk.min(tokens - start);
-        if ctx.as_ref().is_none_or(|(r, _)| *r != rows) {
-            let layout = SeqLayout::new(&vec![seq_len; rows / seq_len])?;
-            ctx = Some((rows, ForwardContext::new(backend, config, &layout)?));
+/// What the forward passes of one group's trials share: the forward context of each chunk
+/// size (its rotary table) and the workspace, made once per group rather than per trial.
+struct TrialState<B: Backend> {
+    contexts: Vec<(usize, ForwardContext<B>)>,
+    ws: Workspace<B>,
+    out: Option<B::Tensor>,
+}
+
+impl<B: Backend> TrialState<B> {
+    fn new() -> Self {
+        TrialState {
+            contexts: Vec::new(),
+            ws: Workspace::default(),
+            out: None,
         }
-        f(start..start + rows, &ctx.as_ref().expect("set above").1)?;
     }
-    Ok(())
+
+    /// Runs `f` over the calibration tokens in chunks of whole blocks, with the forward
+    /// context of each chunk's layout, this state's workspace and its output buffer.
+    fn for_each_chunk(
+        &mut self,
+        backend: &B,
+        tokens: usize,
+        seq_len: usize,
+        config: &ModelConfig,
+        mut f: impl FnMut(
+            std::ops::Range<usize>,
+            &ForwardContext<B>,
+            &mut Workspace<B>,
+            &mut Option<B::Tensor>,
+        ) -> Result<()>,
+    ) -> Result<()> {
+        let chunk = (TRIAL_TOKENS / seq_len).max(1) * seq_len;
+        for start in (0..tokens).step_by(chunk) {
+            let rows = chunk.min(tokens - start);
+            let i = match self.contexts.iter().position(|(r, _)| *r == rows) {
+                Some(i) => i,
+                None => {
+                    let layout = SeqLayout::new(&vec![seq_len; rows / seq_len])?;
+                    self.contexts
+                        .push((rows, ForwardContext::new(backend, config, &layout)?));
+                    self.contexts.len() - 1
+                }
+            };
+            f(
+                start..start + rows,
+                &self.contexts[i].1,
+                &mut self.ws,
+                &mut self.out,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Σ (a − b)², in f64, in a fixed order.
@@ -336,6 +369,7 @@ fn block_output<B: Backend>(
     x: &Activations,
     config: &ModelConfig,
     settings: &LayerSettings,
+    state: &mut TrialState<B>,
     mut sink: impl FnMut(std::ops::Range<usize>, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let mut linear = |p: Projection| {
@@ -345,8 +379,8 @@ fn block_output<B: Backend>(
         };
         w.linear(backend, config, p, weight)
     };
-    let mut ws = Workspace::default();
-    let mut out = None;
+    let input =
+        |rows: std::ops::Range<usize>| backend.upload(&x.rows_f32(rows.clone()), rows.len(), x.cols());
     match inspect {
         Inspect::SelfAttention => {
             let (q, k, v, o) = (
@@ -355,12 +389,18 @@ fn block_output<B: Backend>(
                 linear(Projection::V)?,
                 linear(Projection::O)?,
             );
-            for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, ctx| {
-                let h = backend.upload(&x.rows_f32(rows.clone()), rows.len(), x.cols())?;
-                let attended = self_attention(backend, [&q, &k, &v], &h, ctx, &mut ws, None)?;
-                let y = project(backend, &o, attended, &mut out)?;
-                backend.read(y, |values| sink(rows, values))?
-            })
+            state.for_each_chunk(
+                backend,
+                x.rows(),
+                settings.seq_len,
+                config,
+                |rows, ctx, ws, out| {
+                    let h = input(rows.clone())?;
+                    let attended = self_attention(backend, [&q, &k, &v], &h, ctx, ws, None)?;
+                    let y = project(backend, &o, attended, out)?;
+                    backend.read(y, |values| sink(rows, values))?
+                },
+            )
         }
         Inspect::Mlp => {
             let (gate, up, down) = (
@@ -368,10 +408,10 @@ fn block_output<B: Backend>(
                 linear(Projection::Up)?,
                 linear(Projection::Down)?,
             );
-            for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, _| {
-                let h = backend.upload(&x.rows_f32(rows.clone()), rows.len(), x.cols())?;
-                let activated = gated_activation(backend, &gate, &up, &h, &mut ws)?;
-                let y = project(backend, &down, activated, &mut out)?;
+            state.for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, _, ws, out| {
+                let h = input(rows.clone())?;
+                let activated = gated_activation(backend, &gate, &up, &h, ws)?;
+                let y = project(backend, &down, activated, out)?;
                 backend.read(y, |values| sink(rows, values))?
             })
         }
@@ -498,6 +538,7 @@ pub fn quantize_layer<B: Backend>(
         let x_mean = x.mean_abs();
         let weights: Vec<&[f32]> = group.linears.iter().map(|&p| w.weight(p)).collect();
         let w_mean = weight_mean(&weights, in_features, g);
+        let mut state = TrialState::new();
         let evaluator = match group.inspect {
             Inspect::Linear(_) if tokens < in_features => Evaluator::Direct,
             Inspect::Linear(_) => Evaluator::Gram {
@@ -514,6 +555,7 @@ pub fn quantize_layer<B: Backend>(
                     x,
                     config,
                     settings,
+                    &mut state,
                     |rows, out| {
                         reference[rows.start * cols..rows.end * cols].copy_from_slice(out);
                         Ok(())
@@ -571,6 +613,7 @@ pub fn quantize_layer<B: Backend>(
                         x,
                         config,
                         settings,
+                        &mut state,
                         |rows, out| {
                             sum += squared_error(out, &reference[rows.start * cols..rows.end * cols]);
                             Ok(())
