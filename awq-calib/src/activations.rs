@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use half::bf16;
 use rayon::prelude::*;
-use tp_runtime::backend::cpu::{gram_into, gram_rows_into, to_bf16};
+use tp_runtime::backend::cpu::{gram_into, gram_rows_into, to_bf16_slice};
 use tp_runtime::{Compute, HostTensor};
 
 /// Rows widened to f32 at once by the block-wise readers of bf16 activations.
@@ -79,7 +79,7 @@ impl Activations {
         let range = start * self.cols..start * self.cols + values.len();
         match &mut self.values {
             Values::F32(v) => v[range].copy_from_slice(values),
-            Values::Bf16(v) => v[range].copy_from_slice(&to_bf16(values)),
+            Values::Bf16(v) => to_bf16_slice(values, &mut v[range]),
         }
     }
 
@@ -188,7 +188,7 @@ impl Activations {
                 Ok::<(), std::convert::Infallible>(())
             })
             .expect("infallible");
-            out.copy_from_slice(&to_bf16(&block));
+            to_bf16_slice(&block, out);
         }
         out
     }
@@ -237,6 +237,7 @@ fn mean_abs_of<T: Sync>(values: &[T], cols: usize, rows: usize, abs: impl Fn(&T)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tp_runtime::backend::cpu::to_bf16;
 
     fn sample(rows: usize, cols: usize) -> Vec<f32> {
         (0..rows * cols)

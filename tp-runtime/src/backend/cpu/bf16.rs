@@ -47,6 +47,13 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
 /// `x` rounded to bf16 into `out` (resized; its old contents are overwritten).
 fn to_bf16_into(x: &[f32], out: &mut Vec<bf16>) {
     out.resize(x.len(), bf16::ZERO);
+    to_bf16_slice(x, out);
+}
+
+/// `x` rounded to bf16 into `out`, of the same length, in parallel: [`to_bf16`] into a
+/// caller's buffer.
+pub fn to_bf16_slice(x: &[f32], out: &mut [bf16]) {
+    assert_eq!(x.len(), out.len(), "to_bf16_slice: lengths differ");
     out.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
         .for_each(|(o, x)| narrow(x, o));
