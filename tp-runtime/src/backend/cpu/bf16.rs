@@ -25,16 +25,22 @@ const FILL_CHUNK: usize = 64;
 pub(crate) fn narrow(src: &[f32], dst: &mut [bf16]) {
     assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
     for (d, s) in dst.iter_mut().zip(src) {
-        let x = s.to_bits();
-        let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
-        let quiet = (x >> 16) | 0x40;
-        let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
-            quiet
-        } else {
-            rounded
-        };
-        *d = bf16::from_bits(bits as u16);
+        *d = round_to_bf16(*s);
     }
+}
+
+/// One value of [`narrow`]: inlined into callers' loops so that they vectorise too.
+#[inline(always)]
+pub(crate) fn round_to_bf16(value: f32) -> bf16 {
+    let x = value.to_bits();
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    let quiet = (x >> 16) | 0x40;
+    let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        quiet
+    } else {
+        rounded
+    };
+    bf16::from_bits(bits as u16)
 }
 
 /// `x` rounded to bf16 (round to nearest even, as `half`'s `bf16::from_f32`), in parallel.
@@ -185,6 +191,37 @@ fn panels_bf16(
     }
 }
 
+/// Rows `result_rows` of `xᵀ x` for `x[rows, cols]` in bf16, into `out`
+/// (`[result_rows.len(), cols]`): each element summed in f32 over every row of `x` and rounded
+/// once to bf16 (`gemmkit` accumulates a contraction this deep in an f32 scratch of the
+/// output's size and rounds at the end), read in place — no f32 copy of `x`.
+pub fn gram_rows_bf16(x: &[bf16], rows: usize, cols: usize, result_rows: Range<usize>, out: &mut [bf16]) {
+    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
+    assert!(
+        result_rows.end <= cols,
+        "result rows {result_rows:?} beyond {cols}"
+    );
+    let m = result_rows.len();
+    assert_eq!(out.len(), m * cols, "output is not [{m}, {cols}]");
+    if m == 0 {
+        return;
+    }
+    if rows == 0 {
+        out.fill(bf16::ZERO);
+        return;
+    }
+    // lhs(r, t) = x[t·cols + first + r]: columns first.. of x, transposed.
+    let lhs = MatRef::new(&x[result_rows.start..], m, rows, 1, cols as isize);
+    gemmkit::gemm(
+        bf16::ONE,
+        lhs,
+        MatRef::from_row_major(x, rows, cols),
+        bf16::ZERO,
+        MatMut::from_row_major(out, m, cols),
+        Parallelism::Rayon(0),
+    );
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 operands: [`matmul_transposed`]'s 16-bit twin.
 ///
 /// [`matmul_transposed`]: super::matmul_transposed
@@ -279,6 +316,28 @@ mod tests {
                 (a - t).abs() <= tol && (b - t).abs() <= tol,
                 "{a} {b} vs twin {t}"
             );
+        }
+    }
+
+    #[test]
+    fn gram_rows_match_the_f32_gram_rounded() {
+        // Deep enough (rows) for gemmkit's split-contraction path, and a shallow case.
+        for (rows, cols, first, m) in [(20_000, 40, 8, 24), (7, 33, 0, 33)] {
+            let (x, _) = crate::backend::cpu::matmul::tests::operands(rows, cols, 1);
+            let xb = to_bf16(&x);
+            let wide: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let mut want = vec![0f32; m * cols];
+            crate::backend::cpu::gram_rows_into(&wide, rows, cols, first..first + m, &mut want, false);
+            let mut got = vec![bf16::ONE; m * cols];
+            gram_rows_bf16(&xb, rows, cols, first..first + m, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // Both sum exact products in f32, in different orders; one bf16 rounding.
+                let tol = w.abs() / 128.0 + 1e-4 * rows as f32;
+                assert!(
+                    (g.to_f32() - w).abs() <= tol,
+                    "({rows},{cols}) element {i}: {g} vs {w}"
+                );
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use crate::compute::Compute;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
-pub use bf16::{matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
+pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
 pub use math::exp_in_place;
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};

@@ -14,12 +14,16 @@ use checkpoint::awq::{NIBBLE_OF, ORDER, PACK};
 use half::bf16;
 
 use super::CpuBackend;
-use super::bf16::{narrow, panel_matmul_bf16};
+use super::bf16::{panel_matmul_bf16, round_to_bf16};
 use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
 use crate::Result;
 use crate::backend::LinearKernel;
 use crate::compute::Compute;
 use crate::tensor::HostTensor;
+
+/// One row of `Wt` from its packed words, zero points and scales (`unpack_row` and its bf16
+/// twin).
+type UnpackRow<T> = fn(&[i32], &[u8], &[f32], &mut [T]);
 
 /// An AWQ weight ready for the CPU kernel.
 #[derive(Clone, Debug)]
@@ -54,29 +58,25 @@ impl CpuAwq {
     }
 
     /// Writes `Wt[ks, ns]` into `tile` (row-major, `ns.len()` columns; `ns` starts and ends
-    /// on whole words).
-    fn unpack_tile(&self, ks: std::ops::Range<usize>, ns: std::ops::Range<usize>, tile: &mut [f32]) {
+    /// on whole words), one row at a time by `unpack` (`unpack_row` or its bf16 twin).
+    fn unpack_tile<T>(
+        &self,
+        ks: std::ops::Range<usize>,
+        ns: std::ops::Range<usize>,
+        tile: &mut [T],
+        unpack: UnpackRow<T>,
+    ) {
         let n_total = self.out_features;
         let (n0, n1) = (ns.start, ns.end);
         for (k, row) in ks.zip(tile.chunks_exact_mut(n1 - n0)) {
             let group_row = (k / self.group_size) * n_total;
             let words = &self.qweight[(k * n_total + n0) / PACK..(k * n_total + n1) / PACK];
-            unpack_row(
+            unpack(
                 words,
                 &self.zeros[group_row + n0..group_row + n1],
                 &self.scales[group_row + n0..group_row + n1],
                 row,
             );
-        }
-    }
-
-    /// Writes `Wt[ks, ns]` into `tile` as bf16, row-major.
-    fn unpack_tile_bf16(&self, ks: std::ops::Range<usize>, ns: std::ops::Range<usize>, tile: &mut [bf16]) {
-        let width = ns.len();
-        let mut row = vec![0f32; width];
-        for (k, out) in ks.zip(tile.chunks_exact_mut(width)) {
-            self.unpack_tile(k..k + 1, ns.clone(), &mut row);
-            narrow(&row, out);
         }
     }
 
@@ -89,7 +89,7 @@ impl CpuAwq {
         if compute == Compute::Bf16 {
             let (k, n) = (self.in_features, self.out_features);
             return panel_matmul_bf16(x, m, k, n, out, TileLayout::KMajor, |ks, ns, tile| {
-                self.unpack_tile_bf16(ks, ns, tile)
+                self.unpack_tile(ks, ns, tile, unpack_row_bf16)
             });
         }
         tiled_matmul(
@@ -99,7 +99,7 @@ impl CpuAwq {
             self.out_features,
             out,
             TileLayout::KMajor,
-            |ks, ns, tile| self.unpack_tile(ks, ns, tile),
+            |ks, ns, tile| self.unpack_tile(ks, ns, tile, unpack_row),
         );
     }
 }
@@ -142,10 +142,25 @@ const SHIFT_OF: [u32; PACK] = {
 };
 
 /// One row of `Wt`: `row[n] = (q[n] − zeros[n]) · scales[n]` for the columns of `words`.
-/// Each word's eight columns are shifted out in column order (one variable shift per lane),
-/// so the loop vectorises.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
 fn unpack_row(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [f32]) {
+    unpack_words(words, zeros, scales, row, |v| v);
+}
+
+/// [`unpack_row`] rounded to bf16 as it is written: bit for bit the f32 row [`narrow`]ed,
+/// without writing and reading it back.
+///
+/// [`narrow`]: super::bf16::narrow
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
+fn unpack_row_bf16(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [bf16]) {
+    unpack_words(words, zeros, scales, row, round_to_bf16);
+}
+
+/// The loop of [`unpack_row`] and its bf16 twin, `store` making each output value. Each
+/// word's eight columns are shifted out in column order (one variable shift per lane), so the
+/// loop vectorises; inlined into each target version of its callers.
+#[inline(always)]
+fn unpack_words<T>(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [T], store: impl Fn(f32) -> T) {
     for (((&word, z), s), out) in words
         .iter()
         .zip(zeros.chunks_exact(PACK))
@@ -154,7 +169,7 @@ fn unpack_row(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [f32]) {
     {
         for j in 0..PACK {
             let q = ((word as u32) >> SHIFT_OF[j]) & 0xF;
-            out[j] = (q as f32 - z[j] as f32) * s[j];
+            out[j] = store((q as f32 - z[j] as f32) * s[j]);
         }
     }
 }
@@ -264,6 +279,20 @@ mod tests {
         };
         let w = AwqGemm::new(shape, pack(&q).into(), pack(&z).into(), s.into()).unwrap();
         (w, dense)
+    }
+
+    #[test]
+    fn bf16_unpacking_is_the_f32_row_rounded() {
+        let (k, n, g) = (64, 136, 32);
+        let (w, _) = random_weight(k, n, g, 5);
+        let awq = CpuAwq::new(w);
+        let mut wide = vec![0f32; k * n];
+        awq.unpack_tile(0..k, 0..n, &mut wide, unpack_row);
+        let mut want = vec![bf16::ZERO; k * n];
+        crate::backend::cpu::bf16::narrow(&wide, &mut want);
+        let mut got = vec![bf16::ONE; k * n];
+        awq.unpack_tile(0..k, 0..n, &mut got, unpack_row_bf16);
+        assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()));
     }
 
     #[test]
