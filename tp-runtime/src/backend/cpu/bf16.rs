@@ -11,7 +11,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::dense::TileLayout;
-use super::matmul::empty_product;
+use super::matmul::{check_gram_rows, empty_product};
 
 /// The largest weight panel rounded to bf16 at once.
 const PANEL_BYTES: usize = 32 << 20;
@@ -196,13 +196,7 @@ fn panels_bf16(
 /// once to bf16 (`gemmkit` accumulates a contraction this deep in an f32 scratch of the
 /// output's size and rounds at the end), read in place — no f32 copy of `x`.
 pub fn gram_rows_bf16(x: &[bf16], rows: usize, cols: usize, result_rows: Range<usize>, out: &mut [bf16]) {
-    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
-    assert!(
-        result_rows.end <= cols,
-        "result rows {result_rows:?} beyond {cols}"
-    );
-    let m = result_rows.len();
-    assert_eq!(out.len(), m * cols, "output is not [{m}, {cols}]");
+    let m = check_gram_rows(x.len(), rows, cols, &result_rows, out.len());
     if m == 0 {
         return;
     }

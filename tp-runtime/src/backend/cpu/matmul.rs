@@ -115,6 +115,25 @@ pub fn gram_rows_into(
     gram_rows_scaled(x, rows, cols, result_rows, 1.0, out, accumulate);
 }
 
+/// Checks the lengths of a partial Gram product (input `x_len` values for `[rows, cols]`,
+/// output `out_len` for `result_rows` rows) and returns the number of result rows.
+pub(crate) fn check_gram_rows(
+    x_len: usize,
+    rows: usize,
+    cols: usize,
+    result_rows: &std::ops::Range<usize>,
+    out_len: usize,
+) -> usize {
+    assert_eq!(x_len, rows * cols, "input is not [{rows}, {cols}]");
+    assert!(
+        result_rows.end <= cols,
+        "result rows {result_rows:?} beyond {cols}"
+    );
+    let m = result_rows.len();
+    assert_eq!(out_len, m * cols, "output is not [{m}, {cols}]");
+    m
+}
+
 /// `scale ·` rows `result_rows` of `xᵀ x`: [`gram_into`] and [`gram_rows_into`].
 fn gram_rows_scaled(
     x: &[f32],
@@ -125,13 +144,7 @@ fn gram_rows_scaled(
     out: &mut [f32],
     accumulate: bool,
 ) {
-    assert_eq!(x.len(), rows * cols, "input is not [{rows}, {cols}]");
-    assert!(
-        result_rows.end <= cols,
-        "result rows {result_rows:?} beyond {cols}"
-    );
-    let m = result_rows.len();
-    assert_eq!(out.len(), m * cols, "output is not [{m}, {cols}]");
+    let m = check_gram_rows(x.len(), rows, cols, &result_rows, out.len());
     if rows == 0 || m == 0 {
         return;
     }
