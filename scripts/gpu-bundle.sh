@@ -23,14 +23,22 @@ if [ ! -f "$model/config.json" ]; then
   "$target/release/awq" quantize "$f32" --out "$model" --force --group-size 64 \
     --calib "$root/data/wikitext2-valid.txt" >&2
 fi
+# tp-runtime's GPU tests exist only with its `cuda` feature (without it they compile to
+# binaries that run no test); its unit tests (tp_runtime_lib) hold the CPU kernels' checks
+# against their scalar twins, AMX included, for the GPU machine's host CPU.
 cargo test --release --no-run --message-format=json -p cuda-kernels --test compile_check \
-  -p tp-runtime --test cuda_backend --test nccl |
+  -p tp-runtime --features tp-runtime/cuda --lib --test cuda_backend --test nccl |
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind, name = m["target"]["kind"], m["target"]["name"]
+    if kind == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + name)
+    elif kind == ["lib"] and name == "tp_runtime":
+        shutil.copy(m["executable"], sys.argv[1] + "/tp_runtime_lib")
 ' "$dir/bin"
 strip "$dir"/bin/*
 [ "$model" = "$dir/model" ] || cp "$model"/*.json "$model"/*.safetensors "$dir/model/"

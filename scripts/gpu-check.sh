@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, runs every GPU test for real (a skip is a
-# failure here), SmolLM2-135M AWQ perplexity on the GPU against the CPU, and the W4A16 kernel
-# benchmark against cuBLAS f16; prints a short table last. Exit status: 0 when every required
+# failure here), the CPU kernels' tests on its host (AMX required where the host has it),
+# SmolLM2-135M AWQ perplexity on the GPU against the CPU, and the W4A16 kernel benchmark
+# against cuBLAS f16; prints a short table last. Exit status: 0 when every required
 # check passed.
 #
 #   scripts/gpu-check.sh                       # builds with cargo; fetches and quantizes the model
@@ -69,18 +70,28 @@ run_test() { # name binary [env...]
   local name=$1 binary=$2
   shift 2
   local t0=$SECONDS log="$out/test-$binary.log"
-  if timeout 300 env "$@" "$bin/$binary" --test-threads=1 --nocapture >"$log" 2>&1; then
+  if timeout 300 env "$@" "$bin/$binary" --test-threads=1 --nocapture >"$log" 2>&1 &&
+    ! grep -q '^test result: ok. 0 passed' "$log"; then
     local worst
     worst=$(grep -o 'relative error [0-9.e+-]*' "$log" | awk '{print $3}' | sort -g | tail -n 1)
     row "$name" "pass" "$(grep -o '[0-9]* passed' "$log" | tail -n 1), $((SECONDS - t0)) s${worst:+, worst relative error $worst}"
   else
-    # The first failure: the panicking test and its message (the line after "panicked at").
-    fail "$name" "$(grep -m1 -A1 'panicked at' "$log" | sed -E "s/^thread '([^']*)'.*/\1:/" | tr '|\n' '/ ')"
+    # The first failure: the panicking test and its message (the line after "panicked at"),
+    # or a binary that ran no test at all.
+    fail "$name" "$(grep -m1 -A1 'panicked at' "$log" | sed -E "s/^thread '([^']*)'.*/\1:/" | tr '|\n' '/ ' ||
+      true)$(grep -q '^test result: ok. 0 passed' "$log" && echo 'no test ran')"
   fi
 }
 run_test "NVRTC compile check (sm_90)" compile_check
 run_test "kernels vs CPU twins, tiny models" cuda_backend
 run_test "NCCL collectives" nccl
+# The host's CPU kernels against their scalar twins; where the host has AMX (Intel Xeons of
+# these machines do), the AMX-BF16 kernel must run, not skip.
+if grep -qw amx_bf16 /proc/cpuinfo; then
+  run_test "CPU kernels vs scalar twins, AMX-BF16 required (host CPU)" tp_runtime_lib AWQ_REQUIRE_AMX=1
+else
+  run_test "CPU kernels vs scalar twins (host CPU, no AMX)" tp_runtime_lib
+fi
 # Two ranks on one GPU needs an experimental NCCL switch; recorded, not required.
 if timeout 60 env NCCL_MULTI_RANK_GPU_ENABLE=1 "$bin/nccl" nccl_two_ranks --nocapture >"$out/nccl-two-ranks.log" 2>&1; then
   row "NCCL two ranks on one GPU (optional)" "pass" "NCCL_MULTI_RANK_GPU_ENABLE=1"

@@ -16,7 +16,9 @@ use cudarc::driver::{
 use half::{bf16, f16};
 
 use crate::compile::{arch_names, nvrtc_available, ptx};
-use crate::launch::{DEQUANT_MIN_ROWS, FusedKernel, W4a16Path, WARPS, dequant_blocks, fused_launch};
+use crate::launch::{
+    DEQUANT_MIN_ROWS, FusedKernel, GEMV_MAX_ROWS, W4a16Path, WARPS, dequant_blocks, fused_launch,
+};
 use crate::layout::{self, MmaLayout};
 use crate::source::module_of;
 use crate::{KernelError, Result};
@@ -206,7 +208,12 @@ impl Gpu {
         let multiprocessors = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA
+        // graph. Every operation on this device goes through this one stream, so cudarc's
+        // per-buffer events (which a capture would also have to contain) order nothing.
+        // SAFETY: no buffer of this context is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(Arc::clone(&stream))?;
         let workspace = Workspace {
             partial: stream.alloc_zeros::<f32>(1)?,
@@ -685,10 +692,10 @@ impl Gpu {
                 W4a16Out::F32(y) => self.hgemm_nt_f32(x, &ws.weight, y, m, k, n),
             };
         }
-        let kernel = if path == W4a16Path::Gemv {
-            FusedKernel::Gemv
-        } else {
-            FusedKernel::Mma
+        let kernel = match path {
+            W4a16Path::Gemv => FusedKernel::Gemv,
+            W4a16Path::Auto if m <= GEMV_MAX_ROWS => FusedKernel::Gemv,
+            _ => FusedKernel::Mma,
         };
         let plan = fused_launch(
             kernel,

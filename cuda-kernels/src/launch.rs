@@ -10,7 +10,9 @@ use crate::{KernelError, Result};
 /// How a W4A16 product is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4a16Path {
-    /// Fused below [`DEQUANT_MIN_ROWS`] rows, dequantize + cuBLAS from there.
+    /// The GEMV kernels up to [`GEMV_MAX_ROWS`] rows, the fused tensor-core kernel below
+    /// [`DEQUANT_MIN_ROWS`], dequantize + cuBLAS from there: the fastest of the three at
+    /// each size on the Llama-7B shapes in `awq bench kernels` (H200, `docs/gpu.md`).
     Auto,
     /// The fused tensor-core kernel: weights dequantized in registers.
     Fused,
