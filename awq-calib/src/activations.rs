@@ -33,11 +33,11 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Zeros, stored as the products of `compute` read them: bf16 for [`Compute::Bf16`].
+    /// Zeros, stored as the products of `compute` read them: bf16 for the 16-bit paths.
     pub fn zeros(rows: usize, cols: usize, compute: Compute) -> Self {
         let values = match compute {
             Compute::F32 => Values::F32(vec![0.0; rows * cols]),
-            Compute::Bf16 => Values::Bf16(vec![bf16::ZERO; rows * cols]),
+            Compute::Bf16 | Compute::Amx => Values::Bf16(vec![bf16::ZERO; rows * cols]),
         };
         Activations { values, rows, cols }
     }

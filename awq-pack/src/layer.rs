@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
 use tp_runtime::backend::cpu::{matmul_bf16_weight, matmul_transposed, matmul_transposed_in, to_bf16};
+use tp_runtime::compute::Bf16Kernel;
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
 use tp_runtime::{Backend, DenseWeight, SeqLayout};
 
@@ -424,7 +425,7 @@ fn block_output<B: Backend>(
 fn stored(weight: Cow<'_, [f32]>, compute: Compute) -> FloatData {
     match compute {
         Compute::F32 => FloatData::from(weight.into_owned()),
-        Compute::Bf16 => FloatData::BF16(to_bf16(&weight).into()),
+        Compute::Bf16 | Compute::Amx => FloatData::BF16(to_bf16(&weight).into()),
     }
 }
 
@@ -434,19 +435,27 @@ const GRAM_BLOCK_VALUES: usize = 1 << 24;
 /// A `[n, n]` Gram matrix `XᵀX`, held as the products of the search read it: rounded to bf16
 /// once for a bf16 search rather than in every trial.
 enum GramMatrix {
-    F32 { gram: Vec<f32>, n: usize },
-    Bf16 { gram: Vec<bf16>, n: usize },
+    F32 {
+        gram: Vec<f32>,
+        n: usize,
+    },
+    Bf16 {
+        gram: Vec<bf16>,
+        n: usize,
+        kernel: Bf16Kernel,
+    },
 }
 
 impl GramMatrix {
     /// The Gram matrix of `x`'s columns, for products in `compute`.
     fn of(x: &Activations, compute: Compute) -> Self {
         let n = x.cols();
-        match compute {
-            Compute::F32 => GramMatrix::F32 { gram: x.gram(), n },
-            Compute::Bf16 => GramMatrix::Bf16 {
+        match compute.bf16_kernel() {
+            None => GramMatrix::F32 { gram: x.gram(), n },
+            Some(kernel) => GramMatrix::Bf16 {
                 gram: x.gram_bf16(),
                 n,
+                kernel,
             },
         }
     }
@@ -462,7 +471,9 @@ impl GramMatrix {
     fn project(&self, delta: &[f32], rows: usize, out: &mut [f32]) {
         match self {
             GramMatrix::F32 { gram, n } => matmul_transposed(delta, gram, out, rows, *n, *n),
-            GramMatrix::Bf16 { gram, n } => matmul_bf16_weight(delta, gram, out, rows, *n, *n),
+            GramMatrix::Bf16 { gram, n, kernel } => {
+                matmul_bf16_weight(*kernel, delta, gram, out, rows, *n, *n)
+            }
         }
     }
 }

@@ -66,9 +66,10 @@ pub struct EvalArgs {
     /// (llama.cpp's statistics).
     #[arg(long, value_name = "ORIGINAL")]
     pub kl_base: Option<PathBuf>,
-    /// CPU matrix products: f32 (exact), bf16 (bf16 operands, f32 accumulation; needs
-    /// avx512_bf16) or auto (bf16 for AWQ and 16-bit checkpoints where the CPU has it, else f32). In `awq bench`, auto measures every path this CPU
-    /// has against f32.
+    /// CPU matrix products: f32 (exact); bf16 (bf16 operands, f32 accumulation by
+    /// AVX512-BF16 vdpbf16ps); amx (the same by Intel's AMX-BF16 tiles); auto (for AWQ and
+    /// 16-bit checkpoints: amx where present, bf16 on AMD Zen 4/5, else f32; f32 for f32
+    /// checkpoints). In `awq bench`, auto measures every path this CPU has against f32.
     #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
     pub compute: ComputeRequest,
 }
@@ -145,9 +146,10 @@ pub struct QuantizeArgs {
     /// Worker threads (default: all logical CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// CPU matrix products: f32 (exact), bf16 (bf16 operands, f32 accumulation; needs
-    /// avx512_bf16) or auto (bf16 where the CPU has it, else f32). In `awq bench`, auto measures every path this CPU
-    /// has against f32.
+    /// CPU matrix products: f32 (exact); bf16 (bf16 operands, f32 accumulation by
+    /// AVX512-BF16 vdpbf16ps); amx (the same by Intel's AMX-BF16 tiles); auto (amx where
+    /// present, bf16 on AMD Zen 4/5, else f32). In `awq bench`, auto measures every path this
+    /// CPU has against f32.
     #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
     pub compute: ComputeRequest,
 }

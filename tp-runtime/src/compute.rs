@@ -16,8 +16,11 @@ use crate::{Error, Result};
 pub enum ComputeRequest {
     /// f32 operands: exact products, the reference every other path is checked against.
     F32,
-    /// bf16 operands, f32 accumulation; an error where the CPU has no native bf16 product.
+    /// bf16 operands, f32 accumulation by AVX512-BF16; an error where the CPU lacks it.
     Bf16,
+    /// bf16 operands, f32 accumulation by AMX tiles; an error where the CPU lacks AMX-BF16 or
+    /// Linux refuses the tile state.
+    Amx,
     /// 16-bit where the CPU supports it and the work is 16-bit in nature (AWQ weights, bf16
     /// or f16 checkpoints, the scale search); f32 otherwise.
     #[default]
@@ -30,8 +33,9 @@ impl FromStr for ComputeRequest {
         match s {
             "f32" => Ok(ComputeRequest::F32),
             "bf16" => Ok(ComputeRequest::Bf16),
+            "amx" => Ok(ComputeRequest::Amx),
             "auto" => Ok(ComputeRequest::Auto),
-            other => Err(format!("compute must be f32, bf16 or auto, not {other:?}")),
+            other => Err(format!("compute must be f32, bf16, amx or auto, not {other:?}")),
         }
     }
 }
@@ -41,6 +45,7 @@ impl fmt::Display for ComputeRequest {
         f.write_str(match self {
             ComputeRequest::F32 => "f32",
             ComputeRequest::Bf16 => "bf16",
+            ComputeRequest::Amx => "amx",
             ComputeRequest::Auto => "auto",
         })
     }
@@ -56,6 +61,18 @@ pub enum Compute {
     /// bf16 × bf16 products accumulated in f32 by AVX512-BF16's `vdpbf16ps` (the `gemmkit`
     /// crate); activations and weight tiles are rounded to bf16 as they enter a product.
     Bf16,
+    /// The same bf16 operands multiplied by AMX-BF16 tiles (`tdpbf16ps`, our kernel), each
+    /// output one f32 sum; Gram matrices of the scale search stay on `vdpbf16ps`.
+    Amx,
+}
+
+/// The instructions that multiply the bf16 operands of a 16-bit path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX512-BF16 `vdpbf16ps` through `gemmkit`; each output rounded once to bf16.
+    Vdpbf16ps,
+    /// AMX-BF16 tiles; each output one f32 sum.
+    Amx,
 }
 
 impl Compute {
@@ -64,7 +81,22 @@ impl Compute {
         match self {
             Compute::F32 => "f32 (gemm, fma)",
             Compute::Bf16 => "bf16 (gemmkit, avx512-bf16 vdpbf16ps, f32 accumulation)",
+            Compute::Amx => "bf16 (amx-bf16 tdpbf16ps tiles, f32 accumulation)",
         }
+    }
+
+    /// The kernel of a 16-bit path; `None` for f32.
+    pub fn bf16_kernel(self) -> Option<Bf16Kernel> {
+        match self {
+            Compute::F32 => None,
+            Compute::Bf16 => Some(Bf16Kernel::Vdpbf16ps),
+            Compute::Amx => Some(Bf16Kernel::Amx),
+        }
+    }
+
+    /// Whether operands are rounded to bf16 (every path but f32).
+    pub fn is_bf16(self) -> bool {
+        self.bf16_kernel().is_some()
     }
 }
 
@@ -73,6 +105,7 @@ impl fmt::Display for Compute {
         f.write_str(match self {
             Compute::F32 => "f32",
             Compute::Bf16 => "bf16",
+            Compute::Amx => "amx",
         })
     }
 }
@@ -83,11 +116,18 @@ pub struct CpuFeatures {
     pub avx2: bool,
     pub fma: bool,
     pub avx512f: bool,
-    /// `vdpbf16ps`: bf16 pairs multiplied and accumulated into f32 at twice the f32 rate.
+    /// `vdpbf16ps`: bf16 pairs multiplied and accumulated into f32.
     pub avx512_bf16: bool,
-    /// Intel's tile unit (Sapphire Rapids and later). Detected and reported; no kernel of ours
-    /// uses it yet.
+    /// Whether `vdpbf16ps` does more multiply-adds per cycle than f32 FMA: AMD's cores (Zen 4
+    /// and 5) issue it at the FMA rate with twice the products, Intel's at half the rate of
+    /// their two FMA units — no faster than f32 there (0.67× f32 measured on an Emerald
+    /// Rapids Xeon at 2 threads), so `auto` does not take it on Intel.
+    pub bf16_outpaces_f32: bool,
+    /// Intel's tile unit (AMX-TILE and AMX-BF16 in CPUID: Sapphire Rapids and later).
     pub amx_bf16: bool,
+    /// Whether Linux granted this process the AMX tile state (asked once, where
+    /// `amx_bf16`).
+    pub amx_permitted: bool,
 }
 
 impl CpuFeatures {
@@ -95,16 +135,22 @@ impl CpuFeatures {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            // CPUID.(EAX=7, ECX=0):EDX bit 22 is AMX-BF16 (leaf 7 exists on every CPU with
-            // AVX2).
+            use std::arch::x86_64::__cpuid_count;
+            // CPUID.(EAX=7, ECX=0):EDX bits 22 and 24 are AMX-BF16 and AMX-TILE (leaf 7
+            // exists on every CPU with AVX2); leaf 0 spells the vendor in EBX, EDX, ECX.
             let amx_bf16 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 22) != 0;
+                && __cpuid_count(7, 0).edx & (1 << 22 | 1 << 24) == (1 << 22 | 1 << 24);
+            let leaf0 = __cpuid_count(0, 0);
+            let amd = [leaf0.ebx, leaf0.edx, leaf0.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163];
+            let avx512_bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
             CpuFeatures {
                 avx2: std::arch::is_x86_feature_detected!("avx2"),
                 fma: std::arch::is_x86_feature_detected!("fma"),
                 avx512f: std::arch::is_x86_feature_detected!("avx512f"),
-                avx512_bf16: std::arch::is_x86_feature_detected!("avx512bf16"),
+                avx512_bf16,
+                bf16_outpaces_f32: avx512_bf16 && amd,
                 amx_bf16,
+                amx_permitted: amx_bf16 && crate::backend::cpu::amx_permitted(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -141,7 +187,8 @@ impl ComputeRequest {
     }
 
     /// The path that runs on a CPU with `features`; `sixteen_bit_work` says whether `auto`
-    /// should take 16 bits (AWQ weights, a 16-bit checkpoint, the scale search).
+    /// should take 16 bits (AWQ weights, a 16-bit checkpoint, the scale search): AMX where
+    /// present and permitted, else `vdpbf16ps` where it outpaces f32 (AMD), else f32.
     pub fn resolve(self, features: &CpuFeatures, sixteen_bit_work: bool) -> Result<Compute> {
         match self {
             ComputeRequest::F32 => Ok(Compute::F32),
@@ -150,9 +197,36 @@ impl ComputeRequest {
                 "compute = bf16 needs the CPU feature avx512_bf16 (vdpbf16ps), which this CPU lacks \
                  (it has: {features}); use compute = f32 or auto"
             ))),
-            ComputeRequest::Auto if sixteen_bit_work && features.has_bf16() => Ok(Compute::Bf16),
+            ComputeRequest::Amx if features.amx_bf16 && features.amx_permitted && features.has_bf16() => {
+                Ok(Compute::Amx)
+            }
+            ComputeRequest::Amx if features.amx_bf16 && features.has_bf16() => Err(Error::Invalid(
+                "compute = amx: this CPU has amx_bf16 but Linux refused the AMX tile state \
+                 (arch_prctl ARCH_REQ_XCOMP_PERM); use compute = bf16, f32 or auto"
+                    .into(),
+            )),
+            ComputeRequest::Amx => Err(Error::Invalid(format!(
+                "compute = amx needs the CPU features amx_bf16 (with amx_tile) and avx512_bf16, which \
+                 this CPU lacks (it has: {features}); use compute = f32 or auto"
+            ))),
+            ComputeRequest::Auto if sixteen_bit_work && features.amx_permitted && features.has_bf16() => {
+                Ok(Compute::Amx)
+            }
+            ComputeRequest::Auto if sixteen_bit_work && features.bf16_outpaces_f32 => Ok(Compute::Bf16),
             ComputeRequest::Auto => Ok(Compute::F32),
         }
+    }
+
+    /// Every path that runs on a CPU with `features`, f32 first: what `awq bench` compares.
+    pub fn available(features: &CpuFeatures) -> Vec<Compute> {
+        let mut paths = vec![Compute::F32];
+        if features.has_bf16() {
+            paths.push(Compute::Bf16);
+        }
+        if features.has_bf16() && features.amx_bf16 && features.amx_permitted {
+            paths.push(Compute::Amx);
+        }
+        paths
     }
 
     /// [`resolve`](Self::resolve) against this CPU.
@@ -165,15 +239,26 @@ impl ComputeRequest {
 mod tests {
     use super::*;
 
+    /// An AMD Zen 4 or 5.
     const WITH_BF16: CpuFeatures = CpuFeatures {
         avx2: true,
         fma: true,
         avx512f: true,
         avx512_bf16: true,
+        bf16_outpaces_f32: true,
         amx_bf16: false,
+        amx_permitted: false,
+    };
+    /// An Intel Xeon with AVX512-BF16 and AMX (Sapphire Rapids and later).
+    const WITH_AMX: CpuFeatures = CpuFeatures {
+        bf16_outpaces_f32: false,
+        amx_bf16: true,
+        amx_permitted: true,
+        ..WITH_BF16
     };
     const WITHOUT_BF16: CpuFeatures = CpuFeatures {
         avx512_bf16: false,
+        bf16_outpaces_f32: false,
         ..WITH_BF16
     };
 
@@ -215,15 +300,63 @@ mod tests {
     }
 
     #[test]
+    fn auto_takes_amx_where_permitted_and_f32_on_intel_without_it() {
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&WITH_AMX, true).unwrap(),
+            Compute::Amx
+        );
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&WITH_AMX, false).unwrap(),
+            Compute::F32
+        );
+        let refused = CpuFeatures {
+            amx_permitted: false,
+            ..WITH_AMX
+        };
+        // vdpbf16ps is no faster than f32 FMA on Intel's cores: auto stays f32 there.
+        assert_eq!(
+            ComputeRequest::Auto.resolve(&refused, true).unwrap(),
+            Compute::F32
+        );
+        assert_eq!(
+            ComputeRequest::Bf16.resolve(&refused, true).unwrap(),
+            Compute::Bf16
+        );
+        let err = ComputeRequest::Amx
+            .resolve(&refused, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refused") && err.contains("ARCH_REQ_XCOMP_PERM"),
+            "{err}"
+        );
+        let err = ComputeRequest::Amx
+            .resolve(&WITH_BF16, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amx_bf16") && err.contains("-amx_bf16"), "{err}");
+        assert_eq!(
+            ComputeRequest::available(&WITH_AMX),
+            [Compute::F32, Compute::Bf16, Compute::Amx]
+        );
+        assert_eq!(ComputeRequest::available(&refused), [Compute::F32, Compute::Bf16]);
+    }
+
+    #[test]
     fn requests_parse_from_their_names() {
-        for r in [ComputeRequest::F32, ComputeRequest::Bf16, ComputeRequest::Auto] {
+        for r in [
+            ComputeRequest::F32,
+            ComputeRequest::Bf16,
+            ComputeRequest::Amx,
+            ComputeRequest::Auto,
+        ] {
             assert_eq!(r.to_string().parse::<ComputeRequest>().unwrap(), r);
         }
         assert!(
             "fp16"
                 .parse::<ComputeRequest>()
                 .unwrap_err()
-                .contains("f32, bf16 or auto")
+                .contains("f32, bf16, amx or auto")
         );
     }
 }

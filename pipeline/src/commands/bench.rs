@@ -115,8 +115,7 @@ pub(crate) fn gemm_gflops(compute: Compute, m: usize, k: usize, n: usize) -> f64
 fn bench_paths(request: ComputeRequest) -> Result<Vec<Compute>> {
     let features = CpuFeatures::detect();
     Ok(match request {
-        ComputeRequest::Auto if features.has_bf16() => vec![Compute::F32, Compute::Bf16],
-        ComputeRequest::Auto => vec![Compute::F32],
+        ComputeRequest::Auto => ComputeRequest::available(&features),
         forced => vec![forced.resolve(&features, true)?],
     })
 }
@@ -125,6 +124,7 @@ fn request_of(compute: Compute) -> ComputeRequest {
     match compute {
         Compute::F32 => ComputeRequest::F32,
         Compute::Bf16 => ComputeRequest::Bf16,
+        Compute::Amx => ComputeRequest::Amx,
     }
 }
 

@@ -1,8 +1,9 @@
-//! Products with bf16 operands and f32 accumulation, through the `gemmkit` crate (whose bf16
-//! kernel is AVX512-BF16's `vdpbf16ps`). Activations are rounded to bf16 once per product;
-//! weights one column panel at a time (at most [`PANEL_BYTES`] of bf16), so that no bf16
-//! copy of a whole large matrix exists. Every output is a single f32 sum over all of `k`,
-//! rounded once to bf16 by the kernel and widened back.
+//! Products with bf16 operands and f32 accumulation, by one of two kernels
+//! ([`Bf16Kernel`]): the `gemmkit` crate (AVX512-BF16's `vdpbf16ps`), whose outputs are
+//! each a single f32 sum over all of `k` rounded once to bf16 and widened back, or our AMX
+//! tile kernel (`super::amx`), whose outputs are f32 sums. Activations are rounded to bf16
+//! once per product; weights one column panel at a time (at most [`PANEL_BYTES`] of bf16),
+//! so that no bf16 copy of a whole large matrix exists.
 
 use std::ops::Range;
 
@@ -10,8 +11,10 @@ use gemmkit::{MatMut, MatRef, Parallelism};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::amx::{PackedLhs, PackedRhs};
 use super::dense::TileLayout;
 use super::matmul::{check_gram_rows, empty_product};
+use crate::compute::Bf16Kernel;
 
 /// The largest weight panel rounded to bf16 at once.
 const PANEL_BYTES: usize = 32 << 20;
@@ -82,6 +85,36 @@ fn with_scratch<R>(f: impl FnOnce(&mut [Vec<bf16>; 3]) -> R) -> R {
     result
 }
 
+thread_local! {
+    /// The AMX kernel's packed right operand of the last product on this thread, reused as
+    /// [`SCRATCH`] is.
+    static PACKED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Multiplies the packed `a` by `panel` (`Wt[.., n0..]` in `layout`, `k` deep) on the AMX
+/// tiles into columns `n0..` of `out` (`n` wide), packing the panel into this thread's
+/// reused buffer.
+fn amx_panel(
+    a: &PackedLhs,
+    panel: &[bf16],
+    k: usize,
+    layout: TileLayout,
+    out: &mut [f32],
+    n: usize,
+    n0: usize,
+) {
+    let b = PackedRhs::pack_into(PACKED.take(), panel, k, panel.len() / k, layout);
+    super::amx::matmul(a, &b, out, n, n0);
+    PACKED.set(b.into_buffer());
+}
+
+/// Columns of `Wt` per panel: at most [`PANEL_BYTES`] of bf16, whole fill chunks.
+fn panel_columns(k: usize, n: usize) -> usize {
+    (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK)
+        .max(FILL_CHUNK)
+        .min(n)
+}
+
 /// `y[m, w]` widened into columns `n0..n0 + w` of `out[m, n]`.
 fn widen_columns(y: &[bf16], w: usize, out: &mut [f32], n: usize, n0: usize) {
     out.par_chunks_mut(n).zip(y.par_chunks(w)).for_each(|(o, y)| {
@@ -89,10 +122,27 @@ fn widen_columns(y: &[bf16], w: usize, out: &mut [f32], n: usize, n0: usize) {
     });
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for a weight already in bf16: one `gemmkit` product on
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` for a weight already in bf16: one product by `kernel` on
 /// every thread.
-pub fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn matmul_bf16_weight(
+    kernel: Bf16Kernel,
+    x: &[f32],
+    w: &[bf16],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     if empty_product(x, Some(w.len()), out, m, k, n) {
+        return;
+    }
+    if kernel == Bf16Kernel::Amx {
+        let a = PackedLhs::from_f32(x, m, k);
+        let panel = panel_columns(k, n);
+        for n0 in (0..n).step_by(panel) {
+            let n1 = (n0 + panel).min(n);
+            amx_panel(&a, &w[n0 * k..n1 * k], k, TileLayout::NMajor, out, n, n0);
+        }
         return;
     }
     with_scratch(|[xb, y, _]| {
@@ -113,8 +163,10 @@ pub fn matmul_bf16_weight(x: &[f32], w: &[bf16], out: &mut [f32], m: usize, k: u
 /// `out[m, n] = x[m, k] · Wt[k, n]` with bf16 operands, where `fill(ks, ns, chunk)` writes
 /// `Wt[ks, ns]` as bf16 in `layout` (`KMajor`: `chunk[(k − k0) · w + j]`, called with
 /// whole panel rows; `NMajor`: `chunk[j · k + k']`, called with every `k`; `w = ns.len()`).
-/// Panels are filled by parallel tasks, then multiplied by `gemmkit` on every thread.
+/// Panels are filled by parallel tasks, then multiplied by `kernel` on every thread.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn panel_matmul_bf16(
+    kernel: Bf16Kernel,
     x: &[f32],
     m: usize,
     k: usize,
@@ -126,68 +178,72 @@ pub(crate) fn panel_matmul_bf16(
     if empty_product(x, None, out, m, k, n) {
         return;
     }
+    let panel = panel_columns(k, n);
     with_scratch(|[xb, y, tile]| {
-        to_bf16_into(x, xb);
-        let panel = (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK)
-            .max(FILL_CHUNK)
-            .min(n);
-        y.resize(m * panel, bf16::ZERO);
         tile.resize(k * panel, bf16::ZERO);
-        let (y, tile) = (&mut y[..m * panel], &mut tile[..k * panel]);
-        panels_bf16(xb, m, k, n, out, layout, &fill, y, tile)
+        let tile = &mut tile[..k * panel];
+        if kernel == Bf16Kernel::Amx {
+            let a = PackedLhs::from_f32(x, m, k);
+            return for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
+                amx_panel(&a, panel, k, layout, out, n, n0)
+            });
+        }
+        to_bf16_into(x, xb);
+        y.resize(m * panel, bf16::ZERO);
+        let (y, lhs) = (&mut y[..m * panel], MatRef::from_row_major(&xb[..], m, k));
+        for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
+            let w = panel.len() / k;
+            let rhs = match layout {
+                TileLayout::KMajor => MatRef::from_row_major(panel, k, w),
+                TileLayout::NMajor => MatRef::from_col_major(panel, k, w),
+            };
+            let y = &mut y[..m * w];
+            gemmkit::gemm(
+                bf16::ONE,
+                lhs,
+                rhs,
+                bf16::ZERO,
+                MatMut::from_row_major(y, m, w),
+                Parallelism::Rayon(0),
+            );
+            widen_columns(y, w, out, n, n0);
+        })
     })
 }
 
-/// The panels of [`panel_matmul_bf16`]: `xb` already rounded, `y` holding `m × panel` and
-/// `tile` `k × panel` values.
-#[allow(clippy::too_many_arguments)]
-fn panels_bf16(
-    xb: &[bf16],
-    m: usize,
+/// The panels of [`panel_matmul_bf16`]: each `Wt[.., n0..n0 + w]` filled into `tile` (at
+/// most `tile.len() / k` columns at once) by parallel tasks, then handed to `multiply(n0,
+/// panel)`.
+fn for_each_panel(
     k: usize,
     n: usize,
-    out: &mut [f32],
     layout: TileLayout,
     fill: &(impl Fn(Range<usize>, Range<usize>, &mut [bf16]) + Sync),
-    y: &mut [bf16],
     tile: &mut [bf16],
+    mut multiply: impl FnMut(usize, &[bf16]),
 ) {
-    let lhs = MatRef::from_row_major(xb, m, k);
     let panel = tile.len() / k;
     for n0 in (0..n).step_by(panel) {
         let n1 = (n0 + panel).min(n);
         let w = n1 - n0;
         let tile = &mut tile[..k * w];
-        let rhs = match layout {
-            TileLayout::KMajor => {
-                tile.par_chunks_mut(FILL_CHUNK * w)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let k0 = c * FILL_CHUNK;
-                        fill(k0..k0 + chunk.len() / w, n0..n1, chunk)
-                    });
-                MatRef::from_row_major(tile, k, w)
-            }
-            TileLayout::NMajor => {
-                tile.par_chunks_mut(FILL_CHUNK * k)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let c0 = n0 + c * FILL_CHUNK;
-                        fill(0..k, c0..c0 + chunk.len() / k, chunk)
-                    });
-                MatRef::from_col_major(tile, k, w)
-            }
-        };
-        let y = &mut y[..m * w];
-        gemmkit::gemm(
-            bf16::ONE,
-            lhs,
-            rhs,
-            bf16::ZERO,
-            MatMut::from_row_major(y, m, w),
-            Parallelism::Rayon(0),
-        );
-        widen_columns(y, w, out, n, n0);
+        match layout {
+            TileLayout::KMajor => tile
+                .par_chunks_mut(FILL_CHUNK * w)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let k0 = c * FILL_CHUNK;
+                    fill(k0..k0 + chunk.len() / w, n0..n1, chunk)
+                }),
+            TileLayout::NMajor => tile
+                .par_chunks_mut(FILL_CHUNK * k)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let c0 = n0 + c * FILL_CHUNK;
+                    fill(0..k, c0..c0 + chunk.len() / k, chunk)
+                }),
+        }
+        multiply(n0, tile);
     }
 }
 
@@ -219,15 +275,23 @@ pub fn gram_rows_bf16(x: &[bf16], rows: usize, cols: usize, result_rows: Range<u
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` with bf16 operands: [`matmul_transposed`]'s 16-bit twin.
 ///
 /// [`matmul_transposed`]: super::matmul_transposed
-pub fn matmul_transposed_bf16(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn matmul_transposed_bf16(
+    kernel: Bf16Kernel,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     assert_eq!(w.len(), n * k, "weight is not [{n}, {k}]");
-    panel_matmul_bf16(x, m, k, n, out, TileLayout::NMajor, |_, ns, chunk| {
+    panel_matmul_bf16(kernel, x, m, k, n, out, TileLayout::NMajor, |_, ns, chunk| {
         narrow(&w[ns.start * k..ns.end * k], chunk)
     });
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng};
 
@@ -245,8 +309,27 @@ mod tests {
         out
     }
 
+    /// The kernels this machine runs: `gemmkit` everywhere (it falls back to plain code where
+    /// the CPU lacks AVX512-BF16), AMX where the CPU has it and Linux permits it.
+    pub(crate) fn kernels_here() -> Vec<Bf16Kernel> {
+        let mut kernels = vec![Bf16Kernel::Vdpbf16ps];
+        let features = crate::compute::CpuFeatures::detect();
+        if features.amx_bf16 && features.amx_permitted {
+            kernels.push(Bf16Kernel::Amx);
+        } else {
+            eprintln!("bf16 tests: no AMX kernel on this CPU ({features}); vdpbf16ps only");
+        }
+        kernels
+    }
+
     #[test]
     fn matches_its_scalar_twin() {
+        for kernel in kernels_here() {
+            matches_its_scalar_twin_with(kernel);
+        }
+    }
+
+    fn matches_its_scalar_twin_with(kernel: Bf16Kernel) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         for (m, k, n) in [
             (1, 1, 1),
@@ -258,13 +341,16 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
             let mut got = vec![f32::NAN; m * n];
-            matmul_transposed_bf16(&x, &w, &mut got, m, k, n);
+            matmul_transposed_bf16(kernel, &x, &w, &mut got, m, k, n);
             let want = twin(&x, &w, m, k, n);
             for (i, (g, t)) in got.iter().zip(&want).enumerate() {
                 // The f32 and f64 sums may round to neighbouring bf16 values: one unit in
-                // the last place (2⁻⁷ relative) apart at most.
+                // the last place (2⁻⁷ relative) apart at most (AMX does not round to bf16).
                 let tol = t.abs() / 128.0 + 1e-5 * (k as f32).sqrt();
-                assert!((g - t).abs() <= tol, "({m},{k},{n}) element {i}: {g} vs twin {t}");
+                assert!(
+                    (g - t).abs() <= tol,
+                    "{kernel:?} ({m},{k},{n}) element {i}: {g} vs twin {t}"
+                );
             }
         }
     }
@@ -299,17 +385,19 @@ mod tests {
     fn a_bf16_weight_multiplies_as_its_panels() {
         let (m, k, n) = (300, 130, 90);
         let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
-        let mut panels = vec![0f32; m * n];
-        matmul_transposed_bf16(&x, &w, &mut panels, m, k, n);
-        let mut whole = vec![1f32; m * n];
-        matmul_bf16_weight(&x, &to_bf16(&w), &mut whole, m, k, n);
         let twin = twin(&x, &w, m, k, n);
-        for ((a, b), t) in panels.iter().zip(&whole).zip(&twin) {
-            let tol = t.abs() / 128.0 + 1e-4;
-            assert!(
-                (a - t).abs() <= tol && (b - t).abs() <= tol,
-                "{a} {b} vs twin {t}"
-            );
+        for kernel in kernels_here() {
+            let mut panels = vec![0f32; m * n];
+            matmul_transposed_bf16(kernel, &x, &w, &mut panels, m, k, n);
+            let mut whole = vec![1f32; m * n];
+            matmul_bf16_weight(kernel, &x, &to_bf16(&w), &mut whole, m, k, n);
+            for ((a, b), t) in panels.iter().zip(&whole).zip(&twin) {
+                let tol = t.abs() / 128.0 + 1e-4;
+                assert!(
+                    (a - t).abs() <= tol && (b - t).abs() <= tol,
+                    "{kernel:?}: {a} {b} vs twin {t}"
+                );
+            }
         }
     }
 
@@ -339,10 +427,15 @@ mod tests {
     fn is_deterministic() {
         let (m, k, n) = (700, 96, 200);
         let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
-        let mut a = vec![0f32; m * n];
-        let mut b = vec![1f32; m * n];
-        matmul_transposed_bf16(&x, &w, &mut a, m, k, n);
-        matmul_transposed_bf16(&x, &w, &mut b, m, k, n);
-        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        for kernel in kernels_here() {
+            let mut a = vec![0f32; m * n];
+            let mut b = vec![1f32; m * n];
+            matmul_transposed_bf16(kernel, &x, &w, &mut a, m, k, n);
+            matmul_transposed_bf16(kernel, &x, &w, &mut b, m, k, n);
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{kernel:?}"
+            );
+        }
     }
 }

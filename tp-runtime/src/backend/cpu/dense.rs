@@ -148,10 +148,10 @@ impl CpuMatrix {
         if m <= FEW_ROWS {
             return few_rows(x, m, k, n, out, |r, row| self.widen_row(r, row));
         }
-        match (compute, &self.data) {
-            (Compute::Bf16, _) => matmul_bf16_weight(x, self.bf16_weight(), out, m, k, n),
-            (Compute::F32, FloatData::F32(w)) => matmul_transposed(x, w, out, m, k, n),
-            (Compute::F32, half) => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
+        match (compute.bf16_kernel(), &self.data) {
+            (Some(kernel), _) => matmul_bf16_weight(kernel, x, self.bf16_weight(), out, m, k, n),
+            (None, FloatData::F32(w)) => matmul_transposed(x, w, out, m, k, n),
+            (None, half) => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
                 let depth = ks.len();
                 for (nn, row) in ns.zip(tile.chunks_exact_mut(depth)) {
                     half.widen_into(nn * k + ks.start..nn * k + ks.end, row);

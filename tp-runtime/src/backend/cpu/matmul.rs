@@ -83,9 +83,9 @@ pub fn matmul_transposed_in(
     k: usize,
     n: usize,
 ) {
-    match compute {
-        Compute::F32 => matmul_transposed(x, w, out, m, k, n),
-        Compute::Bf16 => super::bf16::matmul_transposed_bf16(x, w, out, m, k, n),
+    match compute.bf16_kernel() {
+        None => matmul_transposed(x, w, out, m, k, n),
+        Some(kernel) => super::bf16::matmul_transposed_bf16(kernel, x, w, out, m, k, n),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The CPU backend: f32 arithmetic, matrix products by the `gemm` crate, rayon across rows
 //! and heads. It is also the reference twin of every GPU kernel.
 
+mod amx;
 mod attention;
 mod bf16;
 mod dense;
@@ -25,6 +26,8 @@ pub use dense::CpuMatrix;
 pub use math::exp_in_place;
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
+
+pub(crate) use amx::permitted as amx_permitted;
 
 /// Keeps freed activation buffers inside the process.
 ///

@@ -86,9 +86,9 @@ impl CpuAwq {
         if m <= FEW_ROWS {
             return self.matmul_few_rows(x, m, out);
         }
-        if compute == Compute::Bf16 {
+        if let Some(kernel) = compute.bf16_kernel() {
             let (k, n) = (self.in_features, self.out_features);
-            return panel_matmul_bf16(x, m, k, n, out, TileLayout::KMajor, |ks, ns, tile| {
+            return panel_matmul_bf16(kernel, x, m, k, n, out, TileLayout::KMajor, |ks, ns, tile| {
                 self.unpack_tile(ks, ns, tile, unpack_row_bf16)
             });
         }
@@ -326,10 +326,17 @@ mod tests {
             );
             // The 16-bit path equals the dense bf16 product of the dequantized weight up to
             // the output's bf16 rounding, and f32 within bf16's precision.
-            if m > FEW_ROWS {
-                awq.matmul(Compute::Bf16, &x, m, &mut out);
+            for kernel in crate::backend::cpu::bf16::tests::kernels_here() {
+                if m <= FEW_ROWS {
+                    break;
+                }
+                let compute = match kernel {
+                    crate::compute::Bf16Kernel::Vdpbf16ps => Compute::Bf16,
+                    crate::compute::Bf16Kernel::Amx => Compute::Amx,
+                };
+                awq.matmul(compute, &x, m, &mut out);
                 let mut twin = vec![0f32; m * n];
-                crate::backend::cpu::matmul_transposed_bf16(&x, &dense, &mut twin, m, k, n);
+                crate::backend::cpu::matmul_transposed_bf16(kernel, &x, &dense, &mut twin, m, k, n);
                 assert!(
                     rel(&out, &twin) < 1e-3,
                     "({m},{k},{n},{g}) bf16 vs twin: {}",

@@ -1,0 +1,586 @@
+//! Products on Intel's AMX tile unit (AMX-BF16: Sapphire Rapids and later): bf16 operands,
+//! f32 sums held in tile registers over the whole of `k`, each output one f32 sum.
+//!
+//! No maintained crate exposes an AMX GEMM we could call (`gemmkit` stops at AVX512-BF16,
+//! `gemm` at f32/f16 FMA), so this is a small hand-written one, tested against a scalar twin.
+//! Both operands are first copied into tile order, zero padded to whole tiles:
+//!
+//! - the left operand `a[m, k]` as `[row block][k step][16 rows][32 values]`;
+//! - the right operand `b[k, n]` as `[column block][k step][16 k pairs][16 columns][2]`, the
+//!   "VNNI" order `tdpbf16ps` reads (each 32-bit word a pair of consecutive `k`).
+//!
+//! A micro-kernel then keeps a 2 × 2 block of 16 × 16 f32 results in four tile registers and
+//! streams a pair of left and a pair of right tiles per step of 32 `k`; tasks cover a chunk of
+//! rows (small enough to stay in L2) times a group of column pairs.
+//!
+//! Linux hands the tile state to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
+//! [`permitted`] asks once, and a refusal leaves the other paths in charge.
+
+use std::ops::Range;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::SharedOut;
+use super::bf16::round_to_bf16;
+use super::dense::TileLayout;
+
+/// Rows of a left (and result) tile; `k` pairs of a right tile.
+const ROWS: usize = 16;
+/// `k` values per step: one 64-byte row of a left tile.
+const K_STEP: usize = 32;
+/// Result columns per tile (16 f32 = 64 bytes).
+const COLS: usize = 16;
+/// bf16 values in one packed tile (1 KiB).
+const TILE: usize = ROWS * K_STEP;
+/// Row blocks per task: 128 rows, whose left tiles (256 KiB at k = 4096) stay in L2 while
+/// the task's column pairs stream past them.
+const ROW_BLOCKS_PER_TASK: usize = 8;
+/// Column pairs per task.
+const COLUMN_PAIRS_PER_TASK: usize = 4;
+
+/// Whether this process may use the tile registers: asks Linux once for the tile data state
+/// (`ARCH_REQ_XCOMP_PERM` with `XFEATURE_XTILEDATA`) and checks it was granted. Call only
+/// where CPUID reports AMX-TILE and AMX-BF16.
+pub(crate) fn permitted() -> bool {
+    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PERMITTED.get_or_init(request_tile_data)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    let mut granted: u64 = 0;
+    // SAFETY: arch_prctl with these codes only reads its integer argument and writes the
+    // permitted feature mask into `granted`.
+    unsafe {
+        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+            && libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_GET_XCOMP_PERM,
+                &mut granted as *mut u64,
+            ) == 0
+            && granted & (1 << XFEATURE_XTILEDATA) != 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// A left operand in tile order.
+pub(crate) struct PackedLhs {
+    data: Vec<bf16>,
+    rows: usize,
+    /// Row blocks, rounded up to a pair.
+    blocks: usize,
+    steps: usize,
+}
+
+impl PackedLhs {
+    /// `x[m, k]` (row-major f32), rounded to bf16.
+    pub(crate) fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
+        let blocks = m.div_ceil(2 * ROWS) * 2;
+        let steps = k.div_ceil(K_STEP);
+        let mut data = vec![bf16::ZERO; blocks * steps * TILE];
+        data.par_chunks_mut(steps * TILE)
+            .enumerate()
+            .for_each(|(block, tiles)| {
+                for r in 0..ROWS.min(m.saturating_sub(block * ROWS)) {
+                    let row = &x[(block * ROWS + r) * k..][..k];
+                    for (step, values) in row.chunks(K_STEP).enumerate() {
+                        let dst = &mut tiles[step * TILE + r * K_STEP..][..values.len()];
+                        for (d, &v) in dst.iter_mut().zip(values) {
+                            *d = round_to_bf16(v);
+                        }
+                    }
+                }
+            });
+        PackedLhs {
+            data,
+            rows: m,
+            blocks,
+            steps,
+        }
+    }
+}
+
+/// A right operand `b[k, n]` in VNNI tile order: each 32-bit word a pair of bf16 values
+/// (the lower `k` in the low half).
+pub(crate) struct PackedRhs {
+    data: Vec<u32>,
+    cols: usize,
+    /// Column blocks, rounded up to a pair.
+    blocks: usize,
+    steps: usize,
+}
+
+/// Words in one right tile: 16 `k` pairs × 16 columns.
+const TILE_WORDS: usize = TILE / 2;
+
+/// Two bf16 values as one VNNI word.
+#[inline(always)]
+fn word(low: bf16, high: bf16) -> u32 {
+    low.to_bits() as u32 | (high.to_bits() as u32) << 16
+}
+
+impl PackedRhs {
+    /// `b` of `k` rows and `cols` columns laid out as `layout` says (`KMajor`:
+    /// `b[p · cols + j]`; `NMajor`: `b[j · k + p]`).
+    #[cfg(test)]
+    fn pack(b: &[bf16], k: usize, cols: usize, layout: TileLayout) -> Self {
+        Self::pack_into(Vec::new(), b, k, cols, layout)
+    }
+
+    /// [`pack`](Self::pack) into `buffer` (a previous operand's, from
+    /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
+    pub(crate) fn pack_into(
+        mut data: Vec<u32>,
+        b: &[bf16],
+        k: usize,
+        cols: usize,
+        layout: TileLayout,
+    ) -> Self {
+        assert_eq!(b.len(), k * cols, "right operand is not [{k}, {cols}]");
+        let blocks = cols.div_ceil(2 * COLS) * 2;
+        let steps = k.div_ceil(K_STEP);
+        data.clear();
+        data.resize(blocks * steps * TILE_WORDS, 0);
+        data.par_chunks_mut(steps * TILE_WORDS)
+            .enumerate()
+            .for_each(|(block, tiles)| {
+                let (j0, width) = (block * COLS, COLS.min(cols.saturating_sub(block * COLS)));
+                if width == 0 {
+                    return; // the zero block that rounds the blocks up to a pair
+                }
+                for (step, tile) in tiles.chunks_exact_mut(TILE_WORDS).enumerate() {
+                    let (p0, depth) = (step * K_STEP, K_STEP.min(k - step * K_STEP));
+                    // Word (w, c) of a tile holds k values 2w and 2w + 1 of column c; the
+                    // loops run along the source's contiguous axis.
+                    match layout {
+                        TileLayout::KMajor => {
+                            for w in 0..depth.div_ceil(2) {
+                                let low = &b[(p0 + 2 * w) * cols + j0..][..width];
+                                let dst = &mut tile[w * COLS..][..width];
+                                if 2 * w + 1 < depth {
+                                    let high = &b[(p0 + 2 * w + 1) * cols + j0..][..width];
+                                    for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
+                                        *d = word(l, h);
+                                    }
+                                } else {
+                                    for (d, &l) in dst.iter_mut().zip(low) {
+                                        *d = word(l, bf16::ZERO);
+                                    }
+                                }
+                            }
+                        }
+                        TileLayout::NMajor => {
+                            for c in 0..width {
+                                let column = &b[(j0 + c) * k + p0..][..depth];
+                                let mut pairs = column.chunks_exact(2);
+                                for (w, pair) in (&mut pairs).enumerate() {
+                                    tile[w * COLS + c] = word(pair[0], pair[1]);
+                                }
+                                if let [last] = pairs.remainder() {
+                                    tile[depth / 2 * COLS + c] = word(*last, bf16::ZERO);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        PackedRhs {
+            data,
+            cols,
+            blocks,
+            steps,
+        }
+    }
+
+    /// The storage, for the next [`pack_into`](Self::pack_into).
+    pub(crate) fn into_buffer(self) -> Vec<u32> {
+        self.data
+    }
+
+    /// The packed values, two per word.
+    fn values(&self) -> &[bf16] {
+        bytemuck::cast_slice(&self.data)
+    }
+}
+
+/// `out[i, col0 + j] = Σ_p a[i, p] b[p, j]` for every row of `a` and column of `b`, into an
+/// output `ld` values wide, summed in f32 by the tile unit. Runs on the rayon pool.
+///
+/// # Panics
+/// If `k` differs between the operands or the output is too small; where the tile unit is
+/// not [`permitted`] (a caller's bug: the compute path is resolved against it).
+pub(crate) fn matmul(a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
+    assert!(permitted(), "AMX tile data is not permitted in this process");
+    matmul_on(TileUnit::Hardware, a, b, out, ld, col0);
+}
+
+/// What multiplies the tiles: the tile unit, or its scalar twin (which lets every CPU test
+/// the packing, the tasks and the edges around the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileUnit {
+    Hardware,
+    /// Used by the tests, which run on CPUs without AMX too.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Emulated,
+}
+
+/// [`matmul`] on `unit`.
+fn matmul_on(unit: TileUnit, a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
+    assert_eq!(a.steps, b.steps, "operands differ in k");
+    assert!(col0 + b.cols <= ld, "columns {col0}+{} beyond {ld}", b.cols);
+    assert!(
+        out.len() >= a.rows * ld,
+        "output holds fewer than {} rows",
+        a.rows
+    );
+    if a.rows == 0 || b.cols == 0 {
+        return;
+    }
+    if a.steps == 0 {
+        for row in out.chunks_exact_mut(ld).take(a.rows) {
+            row[col0..col0 + b.cols].fill(0.0);
+        }
+        return;
+    }
+    let row_pairs = a.blocks / 2;
+    let column_pairs = b.blocks / 2;
+    let row_chunks = row_pairs.div_ceil(ROW_BLOCKS_PER_TASK / 2);
+    let column_groups = column_pairs.div_ceil(COLUMN_PAIRS_PER_TASK);
+    let shared = SharedOut(out.as_mut_ptr());
+    (0..row_chunks * column_groups).into_par_iter().for_each(|task| {
+        let (chunk, group) = (task / column_groups, task % column_groups);
+        let rows = chunk * ROW_BLOCKS_PER_TASK / 2..((chunk + 1) * ROW_BLOCKS_PER_TASK / 2).min(row_pairs);
+        let columns = group * COLUMN_PAIRS_PER_TASK..((group + 1) * COLUMN_PAIRS_PER_TASK).min(column_pairs);
+        // SAFETY: this task alone writes the rows of `rows` × the columns of `columns`; the
+        // hardware unit is permitted (checked by `matmul`).
+        unsafe { task_tiles(unit, a, b, rows, columns, shared, ld, col0) };
+    });
+}
+
+/// The 64-byte tile configuration (palette 1): eight tiles of 16 rows × 64 bytes —
+/// `tmm0..3` results, `tmm4..5` left, `tmm6..7` right.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    const fn new() -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1; // palette
+        let mut t = 0;
+        while t < 8 {
+            // colsb[t] (u16 little-endian at 16 + 2t), rows[t] at 48 + t.
+            bytes[16 + 2 * t] = 64;
+            bytes[48 + t] = ROWS as u8;
+            t += 1;
+        }
+        TileConfig(bytes)
+    }
+}
+
+static CONFIG: TileConfig = TileConfig::new();
+
+/// One task: row pairs `rows` × column pairs `columns`.
+///
+/// # Safety
+/// The tile unit is permitted (for `TileUnit::Hardware`); no other task writes these output
+/// rows and columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_tiles(
+    unit: TileUnit,
+    a: &PackedLhs,
+    b: &PackedRhs,
+    rows: Range<usize>,
+    columns: Range<usize>,
+    out: SharedOut,
+    ld: usize,
+    col0: usize,
+) {
+    let mut c = [0f32; 4 * ROWS * COLS];
+    let pair = a.steps * TILE; // values per block of either operand
+    let b_values = b.values();
+    if unit == TileUnit::Hardware {
+        // SAFETY: CONFIG is a valid palette-1 configuration; the unit is permitted.
+        unsafe { load_config() };
+    }
+    for cp in columns {
+        let b0 = &b_values[2 * cp * pair..(2 * cp + 2) * pair];
+        for rp in rows.clone() {
+            let a0 = &a.data[2 * rp * pair..(2 * rp + 2) * pair];
+            match unit {
+                // SAFETY: a0 and b0 hold two blocks of `steps` tiles each; c holds four tiles.
+                TileUnit::Hardware => unsafe {
+                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, c.as_mut_ptr())
+                },
+                TileUnit::Emulated => kernel_2x2_emulated(a0, b0, a.steps, &mut c),
+            }
+            // Tile t = 2·(left block) + (right block), each [16 rows][16 columns].
+            for t in 0..4 {
+                let i0 = (2 * rp + t / 2) * ROWS;
+                let j0 = (2 * cp + t % 2) * COLS;
+                let (height, width) = (
+                    ROWS.min(a.rows.saturating_sub(i0)),
+                    COLS.min(b.cols.saturating_sub(j0)),
+                );
+                for r in 0..height {
+                    let src = &c[(t * ROWS + r) * COLS..][..width];
+                    // SAFETY: row i0 + r < a.rows and columns col0 + j0.. + width ≤ col0 +
+                    // b.cols ≤ ld lie in this task's part of the output.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            out.ptr().add((i0 + r) * ld + col0 + j0),
+                            width,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if unit == TileUnit::Hardware {
+        // SAFETY: releases the tile state this thread configured.
+        unsafe { release() };
+    }
+}
+
+/// [`kernel_2x2`]'s scalar twin, on the same packed tiles: each step adds, per result, the
+/// sixteen sums of a bf16 pair's two products (exact in f32) in pair order, as `tdpbf16ps`
+/// does (which also flushes denormals, a difference below any tolerance here).
+fn kernel_2x2_emulated(a: &[bf16], b: &[bf16], steps: usize, c: &mut [f32; 4 * ROWS * COLS]) {
+    let pair = steps * TILE;
+    c.fill(0.0);
+    for (t, c) in c.chunks_exact_mut(ROWS * COLS).enumerate() {
+        let (a, b) = (&a[(t / 2) * pair..][..pair], &b[(t % 2) * pair..][..pair]);
+        for (ta, tb) in a.chunks_exact(TILE).zip(b.chunks_exact(TILE)) {
+            for (r, row) in c.chunks_exact_mut(COLS).enumerate() {
+                for (col, acc) in row.iter_mut().enumerate() {
+                    for w in 0..K_STEP / 2 {
+                        let x = &ta[r * K_STEP + 2 * w..][..2];
+                        let y = &tb[w * 2 * COLS + 2 * col..][..2];
+                        *acc += x[0].to_f32() * y[0].to_f32() + x[1].to_f32() * y[1].to_f32();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Loads [`CONFIG`] into this thread's tile unit.
+///
+/// # Safety
+/// The tile unit is permitted.
+#[cfg(target_arch = "x86_64")]
+unsafe fn load_config() {
+    // SAFETY: per the caller; CONFIG is 64 valid bytes.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+    }
+}
+
+/// Returns the tile unit to its initial state, so that context switches need not save it.
+///
+/// # Safety
+/// The tile unit is permitted.
+#[cfg(target_arch = "x86_64")]
+unsafe fn release() {
+    // SAFETY: per the caller.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// `c[t] = Σ_steps a_(t/2) · b_(t%2)` for the 2 × 2 tiles of a row pair and a column pair:
+/// `a` and `b` each point at two consecutive blocks of `steps` tiles (`pair` values apart),
+/// `c` at four 16 × 16 f32 tiles.
+///
+/// # Safety
+/// The tile unit is permitted and configured by [`load_config`]; `steps ≥ 1`; the pointers
+/// cover what is described above.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, c: *mut f32) {
+    // SAFETY: per the caller; every load and store is one 1 KiB tile with 64-byte rows.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {stride}]",
+            "tileloadd tmm5, [{a1} + {stride}]",
+            "tileloadd tmm6, [{b0} + {stride}]",
+            "tileloadd tmm7, [{b1} + {stride}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c} + {stride}], tmm0",
+            "add {c}, 1024",
+            "tilestored [{c} + {stride}], tmm1",
+            "add {c}, 1024",
+            "tilestored [{c} + {stride}], tmm2",
+            "add {c}, 1024",
+            "tilestored [{c} + {stride}], tmm3",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(pair) => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(pair) => _,
+            steps = inout(reg) steps => _,
+            c = inout(reg) c => _,
+            stride = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn load_config() {}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn release() {}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_2x2(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32) {
+    unreachable!("AMX exists on x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    /// The packed operands read back, to check the tile orders without the tile unit.
+    fn unpack_lhs(a: &PackedLhs, k: usize) -> Vec<bf16> {
+        let mut x = vec![bf16::ZERO; a.rows * k];
+        for i in 0..a.rows {
+            for p in 0..k {
+                let (block, r, step, q) = (i / ROWS, i % ROWS, p / K_STEP, p % K_STEP);
+                x[i * k + p] = a.data[(block * a.steps + step) * TILE + r * K_STEP + q];
+            }
+        }
+        x
+    }
+
+    fn unpack_rhs(b: &PackedRhs, k: usize) -> Vec<bf16> {
+        let mut w = vec![bf16::ZERO; k * b.cols];
+        for p in 0..k {
+            for j in 0..b.cols {
+                let (block, c, step, q) = (j / COLS, j % COLS, p / K_STEP, p % K_STEP);
+                w[p * b.cols + j] =
+                    b.values()[(block * b.steps + step) * TILE + (q / 2) * 2 * COLS + 2 * c + q % 2];
+            }
+        }
+        w
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0..1.0f32)).collect()
+    }
+
+    #[test]
+    fn packing_keeps_every_value_and_pads_with_zeros() {
+        for (m, k, n) in [(1, 1, 1), (17, 33, 15), (40, 64, 48), (5, 100, 70)] {
+            let x = random(m * k, 1);
+            let a = PackedLhs::from_f32(&x, m, k);
+            let rounded: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            assert_eq!(unpack_lhs(&a, k), rounded, "lhs ({m},{k})");
+            assert_eq!(a.blocks % 2, 0);
+            let nonzero = |v: &[bf16]| v.iter().filter(|v| v.to_f32() != 0.0).count();
+            assert_eq!(nonzero(&a.data), nonzero(&rounded), "padding is zero");
+
+            let w: Vec<bf16> = random(k * n, 2).iter().map(|&v| bf16::from_f32(v)).collect();
+            let kmajor = PackedRhs::pack(&w, k, n, TileLayout::KMajor);
+            assert_eq!(unpack_rhs(&kmajor, k), w, "rhs k-major ({k},{n})");
+            assert_eq!(nonzero(kmajor.values()), nonzero(&w), "padding is zero");
+            let nmajor: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            assert_eq!(
+                PackedRhs::pack(&nmajor, k, n, TileLayout::NMajor).data,
+                kmajor.data
+            );
+        }
+    }
+
+    /// Products on `unit` against the scalar reference (bf16 products summed in f64), with
+    /// the output wider than the product and offset by two columns; returns the results.
+    fn check_against_reference(unit: TileUnit) -> Vec<Vec<f32>> {
+        let mut results = Vec::new();
+        for (m, k, n) in [
+            (1, 1, 1),
+            (17, 33, 15),
+            (64, 64, 64),
+            (130, 577, 250),
+            (300, 576, 1536),
+        ] {
+            let x = random(m * k, 3);
+            let w = random(n * k, 4);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let a = PackedLhs::from_f32(&x, m, k);
+            let b = PackedRhs::pack(&wb, k, n, TileLayout::NMajor);
+            let ld = n + 3;
+            let mut out = vec![f32::NAN; m * ld];
+            matmul_on(unit, &a, &b, &mut out, ld, 2);
+            let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+            let mut worst = 0f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let t: f64 = (0..k).map(|p| r(x[i * k + p]) * r(w[j * k + p])).sum();
+                    let g = out[i * ld + 2 + j] as f64;
+                    let scale: f64 = (0..k).map(|p| (r(x[i * k + p]) * r(w[j * k + p])).abs()).sum();
+                    worst = worst.max((g - t).abs() / scale.max(1e-30));
+                }
+                assert!(
+                    out[i * ld..i * ld + 2].iter().all(|v| v.is_nan()),
+                    "columns before col0 untouched"
+                );
+            }
+            eprintln!("amx {unit:?} ({m},{k},{n}): worst error {worst:.2e} of Σ|products|");
+            assert!(worst < 1e-5, "{unit:?} ({m},{k},{n}): {worst}");
+            results.push(out);
+        }
+        results
+    }
+
+    /// The packing, the tasks and the edges, on every CPU: the kernel's scalar twin in place
+    /// of the tile unit.
+    #[test]
+    fn emulated_tiles_match_the_reference() {
+        check_against_reference(TileUnit::Emulated);
+    }
+
+    /// The tile unit itself against the reference and against its twin. Skips, saying so,
+    /// where the CPU has no AMX or Linux refuses the tile state — unless `AWQ_REQUIRE_AMX=1`
+    /// (set by `scripts/gpu-check.sh` on a host that has it).
+    #[test]
+    fn matches_its_scalar_twin() {
+        if !(crate::compute::CpuFeatures::detect().amx_bf16 && permitted()) {
+            let reason = "this CPU has no AMX-BF16, or Linux refused the tile data state";
+            assert!(
+                std::env::var("AWQ_REQUIRE_AMX").as_deref() != Ok("1"),
+                "AWQ_REQUIRE_AMX=1 but {reason}"
+            );
+            eprintln!("SKIPPED amx::matches_its_scalar_twin: {reason}");
+            return;
+        }
+        let hardware = check_against_reference(TileUnit::Hardware);
+        let twin = check_against_reference(TileUnit::Emulated);
+        for (h, t) in hardware.iter().zip(&twin) {
+            for (h, t) in h.iter().zip(t) {
+                assert!(
+                    (h.is_nan() && t.is_nan()) || (h - t).abs() <= 1e-6 * t.abs().max(1.0),
+                    "tile unit {h} vs twin {t}"
+                );
+            }
+        }
+    }
+}
