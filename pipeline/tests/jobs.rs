@@ -60,7 +60,7 @@ fn job_file_errors_name_line_column_and_suggest() {
         (
             "name = \"bad\"",
             "name = \"bad\"\n[runtime]\ncompute = \"fp16\"",
-            &[":5:11:", "unknown variant `fp16`", "`f32`, `bf16`, `auto`"],
+            &[":5:11:", "unknown variant `fp16`", "`f32`, `bf16`, `amx`, `auto`"],
         ),
         (
             "ctx = 128\nwindows = 4\nmodel = \"quantized\"",

@@ -82,11 +82,19 @@ pub(crate) struct PackedLhs {
 
 impl PackedLhs {
     /// `x[m, k]` (row-major f32), rounded to bf16.
-    pub(crate) fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
+    #[cfg(test)]
+    fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
+        Self::from_f32_into(Vec::new(), x, m, k)
+    }
+
+    /// [`from_f32`](Self::from_f32) into `buffer` (a previous operand's, from
+    /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
+    pub(crate) fn from_f32_into(mut data: Vec<bf16>, x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
         let blocks = m.div_ceil(2 * ROWS) * 2;
         let steps = k.div_ceil(K_STEP);
-        let mut data = vec![bf16::ZERO; blocks * steps * TILE];
+        data.clear();
+        data.resize(blocks * steps * TILE, bf16::ZERO);
         data.par_chunks_mut(steps * TILE)
             .enumerate()
             .for_each(|(block, tiles)| {
@@ -106,6 +114,11 @@ impl PackedLhs {
             blocks,
             steps,
         }
+    }
+
+    /// The storage, for the next [`from_f32_into`](Self::from_f32_into).
+    pub(crate) fn into_buffer(self) -> Vec<bf16> {
+        self.data
     }
 }
 
@@ -219,8 +232,20 @@ impl PackedRhs {
 /// If `k` differs between the operands or the output is too small; where the tile unit is
 /// not [`permitted`] (a caller's bug: the compute path is resolved against it).
 pub(crate) fn matmul(a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
+    // Unit tests on a CPU without the tile unit run every AMX product on its twin, so that
+    // the callers' panels and buffers are tested everywhere.
+    #[cfg(test)]
+    if !hardware_here() {
+        return matmul_on(TileUnit::Emulated, a, b, out, ld, col0);
+    }
     assert!(permitted(), "AMX tile data is not permitted in this process");
     matmul_on(TileUnit::Hardware, a, b, out, ld, col0);
+}
+
+/// Whether this CPU has the tile unit and Linux granted it.
+#[cfg(test)]
+pub(crate) fn hardware_here() -> bool {
+    crate::compute::CpuFeatures::detect().amx_permitted
 }
 
 /// What multiplies the tiles: the tile unit, or its scalar twin (which lets every CPU test
@@ -563,7 +588,7 @@ mod tests {
     /// (set by `scripts/gpu-check.sh` on a host that has it).
     #[test]
     fn matches_its_scalar_twin() {
-        if !(crate::compute::CpuFeatures::detect().amx_bf16 && permitted()) {
+        if !hardware_here() {
             let reason = "this CPU has no AMX-BF16, or Linux refused the tile data state";
             assert!(
                 std::env::var("AWQ_REQUIRE_AMX").as_deref() != Ok("1"),

@@ -69,9 +69,10 @@ pub fn to_bf16_slice(x: &[f32], out: &mut [bf16]) {
 }
 
 thread_local! {
-    /// Buffers of the last product on this thread (activations in bf16, the bf16 output),
-    /// reused so that each product does not zero fresh pages. Taken out while in use, so a
-    /// product nested inside another (work stealing) just allocates its own.
+    /// Buffers of the last product on this thread (activations in bf16 — in tile order for
+    /// AMX —, the bf16 output, a weight panel), reused so that each product does not zero
+    /// fresh pages. Taken out while in use, so a product nested inside another (work
+    /// stealing) just allocates its own.
     static SCRATCH: std::cell::Cell<[Vec<bf16>; 3]> = const {
         std::cell::Cell::new([Vec::new(), Vec::new(), Vec::new()])
     };
@@ -137,13 +138,15 @@ pub fn matmul_bf16_weight(
         return;
     }
     if kernel == Bf16Kernel::Amx {
-        let a = PackedLhs::from_f32(x, m, k);
-        let panel = panel_columns(k, n);
-        for n0 in (0..n).step_by(panel) {
-            let n1 = (n0 + panel).min(n);
-            amx_panel(&a, &w[n0 * k..n1 * k], k, TileLayout::NMajor, out, n, n0);
-        }
-        return;
+        return with_scratch(|[xb, _, _]| {
+            let a = PackedLhs::from_f32_into(std::mem::take(xb), x, m, k);
+            let panel = panel_columns(k, n);
+            for n0 in (0..n).step_by(panel) {
+                let n1 = (n0 + panel).min(n);
+                amx_panel(&a, &w[n0 * k..n1 * k], k, TileLayout::NMajor, out, n, n0);
+            }
+            *xb = a.into_buffer();
+        });
     }
     with_scratch(|[xb, y, _]| {
         to_bf16_into(x, xb);
@@ -183,10 +186,12 @@ pub(crate) fn panel_matmul_bf16(
         tile.resize(k * panel, bf16::ZERO);
         let tile = &mut tile[..k * panel];
         if kernel == Bf16Kernel::Amx {
-            let a = PackedLhs::from_f32(x, m, k);
-            return for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
+            let a = PackedLhs::from_f32_into(std::mem::take(xb), x, m, k);
+            for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
                 amx_panel(&a, panel, k, layout, out, n, n0)
             });
+            *xb = a.into_buffer();
+            return;
         }
         to_bf16_into(x, xb);
         y.resize(m * panel, bf16::ZERO);
@@ -309,17 +314,14 @@ pub(crate) mod tests {
         out
     }
 
-    /// The kernels this machine runs: `gemmkit` everywhere (it falls back to plain code where
-    /// the CPU lacks AVX512-BF16), AMX where the CPU has it and Linux permits it.
-    pub(crate) fn kernels_here() -> Vec<Bf16Kernel> {
-        let mut kernels = vec![Bf16Kernel::Vdpbf16ps];
-        let features = crate::compute::CpuFeatures::detect();
-        if features.amx_bf16 && features.amx_permitted {
-            kernels.push(Bf16Kernel::Amx);
-        } else {
-            eprintln!("bf16 tests: no AMX kernel on this CPU ({features}); vdpbf16ps only");
+    /// Both kernels: `gemmkit` falls back to plain code where the CPU lacks AVX512-BF16, and
+    /// the AMX products run on the tile kernel's scalar twin where the CPU has no tile unit
+    /// (`super::super::amx::matmul` in tests).
+    pub(crate) fn kernels_here() -> [Bf16Kernel; 2] {
+        if !super::super::amx::hardware_here() {
+            eprintln!("bf16 tests: no AMX tile unit here; AMX products run on its scalar twin");
         }
-        kernels
+        [Bf16Kernel::Vdpbf16ps, Bf16Kernel::Amx]
     }
 
     #[test]
