@@ -150,7 +150,7 @@ impl CpuFeatures {
                 avx512_bf16,
                 bf16_outpaces_f32: avx512_bf16 && amd,
                 amx_bf16,
-                amx_permitted: amx_bf16 && crate::backend::cpu::amx_permitted(),
+                amx_permitted: amx_bf16 && amx_permitted(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -178,6 +178,38 @@ impl fmt::Display for CpuFeatures {
             .collect();
         f.write_str(&list.join(" "))
     }
+}
+
+/// Whether this process may use the tile registers: asks Linux once for the tile data state
+/// (`ARCH_REQ_XCOMP_PERM` with `XFEATURE_XTILEDATA`) and checks it was granted. Call only
+/// where CPUID reports AMX-TILE and AMX-BF16.
+pub(crate) fn amx_permitted() -> bool {
+    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PERMITTED.get_or_init(request_tile_data)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    let mut granted: u64 = 0;
+    // SAFETY: arch_prctl with these codes only reads its integer argument and writes the
+    // permitted feature mask into `granted`.
+    unsafe {
+        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+            && libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_GET_XCOMP_PERM,
+                &mut granted as *mut u64,
+            ) == 0
+            && granted & (1 << XFEATURE_XTILEDATA) != 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_data() -> bool {
+    false
 }
 
 impl ComputeRequest {

@@ -14,7 +14,7 @@
 //! rows (small enough to stay in L2) times a group of column pairs.
 //!
 //! Linux hands the tile state to a process only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
-//! [`permitted`] asks once, and a refusal leaves the other paths in charge.
+//! [`crate::compute::amx_permitted`] asks once, and a refusal leaves the other paths in charge.
 
 use std::ops::Range;
 
@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::SharedOut;
 use super::bf16::round_to_bf16;
 use super::dense::TileLayout;
+use crate::compute::amx_permitted;
 
 /// Rows of a left (and result) tile; `k` pairs of a right tile.
 const ROWS: usize = 16;
@@ -38,38 +39,6 @@ const TILE: usize = ROWS * K_STEP;
 const ROW_BLOCKS_PER_TASK: usize = 8;
 /// Column pairs per task.
 const COLUMN_PAIRS_PER_TASK: usize = 4;
-
-/// Whether this process may use the tile registers: asks Linux once for the tile data state
-/// (`ARCH_REQ_XCOMP_PERM` with `XFEATURE_XTILEDATA`) and checks it was granted. Call only
-/// where CPUID reports AMX-TILE and AMX-BF16.
-pub(crate) fn permitted() -> bool {
-    static PERMITTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PERMITTED.get_or_init(request_tile_data)
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn request_tile_data() -> bool {
-    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    let mut granted: u64 = 0;
-    // SAFETY: arch_prctl with these codes only reads its integer argument and writes the
-    // permitted feature mask into `granted`.
-    unsafe {
-        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
-            && libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_GET_XCOMP_PERM,
-                &mut granted as *mut u64,
-            ) == 0
-            && granted & (1 << XFEATURE_XTILEDATA) != 0
-    }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn request_tile_data() -> bool {
-    false
-}
 
 /// A left operand in tile order.
 pub(crate) struct PackedLhs {
@@ -230,7 +199,7 @@ impl PackedRhs {
 ///
 /// # Panics
 /// If `k` differs between the operands or the output is too small; where the tile unit is
-/// not [`permitted`] (a caller's bug: the compute path is resolved against it).
+/// not [`amx_permitted`] (a caller's bug: the compute path is resolved against it).
 pub(crate) fn matmul(a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
     // Unit tests on a CPU without the tile unit run every AMX product on its twin, so that
     // the callers' panels and buffers are tested everywhere.
@@ -238,7 +207,7 @@ pub(crate) fn matmul(a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, c
     if !hardware_here() {
         return matmul_on(TileUnit::Emulated, a, b, out, ld, col0);
     }
-    assert!(permitted(), "AMX tile data is not permitted in this process");
+    assert!(amx_permitted(), "AMX tile data is not permitted in this process");
     matmul_on(TileUnit::Hardware, a, b, out, ld, col0);
 }
 

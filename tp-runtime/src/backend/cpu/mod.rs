@@ -27,8 +27,6 @@ pub use math::exp_in_place;
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
-pub(crate) use amx::permitted as amx_permitted;
-
 /// Keeps freed activation buffers inside the process.
 ///
 /// glibc hands large freed blocks back to the kernel; every fresh buffer of the next layer
