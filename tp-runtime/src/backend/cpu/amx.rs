@@ -34,8 +34,8 @@ const K_STEP: usize = 32;
 const COLS: usize = 16;
 /// bf16 values in one packed tile (1 KiB).
 const TILE: usize = ROWS * K_STEP;
-/// Row blocks per task: 128 rows, whose left tiles (256 KiB at k = 4096) stay in L2 while
-/// the task's column pairs stream past them.
+/// Row blocks per task: 128 rows, whose left tiles (1 MiB at k = 4096) stay in L2 while the
+/// task's column pairs stream past them.
 const ROW_BLOCKS_PER_TASK: usize = 8;
 /// Column pairs per task.
 const COLUMN_PAIRS_PER_TASK: usize = 4;
@@ -50,13 +50,13 @@ pub(crate) struct PackedLhs {
 }
 
 impl PackedLhs {
-    /// `x[m, k]` (row-major f32), rounded to bf16.
+    /// `x[m, k]` packed into fresh storage.
     #[cfg(test)]
     fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
         Self::from_f32_into(Vec::new(), x, m, k)
     }
 
-    /// [`from_f32`](Self::from_f32) into `buffer` (a previous operand's, from
+    /// `x[m, k]` (row-major f32) rounded to bf16, into `data` (a previous operand's, from
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
     pub(crate) fn from_f32_into(mut data: Vec<bf16>, x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
@@ -111,14 +111,14 @@ fn word(low: bf16, high: bf16) -> u32 {
 }
 
 impl PackedRhs {
-    /// `b` of `k` rows and `cols` columns laid out as `layout` says (`KMajor`:
-    /// `b[p · cols + j]`; `NMajor`: `b[j · k + p]`).
+    /// `b` packed into fresh storage.
     #[cfg(test)]
     fn pack(b: &[bf16], k: usize, cols: usize, layout: TileLayout) -> Self {
         Self::pack_into(Vec::new(), b, k, cols, layout)
     }
 
-    /// [`pack`](Self::pack) into `buffer` (a previous operand's, from
+    /// `b` of `k` rows and `cols` columns laid out as `layout` says (`KMajor`:
+    /// `b[p · cols + j]`; `NMajor`: `b[j · k + p]`), into `data` (a previous operand's, from
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
     pub(crate) fn pack_into(
         mut data: Vec<u32>,
