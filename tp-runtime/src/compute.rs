@@ -93,11 +93,6 @@ impl Compute {
             Compute::Amx => Some(Bf16Kernel::Amx),
         }
     }
-
-    /// Whether operands are rounded to bf16 (every path but f32).
-    pub fn is_bf16(self) -> bool {
-        self.bf16_kernel().is_some()
-    }
 }
 
 impl fmt::Display for Compute {

@@ -296,7 +296,7 @@ pub fn matmul_transposed_bf16(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng};
 
@@ -317,7 +317,7 @@ pub(crate) mod tests {
     /// Both kernels: `gemmkit` falls back to plain code where the CPU lacks AVX512-BF16, and
     /// the AMX products run on the tile kernel's scalar twin where the CPU has no tile unit
     /// (`super::super::amx::matmul` in tests).
-    pub(crate) fn kernels_here() -> [Bf16Kernel; 2] {
+    fn kernels_here() -> [Bf16Kernel; 2] {
         if !super::super::amx::hardware_here() {
             eprintln!("bf16 tests: no AMX tile unit here; AMX products run on its scalar twin");
         }

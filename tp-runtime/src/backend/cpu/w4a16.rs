@@ -326,14 +326,14 @@ mod tests {
             );
             // The 16-bit path equals the dense bf16 product of the dequantized weight up to
             // the output's bf16 rounding, and f32 within bf16's precision.
-            for kernel in crate::backend::cpu::bf16::tests::kernels_here() {
-                if m <= FEW_ROWS {
-                    break;
-                }
-                let compute = match kernel {
-                    crate::compute::Bf16Kernel::Vdpbf16ps => Compute::Bf16,
-                    crate::compute::Bf16Kernel::Amx => Compute::Amx,
-                };
+            // Both kernels (AMX on its scalar twin where the CPU has no tile unit).
+            let sixteen_bit = if m > FEW_ROWS {
+                [Compute::Bf16, Compute::Amx].as_slice()
+            } else {
+                &[]
+            };
+            for &compute in sixteen_bit {
+                let kernel = compute.bf16_kernel().expect("a 16-bit path");
                 awq.matmul(compute, &x, m, &mut out);
                 let mut twin = vec![0f32; m * n];
                 crate::backend::cpu::matmul_transposed_bf16(kernel, &x, &dense, &mut twin, m, k, n);
