@@ -10,7 +10,7 @@ use awq_calib::Activations;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::HostTensor;
-use tp_runtime::backend::cpu::{gram, matmul_transposed};
+use tp_runtime::backend::cpu::{dot, gram, matmul_transposed};
 
 use crate::quant::{GroupSize, fake_quantize_group};
 
@@ -87,11 +87,7 @@ pub fn search_clip(
                 let mut best_err = f32::INFINITY;
                 for i in 0..CLIP_STEPS {
                     let r = n * CLIP_STEPS + i;
-                    let err: f32 = deltas[r * g..(r + 1) * g]
-                        .iter()
-                        .zip(&projected[r * g..(r + 1) * g])
-                        .map(|(a, b)| a * b)
-                        .sum();
+                    let err = dot(&deltas[r * g..(r + 1) * g], &projected[r * g..(r + 1) * g]);
                     if err < best_err {
                         best_err = err;
                         best_max[n] = org_max[n] * (1.0 - i as f32 / CLIP_GRID as f32);

@@ -13,7 +13,10 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
-use tp_runtime::backend::cpu::{matmul_bf16_weight, matmul_transposed, matmul_transposed_in, to_bf16};
+use tp_runtime::backend::cpu::{
+    dot_f64, matmul_bf16_weight, matmul_transposed, matmul_transposed_in, squared_distance_f64,
+    sum_of_squares_f64, to_bf16,
+};
 use tp_runtime::compute::Bf16Kernel;
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
 use tp_runtime::{Backend, DenseWeight, SeqLayout};
@@ -339,7 +342,7 @@ impl<B: Backend> TrialState<B> {
 /// Σ x², accumulated in f64 over the same chunks as [`squared_error`].
 fn sum_of_squares(a: &[f32]) -> f64 {
     a.par_chunks(16_384)
-        .map(|a| a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
+        .map(sum_of_squares_f64)
         .collect::<Vec<f64>>()
         .into_iter()
         .sum()
@@ -348,12 +351,7 @@ fn sum_of_squares(a: &[f32]) -> f64 {
 fn squared_error(a: &[f32], b: &[f32]) -> f64 {
     a.par_chunks(16_384)
         .zip(b.par_chunks(16_384))
-        .map(|(a, b)| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| ((x - y) as f64).powi(2))
-                .sum::<f64>()
-        })
+        .map(|(a, b)| squared_distance_f64(a, b))
         .collect::<Vec<f64>>()
         .into_iter()
         .sum()
@@ -494,7 +492,7 @@ fn gram_loss(gram: &GramMatrix, weight: &[f32], scales: &[f32], g: GroupSize, ro
             delta
                 .par_chunks(n)
                 .zip(projected.par_chunks(n))
-                .map(|(d, p)| d.iter().zip(p).map(|(a, b)| (a * b) as f64).sum::<f64>()),
+                .map(|(d, p)| dot_f64(d, p)),
         );
     }
     row_sums.into_iter().sum()

@@ -5,7 +5,7 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{SharedOut, exp_in_place};
+use super::{SharedOut, exp_in_place, math};
 use crate::backend::{AttentionLayout, AttentionSpec};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
@@ -125,10 +125,10 @@ pub fn attention(
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
                 let visible = &mut row[lo..=hi];
-                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = math::max(visible);
                 visible.iter_mut().for_each(|s| *s -= max);
                 exp_in_place(visible);
-                let inv = 1.0 / visible.iter().sum::<f32>();
+                let inv = 1.0 / math::sum(visible);
                 visible.iter_mut().for_each(|s| *s *= inv);
                 row[..lo].fill(0.0);
                 row[hi + 1..].fill(0.0);

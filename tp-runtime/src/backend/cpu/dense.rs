@@ -9,11 +9,13 @@ use checkpoint::FloatData;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::bf16;
 
 use super::bf16::{matmul_bf16_weight, to_bf16};
+use super::math::dot;
 use super::{CpuBackend, SharedOut, matmul_transposed};
 use crate::backend::weights::DenseWeight;
 use crate::backend::{ByteSize, LinearKernel};
@@ -144,16 +146,30 @@ impl CpuMatrix {
     /// `out[m, rows] = x[m, cols] · selfᵀ`, computed as `compute` says (a few rows, which
     /// are bound by reading the weight, always in f32).
     pub fn matmul(&self, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.rows, self.cols);
+        self.matmul_rows(compute, x, m, 0..self.rows, out);
+    }
+
+    /// `out[m, rows.len()] = x[m, cols] · self[rows]ᵀ`: [`CpuMatrix::matmul`] against a range of
+    /// this matrix's rows (a slice of the vocabulary, for an lm_head).
+    pub fn matmul_rows(&self, compute: Compute, x: &[f32], m: usize, rows: Range<usize>, out: &mut [f32]) {
+        assert!(
+            rows.end <= self.rows,
+            "rows {rows:?} of a [{}, {}] matrix",
+            self.rows,
+            self.cols
+        );
+        let (n, k, first) = (rows.len(), self.cols, rows.start);
+        let elements = first * k..rows.end * k;
         if m <= FEW_ROWS {
-            return few_rows(x, m, k, n, out, |r, row| self.widen_row(r, row));
+            return few_rows(x, m, k, n, out, |r, row| self.widen_row(first + r, row));
         }
         match (compute.bf16_kernel(), &self.data) {
-            (Some(kernel), _) => matmul_bf16_weight(kernel, x, self.bf16_weight(), out, m, k, n),
-            (None, FloatData::F32(w)) => matmul_transposed(x, w, out, m, k, n),
+            (Some(kernel), _) => matmul_bf16_weight(kernel, x, &self.bf16_weight()[elements], out, m, k, n),
+            (None, FloatData::F32(w)) => matmul_transposed(x, &w[elements], out, m, k, n),
             (None, half) => tiled_matmul(x, m, k, n, out, TileLayout::NMajor, |ks, ns, tile| {
                 let depth = ks.len();
                 for (nn, row) in ns.zip(tile.chunks_exact_mut(depth)) {
+                    let nn = first + nn;
                     half.widen_into(nn * k + ks.start..nn * k + ks.end, row);
                 }
             }),
@@ -200,28 +216,6 @@ pub(crate) fn few_rows(
             out[i * n + n0..i * n + n0 + width].copy_from_slice(&y[i * width..(i + 1) * width]);
         }
     }
-}
-
-/// `Σ a·b` in 16 lanes summed in a fixed order: it vectorises, and every instruction set
-/// gives the same bits.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (a16.remainder(), b16.remainder());
-    for (x, y) in a16.zip(b16) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-        lanes[l] += x * y;
-    }
-    let mut sum = 0f32;
-    for l in lanes {
-        sum += l;
-    }
-    sum
 }
 
 impl ByteSize for CpuMatrix {

@@ -99,6 +99,110 @@ pub fn exp_in_place(x: &mut [f32]) {
     }
 }
 
+/// Partial sums kept by the reductions below. `iter().sum()` over floats is one chain of
+/// dependent additions (the compiler may not reorder them), bound by the adder's latency; 16
+/// or 32 independent partial sums fill the vector units instead. Element `i` always goes to
+/// partial `i mod LANES` and the partials are added in one fixed order, so a result does not
+/// depend on the machine or the thread count.
+const F32_LANES: usize = 32;
+/// As [`F32_LANES`], for f64 partial sums.
+const F64_LANES: usize = 16;
+
+/// Σ `term(aᵢ, bᵢ)` over equal-length slices in [`F64_LANES`] f64 partial sums; the tail
+/// (under one lane group) goes to partial 0 in order.
+#[inline(always)]
+fn sum_f64_by(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
+    assert_eq!(a.len(), b.len(), "reduction over slices of different lengths");
+    let mut acc = [0f64; F64_LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
+    let tail = a_chunks.remainder().iter().zip(b_chunks.remainder());
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..F64_LANES {
+            acc[l] += term(x[l], y[l]);
+        }
+    }
+    for (x, y) in tail {
+        acc[0] += term(*x, *y);
+    }
+    acc.iter().sum()
+}
+
+/// As [`sum_f64_by`] in f32 partial sums ([`F32_LANES`]).
+#[inline(always)]
+fn sum_f32_by(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+    assert_eq!(a.len(), b.len(), "reduction over slices of different lengths");
+    let mut acc = [0f32; F32_LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(F32_LANES), b.chunks_exact(F32_LANES));
+    let tail = a_chunks.remainder().iter().zip(b_chunks.remainder());
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..F32_LANES {
+            acc[l] += term(x[l], y[l]);
+        }
+    }
+    for (x, y) in tail {
+        acc[0] += term(*x, *y);
+    }
+    acc.iter().sum()
+}
+
+/// Σ x in f32 (vectorised; see [`F32_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn sum(x: &[f32]) -> f32 {
+    sum_f32_by(x, x, |v, _| v)
+}
+
+/// Σ aᵢ·bᵢ in f32 (vectorised; see [`F32_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f+fma", "x86_64+avx2+fma"))]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum_f32_by(a, b, |a, b| a * b)
+}
+
+/// Σ x, each value widened to f64 (vectorised; see [`F64_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn sum_f64(x: &[f32]) -> f64 {
+    sum_f64_by(x, x, |v, _| v as f64)
+}
+
+/// Σ x² in f64 (vectorised; see [`F64_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f+fma", "x86_64+avx2+fma"))]
+pub fn sum_of_squares_f64(x: &[f32]) -> f64 {
+    sum_f64_by(x, x, |v, _| (v as f64) * (v as f64))
+}
+
+/// Σ aᵢ·bᵢ in f64 (vectorised; see [`F64_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f+fma", "x86_64+avx2+fma"))]
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    sum_f64_by(a, b, |a, b| (a as f64) * (b as f64))
+}
+
+/// Σ (aᵢ − bᵢ)², the difference taken in f32 and squared and summed in f64 (vectorised; see
+/// [`F64_LANES`] for the order).
+#[multiversion::multiversion(targets("x86_64+avx512f+fma", "x86_64+avx2+fma"))]
+pub fn squared_distance_f64(a: &[f32], b: &[f32]) -> f64 {
+    sum_f64_by(a, b, |a, b| {
+        let d = (a - b) as f64;
+        d * d
+    })
+}
+
+/// The largest value of `x`: −∞ for an empty slice; a NaN is passed over as `f32::max` does
+/// (vectorised: [`F32_LANES`] running maxima).
+#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; F32_LANES];
+    let chunks = x.chunks_exact(F32_LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..F32_LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    for v in tail {
+        acc[0] = acc[0].max(*v);
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +234,59 @@ mod tests {
         assert!(x[1].is_finite() && x[1] > 1e38);
         assert!(x[2] >= 0.0 && x[2] < 1e-37);
         assert!(x[3].is_nan());
+    }
+
+    /// Lengths around the lane groups (empty, a tail alone, whole groups, groups and a tail).
+    fn lengths() -> [usize; 8] {
+        [0, 1, 15, 16, 32, 33, 100, 4099]
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A cheap deterministic mix of signs and magnitudes (no RNG dependency needed here).
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+                (h >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// `got` against the f64 sum of `terms`, within `rel` of the sum of their magnitudes.
+    fn close(name: &str, got: f64, terms: impl Iterator<Item = f64>, rel: f64) {
+        let (want, magnitude) = terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
+        assert!(
+            (got - want).abs() <= rel * magnitude + 1e-30,
+            "{name}: {got} vs {want} (magnitude {magnitude})"
+        );
+    }
+
+    #[test]
+    fn reductions_match_their_f64_definitions() {
+        for n in lengths() {
+            let (a, b) = (values(n, 1), values(n, 7));
+            let pairs = || a.iter().zip(&b).map(|(x, y)| (*x as f64, *y as f64));
+            // f64 partial sums of exact f64 terms: a few units of 2⁻⁵³ per addition level;
+            // f32 partial sums: up to n·2⁻²⁴ in the worst case.
+            let (rel64, rel32) = (1e-13, (n as f64 + 1.0) * 6e-8);
+            close("sum_f64", sum_f64(&a), pairs().map(|(x, _)| x), rel64);
+            close("dot_f64", dot_f64(&a, &b), pairs().map(|(x, y)| x * y), rel64);
+            close(
+                "sum_of_squares_f64",
+                sum_of_squares_f64(&a),
+                pairs().map(|(x, _)| x * x),
+                rel64,
+            );
+            let dist = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2));
+            close("squared_distance_f64", squared_distance_f64(&a, &b), dist, rel64);
+            close("sum", sum(&a) as f64, pairs().map(|(x, _)| x), rel32);
+            close("dot", dot(&a, &b) as f64, pairs().map(|(x, y)| x * y), rel32);
+            let want_max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&a).to_bits(), want_max.to_bits(), "max n={n}");
+        }
+        let mut with_nan = values(70, 3);
+        with_nan[40] = f32::NAN;
+        with_nan[5] = 9.0;
+        assert_eq!(max(&with_nan), 9.0);
+        assert_eq!(max(&[f32::NEG_INFINITY]), f32::NEG_INFINITY);
     }
 }

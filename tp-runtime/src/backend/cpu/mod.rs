@@ -23,7 +23,7 @@ use crate::{Error, Result};
 
 pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
-pub use math::exp_in_place;
+pub use math::{dot, dot_f64, exp_in_place, max, squared_distance_f64, sum, sum_f64, sum_of_squares_f64};
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
@@ -130,16 +130,41 @@ fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
 
 /// `(max, Σ exp(l − max))` of a row of logits, overwriting it with `exp(l − max)`; the sum
 /// is accumulated in f64 for a stable total over large vocabularies.
-fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f64) {
+    let max = math::max(logits);
     logits.iter_mut().for_each(|l| *l -= max);
     exp_in_place(logits);
-    let sum: f64 = logits.iter().map(|&e| e as f64).sum();
-    (max, sum as f32)
+    (max, math::sum_f64(logits))
 }
 
-/// Rows per lm_head product when scoring: bounds the logits kept at once.
-const NLL_CHUNK_ROWS: usize = 128;
+/// Logits kept at once when scoring (rows × a slice of the vocabulary): 25 MB of f32.
+const NLL_LOGITS: usize = 128 * 49_152;
+/// The narrowest slice of the vocabulary scored at once.
+const NLL_MIN_COLUMNS: usize = 256;
+
+/// A row's log-sum-exp so far, over the vocabulary slices seen: `(max, Σ exp(l − max))`.
+#[derive(Clone, Copy)]
+struct RunningLogSumExp {
+    max: f32,
+    sum: f64,
+}
+
+impl RunningLogSumExp {
+    const EMPTY: Self = RunningLogSumExp {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    /// Adds a slice's `(max, Σ exp(l − max))`, rescaling whichever sum has the smaller max.
+    fn merge(&mut self, max: f32, sum: f64) {
+        if max > self.max {
+            self.sum = self.sum * ((self.max - max) as f64).exp() + sum;
+            self.max = max;
+        } else {
+            self.sum += sum * ((max - self.max) as f64).exp();
+        }
+    }
+}
 
 impl Backend for CpuBackend {
     type Tensor = HostTensor;
@@ -243,7 +268,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(x.cols)
             .zip(x.data.par_chunks(x.cols))
             .for_each(|(y, x)| {
-                let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+                let mean_sq = math::sum_of_squares_f64(x) / x.len() as f64;
                 let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight.iter()) {
                     *y = w * (x * inv);
@@ -350,25 +375,8 @@ impl Backend for CpuBackend {
         predictions: &[Prediction],
         first_id: usize,
     ) -> Result<HostTensor> {
-        let mut parts = Vec::with_capacity(predictions.len() * 3);
-        for chunk in predictions.chunks(NLL_CHUNK_ROWS) {
-            let rows: Vec<usize> = chunk.iter().map(|p| p.row).collect();
-            let mut logits = self.logits_flat(hidden, lm_head, &rows)?;
-            let chunk_parts: Vec<[f32; 3]> = logits
-                .par_chunks_mut(lm_head.rows)
-                .zip(chunk.par_iter())
-                .map(|(l, p)| {
-                    let target = (p.target as usize)
-                        .checked_sub(first_id)
-                        .filter(|&t| t < l.len())
-                        .map_or(0.0, |t| l[t]);
-                    let (max, sum) = max_and_sum_exp_in_place(l);
-                    [max, sum, target]
-                })
-                .collect();
-            parts.extend(chunk_parts.into_iter().flatten());
-        }
-        HostTensor::new(parts, predictions.len(), 3)
+        let width = (NLL_LOGITS / predictions.len().max(1)).max(NLL_MIN_COLUMNS);
+        self.nll_parts_in_slices(hidden, lm_head, predictions, first_id, width)
     }
 
     fn logits(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<HostTensor> {
@@ -377,25 +385,78 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
+    /// [`Backend::nll_parts`] over slices of `width` vocabulary ids, all rows at once: the
+    /// lm_head is read (and packed for the product) once per call, where slices of rows
+    /// would read it once per slice of rows.
+    fn nll_parts_in_slices(
+        &self,
+        hidden: &HostTensor,
+        lm_head: &CpuMatrix,
+        predictions: &[Prediction],
+        first_id: usize,
+        width: usize,
+    ) -> Result<HostTensor> {
+        let rows: Vec<usize> = predictions.iter().map(|p| p.row).collect();
+        let x = gather_rows(hidden, lm_head, &rows)?;
+        let (m, vocab) = (rows.len(), lm_head.rows);
+        if m == 0 {
+            return HostTensor::new(Vec::new(), 0, 3);
+        }
+        let width = width.min(vocab).max(1);
+        let mut logits = vec![0f32; m * width];
+        let mut running = vec![RunningLogSumExp::EMPTY; m];
+        let mut targets = vec![0f32; m];
+        for v0 in (0..vocab).step_by(width) {
+            let v1 = (v0 + width).min(vocab);
+            let logits = &mut logits[..m * (v1 - v0)];
+            lm_head.matmul_rows(self.compute, &x, m, v0..v1, logits);
+            logits
+                .par_chunks_mut(v1 - v0)
+                .zip(predictions.par_iter())
+                .zip(running.par_iter_mut().zip(targets.par_iter_mut()))
+                .for_each(|((l, p), (running, target))| {
+                    let id = p.target as usize;
+                    if (first_id + v0..first_id + v1).contains(&id) {
+                        *target = l[id - first_id - v0];
+                    }
+                    let (max, sum) = max_and_sum_exp_in_place(l);
+                    running.merge(max, sum);
+                });
+        }
+        let parts = running
+            .iter()
+            .zip(&targets)
+            .flat_map(|(r, &t)| [r.max, r.sum as f32, t])
+            .collect();
+        HostTensor::new(parts, m, 3)
+    }
+
     /// `[rows.len(), vocab]` logits of the selected rows.
     fn logits_flat(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<Vec<f32>> {
-        if hidden.cols != lm_head.cols {
-            return Err(Error::Invalid(format!(
-                "lm_head expects {} features, hidden states have {}",
-                lm_head.cols, hidden.cols
-            )));
-        }
-        let mut x = Vec::with_capacity(rows.len() * hidden.cols);
-        for &r in rows {
-            if r >= hidden.rows {
-                return Err(Error::Invalid(format!("row {r} of {} requested", hidden.rows)));
-            }
-            x.extend_from_slice(hidden.row(r));
-        }
+        let x = gather_rows(hidden, lm_head, rows)?;
         let mut out = vec![0f32; rows.len() * lm_head.rows];
         lm_head.matmul(self.compute, &x, rows.len(), &mut out);
         Ok(out)
     }
+}
+
+/// The selected rows of `hidden`, checked against the lm_head's features, as one `[rows, cols]`
+/// block.
+fn gather_rows(hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<Vec<f32>> {
+    if hidden.cols != lm_head.cols {
+        return Err(Error::Invalid(format!(
+            "lm_head expects {} features, hidden states have {}",
+            lm_head.cols, hidden.cols
+        )));
+    }
+    let mut x = Vec::with_capacity(rows.len() * hidden.cols);
+    for &r in rows {
+        if r >= hidden.rows {
+            return Err(Error::Invalid(format!("row {r} of {} requested", hidden.rows)));
+        }
+        x.extend_from_slice(hidden.row(r));
+    }
+    Ok(x)
 }
 
 #[cfg(test)]
@@ -441,6 +502,47 @@ mod tests {
             .nll_parts(&h, &lm, &[Prediction { row: 0, target: 7 }], 0)
             .unwrap();
         assert_eq!(parts.data[2], 0.0);
+    }
+
+    #[test]
+    fn nll_parts_over_vocabulary_slices_match_the_whole_softmax() {
+        let (vocab, cols, rows) = (7, 3, 5);
+        let b = CpuBackend::new();
+        let weight: Vec<f32> = (0..vocab * cols)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 2.0)
+            .collect();
+        let lm = b
+            .matrix(DenseWeight::f32(weight.clone(), vocab, cols).unwrap())
+            .unwrap();
+        let hidden: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let h = b.upload(&hidden, rows, cols).unwrap();
+        // Targets in the first, a middle and the last slice, and one another rank holds.
+        let predictions: Vec<Prediction> = [(0, 0), (1, 6), (2, 3), (3, 9), (4, 4)]
+            .map(|(row, target)| Prediction { row, target })
+            .to_vec();
+        for width in [1, 2, 3, 6, 7, 100] {
+            let parts = b.nll_parts_in_slices(&h, &lm, &predictions, 0, width).unwrap();
+            let nll = crate::backend::combine_nll_parts(&parts.data, 1);
+            for (p, got) in predictions.iter().zip(&nll) {
+                let logits: Vec<f64> = (0..vocab)
+                    .map(|v| {
+                        (0..cols)
+                            .map(|c| (hidden[p.row * cols + c] * weight[v * cols + c]) as f64)
+                            .sum()
+                    })
+                    .collect();
+                let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+                let target = logits.get(p.target as usize).copied().unwrap_or(0.0);
+                assert!(
+                    (*got as f64 - (lse - target)).abs() < 1e-5,
+                    "width {width}, row {}: {got} vs {}",
+                    p.row,
+                    lse - target
+                );
+            }
+        }
     }
 
     #[test]
