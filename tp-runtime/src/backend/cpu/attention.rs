@@ -5,6 +5,10 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use half::bf16;
+
+use super::bf16::narrow;
+use super::pairs::{PairUnit, matmul_pairs, pair};
 use super::{SharedOut, exp_in_place, math};
 use crate::backend::{AttentionLayout, AttentionSpec};
 use crate::tensor::HostTensor;
@@ -26,7 +30,9 @@ struct Task {
 }
 
 /// `out = softmax(scale · q kᵀ + causal mask) v` for each sequence of `layout`, for q
-/// `[rows, heads·d]` and a key store k, v `[key rows, kv_heads·d]`.
+/// `[rows, heads·d]` and a key store k, v `[key rows, kv_heads·d]`: in f32, or with `pairs`
+/// in bf16 (q, k, v and the probabilities rounded to bf16, as GPU attention kernels do;
+/// scores and outputs f32 sums) on that unit.
 pub fn attention(
     q: &HostTensor,
     k: &HostTensor,
@@ -34,6 +40,7 @@ pub fn attention(
     spec: &AttentionSpec,
     layout: &AttentionLayout,
     out: &mut HostTensor,
+    pairs: Option<PairUnit>,
 ) -> Result<()> {
     let d = spec.head_dim;
     let q_stride = spec.heads * d;
@@ -83,41 +90,47 @@ pub fn attention(
     }
 
     let shared = SharedOut(out.data.as_mut_ptr());
-    tasks
-        .par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, t| {
+    let paired = match pairs {
+        Some(unit) if d.is_multiple_of(2) => Some(PairedKeys::new(k, v, spec, unit)),
+        _ => None,
+    };
+    tasks.par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scores, words): &mut (Vec<f32>, Vec<u32>), t| {
             let kv_head = t.head / group;
             let n_q = t.q_end - t.q_start;
             let n_k = t.k_end - t.k_start;
             scores.clear();
             scores.resize(n_q * n_k, 0.0);
-            let q_ptr = q.data[t.q_start * q_stride + t.head * d..].as_ptr();
-            let k_ptr = k.data[t.k_start * kv_stride + kv_head * d..].as_ptr();
-            let v_ptr = v.data[t.k_start * kv_stride + kv_head * d..].as_ptr();
-            // SAFETY: scores is n_q×n_k; q rows t.q_start.. with stride q_stride hold d values
-            // of this head; k rows t.k_start..t.k_end likewise (read as a d×n_k matrix).
-            unsafe {
-                gemm(
-                    n_q,
-                    n_k,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    n_k as isize,
-                    false,
-                    q_ptr,
-                    1,
-                    q_stride as isize,
-                    k_ptr,
-                    kv_stride as isize,
-                    1,
-                    0.0,
-                    spec.scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+            let q_rows = &q.data[t.q_start * q_stride + t.head * d..];
+            match &paired {
+                Some(paired) => paired.scores(q_rows, q_stride, n_q, kv_head, t.k_start, n_k, words, scores),
+                // SAFETY: scores is n_q×n_k; q rows t.q_start.. with stride q_stride hold d
+                // values of this head; k rows t.k_start..t.k_end likewise (read as a d×n_k
+                // matrix).
+                None => unsafe {
+                    gemm(
+                        n_q,
+                        n_k,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        n_k as isize,
+                        false,
+                        q_rows.as_ptr(),
+                        1,
+                        q_stride as isize,
+                        k.data[t.k_start * kv_stride + kv_head * d..].as_ptr(),
+                        kv_stride as isize,
+                        1,
+                        0.0,
+                        spec.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                },
             }
             for (i, row) in scores.chunks_exact_mut(n_k).enumerate() {
                 let position = t.position + i;
@@ -125,6 +138,10 @@ pub fn attention(
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
                 let visible = &mut row[lo..=hi];
+                if paired.is_some() {
+                    // The f32 product applied the scale; the paired one leaves it to here.
+                    visible.iter_mut().for_each(|s| *s *= spec.scale);
+                }
                 let max = math::max(visible);
                 visible.iter_mut().for_each(|s| *s -= max);
                 exp_in_place(visible);
@@ -133,33 +150,204 @@ pub fn attention(
                 row[..lo].fill(0.0);
                 row[hi + 1..].fill(0.0);
             }
-            // SAFETY: this task alone writes rows t.q_start..t.q_end, columns of its head, of the
-            // [rows, q_stride] output; v rows t.k_start..t.k_end hold d values of kv_head.
-            unsafe {
-                gemm(
-                    n_q,
-                    d,
-                    n_k,
-                    shared.ptr().add(t.q_start * q_stride + t.head * d),
-                    1,
-                    q_stride as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n_k as isize,
-                    v_ptr,
-                    1,
-                    kv_stride as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+            let out = shared.ptr().wrapping_add(t.q_start * q_stride + t.head * d);
+            match &paired {
+                // SAFETY: this task alone writes rows t.q_start..t.q_end, columns of its head,
+                // of the [rows, q_stride] output.
+                Some(paired) => unsafe {
+                    paired.mix_values(scores, n_q, kv_head, t.k_start, n_k, words, out, q_stride)
+                },
+                // SAFETY: as above; v rows t.k_start..t.k_end hold d values of kv_head.
+                None => unsafe {
+                    gemm(
+                        n_q,
+                        d,
+                        n_k,
+                        out,
+                        1,
+                        q_stride as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        n_k as isize,
+                        v.data[t.k_start * kv_stride + kv_head * d..].as_ptr(),
+                        1,
+                        kv_stride as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                },
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Words of bf16 pairs seen as their bf16 values: word `t` holds values `2t` (low half) and
+/// `2t + 1` on a little-endian CPU, which is how [`pair`] builds a word, so that rows are
+/// rounded by the vectorised [`narrow`] straight into pair order.
+fn as_bf16(words: &mut [u32]) -> &mut [bf16] {
+    const { assert!(cfg!(target_endian = "little"), "pairs assume little-endian words") };
+    // SAFETY: two bf16 (align 2) per u32 (align 4) of the same bytes; every bit pattern is a
+    // valid value of both types.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<bf16>(), words.len() * 2) }
+}
+
+/// The key store in bf16 pairs for [`matmul_pairs`], made once per call: keys as
+/// `[kv head][d/2][key row]` (a head's pair `p` of every key in a row, so that scores are
+/// `q` pairs · a row of keys) and values as `[kv head][key row/2][d]` (each word two
+/// consecutive key rows of one column, zero past the last row).
+struct PairedKeys {
+    unit: PairUnit,
+    keys: Vec<u32>,
+    values: Vec<u32>,
+    key_rows: usize,
+    head_dim: usize,
+}
+
+impl PairedKeys {
+    fn new(k: &HostTensor, v: &HostTensor, spec: &AttentionSpec, unit: PairUnit) -> Self {
+        let (d, key_rows) = (spec.head_dim, k.rows);
+        let (half, stride) = (d / 2, spec.kv_heads * d);
+        let mut keys = vec![0u32; spec.kv_heads * half * key_rows];
+        keys.par_chunks_mut(key_rows).enumerate().for_each(|(hp, dst)| {
+            let column = (hp / half) * d + 2 * (hp % half);
+            for (j, w) in dst.iter_mut().enumerate() {
+                let at = j * stride + column;
+                *w = pair(k.data[at], k.data[at + 1]);
             }
         });
-    Ok(())
+        let value_pairs = key_rows.div_ceil(2);
+        let mut values = vec![0u32; spec.kv_heads * value_pairs * d];
+        values.par_chunks_mut(d).enumerate().for_each(|(hj, dst)| {
+            let (h, j) = (hj / value_pairs, 2 * (hj % value_pairs));
+            let lo = &v.data[j * stride + h * d..][..d];
+            match v
+                .data
+                .get((j + 1) * stride + h * d..)
+                .filter(|_| j + 1 < key_rows)
+            {
+                Some(hi) => dst
+                    .iter_mut()
+                    .zip(lo.iter().zip(hi))
+                    .for_each(|(w, (a, b))| *w = pair(*a, *b)),
+                None => dst.iter_mut().zip(lo).for_each(|(w, a)| *w = pair(*a, 0.0)),
+            }
+        });
+        PairedKeys {
+            unit,
+            keys,
+            values,
+            key_rows,
+            head_dim: d,
+        }
+    }
+
+    /// `scores[n_q, n_k] = q · kᵀ` (unscaled) for `n_q` query rows of one head (`q_rows`, a
+    /// row every `q_stride`) against key rows `k_start..k_start + n_k` of `kv_head`; `words`
+    /// is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn scores(
+        &self,
+        q_rows: &[f32],
+        q_stride: usize,
+        n_q: usize,
+        kv_head: usize,
+        k_start: usize,
+        n_k: usize,
+        words: &mut Vec<u32>,
+        scores: &mut [f32],
+    ) {
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        assert!(k_start + n_k <= self.key_rows && scores.len() == n_q * n_k);
+        assert!(
+            q_rows.len() >= (n_q - 1) * q_stride + d,
+            "query rows out of range"
+        );
+        words.resize(n_q * half, 0);
+        let values = as_bf16(words);
+        for i in 0..n_q {
+            narrow(&q_rows[i * q_stride..][..d], &mut values[i * d..(i + 1) * d]);
+        }
+        let keys = &self.keys[(kv_head * half) * self.key_rows + k_start..];
+        // SAFETY: words holds n_q rows of half words; keys rows p < half hold key_rows words
+        // from column k_start, of which n_k are read (k_start + n_k ≤ key_rows, asserted);
+        // scores is n_q × n_k.
+        unsafe {
+            matmul_pairs(
+                self.unit,
+                words.as_ptr(),
+                half,
+                keys.as_ptr(),
+                self.key_rows,
+                n_q,
+                n_k,
+                half,
+                scores.as_mut_ptr(),
+                n_k,
+            )
+        };
+    }
+
+    /// `out[n_q, d] = probabilities[n_q, n_k] · v` over key rows `k_start..k_start + n_k` of
+    /// `kv_head`, written a row every `out_stride`; `words` is scratch.
+    ///
+    /// # Safety
+    ///
+    /// `out` must be writable at `i · out_stride + c` for `i < n_q`, `c < d`, by this caller
+    /// alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn mix_values(
+        &self,
+        probabilities: &[f32],
+        n_q: usize,
+        kv_head: usize,
+        k_start: usize,
+        n_k: usize,
+        words: &mut Vec<u32>,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        assert!(k_start + n_k <= self.key_rows && probabilities.len() == n_q * n_k);
+        // Value words pair even and odd key rows: start at the even row at or before k_start
+        // and give the probabilities a leading zero when k_start is odd.
+        let offset = k_start % 2;
+        let n_pairs = (offset + n_k).div_ceil(2);
+        words.resize(n_q * n_pairs, 0);
+        let values = as_bf16(words);
+        for (row, dst) in probabilities
+            .chunks_exact(n_k)
+            .zip(values.chunks_exact_mut(2 * n_pairs))
+        {
+            dst[..offset].fill(bf16::ZERO);
+            narrow(row, &mut dst[offset..offset + n_k]);
+            dst[offset + n_k..].fill(bf16::ZERO);
+        }
+        let d = self.head_dim;
+        let value_pairs = self.key_rows.div_ceil(2);
+        let values = &self.values[(kv_head * value_pairs + k_start / 2) * d..];
+        assert!(values.len() >= n_pairs * d, "value rows out of range");
+        // SAFETY: words holds n_q rows of n_pairs words; values n_pairs rows of d words
+        // (asserted); out as the caller promises.
+        unsafe {
+            matmul_pairs(
+                self.unit,
+                words.as_ptr(),
+                n_pairs,
+                values.as_ptr(),
+                d,
+                n_q,
+                d,
+                n_pairs,
+                out,
+                out_stride,
+            )
+        };
+    }
 }
 
 #[cfg(test)]
@@ -210,19 +398,44 @@ mod tests {
         let q = HostTensor::new(random(rows * heads * d, 1), rows, heads * d).unwrap();
         let k = HostTensor::new(random(key_rows * kv_heads * d, 2), key_rows, kv_heads * d).unwrap();
         let v = HostTensor::new(random(key_rows * kv_heads * d, 3), key_rows, kv_heads * d).unwrap();
-        let mut got = HostTensor::zeros(rows, heads * d);
-        attention(&q, &k, &v, &spec, layout, &mut got).unwrap();
         let want = reference(&q, &k, &v, &spec, layout);
-        let err = got
-            .data
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            err < 1e-5,
-            "max error {err} for {layout:?} {heads}/{kv_heads} {window:?}"
-        );
+        let mut paired_outputs = Vec::new();
+        for pairs in units() {
+            let mut got = HostTensor::zeros(rows, heads * d);
+            attention(&q, &k, &v, &spec, layout, &mut got, pairs).unwrap();
+            let err = got
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            // bf16 q, k, v and probabilities: scores off by ~2⁻⁸ of |q||k|, outputs (averages
+            // of values in [−1, 1]) by a few 2⁻⁹.
+            let bound = if pairs.is_some() { 2e-2 } else { 1e-5 };
+            assert!(
+                err < bound,
+                "{pairs:?}: max error {err} for {layout:?} {heads}/{kv_heads} {window:?}"
+            );
+            if pairs.is_some() {
+                paired_outputs.push(got.data);
+            }
+        }
+        // The hardware and its twin add the same products in different orders.
+        if let [a, b] = &paired_outputs[..] {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "vdpbf16ps vs its twin: {diff}");
+        }
+    }
+
+    /// f32, the pair twin, and `vdpbf16ps` where this CPU has it.
+    fn units() -> Vec<Option<PairUnit>> {
+        let mut units = vec![None, Some(PairUnit::Emulated)];
+        if super::super::pairs::hardware_here() {
+            units.push(Some(PairUnit::Hardware));
+        } else {
+            eprintln!("attention: no AVX512-BF16 here; paired attention runs on the twin only");
+        }
+        units
     }
 
     fn within(lengths: &[usize]) -> (AttentionLayout, usize) {
@@ -274,6 +487,6 @@ mod tests {
         };
         let (q, kv) = (HostTensor::zeros(71, 8), HostTensor::zeros(299, 8));
         let mut out = HostTensor::zeros(71, 8);
-        assert!(attention(&q, &kv, &kv, &spec, &layout, &mut out).is_err());
+        assert!(attention(&q, &kv, &kv, &spec, &layout, &mut out, None).is_err());
     }
 }

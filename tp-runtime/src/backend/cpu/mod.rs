@@ -7,6 +7,7 @@ mod bf16;
 mod dense;
 mod math;
 mod matmul;
+mod pairs;
 mod w4a16;
 
 use checkpoint::{FloatData, HostData};
@@ -17,9 +18,10 @@ use super::{
     check_copy_rows,
 };
 use crate::backend::weights::{DenseWeight, WeightFormat};
-use crate::compute::Compute;
+use crate::compute::{Bf16Kernel, Compute};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
+use pairs::PairUnit;
 
 pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
@@ -136,6 +138,9 @@ fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f64) {
     exp_in_place(logits);
     (max, math::sum_f64(logits))
 }
+
+/// Query rows from which attention in the bf16 path runs on bf16 pairs.
+const PAIRED_ATTENTION_ROWS: usize = 64;
 
 /// Logits kept at once when scoring (rows × a slice of the vocabulary): 25 MB of f32.
 const NLL_LOGITS: usize = 128 * 49_152;
@@ -331,7 +336,13 @@ impl Backend for CpuBackend {
         layout: &AttentionLayout,
         out: &mut HostTensor,
     ) -> Result<()> {
-        attention::attention(q, k, v, spec, layout, out)
+        // bf16 attention where the products are bf16 on vdpbf16ps (on Intel that
+        // instruction is slower than f32, so the AMX path keeps f32 attention), for blocks of
+        // queries: a decoding step's few rows would not repay laying out the key store.
+        let pairs = (self.compute.bf16_kernel() == Some(Bf16Kernel::Vdpbf16ps)
+            && layout.rows() >= PAIRED_ATTENTION_ROWS)
+            .then(PairUnit::here);
+        attention::attention(q, k, v, spec, layout, out, pairs)
     }
 
     fn copy_rows(
