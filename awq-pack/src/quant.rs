@@ -13,6 +13,7 @@
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use tp_runtime::backend::cpu::min_max;
 
 use crate::{PackError, Result};
 
@@ -66,11 +67,7 @@ fn round_ties_even(x: f32) -> f32 {
 /// Scale (rounded to f16, as stored) and zero point of one group.
 #[inline]
 pub fn group_params(w: &[f32]) -> (f16, u8) {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in w {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
+    let (lo, hi) = min_max(w);
     let scale = f16::from_f32((hi - lo).max(1e-5) / MAX_Q as f32);
     let zero = (-round_ties_even(lo / scale.to_f32())).clamp(0.0, MAX_Q as f32) as u8;
     (scale, zero)
@@ -86,9 +83,11 @@ pub fn code(w: f32, scale: f32, zero: u8) -> u8 {
 #[inline]
 pub fn fake_quantize_group(w: &mut [f32]) {
     let (scale, zero) = group_params(w);
-    let s = scale.to_f32();
+    let (s, zero) = (scale.to_f32(), zero as f32);
+    // `code` in f32 throughout (no round trip through u8), so that the loop vectorises; the
+    // code is a whole number in [0, MAX_Q] either way.
     for v in w.iter_mut() {
-        *v = (code(*v, s, zero) as f32 - zero as f32) * s;
+        *v = ((round_ties_even(*v / s) + zero).clamp(0.0, MAX_Q as f32) - zero) * s;
     }
 }
 

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::quant::{GroupSize, fake_quantize};
+use crate::quant::{GroupSize, fake_quantize_group};
 
 /// Grid points: α = i / GRID for i in 0..GRID (α = 1 is never tried).
 pub const GRID: usize = 20;
@@ -106,19 +106,25 @@ pub fn scaled_fake_quantize(
     scales: &[f32],
     group_size: GroupSize,
 ) -> Vec<f32> {
-    // Row-parallel: at 7B widths each trial scales hundreds of millions of weights.
-    let mut out = vec![0f32; w.len()];
-    out.par_chunks_mut(in_features)
+    // Row-parallel, one pass per row: at 7B widths each trial scales hundreds of millions
+    // of weights. The output is written straight into uninitialised capacity: zeroing it
+    // first would be a serial pass on the calling thread.
+    let g = group_size.get();
+    let mut out = Vec::with_capacity(w.len());
+    out.spare_capacity_mut()[..w.len()]
+        .par_chunks_mut(in_features)
         .zip(w.par_chunks(in_features))
         .for_each(|(out, row)| {
             for ((o, w), s) in out.iter_mut().zip(row).zip(scales) {
-                *o = w * s;
+                o.write(w * s);
             }
+            // SAFETY: every element of this row was written just above.
+            let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            out.chunks_exact_mut(g).for_each(fake_quantize_group);
+            out.iter_mut().zip(scales).for_each(|(w, s)| *w /= s);
         });
-    fake_quantize(&mut out, in_features, group_size);
-    out.par_chunks_mut(in_features).for_each(|row| {
-        row.iter_mut().zip(scales).for_each(|(w, s)| *w /= s);
-    });
+    // SAFETY: the rows cover all w.len() elements, each written above.
+    unsafe { out.set_len(w.len()) };
     out
 }
 

@@ -185,6 +185,29 @@ pub fn squared_distance_f64(a: &[f32], b: &[f32]) -> f64 {
     })
 }
 
+/// `(smallest, largest)` value of `x`: `(∞, −∞)` for an empty slice; NaNs are passed over
+/// as `f32::min` and `f32::max` do (vectorised; the result does not depend on the order).
+#[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([f32::INFINITY; F32_LANES], [f32::NEG_INFINITY; F32_LANES]);
+    let chunks = x.chunks_exact(F32_LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..F32_LANES {
+            lo[l] = lo[l].min(c[l]);
+            hi[l] = hi[l].max(c[l]);
+        }
+    }
+    for v in tail {
+        lo[0] = lo[0].min(*v);
+        hi[0] = hi[0].max(*v);
+    }
+    (
+        lo.iter().copied().fold(f32::INFINITY, f32::min),
+        hi.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+    )
+}
+
 /// The largest value of `x`: −∞ for an empty slice; a NaN is passed over as `f32::max` does
 /// (vectorised: [`F32_LANES`] running maxima).
 #[multiversion::multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
@@ -282,6 +305,8 @@ mod tests {
             close("dot", dot(&a, &b) as f64, pairs().map(|(x, y)| x * y), rel32);
             let want_max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max(&a).to_bits(), want_max.to_bits(), "max n={n}");
+            let want_min = a.iter().copied().fold(f32::INFINITY, f32::min);
+            assert_eq!(min_max(&a), (want_min, want_max), "min_max n={n}");
         }
         let mut with_nan = values(70, 3);
         with_nan[40] = f32::NAN;

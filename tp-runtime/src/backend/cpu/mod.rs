@@ -25,7 +25,9 @@ use pairs::PairUnit;
 
 pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
-pub use math::{dot, dot_f64, exp_in_place, max, squared_distance_f64, sum, sum_f64, sum_of_squares_f64};
+pub use math::{
+    dot, dot_f64, exp_in_place, max, min_max, squared_distance_f64, sum, sum_f64, sum_of_squares_f64,
+};
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
 pub use w4a16::CpuAwq;
 
