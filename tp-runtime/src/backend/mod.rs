@@ -344,8 +344,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// For each prediction, over the vocabulary slice `lm_head` holds (ids `first_id..`):
     /// `[max logit, Σ exp(logit − max), logit of the target or 0 when another rank holds
-    /// it]`, as a `[predictions, 3]` tensor. Logits are computed a few rows at a time and
-    /// never all kept.
+    /// it]`, as a `[predictions, 3]` tensor. Logits are computed a slice at a time (of rows
+    /// or of the vocabulary) and never all kept.
     fn nll_parts(
         &self,
         hidden: &Self::Tensor,
