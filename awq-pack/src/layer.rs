@@ -24,7 +24,9 @@ use tp_runtime::{Backend, DenseWeight, SeqLayout};
 use crate::clip::{ClipStats, apply_clip, sample_tokens, search_clip};
 use crate::pack::{PackedGemm, pack_gemm};
 use crate::quant::{GroupSize, QuantizedLinear};
-use crate::search::{GRID, ScaleChoice, Scaling, scaled_fake_quantize, search_scales, weight_mean};
+use crate::search::{
+    GRID, ScaleChoice, Scaling, scaled_fake_quantize, scaled_fake_quantize_bf16, search_scales, weight_mean,
+};
 use crate::{PackError, Result};
 
 /// Calibration tokens per forward pass in a trial: bounds transient memory (at the 7B shape
@@ -427,6 +429,17 @@ fn stored(weight: Cow<'_, [f32]>, compute: Compute) -> FloatData {
     }
 }
 
+/// A trial's weight `Q(W·diag(s)) / s`, made in the element type the products of `compute`
+/// read (as [`stored`] would hold it, without the f32 copy in between).
+fn trial_weight(w: &[f32], in_features: usize, scales: &[f32], g: GroupSize, compute: Compute) -> FloatData {
+    match compute {
+        Compute::F32 => FloatData::from(scaled_fake_quantize(w, in_features, scales, g)),
+        Compute::Bf16 | Compute::Amx => {
+            FloatData::BF16(scaled_fake_quantize_bf16(w, in_features, scales, g).into())
+        }
+    }
+}
+
 /// Output rows of a trial's weight delta projected through a Gram matrix at once (64 MB).
 const GRAM_BLOCK_VALUES: usize = 1 << 24;
 
@@ -611,7 +624,12 @@ pub fn quantize_layer<B: Backend>(
                     // Each one rounded as soon as it is made: one f32 copy at a time.
                     let mut trial: Vec<(Projection, FloatData)> = quantized
                         .iter()
-                        .map(|&p| (p, stored(Cow::Owned(fake_quantized(p)), settings.compute)))
+                        .map(|&p| {
+                            (
+                                p,
+                                trial_weight(w.weight(p), in_features, scales, g, settings.compute),
+                            )
+                        })
                         .collect();
                     let mut sum = 0f64;
                     block_output(

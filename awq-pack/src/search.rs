@@ -5,8 +5,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use half::bf16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use tp_runtime::backend::cpu::narrow as to_bf16_row;
 
 use crate::Result;
 use crate::quant::{GroupSize, fake_quantize_group};
@@ -120,12 +122,48 @@ pub fn scaled_fake_quantize(
             }
             // SAFETY: every element of this row was written just above.
             let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            out.chunks_exact_mut(g).for_each(fake_quantize_group);
-            out.iter_mut().zip(scales).for_each(|(w, s)| *w /= s);
+            quantize_scaled_row(out, scales, g);
         });
     // SAFETY: the rows cover all w.len() elements, each written above.
     unsafe { out.set_len(w.len()) };
     out
+}
+
+/// [`scaled_fake_quantize`] rounded to bf16 row by row as it is made, the same values as
+/// rounding its output: a bf16 search never holds an f32 copy of a trial's weight.
+pub fn scaled_fake_quantize_bf16(
+    w: &[f32],
+    in_features: usize,
+    scales: &[f32],
+    group_size: GroupSize,
+) -> Vec<bf16> {
+    let g = group_size.get();
+    let mut out = Vec::with_capacity(w.len());
+    out.spare_capacity_mut()[..w.len()]
+        .par_chunks_mut(in_features)
+        .zip(w.par_chunks(in_features))
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(wide, narrow): &mut (Vec<f32>, Vec<bf16>), (out, row)| {
+                wide.clear();
+                wide.extend(row.iter().zip(scales).map(|(w, s)| w * s));
+                quantize_scaled_row(wide, scales, g);
+                narrow.resize(wide.len(), bf16::ZERO);
+                to_bf16_row(wide, narrow);
+                for (o, v) in out.iter_mut().zip(narrow.iter()) {
+                    o.write(*v);
+                }
+            },
+        );
+    // SAFETY: the rows cover all w.len() elements, each written above.
+    unsafe { out.set_len(w.len()) };
+    out
+}
+
+/// A row already multiplied by `scales`: its groups fake-quantized, then divided by `scales`.
+fn quantize_scaled_row(row: &mut [f32], scales: &[f32], g: usize) {
+    row.chunks_exact_mut(g).for_each(fake_quantize_group);
+    row.iter_mut().zip(scales).for_each(|(w, s)| *w /= s);
 }
 
 /// The outcome of one group's search.
@@ -189,6 +227,24 @@ mod tests {
         ];
         for (a, b) in m.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{m:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_bf16_trial_weight_is_the_f32_one_rounded() {
+        let (rows, in_features) = (5, 256);
+        let w: Vec<f32> = (0..rows * in_features)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 17) as f32))
+            .collect();
+        let scales: Vec<f32> = (0..in_features).map(|i| 0.5 + (i % 9) as f32 / 4.0).collect();
+        for g in [64, 128] {
+            let g = GroupSize::new(g).unwrap();
+            let wide = scaled_fake_quantize(&w, in_features, &scales, g);
+            let narrow = scaled_fake_quantize_bf16(&w, in_features, &scales, g);
+            assert_eq!(narrow.len(), wide.len());
+            for (i, (n, v)) in narrow.iter().zip(&wide).enumerate() {
+                assert_eq!(n.to_bits(), bf16::from_f32(*v).to_bits(), "element {i}");
+            }
         }
     }
 

@@ -25,7 +25,7 @@ const FILL_CHUNK: usize = 64;
 /// `bf16::from_f32` bit for bit, written branch-free so that it vectorises (`half`'s slice
 /// conversion is a scalar loop).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-pub(crate) fn narrow(src: &[f32], dst: &mut [bf16]) {
+pub fn narrow(src: &[f32], dst: &mut [bf16]) {
     assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
     for (d, s) in dst.iter_mut().zip(src) {
         *d = round_to_bf16(*s);

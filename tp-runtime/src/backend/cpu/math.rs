@@ -108,41 +108,38 @@ const F32_LANES: usize = 32;
 /// As [`F32_LANES`], for f64 partial sums.
 const F64_LANES: usize = 16;
 
-/// Σ `term(aᵢ, bᵢ)` over equal-length slices in [`F64_LANES`] f64 partial sums; the tail
-/// (under one lane group) goes to partial 0 in order.
+/// Σ `term(aᵢ, bᵢ)` over equal-length slices in `L` partial sums of `T`; the tail (under one
+/// lane group) goes to partial 0 in order.
 #[inline(always)]
-fn sum_f64_by(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
+fn lane_sum<T, const L: usize>(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> T) -> T
+where
+    T: Copy + Default + std::ops::AddAssign + std::iter::Sum,
+{
     assert_eq!(a.len(), b.len(), "reduction over slices of different lengths");
-    let mut acc = [0f64; F64_LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
+    let mut acc = [T::default(); L];
+    let (a_chunks, b_chunks) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail = a_chunks.remainder().iter().zip(b_chunks.remainder());
     for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..F64_LANES {
+        for l in 0..L {
             acc[l] += term(x[l], y[l]);
         }
     }
     for (x, y) in tail {
         acc[0] += term(*x, *y);
     }
-    acc.iter().sum()
+    acc.into_iter().sum()
 }
 
-/// As [`sum_f64_by`] in f32 partial sums ([`F32_LANES`]).
+/// [`lane_sum`] in f64 partial sums ([`F64_LANES`]).
+#[inline(always)]
+fn sum_f64_by(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
+    lane_sum::<f64, F64_LANES>(a, b, term)
+}
+
+/// [`lane_sum`] in f32 partial sums ([`F32_LANES`]).
 #[inline(always)]
 fn sum_f32_by(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
-    assert_eq!(a.len(), b.len(), "reduction over slices of different lengths");
-    let mut acc = [0f32; F32_LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(F32_LANES), b.chunks_exact(F32_LANES));
-    let tail = a_chunks.remainder().iter().zip(b_chunks.remainder());
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for l in 0..F32_LANES {
-            acc[l] += term(x[l], y[l]);
-        }
-    }
-    for (x, y) in tail {
-        acc[0] += term(*x, *y);
-    }
-    acc.iter().sum()
+    lane_sum::<f32, F32_LANES>(a, b, term)
 }
 
 /// Σ x in f32 (vectorised; see [`F32_LANES`] for the order).

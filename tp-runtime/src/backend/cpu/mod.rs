@@ -23,7 +23,7 @@ use crate::tensor::HostTensor;
 use crate::{Error, Result};
 use pairs::PairUnit;
 
-pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, to_bf16, to_bf16_slice};
+pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, narrow, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
 pub use math::{
     dot, dot_f64, exp_in_place, max, min_max, squared_distance_f64, sum, sum_f64, sum_of_squares_f64,
