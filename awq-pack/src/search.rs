@@ -108,25 +108,9 @@ pub fn scaled_fake_quantize(
     scales: &[f32],
     group_size: GroupSize,
 ) -> Vec<f32> {
-    // Row-parallel, one pass per row: at 7B widths each trial scales hundreds of millions
-    // of weights. The output is written straight into uninitialised capacity: zeroing it
-    // first would be a serial pass on the calling thread.
-    let g = group_size.get();
-    let mut out = Vec::with_capacity(w.len());
-    out.spare_capacity_mut()[..w.len()]
-        .par_chunks_mut(in_features)
-        .zip(w.par_chunks(in_features))
-        .for_each(|(out, row)| {
-            for ((o, w), s) in out.iter_mut().zip(row).zip(scales) {
-                o.write(w * s);
-            }
-            // SAFETY: every element of this row was written just above.
-            let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            quantize_scaled_row(out, scales, g);
-        });
-    // SAFETY: the rows cover all w.len() elements, each written above.
-    unsafe { out.set_len(w.len()) };
-    out
+    scaled_fake_quantize_as(w, in_features, scales, group_size, |row, out| {
+        out.copy_from_slice(row)
+    })
 }
 
 /// [`scaled_fake_quantize`] rounded to bf16 row by row as it is made, the same values as
@@ -137,6 +121,20 @@ pub fn scaled_fake_quantize_bf16(
     scales: &[f32],
     group_size: GroupSize,
 ) -> Vec<bf16> {
+    scaled_fake_quantize_as(w, in_features, scales, group_size, to_bf16_row)
+}
+
+/// `Q(W·diag(s)) / s`, each row computed in f32 and handed to `convert` to be stored as `T`.
+/// Row-parallel, one pass per row: at 7B widths each trial scales hundreds of millions of
+/// weights. The output is written straight into uninitialised capacity: zeroing it first
+/// would be a serial pass on the calling thread.
+fn scaled_fake_quantize_as<T: Copy + Default + Send>(
+    w: &[f32],
+    in_features: usize,
+    scales: &[f32],
+    group_size: GroupSize,
+    convert: impl Fn(&[f32], &mut [T]) + Sync,
+) -> Vec<T> {
     let g = group_size.get();
     let mut out = Vec::with_capacity(w.len());
     out.spare_capacity_mut()[..w.len()]
@@ -144,13 +142,13 @@ pub fn scaled_fake_quantize_bf16(
         .zip(w.par_chunks(in_features))
         .for_each_init(
             || (Vec::new(), Vec::new()),
-            |(wide, narrow): &mut (Vec<f32>, Vec<bf16>), (out, row)| {
+            |(wide, stored): &mut (Vec<f32>, Vec<T>), (out, row)| {
                 wide.clear();
                 wide.extend(row.iter().zip(scales).map(|(w, s)| w * s));
                 quantize_scaled_row(wide, scales, g);
-                narrow.resize(wide.len(), bf16::ZERO);
-                to_bf16_row(wide, narrow);
-                for (o, v) in out.iter_mut().zip(narrow.iter()) {
+                stored.resize(wide.len(), T::default());
+                convert(wide, stored);
+                for (o, v) in out.iter_mut().zip(stored.iter()) {
                     o.write(*v);
                 }
             },

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::SharedOut;
 use super::bf16::round_to_bf16;
 use super::dense::TileLayout;
+use super::pairs::word;
 use crate::compute::amx_permitted;
 
 /// Rows of a left (and result) tile; `k` pairs of a right tile.
@@ -103,12 +104,6 @@ pub(crate) struct PackedRhs {
 
 /// Words in one right tile: 16 `k` pairs × 16 columns.
 const TILE_WORDS: usize = TILE / 2;
-
-/// Two bf16 values as one VNNI word.
-#[inline(always)]
-fn word(low: bf16, high: bf16) -> u32 {
-    low.to_bits() as u32 | (high.to_bits() as u32) << 16
-}
 
 impl PackedRhs {
     /// `b` packed into fresh storage.

@@ -23,10 +23,17 @@ const ROWS: usize = 4;
 /// Columns of a micro-tile: four vectors of 16 f32.
 const COLS: usize = 64;
 
-/// Two values rounded to bf16 and packed into one word, `lo` in the low half.
+/// Two bf16 values as one word, `low` in the low half: the "VNNI" pair `vdpbf16ps` and AMX's
+/// `tdpbf16ps` read.
+#[inline(always)]
+pub(crate) fn word(low: bf16, high: bf16) -> u32 {
+    low.to_bits() as u32 | (high.to_bits() as u32) << 16
+}
+
+/// Two values rounded to bf16 and packed into one [`word`].
 #[inline(always)]
 pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
-    round_to_bf16(lo).to_bits() as u32 | (round_to_bf16(hi).to_bits() as u32) << 16
+    word(round_to_bf16(lo), round_to_bf16(hi))
 }
 
 /// The two values of a word, widened.
