@@ -165,16 +165,49 @@ impl<'a, B: Backend> LayerStream<'a, B> {
         if index == self.config.num_hidden_layers {
             return Ok(None);
         }
-        let (c, backend) = (self.config, self.backend);
-        let layer = DecoderLayer::load(backend, self.checkpoint, c, index)?;
-        let tokens = self.tokens;
-        let storage = self.storage;
+        let (c, storage, tokens) = (self.config, self.storage, self.tokens);
         let mut inputs = LayerInputs {
             attn: Activations::zeros(tokens, c.hidden_size, storage),
             o: Activations::zeros(tokens, c.q_features(), storage),
             mlp: Activations::zeros(tokens, c.hidden_size, storage),
             down: Activations::zeros(tokens, c.intermediate_size, storage),
         };
+        let backend = self.backend;
+        let layer = self.advance(&mut |start, rows, p, t| {
+            let dst = inputs.of_mut(p);
+            let cols = dst.cols();
+            backend.read(t, |values| dst.write_rows(start, &values[..rows * cols]))
+        })?;
+        check_finite(&inputs.attn, index, "q/k/v")?;
+        check_finite(&inputs.o, index, "o_proj")?;
+        check_finite(&inputs.mlp, index, "gate/up")?;
+        check_finite(&inputs.down, index, "down_proj")?;
+        Ok(Some(LayerCapture { index, layer, inputs }))
+    }
+
+    /// Runs the next layer over every block without capturing anything (the layers before a
+    /// part's range): the residual stream advances exactly as [`LayerStream::next_layer`]
+    /// advances it, without the inputs' memory (two bytes per token per channel of each
+    /// group). `false` after the last layer.
+    pub fn skip_layer(&mut self) -> Result<bool> {
+        if self.next == self.config.num_hidden_layers {
+            return Ok(false);
+        }
+        self.advance(&mut |_, _, _, _| Ok(()))?;
+        Ok(true)
+    }
+
+    /// Loads the next layer and runs it over every block in chunks, showing `tap` each
+    /// chunk's projection inputs (first row, rows, group, values); the residual stream
+    /// becomes the layer's output.
+    fn advance(
+        &mut self,
+        tap: &mut ChunkTap<'_, B::Tensor>,
+    ) -> Result<DecoderLayer<B>> {
+        let index = self.next;
+        let (c, backend) = (self.config, self.backend);
+        let layer = DecoderLayer::load(backend, self.checkpoint, c, index)?;
+        let tokens = self.tokens;
         let blocks_per_chunk = (TOKENS_PER_CHUNK / self.seq_len).max(1);
         let chunk_rows = blocks_per_chunk * self.seq_len;
         let hidden = c.hidden_size;
@@ -189,18 +222,10 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             let (_, ctx) = ctx.as_ref().expect("set above");
             let rows_range = start..start + rows;
             let mut x = backend.upload(self.x.rows_slice(rows_range.clone()), rows, hidden)?;
-            layer.forward_tapped(backend, &mut x, ctx, &mut ws, &mut |p, t| {
-                let dst = inputs.of_mut(p);
-                let cols = dst.cols();
-                backend.read(t, |values| dst.write_rows(start, &values[..rows * cols]))
-            })?;
+            layer.forward_tapped(backend, &mut x, ctx, &mut ws, &mut |p, t| tap(start, rows, p, t))?;
             let residual = self.x.rows_slice_mut(rows_range);
             backend.read(&x, |values| residual.copy_from_slice(values))?;
         }
-        check_finite(&inputs.attn, index, "q/k/v")?;
-        check_finite(&inputs.o, index, "o_proj")?;
-        check_finite(&inputs.mlp, index, "gate/up")?;
-        check_finite(&inputs.down, index, "down_proj")?;
         if let Some(i) = self.x.data.iter().position(|v| !v.is_finite()) {
             return Err(CalibError::NonFinite {
                 layer: index,
@@ -210,7 +235,7 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             });
         }
         self.next += 1;
-        Ok(Some(LayerCapture { index, layer, inputs }))
+        Ok(layer)
     }
 
     /// Drops layer `index`'s weights from resident memory once the caller is done with it.
@@ -219,6 +244,10 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             .release_prefix(&names::layer_tensor_name(index, ""));
     }
 }
+
+/// What [`LayerStream`]'s forward shows each chunk's projection inputs to: (first row, rows,
+/// group, values).
+type ChunkTap<'a, T> = dyn FnMut(usize, usize, Projection, &T) -> tp_runtime::Result<()> + 'a;
 
 #[cfg(test)]
 mod tests {
@@ -256,5 +285,38 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(x.data, stream.residual().data);
+    }
+
+    /// Skipping a layer leaves the stream where capturing it does: the next layer's inputs
+    /// and the residual stream are the same bits.
+    #[test]
+    fn skipping_a_layer_advances_as_capturing_does() {
+        let tiny = testkit::tiny("tiny-llama");
+        let config = ModelConfig::from_file(&tiny.dir.join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(&tiny.dir).unwrap();
+        let blocks: Vec<Vec<u32>> = (0..2)
+            .map(|b| (0..48).map(|i| (i * 5 + b * 11) % 512).collect())
+            .collect();
+        let backend = CpuBackend::new();
+        let stream = || LayerStream::new(&backend, &checkpoint, &config, &blocks, Compute::F32).unwrap();
+        let (mut captured, mut skipped) = (stream(), stream());
+        captured.next_layer().unwrap().unwrap();
+        assert!(skipped.skip_layer().unwrap());
+        assert_eq!(captured.residual().data, skipped.residual().data);
+        let (a, b) = (
+            captured.next_layer().unwrap().unwrap(),
+            skipped.next_layer().unwrap().unwrap(),
+        );
+        assert_eq!((a.index, b.index), (1, 1));
+        for p in [Projection::Q, Projection::O, Projection::Gate, Projection::Down] {
+            assert_eq!(
+                a.inputs.of(p).rows_f32(0..96),
+                b.inputs.of(p).rows_f32(0..96),
+                "{p:?}"
+            );
+        }
+        while skipped.skip_layer().unwrap() {}
+        assert_eq!(skipped.next_index(), config.num_hidden_layers);
+        assert!(skipped.next_layer().unwrap().is_none());
     }
 }

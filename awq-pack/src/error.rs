@@ -18,6 +18,9 @@ pub enum PackError {
         #[source]
         source: std::io::Error,
     },
+    /// A part folder (`awq quantize --part`) that cannot be merged as it is.
+    #[error("{path}: {message}")]
+    Part { path: PathBuf, message: String },
     /// Calibration failed.
     #[error(transparent)]
     Calib(#[from] awq_calib::CalibError),

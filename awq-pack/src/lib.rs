@@ -7,7 +7,9 @@
 //! - [`layer`]: both applied to one decoder layer;
 //! - [`pack`]: the "gemm" packing;
 //! - [`quantize`](mod@quantize): a whole model, streamed layer by layer into a safetensors
-//!   file (`checkpoint::writer`) in an output folder.
+//!   file (`checkpoint::writer`) in an output folder;
+//! - [`part`]: a model quantized in layer ranges on separate runs, merged into the checkpoint a
+//!   whole run writes, byte for byte.
 //!
 //! The calibration forward passes and the search's trials run on any `tp_runtime::Backend`;
 //! the statistics, the losses' Gram forms and the packing run on the host.
@@ -16,11 +18,13 @@ pub mod clip;
 mod error;
 pub mod layer;
 pub mod pack;
+pub mod part;
 pub mod quant;
 pub mod quantize;
 pub mod search;
 
 pub use error::{PackError, Result};
+pub use part::{LayerRange, merge_parts};
 pub use quant::GroupSize;
 pub use quantize::{Event, Method, QuantizeOptions, QuantizeReport, quantize, quantize_on};
 pub use search::Scaling;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Instant;
@@ -20,6 +21,7 @@ use tp_runtime::{Backend, Compute, CpuBackend};
 use crate::layer::{
     LayerReport, LayerSettings, LayerWeights, OutLinear, QuantizedLayer, quantize_layer, rtn_layer,
 };
+use crate::part::{LayerRange, PartManifest, PartSettings, source_digest};
 use crate::quant::GroupSize;
 use crate::search::Scaling;
 use crate::{PackError, Result};
@@ -86,6 +88,9 @@ pub struct QuantizeOptions {
     /// The arithmetic of the calibration passes and the search's trials (resolved against
     /// this CPU by the caller).
     pub compute: Compute,
+    /// Only these layers, into a part folder that [`crate::part::merge_parts`] joins with the
+    /// others into the checkpoint a whole run writes; `None`: the whole model.
+    pub part: Option<LayerRange>,
 }
 
 impl QuantizeOptions {
@@ -102,6 +107,7 @@ impl QuantizeOptions {
             replace: false,
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             compute: Compute::F32,
+            part: None,
         }
     }
 }
@@ -110,6 +116,13 @@ impl QuantizeOptions {
 pub enum Event<'a> {
     /// Calibration blocks are ready.
     Calibrated(&'a CalibSummary),
+    /// A layer before a part's range ran forward (unquantized) to reach the part's first
+    /// layer.
+    Forwarded {
+        layer: usize,
+        first: usize,
+        seconds: f64,
+    },
     /// A layer is quantized and written.
     Layer {
         done: usize,
@@ -146,6 +159,9 @@ pub struct QuantizeReport {
     pub compute: Compute,
     pub seconds: RunSeconds,
     pub safetensors_bytes: u64,
+    /// The layers of a part run (`None`: the whole model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<LayerRange>,
 }
 
 /// The projections of layer `layer` that are quantized under `q`.
@@ -200,16 +216,25 @@ fn validate(config: &ModelConfig, q: &QuantizationConfig) -> Result<()> {
     Ok(())
 }
 
-/// Tensors of the output file, in write order: the embeddings, each layer's norms and
-/// projections as the quantized configuration names them, the final norm and lm_head.
-fn tensor_specs(config: &ModelConfig, q: &QuantizationConfig) -> Vec<TensorSpec> {
+/// Tensors of the output file for `layers`, in write order: the embeddings (with layer 0),
+/// each layer's norms and projections as the quantized configuration names them, the final
+/// norm and lm_head (with the last layer).
+pub(crate) fn tensor_specs(
+    config: &ModelConfig,
+    q: &QuantizationConfig,
+    layers: Range<usize>,
+) -> Vec<TensorSpec> {
     let out_config = ModelConfig {
         quantization: Some(q.clone()),
         ..config.clone()
     };
     let (v, h) = (config.vocab_size, config.hidden_size);
-    let mut specs = vec![TensorSpec::new(names::EMBED_TOKENS, Dtype::F16, &[v, h])];
-    for layer in 0..config.num_hidden_layers {
+    let mut specs = Vec::new();
+    if layers.start == 0 {
+        specs.push(TensorSpec::new(names::EMBED_TOKENS, Dtype::F16, &[v, h]));
+    }
+    let last = layers.end == config.num_hidden_layers;
+    for layer in layers {
         for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
             specs.push(TensorSpec::new(layer_tensor_name(layer, norm), Dtype::F16, &[h]));
         }
@@ -221,11 +246,18 @@ fn tensor_specs(config: &ModelConfig, q: &QuantizationConfig) -> Vec<TensorSpec>
             );
         }
     }
-    specs.push(TensorSpec::new(names::FINAL_NORM, Dtype::F16, &[h]));
-    if !config.tie_word_embeddings {
-        specs.push(TensorSpec::new(names::LM_HEAD, Dtype::F16, &[v, h]));
+    if last {
+        specs.push(TensorSpec::new(names::FINAL_NORM, Dtype::F16, &[h]));
+        if !config.tie_word_embeddings {
+            specs.push(TensorSpec::new(names::LM_HEAD, Dtype::F16, &[v, h]));
+        }
     }
     specs
+}
+
+/// The safetensors metadata of every weights file written.
+pub(crate) fn file_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([("format".to_string(), "pt".to_string())])
 }
 
 fn write_layer(
@@ -316,6 +348,11 @@ pub fn quantize_on<B: Backend>(
         });
     }
     validate(&config, &qconfig)?;
+    let num_layers = config.num_hidden_layers;
+    let layers = match options.part {
+        Some(part) => part.within(num_layers)?,
+        None => 0..num_layers,
+    };
     if atomic::is_occupied(out_dir) && !options.replace {
         return Err(PackError::Invalid(format!(
             "{}: already exists and is not empty (choose another output folder or pass --force)",
@@ -341,16 +378,23 @@ pub fn quantize_on<B: Backend>(
         &std::fs::read_to_string(&config_path).map_err(|e| PackError::io(&config_path, e))?,
     )
     .map_err(|e| PackError::Invalid(format!("{}: {e}", config_path.display())))?;
-    let specs = tensor_specs(&config, &qconfig);
+    let config_json = quantized_config_json(original_config, &qconfig, &config_path)?;
+    // A part records what it was made from, so that parts of different models or settings
+    // are refused when merged.
+    let source = match options.part {
+        Some(_) => source_digest(model_dir, &checkpoint)?,
+        None => Vec::new(),
+    };
+    let specs = tensor_specs(&config, &qconfig, layers.clone());
     let safetensors_bytes = specs.iter().map(TensorSpec::bytes).sum();
-    let layers = config.num_hidden_layers;
-    let mut layer_reports = Vec::with_capacity(layers);
 
-    atomic::write_dir::<_, PackError>(out_dir, options.replace, |dir| {
-        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        let mut out = CheckpointStream::create(dir, specs, options.max_shard_bytes, metadata)?;
+    let report = atomic::write_dir::<_, PackError>(out_dir, options.replace, |dir| {
+        let mut out = CheckpointStream::create(dir, specs, options.max_shard_bytes, file_metadata())?;
         let (v, h) = (config.vocab_size, config.hidden_size);
-        copy_as_f16(&mut out, &checkpoint, names::EMBED_TOKENS, &[v, h])?;
+        let mut layer_reports = Vec::with_capacity(layers.len());
+        if layers.start == 0 {
+            copy_as_f16(&mut out, &checkpoint, names::EMBED_TOKENS, &[v, h])?;
+        }
 
         let mut stream = match &calib {
             Some(set) => Some(LayerStream::new(
@@ -362,7 +406,23 @@ pub fn quantize_on<B: Backend>(
             )?),
             None => None,
         };
-        for index in 0..layers {
+        // Layers before a part's range only carry the calibration stream forward.
+        if let Some(stream) = &mut stream {
+            for index in 0..layers.start {
+                let start = Instant::now();
+                stream.skip_layer()?;
+                stream.release(index);
+                let forward = start.elapsed().as_secs_f64();
+                seconds.capture += forward;
+                on_event(Event::Forwarded {
+                    layer: index,
+                    first: layers.start,
+                    seconds: forward,
+                });
+                tp_runtime::backend::cpu::release_freed_memory();
+            }
+        }
+        for index in layers.clone() {
             let settings = LayerSettings {
                 group_size: options.group_size,
                 scaling: options.scaling,
@@ -402,8 +462,8 @@ pub fn quantize_on<B: Backend>(
             seconds.clip_search += report.seconds.clip_search;
             seconds.quantize_pack += report.seconds.quantize_pack;
             on_event(Event::Layer {
-                done: index + 1,
-                total: layers,
+                done: index - layers.start + 1,
+                total: layers.len(),
                 report: &report,
             });
             layer_reports.push(report);
@@ -411,23 +471,17 @@ pub fn quantize_on<B: Backend>(
         }
 
         let start = Instant::now();
-        copy_as_f16(&mut out, &checkpoint, names::FINAL_NORM, &[h])?;
-        if !config.tie_word_embeddings {
-            copy_as_f16(&mut out, &checkpoint, names::LM_HEAD, &[v, h])?;
+        if layers.end == num_layers {
+            copy_as_f16(&mut out, &checkpoint, names::FINAL_NORM, &[h])?;
+            if !config.tie_word_embeddings {
+                copy_as_f16(&mut out, &checkpoint, names::LM_HEAD, &[v, h])?;
+            }
         }
         out.finish()?;
-        let mut new_config = original_config.clone();
-        let obj = new_config
-            .as_object_mut()
-            .ok_or_else(|| PackError::Invalid(format!("{}: not a JSON object", config_path.display())))?;
-        obj.insert("quantization_config".into(), qconfig.to_json());
-        obj.insert("torch_dtype".into(), "float16".into());
-        if obj.contains_key("dtype") {
-            obj.insert("dtype".into(), "float16".into());
+        if options.part.is_none() {
+            let path = dir.join("config.json");
+            std::fs::write(&path, &config_json).map_err(|e| PackError::io(&path, e))?;
         }
-        let text = serde_json::to_string_pretty(&new_config).expect("JSON values serialize") + "\n";
-        std::fs::write(dir.join("config.json"), text)
-            .map_err(|e| PackError::io(dir.join("config.json"), e))?;
         for name in COPIED_FILES {
             let from = model_dir.join(name);
             if from.is_file() {
@@ -435,20 +489,44 @@ pub fn quantize_on<B: Backend>(
             }
         }
         seconds.write = start.elapsed().as_secs_f64();
-        Ok(())
+        seconds.total = total.elapsed().as_secs_f64();
+        let report = QuantizeReport {
+            method: options.method,
+            group_size: options.group_size,
+            scaling: options.scaling,
+            clip: options.clip && options.method == Method::Awq,
+            modules_to_not_convert: options.modules_to_not_convert.clone(),
+            calibration: calib.as_ref().map(|c| c.summary.clone()),
+            quantization_config: qconfig.to_json(),
+            layers: layer_reports,
+            compute: options.compute,
+            seconds: seconds.clone(),
+            safetensors_bytes,
+            part: options.part,
+        };
+        if let Some(part) = options.part {
+            let settings = PartSettings::new(options, num_layers, report.calibration.as_ref());
+            PartManifest::new(part, settings, source, config_json.clone(), report.clone()).write(dir)?;
+        }
+        Ok(report)
     })?;
-    seconds.total = total.elapsed().as_secs_f64();
-    Ok(QuantizeReport {
-        method: options.method,
-        group_size: options.group_size,
-        scaling: options.scaling,
-        clip: options.clip && options.method == Method::Awq,
-        modules_to_not_convert: options.modules_to_not_convert.clone(),
-        calibration: calib.map(|c| c.summary),
-        quantization_config: qconfig.to_json(),
-        layers: layer_reports,
-        compute: options.compute,
-        seconds,
-        safetensors_bytes,
-    })
+    Ok(report)
+}
+
+/// The `config.json` of the quantized checkpoint: the original with its
+/// `quantization_config`, and f16 as its element type.
+fn quantized_config_json(
+    mut config: serde_json::Value,
+    qconfig: &QuantizationConfig,
+    path: &Path,
+) -> Result<String> {
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| PackError::Invalid(format!("{}: not a JSON object", path.display())))?;
+    obj.insert("quantization_config".into(), qconfig.to_json());
+    obj.insert("torch_dtype".into(), "float16".into());
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), "float16".into());
+    }
+    Ok(serde_json::to_string_pretty(&config).expect("JSON values serialize") + "\n")
 }

@@ -27,6 +27,7 @@ fn options(method: Method, calib: &Path, group_size: usize) -> QuantizeOptions {
         replace: false,
         max_shard_bytes: checkpoint::writer::DEFAULT_MAX_SHARD_BYTES,
         compute: Compute::F32,
+        part: None,
     }
 }
 
@@ -253,4 +254,126 @@ fn tiny_llama_tied_runtime_matches_dequantized() {
 #[test]
 fn tiny_qwen2_runtime_matches_dequantized() {
     runtime_matches_dequantized("tiny-qwen2", 16, &[]);
+}
+
+/// Quantizes `model` with `opts` restricted to the layers `range` into `dir`.
+fn quantize_part(model: &Path, dir: &Path, opts: &QuantizeOptions, range: &str) -> awq_pack::Result<PathBuf> {
+    let part = QuantizeOptions {
+        part: Some(range.parse().unwrap()),
+        ..opts.clone()
+    };
+    let report = quantize(model, dir, &part, |_| {})?;
+    assert_eq!(report.part, part.part);
+    Ok(dir.to_owned())
+}
+
+/// A model quantized in parts and merged is the whole run, byte for byte: for AWQ (whose
+/// later parts run the earlier layers forward to find their inputs) and RTN, with shards that
+/// straddle the parts' boundaries, whatever order the parts are named in.
+#[test]
+fn parts_merge_into_the_whole_run_byte_for_byte() {
+    let (tmp, model, calib) = setup("tiny-llama");
+    let shard = 200_000;
+    for method in [Method::Awq, Method::Rtn] {
+        let opts = QuantizeOptions {
+            max_shard_bytes: shard,
+            ..options(method, &calib, 16)
+        };
+        let whole = tmp.root().join(format!("{method}-whole"));
+        let whole_report = quantize(&model, &whole, &opts, |_| {}).unwrap();
+        let parts: Vec<PathBuf> = ["1..3", "0..1"]
+            .into_iter()
+            .map(|r| quantize_part(&model, &tmp.root().join(format!("{method}-{r}")), &opts, r).unwrap())
+            .collect();
+        assert!(
+            !parts[0].join("config.json").exists(),
+            "a part is not a loadable checkpoint"
+        );
+        let merged = tmp.root().join(format!("{method}-merged"));
+        let report = awq_pack::merge_parts(&parts, &merged, shard, false).unwrap();
+        let files = folder_digest(&whole);
+        assert!(
+            files.iter().filter(|(n, _)| n.ends_with(".safetensors")).count() > 2,
+            "{method}: the test needs several shards: {files:?}"
+        );
+        assert_eq!(folder_digest(&merged), files, "{method}");
+        let choices = |r: &awq_pack::QuantizeReport| -> Vec<serde_json::Value> {
+            r.layers
+                .iter()
+                .flat_map(|l| &l.scale_groups)
+                .map(|g| serde_json::to_value(&g.choice).unwrap())
+                .collect()
+        };
+        assert_eq!(choices(&report), choices(&whole_report), "{method}");
+        assert_eq!(report.layers.len(), 3);
+        assert_eq!(report.safetensors_bytes, whole_report.safetensors_bytes);
+    }
+}
+
+/// Parts that would not make one checkpoint are refused with the reason, and nothing is
+/// written: a gap, an overlap, other settings, another model's weights, a folder that is not a
+/// part, a range past the model's layers.
+#[test]
+fn merging_refuses_parts_that_do_not_make_one_checkpoint() {
+    let (tmp, model, calib) = setup("tiny-llama");
+    let rtn = options(Method::Rtn, &calib, 16);
+    let root = tmp.root();
+    let part = |name: &str, range: &str, opts: &QuantizeOptions| {
+        quantize_part(&model, &root.join(name), opts, range).unwrap()
+    };
+    let a = part("a", "0..1", &rtn);
+    let c = part("c", "2..3", &rtn);
+    let b = part("b", "1..2", &rtn);
+    let wide = part("wide", "1..3", &rtn);
+    let dense_down = part(
+        "dense-down",
+        "1..3",
+        &QuantizeOptions {
+            modules_to_not_convert: vec!["mlp.down_proj".into()],
+            ..rtn.clone()
+        },
+    );
+    // The same shapes, one weight changed: a fine-tune of the same base, as far as shapes go.
+    let other_model = root.join("other-model");
+    std::fs::create_dir(&other_model).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, other_model.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = other_model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let other = quantize_part(&other_model, &root.join("other"), &rtn, "1..3").unwrap();
+
+    let out = root.join("merged");
+    let refused = |parts: &[&PathBuf], expected: &str| {
+        let parts: Vec<PathBuf> = parts.iter().map(|p| p.to_path_buf()).collect();
+        let e = awq_pack::merge_parts(&parts, &out, 1 << 30, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expected), "expected `{expected}` in: {e}");
+        assert!(!out.exists(), "nothing is written when the merge is refused");
+    };
+    refused(&[&a, &c], "layers 1..2 are in none of the parts");
+    refused(
+        &[&a, &b],
+        "layers 2..3 are in none of the parts (quantize them with --part 2..3)",
+    );
+    refused(&[&b, &c], "layers 0..1 are in none of the parts");
+    refused(&[&a, &b, &wide], "overlap");
+    refused(
+        &[&a, &dense_down],
+        r#"modules_to_not_convert: ["mlp.down_proj"] vs []"#,
+    );
+    refused(&[&a, &other], "source model files differ");
+    refused(&[&a, &model], "awq-part.json");
+    awq_pack::merge_parts(&[a.clone(), b.clone(), c.clone()], &out, 1 << 30, false).unwrap();
+
+    let past = quantize_part(&model, &root.join("past"), &rtn, "2..4")
+        .unwrap_err()
+        .to_string();
+    assert!(past.contains("2..4") && past.contains("3 layers"), "{past}");
+    assert!(!root.join("past").exists());
 }

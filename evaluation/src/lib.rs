@@ -19,5 +19,6 @@ pub mod run;
 
 pub use error::{Error, Result};
 pub use run::{
-    Device, EvalEvent, EvalRequest, GenerateRequest, evaluate_checkpoint, generate_text, quantize_checkpoint,
+    Device, EvalEvent, EvalRequest, GenerateRequest, evaluate_checkpoint, generate_text, merge_part_folders,
+    quantize_checkpoint,
 };

@@ -296,6 +296,34 @@ pub fn quantize_checkpoint(
     })
 }
 
+/// [`awq_pack::merge_parts`] with its provenance: the parts' files as inputs, the merged
+/// checkpoint's files as outputs.
+pub fn merge_part_folders(
+    parts: &[PathBuf],
+    out: &Path,
+    max_shard_bytes: u64,
+    replace: bool,
+) -> Result<QuantizeRunReport> {
+    let wall = Instant::now();
+    let report = awq_pack::merge_parts(parts, out, max_shard_bytes, replace)?;
+    let mut input = Vec::new();
+    for part in parts {
+        input.extend(provenance::digest_dir(part)?);
+    }
+    Ok(QuantizeRunReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "merge".into(),
+        tool: provenance::tool(),
+        machine: provenance::machine(),
+        threads: rayon::current_num_threads(),
+        input,
+        output: provenance::digest_dir(out)?,
+        quantization: report,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        peak_rss_bytes: provenance::peak_rss_bytes(),
+    })
+}
+
 /// What to generate, and where.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use awq_calib::{CalibFormat, CalibSpec, Sampling};
-use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
+use awq_pack::{GroupSize, LayerRange, Method, QuantizeOptions, Scaling};
 use clap::{Args, ValueEnum};
 use evaluation::perplexity::Protocol;
 use evaluation::report::QuantizeRunReport;
@@ -152,6 +152,12 @@ pub struct QuantizeArgs {
     /// CPU has against f32.
     #[arg(long, default_value = "auto", value_parser = parse::<ComputeRequest>)]
     pub compute: ComputeRequest,
+    /// Quantize only layers START..END (end exclusive) into a part folder; `awq merge` joins
+    /// the parts into the checkpoint one run would write, byte for byte. Parts may run on
+    /// different machines (each within a CI job's time limit) with the same model, settings
+    /// and calibration text.
+    #[arg(long, value_name = "START..END", value_parser = parse::<LayerRange>)]
+    pub part: Option<LayerRange>,
 }
 
 impl QuantizeArgs {
@@ -183,6 +189,7 @@ impl QuantizeArgs {
             replace: self.force,
             max_shard_bytes: self.max_shard_size,
             compute: self.compute.resolve_here(true)?,
+            part: self.part,
         })
     }
 }

@@ -759,6 +759,7 @@ impl Job {
                     replace: true,
                     max_shard_bytes,
                     compute: search_compute,
+                    part: None,
                 };
                 awq_pack::quantize::check(&model_config, &options)
                     .map_err(|e| err("quant.group_size", e.to_string()))?;

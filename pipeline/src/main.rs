@@ -14,7 +14,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{batch, bench, devices, eval, generate, import, inspect, plan, quantize, run, shard, synth};
+use commands::{
+    batch, bench, devices, eval, generate, import, inspect, merge, plan, quantize, run, shard, synth,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "awq", version, about, long_about = None)]
@@ -48,6 +50,9 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Quantize a checkpoint to 4-bit AWQ ("gemm" format).
     Quantize(cli::QuantizeArgs),
+    /// Join the part folders of `awq quantize --part` into one AWQ checkpoint (byte for byte
+    /// what one run over every layer writes).
+    Merge(merge::MergeArgs),
     /// Perplexity of a checkpoint on a text file (with --kl-base, its KL divergence from the
     /// original too).
     Eval(cli::EvalArgs),
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Command::ImportGguf(args) => import::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(command) => bench::run(command),

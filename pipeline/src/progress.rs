@@ -172,6 +172,13 @@ pub fn quantize(
             c.spec.seed,
             c.records_skipped_too_long
         )),
+        Event::Forwarded {
+            layer,
+            first,
+            seconds,
+        } => log(format!(
+            "layer {layer}: run forward unquantized in {seconds:.1}s (the part starts at layer {first})"
+        )),
         Event::Layer { done, total, report } => {
             let bar = bar.get_or_insert_with(|| Progress::new("layers", total as u64));
             let alphas: Vec<String> = report

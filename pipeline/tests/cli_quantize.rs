@@ -1,5 +1,6 @@
-//! `awq quantize` on small models: bad inputs fail cleanly with nothing written, and peak
-//! memory does not grow with the number of layers.
+//! `awq quantize` on small models: bad inputs fail cleanly with nothing written, peak memory
+//! does not grow with the number of layers, and a model quantized in parts (`--part`, `awq
+//! merge`) is the whole run byte for byte.
 
 use std::path::Path;
 
@@ -97,6 +98,90 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     args[1] = s(&overflow);
     args.extend(["--group-size", "16", "--samples", "16"]);
     fails(&args, &out, &["layer 1", "non-finite"]);
+}
+
+/// `awq quantize --part` on two ranges (run in the opposite order, one part sharded) and `awq
+/// merge` give the files of one `awq quantize`, and its report; a range past the model and a
+/// missing range fail with the reason.
+#[test]
+fn parts_merge_into_the_whole_checkpoint() {
+    let tmp = testkit::tiny_with_tokenizer("tiny-llama");
+    let model = tmp.dir.clone();
+    let calib = tmp.root().join("calib.txt");
+    std::fs::write(&calib, testkit::synthetic_text(100)).unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            s(&model),
+            "--out",
+            s(out),
+            "--calib",
+            s(&calib),
+            "--seq-len",
+            "128",
+            "--samples",
+            "8",
+            "--group-size",
+            "16",
+            "--compute",
+            "f32",
+        ];
+        args.extend(extra);
+        let o = awq(&args);
+        assert!(o.status.success(), "{args:?}: {}", common::text(&o));
+        common::text(&o)
+    };
+    let whole = tmp.root().join("whole");
+    run(&whole, &[]);
+    let (late, early) = (tmp.root().join("part-1-3"), tmp.root().join("part-0-1"));
+    let log = run(&late, &["--part", "1..3"]);
+    assert!(log.contains("layer 0: run forward unquantized"), "{log}");
+    run(&early, &["--part", "0..1", "--max-shard-size", "100KB"]);
+
+    let merged = tmp.root().join("merged");
+    let report = tmp.root().join("merge.json");
+    let o = awq(&[
+        "merge",
+        s(&late),
+        s(&early),
+        "--out",
+        s(&merged),
+        "--json",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert_eq!(
+        testkit::awq::folder_digest(&merged),
+        testkit::awq::folder_digest(&whole)
+    );
+    let report = testkit::read_json(&report);
+    assert_eq!(report["kind"], "merge");
+    assert_eq!(report["quantization"]["layers"].as_array().unwrap().len(), 3);
+
+    fails(
+        &[
+            "quantize",
+            s(&model),
+            "--out",
+            s(&tmp.root().join("past")),
+            "--mode",
+            "rtn",
+            "--group-size",
+            "16",
+            "--part",
+            "2..4",
+        ],
+        &tmp.root().join("past"),
+        &["2..4", "3 layers"],
+    );
+    let o = awq(&["merge", s(&late), "--out", s(&tmp.root().join("gap"))]);
+    assert!(!o.status.success());
+    assert!(
+        common::text(&o).contains("layers 0..1 are in none of the parts (quantize them with --part 0..1)"),
+        "{}",
+        common::text(&o)
+    );
+    assert!(!tmp.root().join("gap").exists());
 }
 
 /// Copies a model folder, changing one f32 tensor.

@@ -196,6 +196,7 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
             replace: true,
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             compute,
+            part: None,
         })
     };
     // The search's products run on blocks of TRIAL_TOKENS rows: its floor is at that shape.

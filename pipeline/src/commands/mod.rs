@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod merge;
 pub mod plan;
 pub mod quantize;
 pub mod run;
