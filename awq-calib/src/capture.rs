@@ -200,10 +200,7 @@ impl<'a, B: Backend> LayerStream<'a, B> {
     /// Loads the next layer and runs it over every block in chunks, showing `tap` each
     /// chunk's projection inputs (first row, rows, group, values); the residual stream
     /// becomes the layer's output.
-    fn advance(
-        &mut self,
-        tap: &mut ChunkTap<'_, B::Tensor>,
-    ) -> Result<DecoderLayer<B>> {
+    fn advance(&mut self, tap: &mut ChunkTap<'_, B::Tensor>) -> Result<DecoderLayer<B>> {
         let index = self.next;
         let (c, backend) = (self.config, self.backend);
         let layer = DecoderLayer::load(backend, self.checkpoint, c, index)?;

@@ -63,19 +63,18 @@ impl PackedLhs {
         assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
         let blocks = m.div_ceil(2 * ROWS) * 2;
         let steps = k.div_ceil(K_STEP);
-        data.clear();
+        // Every value is written below (the padding as zeros, only where there is some), so
+        // a reused buffer keeps its old values rather than being zeroed first.
         data.resize(blocks * steps * TILE, bf16::ZERO);
         data.par_chunks_mut(steps * TILE)
             .enumerate()
             .for_each(|(block, tiles)| {
-                for r in 0..ROWS.min(m.saturating_sub(block * ROWS)) {
-                    let row = &x[(block * ROWS + r) * k..][..k];
-                    for (step, values) in row.chunks(K_STEP).enumerate() {
-                        let dst = &mut tiles[step * TILE + r * K_STEP..][..values.len()];
-                        for (d, &v) in dst.iter_mut().zip(values) {
-                            *d = round_to_bf16(v);
-                        }
-                    }
+                let rows = ROWS.min(m.saturating_sub(block * ROWS));
+                if rows < ROWS || k % K_STEP != 0 {
+                    tiles.fill(bf16::ZERO);
+                }
+                if rows > 0 {
+                    pack_rows(&x[block * ROWS * k..][..rows * k], k, tiles);
                 }
             });
         PackedLhs {
@@ -89,6 +88,20 @@ impl PackedLhs {
     /// The storage, for the next [`from_f32_into`](Self::from_f32_into).
     pub(crate) fn into_buffer(self) -> Vec<bf16> {
         self.data
+    }
+}
+
+/// Rows `x[rows, k]` rounded to bf16 into one block of left tiles (`[k step][16 rows][32
+/// values]`); compiled for AVX-512 so that the rounding vectorises.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+fn pack_rows(x: &[f32], k: usize, tiles: &mut [bf16]) {
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        for (step, values) in row.chunks(K_STEP).enumerate() {
+            let dst = &mut tiles[step * TILE + r * K_STEP..][..values.len()];
+            for (d, &v) in dst.iter_mut().zip(values) {
+                *d = round_to_bf16(v);
+            }
+        }
     }
 }
 
@@ -125,12 +138,15 @@ impl PackedRhs {
         assert_eq!(b.len(), k * cols, "right operand is not [{k}, {cols}]");
         let blocks = cols.div_ceil(2 * COLS) * 2;
         let steps = k.div_ceil(K_STEP);
-        data.clear();
+        // As for the left operand: only the padding is zeroed.
         data.resize(blocks * steps * TILE_WORDS, 0);
         data.par_chunks_mut(steps * TILE_WORDS)
             .enumerate()
             .for_each(|(block, tiles)| {
                 let (j0, width) = (block * COLS, COLS.min(cols.saturating_sub(block * COLS)));
+                if width < COLS || k % K_STEP != 0 {
+                    tiles.fill(0);
+                }
                 if width == 0 {
                     return; // the zero block that rounds the blocks up to a pair
                 }
@@ -293,6 +309,7 @@ unsafe fn task_tiles(
     ld: usize,
     col0: usize,
 ) {
+    // The 2 × 2 tiles of an edge, as [32 rows][32 columns]; whole ones go to `out` directly.
     let mut c = [0f32; 4 * ROWS * COLS];
     let pair = a.steps * TILE; // values per block of either operand
     let b_values = b.values();
@@ -302,34 +319,39 @@ unsafe fn task_tiles(
     }
     for cp in columns {
         let b0 = &b_values[2 * cp * pair..(2 * cp + 2) * pair];
+        let j0 = 2 * cp * COLS;
+        let width = (2 * COLS).min(b.cols - j0);
         for rp in rows.clone() {
             let a0 = &a.data[2 * rp * pair..(2 * rp + 2) * pair];
+            let i0 = 2 * rp * ROWS;
+            let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
+            let whole = height == 2 * ROWS && width == 2 * COLS;
             match unit {
-                // SAFETY: a0 and b0 hold two blocks of `steps` tiles each; c holds four tiles.
+                // SAFETY: a0 and b0 hold two blocks of `steps` tiles each; rows i0..i0 + 32
+                // and columns col0 + j0..+32 lie in this task's part of the output.
+                TileUnit::Hardware if whole => unsafe {
+                    let dst = out.ptr().add(i0 * ld + col0 + j0);
+                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, dst, ld)
+                },
+                // SAFETY: as above, into `c` (32 × 32).
                 TileUnit::Hardware => unsafe {
-                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, c.as_mut_ptr())
+                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, c.as_mut_ptr(), 2 * COLS)
                 },
                 TileUnit::Emulated => kernel_2x2_emulated(a0, b0, a.steps, &mut c),
             }
-            // Tile t = 2·(left block) + (right block), each [16 rows][16 columns].
-            for t in 0..4 {
-                let i0 = (2 * rp + t / 2) * ROWS;
-                let j0 = (2 * cp + t % 2) * COLS;
-                let (height, width) = (
-                    ROWS.min(a.rows.saturating_sub(i0)),
-                    COLS.min(b.cols.saturating_sub(j0)),
-                );
-                for r in 0..height {
-                    let src = &c[(t * ROWS + r) * COLS..][..width];
-                    // SAFETY: row i0 + r < a.rows and columns col0 + j0.. + width ≤ col0 +
-                    // b.cols ≤ ld lie in this task's part of the output.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.as_ptr(),
-                            out.ptr().add((i0 + r) * ld + col0 + j0),
-                            width,
-                        );
-                    }
+            if whole && unit == TileUnit::Hardware {
+                continue;
+            }
+            for r in 0..height {
+                let src = &c[r * 2 * COLS..][..width];
+                // SAFETY: row i0 + r < a.rows and columns col0 + j0.. + width ≤ col0 +
+                // b.cols ≤ ld lie in this task's part of the output.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        out.ptr().add((i0 + r) * ld + col0 + j0),
+                        width,
+                    );
                 }
             }
         }
@@ -346,10 +368,11 @@ unsafe fn task_tiles(
 fn kernel_2x2_emulated(a: &[bf16], b: &[bf16], steps: usize, c: &mut [f32; 4 * ROWS * COLS]) {
     let pair = steps * TILE;
     c.fill(0.0);
-    for (t, c) in c.chunks_exact_mut(ROWS * COLS).enumerate() {
+    for t in 0..4 {
         let (a, b) = (&a[(t / 2) * pair..][..pair], &b[(t % 2) * pair..][..pair]);
         for (ta, tb) in a.chunks_exact(TILE).zip(b.chunks_exact(TILE)) {
-            for (r, row) in c.chunks_exact_mut(COLS).enumerate() {
+            for r in 0..ROWS {
+                let row = &mut c[((t / 2) * ROWS + r) * 2 * COLS + (t % 2) * COLS..][..COLS];
                 for (col, acc) in row.iter_mut().enumerate() {
                     for w in 0..K_STEP / 2 {
                         let x = &ta[r * K_STEP + 2 * w..][..2];
@@ -386,13 +409,14 @@ unsafe fn release() {
 
 /// `c[t] = Σ_steps a_(t/2) · b_(t%2)` for the 2 × 2 tiles of a row pair and a column pair:
 /// `a` and `b` each point at two consecutive blocks of `steps` tiles (`pair` values apart),
-/// `c` at four 16 × 16 f32 tiles.
+/// `c` at a 32 × 32 block of f32 results in rows `ld` values apart (tile t at rows
+/// 16·(t/2).., columns 16·(t%2)..).
 ///
 /// # Safety
 /// The tile unit is permitted and configured by [`load_config`]; `steps ≥ 1`; the pointers
 /// cover what is described above.
 #[cfg(target_arch = "x86_64")]
-unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, c: *mut f32) {
+unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, c: *mut f32, ld: usize) {
     // SAFETY: per the caller; every load and store is one 1 KiB tile with 64-byte rows.
     unsafe {
         std::arch::asm!(
@@ -415,13 +439,13 @@ unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, 
             "add {b1}, 1024",
             "dec {steps}",
             "jnz 2b",
-            "tilestored [{c} + {stride}], tmm0",
-            "add {c}, 1024",
-            "tilestored [{c} + {stride}], tmm1",
-            "add {c}, 1024",
-            "tilestored [{c} + {stride}], tmm2",
-            "add {c}, 1024",
-            "tilestored [{c} + {stride}], tmm3",
+            "tilestored [{c} + {row}], tmm0",
+            "add {c}, 64",
+            "tilestored [{c} + {row}], tmm1",
+            "add {c}, {down}",
+            "tilestored [{c} + {row}], tmm2",
+            "add {c}, 64",
+            "tilestored [{c} + {row}], tmm3",
             a0 = inout(reg) a => _,
             a1 = inout(reg) a.add(pair) => _,
             b0 = inout(reg) b => _,
@@ -429,6 +453,9 @@ unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, 
             steps = inout(reg) steps => _,
             c = inout(reg) c => _,
             stride = in(reg) 64usize,
+            row = in(reg) 4 * ld,
+            // From the top right tile to the bottom left: 16 rows down, 16 columns back.
+            down = in(reg) 4 * (ROWS * ld - COLS),
             options(nostack),
         );
     }
@@ -439,7 +466,7 @@ unsafe fn load_config() {}
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn release() {}
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_2x2(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32) {
+unsafe fn kernel_2x2(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AMX exists on x86-64 only")
 }
 
@@ -482,6 +509,9 @@ mod tests {
         for (m, k, n) in [(1, 1, 1), (17, 33, 15), (40, 64, 48), (5, 100, 70)] {
             let x = random(m * k, 1);
             let a = PackedLhs::from_f32(&x, m, k);
+            // A reused buffer holding another operand's values packs the same.
+            let dirty = PackedLhs::from_f32_into(vec![bf16::from_f32(7.0); 3 * a.data.len()], &x, m, k);
+            assert_eq!(dirty.data, a.data, "lhs ({m},{k}) into a used buffer");
             let rounded: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             assert_eq!(unpack_lhs(&a, k), rounded, "lhs ({m},{k})");
             assert_eq!(a.blocks % 2, 0);
@@ -490,6 +520,17 @@ mod tests {
 
             let w: Vec<bf16> = random(k * n, 2).iter().map(|&v| bf16::from_f32(v)).collect();
             let kmajor = PackedRhs::pack(&w, k, n, TileLayout::KMajor);
+            for layout in [TileLayout::KMajor, TileLayout::NMajor] {
+                let b = match layout {
+                    TileLayout::KMajor => w.clone(),
+                    TileLayout::NMajor => (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(),
+                };
+                let dirty = PackedRhs::pack_into(vec![u32::MAX; 3 * kmajor.data.len()], &b, k, n, layout);
+                assert_eq!(
+                    dirty.data, kmajor.data,
+                    "rhs {layout:?} ({k},{n}) into a used buffer"
+                );
+            }
             assert_eq!(unpack_rhs(&kmajor, k), w, "rhs k-major ({k},{n})");
             assert_eq!(nonzero(kmajor.values()), nonzero(&w), "padding is zero");
             let nmajor: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
@@ -501,8 +542,9 @@ mod tests {
     }
 
     /// Products on `unit` against the scalar reference (bf16 products summed in f64), with
-    /// the output wider than the product and offset by two columns; returns the results.
-    fn check_against_reference(unit: TileUnit) -> Vec<Vec<f32>> {
+    /// the output wider than the product and offset by two columns; returns the results and,
+    /// for each output value, the sum of its products' magnitudes (0 outside the product).
+    fn check_against_reference(unit: TileUnit) -> Vec<(Vec<f32>, Vec<f64>)> {
         let mut results = Vec::new();
         for (m, k, n) in [
             (1, 1, 1),
@@ -518,6 +560,7 @@ mod tests {
             let b = PackedRhs::pack(&wb, k, n, TileLayout::NMajor);
             let ld = n + 3;
             let mut out = vec![f32::NAN; m * ld];
+            let mut magnitudes = vec![0f64; m * ld];
             matmul_on(unit, &a, &b, &mut out, ld, 2);
             let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
             let mut worst = 0f64;
@@ -527,15 +570,16 @@ mod tests {
                     let g = out[i * ld + 2 + j] as f64;
                     let scale: f64 = (0..k).map(|p| (r(x[i * k + p]) * r(w[j * k + p])).abs()).sum();
                     worst = worst.max((g - t).abs() / scale.max(1e-30));
+                    magnitudes[i * ld + 2 + j] = scale;
                 }
                 assert!(
-                    out[i * ld..i * ld + 2].iter().all(|v| v.is_nan()),
-                    "columns before col0 untouched"
+                    out[i * ld..i * ld + 2].iter().all(|v| v.is_nan()) && out[i * ld + 2 + n].is_nan(),
+                    "columns outside col0..col0 + n untouched"
                 );
             }
             eprintln!("amx {unit:?} ({m},{k},{n}): worst error {worst:.2e} of Σ|products|");
             assert!(worst < 1e-5, "{unit:?} ({m},{k},{n}): {worst}");
-            results.push(out);
+            results.push((out, magnitudes));
         }
         results
     }
@@ -563,11 +607,15 @@ mod tests {
         }
         let hardware = check_against_reference(TileUnit::Hardware);
         let twin = check_against_reference(TileUnit::Emulated);
-        for (h, t) in hardware.iter().zip(&twin) {
-            for (h, t) in h.iter().zip(t) {
+        // Both sum the same exact products in f32, in different orders (the tile unit's order
+        // within a step is its own): they may differ by a few rounding errors of the running
+        // sum, which scale with the products' magnitudes, not with the result (up to 5e-6
+        // relative to the result measured where the sum cancels).
+        for ((h, magnitudes), (t, _)) in hardware.iter().zip(&twin) {
+            for ((h, t), scale) in h.iter().zip(t).zip(magnitudes) {
                 assert!(
-                    (h.is_nan() && t.is_nan()) || (h - t).abs() <= 1e-6 * t.abs().max(1.0),
-                    "tile unit {h} vs twin {t}"
+                    (h.is_nan() && t.is_nan()) || ((h - t).abs() as f64) <= 1e-6 * scale.max(1.0),
+                    "tile unit {h} vs twin {t} (products' magnitudes sum to {scale})"
                 );
             }
         }
