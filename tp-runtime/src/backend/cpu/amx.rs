@@ -70,7 +70,7 @@ impl PackedLhs {
             .enumerate()
             .for_each(|(block, tiles)| {
                 let rows = ROWS.min(m.saturating_sub(block * ROWS));
-                if rows < ROWS || k % K_STEP != 0 {
+                if rows < ROWS || !k.is_multiple_of(K_STEP) {
                     tiles.fill(bf16::ZERO);
                 }
                 if rows > 0 {
@@ -144,7 +144,7 @@ impl PackedRhs {
             .enumerate()
             .for_each(|(block, tiles)| {
                 let (j0, width) = (block * COLS, COLS.min(cols.saturating_sub(block * COLS)));
-                if width < COLS || k % K_STEP != 0 {
+                if width < COLS || !k.is_multiple_of(K_STEP) {
                     tiles.fill(0);
                 }
                 if width == 0 {
