@@ -8,7 +8,7 @@
 //! - [`pack`]: the "gemm" packing;
 //! - [`quantize`](mod@quantize): a whole model, streamed layer by layer into a safetensors
 //!   file (`checkpoint::writer`) in an output folder;
-//! - [`part`]: a model quantized in layer ranges on separate runs, merged into the checkpoint a
+//! - [`part`] (inside `quantize`): a model quantized in layer ranges on separate runs, merged into the checkpoint a
 //!   whole run writes, byte for byte.
 //!
 //! The calibration forward passes and the search's trials run on any `tp_runtime::Backend`;
@@ -18,13 +18,12 @@ pub mod clip;
 mod error;
 pub mod layer;
 pub mod pack;
-pub mod part;
 pub mod quant;
 pub mod quantize;
 pub mod search;
 
 pub use error::{PackError, Result};
-pub use part::{LayerRange, merge_parts};
 pub use quant::GroupSize;
+pub use quantize::part::{self, LayerRange, merge_parts};
 pub use quantize::{Event, Method, QuantizeOptions, QuantizeReport, quantize, quantize_on};
 pub use search::Scaling;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use awq_pack::{Event, Method, QuantizeOptions};
+use awq_pack::{Event, Method, QuantizeOptions, QuantizeReport};
 use checkpoint::{ModelConfig, Tokenizer};
 use generation::{ChatTemplate, GenerateOptions, Message, Sampling, TextStream, generate, stop_tokens};
 use tp_runtime::loaded;
@@ -14,7 +14,7 @@ use tp_runtime::{ComputeRequest, Placement, PlacementRequest};
 
 use crate::kl::{KlStats, kl_divergence};
 use crate::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
-use crate::provenance;
+use crate::provenance::{self, FileDigest};
 use crate::report::{
     DataInfo, EvalReport, GenerateReport, KlSection, ModelInfo, QuantizeRunReport, SCHEMA_VERSION,
 };
@@ -275,25 +275,13 @@ pub fn quantize_checkpoint(
 ) -> Result<QuantizeRunReport> {
     let wall = Instant::now();
     let report = awq_pack::quantize(model, out, options, on_event)?;
-    let peak_rss_bytes = provenance::peak_rss_bytes();
     let mut input = provenance::digest_dir(model)?;
     if let Some(calib) = calib
         && options.method == Method::Awq
     {
         input.push(provenance::digest(calib)?);
     }
-    Ok(QuantizeRunReport {
-        schema_version: SCHEMA_VERSION,
-        kind: "quantize".into(),
-        tool: provenance::tool(),
-        machine: provenance::machine(),
-        threads: rayon::current_num_threads(),
-        input,
-        output: provenance::digest_dir(out)?,
-        quantization: report,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        peak_rss_bytes,
-    })
+    QuantizeRunReport::of("quantize", input, out, report, wall)
 }
 
 /// [`awq_pack::merge_parts`] with its provenance: the parts' files as inputs, the merged
@@ -310,18 +298,33 @@ pub fn merge_part_folders(
     for part in parts {
         input.extend(provenance::digest_dir(part)?);
     }
-    Ok(QuantizeRunReport {
-        schema_version: SCHEMA_VERSION,
-        kind: "merge".into(),
-        tool: provenance::tool(),
-        machine: provenance::machine(),
-        threads: rayon::current_num_threads(),
-        input,
-        output: provenance::digest_dir(out)?,
-        quantization: report,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        peak_rss_bytes: provenance::peak_rss_bytes(),
-    })
+    QuantizeRunReport::of("merge", input, out, report, wall)
+}
+
+impl QuantizeRunReport {
+    /// The report of a run of `kind` that read `input`, wrote `out` and began at `wall`; the
+    /// peak RSS is read first, before digesting the output adds to it.
+    fn of(
+        kind: &str,
+        input: Vec<FileDigest>,
+        out: &Path,
+        report: QuantizeReport,
+        wall: Instant,
+    ) -> Result<Self> {
+        let peak_rss_bytes = provenance::peak_rss_bytes();
+        Ok(QuantizeRunReport {
+            schema_version: SCHEMA_VERSION,
+            kind: kind.into(),
+            tool: provenance::tool(),
+            machine: provenance::machine(),
+            threads: rayon::current_num_threads(),
+            input,
+            output: provenance::digest_dir(out)?,
+            quantization: report,
+            wall_seconds: wall.elapsed().as_secs_f64(),
+            peak_rss_bytes,
+        })
+    }
 }
 
 /// What to generate, and where.

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
 
-use crate::quantize::{COPIED_FILES, Method, QuantizeOptions, QuantizeReport, RunSeconds, tensor_specs};
+use super::{COPIED_FILES, Method, QuantizeOptions, QuantizeReport, RunSeconds, tensor_specs};
 use crate::search::Scaling;
 use crate::{GroupSize, PackError, Result};
 

@@ -1,6 +1,8 @@
 //! A whole model: calibration, layer-by-layer AWQ (or RTN), and the AWQ checkpoint folder,
 //! written under a temporary name and renamed when complete.
 
+pub mod part;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
@@ -21,10 +23,10 @@ use tp_runtime::{Backend, Compute, CpuBackend};
 use crate::layer::{
     LayerReport, LayerSettings, LayerWeights, OutLinear, QuantizedLayer, quantize_layer, rtn_layer,
 };
-use crate::part::{LayerRange, PartManifest, PartSettings, source_digest};
 use crate::quant::GroupSize;
 use crate::search::Scaling;
 use crate::{PackError, Result};
+use part::{LayerRange, PartManifest, PartSettings, source_digest};
 
 /// Files copied unchanged from the input folder when present.
 pub const COPIED_FILES: [&str; 8] = [
@@ -88,7 +90,7 @@ pub struct QuantizeOptions {
     /// The arithmetic of the calibration passes and the search's trials (resolved against
     /// this CPU by the caller).
     pub compute: Compute,
-    /// Only these layers, into a part folder that [`crate::part::merge_parts`] joins with the
+    /// Only these layers, into a part folder that [`part::merge_parts`] joins with the
     /// others into the checkpoint a whole run writes; `None`: the whole model.
     pub part: Option<LayerRange>,
 }
