@@ -507,7 +507,7 @@ pub fn quantize_on<B: Backend>(
             part: options.part,
         };
         if let Some(part) = options.part {
-            let settings = PartSettings::new(options, num_layers, report.calibration.as_ref());
+            let settings = PartSettings::of(&report, num_layers);
             PartManifest::new(part, settings, source, config_json.clone(), report.clone()).write(dir)?;
         }
         Ok(report)

@@ -13,7 +13,7 @@
 //! the source model's files, the `config.json` the checkpoint will have and the part's
 //! report. It is not a loadable checkpoint (it has no `config.json`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
 
-use super::{COPIED_FILES, Method, QuantizeOptions, QuantizeReport, RunSeconds, tensor_specs};
+use super::{COPIED_FILES, Method, QuantizeReport, RunSeconds, tensor_specs};
 use crate::search::Scaling;
 use crate::{GroupSize, PackError, Result};
 
@@ -156,17 +156,16 @@ pub struct PartSettings {
 }
 
 impl PartSettings {
-    /// The settings of a run with `options` on a model of `layers` layers, calibrated on
-    /// `calibration` (AWQ only).
-    pub fn new(options: &QuantizeOptions, layers: usize, calibration: Option<&CalibSummary>) -> Self {
+    /// The settings a run's `report` records, for a model of `layers` layers.
+    pub fn of(report: &QuantizeReport, layers: usize) -> Self {
         PartSettings {
-            method: options.method,
-            group_size: options.group_size,
-            scaling: options.scaling,
-            clip: options.clip && options.method == Method::Awq,
-            modules_to_not_convert: options.modules_to_not_convert.clone(),
-            compute: options.compute,
-            calibration: calibration.map(CalibIdentity::of),
+            method: report.method,
+            group_size: report.group_size,
+            scaling: report.scaling,
+            clip: report.clip,
+            modules_to_not_convert: report.modules_to_not_convert.clone(),
+            compute: report.compute,
+            calibration: report.calibration.as_ref().map(CalibIdentity::of),
             num_hidden_layers: layers,
         }
     }
@@ -406,11 +405,8 @@ pub fn merge_parts(
             }
             owner.insert(spec.name.clone(), i);
         }
-        if let Some(extra) = ck
-            .names()
-            .into_iter()
-            .find(|n| !expected.iter().any(|s| s.name == *n))
-        {
+        let expected: HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
+        if let Some(extra) = ck.names().into_iter().find(|n| !expected.contains(n)) {
             return Err(part_error(
                 dir,
                 format!("holds tensor `{extra}`, which is not part of layers {}", m.layers),
