@@ -33,17 +33,72 @@ const ROWS: usize = 16;
 const K_STEP: usize = 32;
 /// Result columns per tile (16 f32 = 64 bytes).
 const COLS: usize = 16;
+/// Words in a row of a right tile: one per result column.
+pub(crate) const TILE_ROW_WORDS: usize = COLS;
 /// bf16 values in one packed tile (1 KiB).
 const TILE: usize = ROWS * K_STEP;
-/// Row blocks per task: 128 rows, whose left tiles (1 MiB at k = 4096) stay in L2 while the
-/// task's column pairs stream past them.
-const ROW_BLOCKS_PER_TASK: usize = 8;
+/// Left tiles per task, at most: they stay in L2 while the task's column pairs stream past
+/// them, so a right operand larger than the caches (an lm_head) is read once per this many
+/// rows, not once per 128 (1.5× faster on a 49,152-wide lm_head slice, m = 512, k = 576).
+const LHS_BYTES_PER_TASK: usize = 512 << 10;
+/// Tasks per thread, at least, where the rows allow: fewer, larger tasks leave threads idle at
+/// the end of a product.
+const TASKS_PER_THREAD: usize = 8;
 /// Column pairs per task.
 const COLUMN_PAIRS_PER_TASK: usize = 4;
 
+/// One 64-byte row of a tile. Packed operands are vectors of these so that every tile row
+/// starts a cache line: an unaligned row spans two, and the tile loads, which bound the
+/// kernel, then ran 2.7× slower (a step's four loads and four products took 76 ns against
+/// 28 ns aligned, on a Sapphire-Rapids-class Xeon).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct TileRow([u32; 16]);
+
+// SAFETY: 64 bytes of u32 with no padding (size = alignment = 64); every bit pattern is valid.
+unsafe impl bytemuck::Zeroable for TileRow {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for TileRow {}
+
+/// Storage for a packed operand, kept by callers between products so that each product
+/// reuses its pages instead of faulting in fresh ones.
+#[derive(Clone, Default)]
+pub(crate) struct TileBuffer(Vec<TileRow>);
+
+impl std::fmt::Debug for TileBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TileBuffer({} tile rows)", self.0.len())
+    }
+}
+
+impl TileBuffer {
+    /// No storage yet.
+    pub(crate) const EMPTY: TileBuffer = TileBuffer(Vec::new());
+
+    /// At least `values` bf16 values of cache-line-aligned storage; what it held before stays.
+    fn resize(&mut self, values: usize) {
+        self.0.resize(values.div_ceil(32), TileRow([0; 16]));
+    }
+
+    /// The storage as bf16 values.
+    fn values(&self) -> &[bf16] {
+        bytemuck::cast_slice(&self.0)
+    }
+
+    /// The storage as bf16 values, to write.
+    fn values_mut(&mut self) -> &mut [bf16] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+
+    /// The storage as 32-bit words, to write.
+    fn words_mut(&mut self) -> &mut [u32] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
 /// A left operand in tile order.
 pub(crate) struct PackedLhs {
-    data: Vec<bf16>,
+    data: TileBuffer,
     rows: usize,
     /// Row blocks, rounded up to a pair.
     blocks: usize,
@@ -54,19 +109,20 @@ impl PackedLhs {
     /// `x[m, k]` packed into fresh storage.
     #[cfg(test)]
     fn from_f32(x: &[f32], m: usize, k: usize) -> Self {
-        Self::from_f32_into(Vec::new(), x, m, k)
+        Self::from_f32_into(TileBuffer::default(), x, m, k)
     }
 
     /// `x[m, k]` (row-major f32) rounded to bf16, into `data` (a previous operand's, from
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
-    pub(crate) fn from_f32_into(mut data: Vec<bf16>, x: &[f32], m: usize, k: usize) -> Self {
+    pub(crate) fn from_f32_into(mut data: TileBuffer, x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
         let blocks = m.div_ceil(2 * ROWS) * 2;
         let steps = k.div_ceil(K_STEP);
         // Every value is written below (the padding as zeros, only where there is some), so
         // a reused buffer keeps its old values rather than being zeroed first.
-        data.resize(blocks * steps * TILE, bf16::ZERO);
-        data.par_chunks_mut(steps * TILE)
+        data.resize(blocks * steps * TILE);
+        data.values_mut()
+            .par_chunks_mut(steps * TILE)
             .enumerate()
             .for_each(|(block, tiles)| {
                 let rows = ROWS.min(m.saturating_sub(block * ROWS));
@@ -86,8 +142,13 @@ impl PackedLhs {
     }
 
     /// The storage, for the next [`from_f32_into`](Self::from_f32_into).
-    pub(crate) fn into_buffer(self) -> Vec<bf16> {
+    pub(crate) fn into_buffer(self) -> TileBuffer {
         self.data
+    }
+
+    /// The packed values.
+    fn values(&self) -> &[bf16] {
+        self.data.values()
     }
 }
 
@@ -107,8 +168,9 @@ fn pack_rows(x: &[f32], k: usize, tiles: &mut [bf16]) {
 
 /// A right operand `b[k, n]` in VNNI tile order: each 32-bit word a pair of bf16 values
 /// (the lower `k` in the low half).
+#[derive(Clone, Debug)]
 pub(crate) struct PackedRhs {
-    data: Vec<u32>,
+    data: TileBuffer,
     cols: usize,
     /// Column blocks, rounded up to a pair.
     blocks: usize,
@@ -122,25 +184,82 @@ impl PackedRhs {
     /// `b` packed into fresh storage.
     #[cfg(test)]
     fn pack(b: &[bf16], k: usize, cols: usize, layout: TileLayout) -> Self {
-        Self::pack_into(Vec::new(), b, k, cols, layout)
+        Self::pack_into(TileBuffer::default(), b, k, cols, layout)
     }
 
     /// `b` of `k` rows and `cols` columns laid out as `layout` says (`KMajor`:
     /// `b[p · cols + j]`; `NMajor`: `b[j · k + p]`), into `data` (a previous operand's, from
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
-    pub(crate) fn pack_into(
-        mut data: Vec<u32>,
-        b: &[bf16],
+    pub(crate) fn pack_into(data: TileBuffer, b: &[bf16], k: usize, cols: usize, layout: TileLayout) -> Self {
+        assert_eq!(b.len(), k * cols, "right operand is not [{k}, {cols}]");
+        Self::pack_tiles(data, k, cols, |tile, p0, depth, j0, width| {
+            // Word (w, c) of a tile holds k values 2w and 2w + 1 of column c; the loops run
+            // along the source's contiguous axis.
+            match layout {
+                TileLayout::KMajor => {
+                    for w in 0..depth.div_ceil(2) {
+                        let low = &b[(p0 + 2 * w) * cols + j0..][..width];
+                        let dst = &mut tile[w * COLS..][..width];
+                        if 2 * w + 1 < depth {
+                            let high = &b[(p0 + 2 * w + 1) * cols + j0..][..width];
+                            for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
+                                *d = word(l, h);
+                            }
+                        } else {
+                            for (d, &l) in dst.iter_mut().zip(low) {
+                                *d = word(l, bf16::ZERO);
+                            }
+                        }
+                    }
+                }
+                TileLayout::NMajor => {
+                    for c in 0..width {
+                        let column = &b[(j0 + c) * k + p0..][..depth];
+                        let mut pairs = column.chunks_exact(2);
+                        for (w, pair) in (&mut pairs).enumerate() {
+                            tile[w * COLS + c] = word(pair[0], pair[1]);
+                        }
+                        if let [last] = pairs.remainder() {
+                            tile[depth / 2 * COLS + c] = word(*last, bf16::ZERO);
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// `b[k, cols]` (`k` even) made a tile at a time from pairs of its rows:
+    /// `row_pairs(p0, j0, width, tile)` writes, for each row pair `w < tile.len() /`
+    /// [`TILE_ROW_WORDS`] and column `c < width`, the VNNI word of `b[p0 + 2w, j0 + c]` (low
+    /// half) and `b[p0 + 2w + 1, j0 + c]` at `tile[w · TILE_ROW_WORDS + c]` — for weights made
+    /// on the fly (int4 unpacked), which then need not be written in row order first and read
+    /// back. Into `data`, as [`pack_into`](Self::pack_into).
+    pub(crate) fn from_row_pairs_into(
+        data: TileBuffer,
         k: usize,
         cols: usize,
-        layout: TileLayout,
+        row_pairs: impl Fn(usize, usize, usize, &mut [u32]) + Sync,
     ) -> Self {
-        assert_eq!(b.len(), k * cols, "right operand is not [{k}, {cols}]");
+        assert!(k.is_multiple_of(2), "rows made in pairs need an even k, not {k}");
+        Self::pack_tiles(data, k, cols, |tile, p0, depth, j0, width| {
+            row_pairs(p0, j0, width, &mut tile[..depth / 2 * COLS])
+        })
+    }
+
+    /// The tiles of a `[k, cols]` operand in parallel, column block by column block, each
+    /// tile written by `fill(tile, p0, depth, j0, width)` (its `k` values `p0..p0 + depth`
+    /// of columns `j0..j0 + width`); only the padding around them is zeroed.
+    fn pack_tiles(
+        mut data: TileBuffer,
+        k: usize,
+        cols: usize,
+        fill: impl Fn(&mut [u32], usize, usize, usize, usize) + Sync,
+    ) -> Self {
         let blocks = cols.div_ceil(2 * COLS) * 2;
         let steps = k.div_ceil(K_STEP);
-        // As for the left operand: only the padding is zeroed.
-        data.resize(blocks * steps * TILE_WORDS, 0);
-        data.par_chunks_mut(steps * TILE_WORDS)
+        data.resize(blocks * steps * TILE);
+        data.words_mut()
+            .par_chunks_mut(steps * TILE_WORDS)
             .enumerate()
             .for_each(|(block, tiles)| {
                 let (j0, width) = (block * COLS, COLS.min(cols.saturating_sub(block * COLS)));
@@ -151,39 +270,8 @@ impl PackedRhs {
                     return; // the zero block that rounds the blocks up to a pair
                 }
                 for (step, tile) in tiles.chunks_exact_mut(TILE_WORDS).enumerate() {
-                    let (p0, depth) = (step * K_STEP, K_STEP.min(k - step * K_STEP));
-                    // Word (w, c) of a tile holds k values 2w and 2w + 1 of column c; the
-                    // loops run along the source's contiguous axis.
-                    match layout {
-                        TileLayout::KMajor => {
-                            for w in 0..depth.div_ceil(2) {
-                                let low = &b[(p0 + 2 * w) * cols + j0..][..width];
-                                let dst = &mut tile[w * COLS..][..width];
-                                if 2 * w + 1 < depth {
-                                    let high = &b[(p0 + 2 * w + 1) * cols + j0..][..width];
-                                    for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
-                                        *d = word(l, h);
-                                    }
-                                } else {
-                                    for (d, &l) in dst.iter_mut().zip(low) {
-                                        *d = word(l, bf16::ZERO);
-                                    }
-                                }
-                            }
-                        }
-                        TileLayout::NMajor => {
-                            for c in 0..width {
-                                let column = &b[(j0 + c) * k + p0..][..depth];
-                                let mut pairs = column.chunks_exact(2);
-                                for (w, pair) in (&mut pairs).enumerate() {
-                                    tile[w * COLS + c] = word(pair[0], pair[1]);
-                                }
-                                if let [last] = pairs.remainder() {
-                                    tile[depth / 2 * COLS + c] = word(*last, bf16::ZERO);
-                                }
-                            }
-                        }
-                    }
+                    let p0 = step * K_STEP;
+                    fill(tile, p0, K_STEP.min(k - p0), j0, width);
                 }
             });
         PackedRhs {
@@ -195,14 +283,51 @@ impl PackedRhs {
     }
 
     /// The storage, for the next [`pack_into`](Self::pack_into).
-    pub(crate) fn into_buffer(self) -> Vec<u32> {
+    pub(crate) fn into_buffer(self) -> TileBuffer {
         self.data
     }
 
     /// The packed values, two per word.
     fn values(&self) -> &[bf16] {
-        bytemuck::cast_slice(&self.data)
+        self.data.values()
     }
+
+    /// Every column, for [`matmul`].
+    pub(crate) fn all(&self) -> RhsColumns<'_> {
+        RhsColumns {
+            values: self.values(),
+            cols: self.cols,
+            blocks: self.blocks,
+            steps: self.steps,
+        }
+    }
+
+    /// Columns `range`, where it starts on a pair of column blocks (a multiple of 32) — the
+    /// kernel's unit —, else `None`.
+    pub(crate) fn columns(&self, range: Range<usize>) -> Option<RhsColumns<'_>> {
+        if !range.start.is_multiple_of(2 * COLS) || range.start > range.end || range.end > self.cols {
+            return None;
+        }
+        let (first, cols) = (range.start / COLS, range.len());
+        let blocks = cols.div_ceil(2 * COLS) * 2;
+        let block = self.steps * TILE;
+        Some(RhsColumns {
+            values: &self.values()[first * block..(first + blocks) * block],
+            cols,
+            blocks,
+            steps: self.steps,
+        })
+    }
+}
+
+/// Columns of a [`PackedRhs`] from a pair of column blocks on: what [`matmul`] multiplies.
+#[derive(Clone, Copy)]
+pub(crate) struct RhsColumns<'a> {
+    values: &'a [bf16],
+    cols: usize,
+    /// Column blocks, rounded up to a pair.
+    blocks: usize,
+    steps: usize,
 }
 
 /// `out[i, col0 + j] = Σ_p a[i, p] b[p, j]` for every row of `a` and column of `b`, into an
@@ -211,7 +336,7 @@ impl PackedRhs {
 /// # Panics
 /// If `k` differs between the operands or the output is too small; where the tile unit is
 /// not [`amx_permitted`] (a caller's bug: the compute path is resolved against it).
-pub(crate) fn matmul(a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
+pub(crate) fn matmul(a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
     // Unit tests on a CPU without the tile unit run every AMX product on its twin, so that
     // the callers' panels and buffers are tested everywhere.
     #[cfg(test)]
@@ -239,7 +364,7 @@ enum TileUnit {
 }
 
 /// [`matmul`] on `unit`.
-fn matmul_on(unit: TileUnit, a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: usize, col0: usize) {
+fn matmul_on(unit: TileUnit, a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
     assert_eq!(a.steps, b.steps, "operands differ in k");
     assert!(col0 + b.cols <= ld, "columns {col0}+{} beyond {ld}", b.cols);
     assert!(
@@ -258,17 +383,28 @@ fn matmul_on(unit: TileUnit, a: &PackedLhs, b: &PackedRhs, out: &mut [f32], ld: 
     }
     let row_pairs = a.blocks / 2;
     let column_pairs = b.blocks / 2;
-    let row_chunks = row_pairs.div_ceil(ROW_BLOCKS_PER_TASK / 2);
     let column_groups = column_pairs.div_ceil(COLUMN_PAIRS_PER_TASK);
+    let mut per_task = (LHS_BYTES_PER_TASK / (2 * block_bytes(a.steps))).max(1);
+    while per_task > 1
+        && row_pairs.div_ceil(per_task) * column_groups < TASKS_PER_THREAD * rayon::current_num_threads()
+    {
+        per_task = per_task.div_ceil(2);
+    }
+    let row_chunks = row_pairs.div_ceil(per_task);
     let shared = SharedOut(out.as_mut_ptr());
     (0..row_chunks * column_groups).into_par_iter().for_each(|task| {
         let (chunk, group) = (task / column_groups, task % column_groups);
-        let rows = chunk * ROW_BLOCKS_PER_TASK / 2..((chunk + 1) * ROW_BLOCKS_PER_TASK / 2).min(row_pairs);
+        let rows = chunk * per_task..((chunk + 1) * per_task).min(row_pairs);
         let columns = group * COLUMN_PAIRS_PER_TASK..((group + 1) * COLUMN_PAIRS_PER_TASK).min(column_pairs);
         // SAFETY: this task alone writes the rows of `rows` × the columns of `columns`; the
         // hardware unit is permitted (checked by `matmul`).
         unsafe { task_tiles(unit, a, b, rows, columns, shared, ld, col0) };
     });
+}
+
+/// Bytes of one block (16 rows or 16 columns) of packed tiles, `steps` deep.
+const fn block_bytes(steps: usize) -> usize {
+    steps * TILE * 2
 }
 
 /// The 64-byte tile configuration (palette 1): eight tiles of 16 rows × 64 bytes —
@@ -302,7 +438,7 @@ static CONFIG: TileConfig = TileConfig::new();
 unsafe fn task_tiles(
     unit: TileUnit,
     a: &PackedLhs,
-    b: &PackedRhs,
+    b: RhsColumns<'_>,
     rows: Range<usize>,
     columns: Range<usize>,
     out: SharedOut,
@@ -312,7 +448,7 @@ unsafe fn task_tiles(
     // The 2 × 2 tiles of an edge, as [32 rows][32 columns]; whole ones go to `out` directly.
     let mut c = [0f32; 4 * ROWS * COLS];
     let pair = a.steps * TILE; // values per block of either operand
-    let b_values = b.values();
+    let b_values = b.values;
     if unit == TileUnit::Hardware {
         // SAFETY: CONFIG is a valid palette-1 configuration; the unit is permitted.
         unsafe { load_config() };
@@ -322,7 +458,7 @@ unsafe fn task_tiles(
         let j0 = 2 * cp * COLS;
         let width = (2 * COLS).min(b.cols - j0);
         for rp in rows.clone() {
-            let a0 = &a.data[2 * rp * pair..(2 * rp + 2) * pair];
+            let a0 = &a.values()[2 * rp * pair..(2 * rp + 2) * pair];
             let i0 = 2 * rp * ROWS;
             let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
             let whole = height == 2 * ROWS && width == 2 * COLS;
@@ -481,7 +617,7 @@ mod tests {
         for i in 0..a.rows {
             for p in 0..k {
                 let (block, r, step, q) = (i / ROWS, i % ROWS, p / K_STEP, p % K_STEP);
-                x[i * k + p] = a.data[(block * a.steps + step) * TILE + r * K_STEP + q];
+                x[i * k + p] = a.values()[(block * a.steps + step) * TILE + r * K_STEP + q];
             }
         }
         x
@@ -510,13 +646,21 @@ mod tests {
             let x = random(m * k, 1);
             let a = PackedLhs::from_f32(&x, m, k);
             // A reused buffer holding another operand's values packs the same.
-            let dirty = PackedLhs::from_f32_into(vec![bf16::from_f32(7.0); 3 * a.data.len()], &x, m, k);
-            assert_eq!(dirty.data, a.data, "lhs ({m},{k}) into a used buffer");
+            let mut used = TileBuffer::default();
+            used.resize(3 * a.values().len());
+            used.values_mut().fill(bf16::from_f32(7.0));
+            let dirty = PackedLhs::from_f32_into(used, &x, m, k);
+            assert_eq!(dirty.values(), a.values(), "lhs ({m},{k}) into a used buffer");
             let rounded: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             assert_eq!(unpack_lhs(&a, k), rounded, "lhs ({m},{k})");
             assert_eq!(a.blocks % 2, 0);
+            assert_eq!(
+                a.values().as_ptr() as usize % 64,
+                0,
+                "tile rows start cache lines"
+            );
             let nonzero = |v: &[bf16]| v.iter().filter(|v| v.to_f32() != 0.0).count();
-            assert_eq!(nonzero(&a.data), nonzero(&rounded), "padding is zero");
+            assert_eq!(nonzero(a.values()), nonzero(&rounded), "padding is zero");
 
             let w: Vec<bf16> = random(k * n, 2).iter().map(|&v| bf16::from_f32(v)).collect();
             let kmajor = PackedRhs::pack(&w, k, n, TileLayout::KMajor);
@@ -525,20 +669,69 @@ mod tests {
                     TileLayout::KMajor => w.clone(),
                     TileLayout::NMajor => (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(),
                 };
-                let dirty = PackedRhs::pack_into(vec![u32::MAX; 3 * kmajor.data.len()], &b, k, n, layout);
+                let mut used = TileBuffer::default();
+                used.resize(3 * kmajor.values().len());
+                used.words_mut().fill(u32::MAX);
+                let dirty = PackedRhs::pack_into(used, &b, k, n, layout);
                 assert_eq!(
-                    dirty.data, kmajor.data,
+                    dirty.values(),
+                    kmajor.values(),
                     "rhs {layout:?} ({k},{n}) into a used buffer"
                 );
             }
             assert_eq!(unpack_rhs(&kmajor, k), w, "rhs k-major ({k},{n})");
+            if k % 2 == 0 {
+                let pairs =
+                    PackedRhs::from_row_pairs_into(TileBuffer::default(), k, n, |p0, j0, width, tile| {
+                        for (r, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
+                            let p = p0 + 2 * r;
+                            for (c, word) in row[..width].iter_mut().enumerate() {
+                                *word = super::super::pairs::word(w[p * n + j0 + c], w[(p + 1) * n + j0 + c]);
+                            }
+                        }
+                    });
+                assert_eq!(pairs.values(), kmajor.values(), "rhs from row pairs ({k},{n})");
+            }
             assert_eq!(nonzero(kmajor.values()), nonzero(&w), "padding is zero");
             let nmajor: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
             assert_eq!(
-                PackedRhs::pack(&nmajor, k, n, TileLayout::NMajor).data,
-                kmajor.data
+                PackedRhs::pack(&nmajor, k, n, TileLayout::NMajor).values(),
+                kmajor.values()
             );
         }
+    }
+
+    #[test]
+    fn a_slice_of_columns_multiplies_as_those_columns_packed_alone() {
+        let (m, k, n) = (40, 70, 150);
+        let x = random(m * k, 5);
+        let w: Vec<bf16> = random(n * k, 6).iter().map(|&v| bf16::from_f32(v)).collect();
+        let a = PackedLhs::from_f32(&x, m, k);
+        let whole = PackedRhs::pack(&w, k, n, TileLayout::NMajor);
+        for columns in [0..n, 32..n, 64..100, 96..97] {
+            let width = columns.len();
+            let alone = PackedRhs::pack(
+                &w[columns.start * k..columns.end * k],
+                k,
+                width,
+                TileLayout::NMajor,
+            );
+            let (mut got, mut want) = (vec![f32::NAN; m * width], vec![0f32; m * width]);
+            matmul(
+                &a,
+                whole.columns(columns.clone()).expect("a pair boundary"),
+                &mut got,
+                width,
+                0,
+            );
+            matmul(&a, alone.all(), &mut want, width, 0);
+            assert!(
+                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                "columns {columns:?}"
+            );
+        }
+        assert!(whole.columns(16..n).is_none(), "not on a pair of blocks");
+        assert!(whole.columns(0..n + 1).is_none(), "past the last column");
     }
 
     /// Products on `unit` against the scalar reference (bf16 products summed in f64), with
@@ -561,7 +754,7 @@ mod tests {
             let ld = n + 3;
             let mut out = vec![f32::NAN; m * ld];
             let mut magnitudes = vec![0f64; m * ld];
-            matmul_on(unit, &a, &b, &mut out, ld, 2);
+            matmul_on(unit, &a, b.all(), &mut out, ld, 2);
             let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
             let mut worst = 0f64;
             for i in 0..m {

@@ -11,7 +11,7 @@ use gemmkit::{MatMut, MatRef, Parallelism};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::amx::{PackedLhs, PackedRhs};
+use super::amx::{PackedLhs, PackedRhs, RhsColumns, TileBuffer};
 use super::dense::TileLayout;
 use super::matmul::{check_gram_rows, empty_product};
 use crate::compute::Bf16Kernel;
@@ -87,9 +87,20 @@ fn with_scratch<R>(f: impl FnOnce(&mut [Vec<bf16>; 3]) -> R) -> R {
 }
 
 thread_local! {
-    /// The AMX kernel's packed right operand of the last product on this thread, reused as
+    /// The AMX kernel's packed left operand of the last product on this thread, reused as
     /// [`SCRATCH`] is.
-    static PACKED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static LHS_TILES: std::cell::Cell<TileBuffer> = const { std::cell::Cell::new(TileBuffer::EMPTY) };
+    /// The same for the right operand (a weight panel).
+    static RHS_TILES: std::cell::Cell<TileBuffer> = const { std::cell::Cell::new(TileBuffer::EMPTY) };
+}
+
+/// Runs `f` with `x[m, k]` packed as the AMX kernel's left operand, in this thread's reused
+/// storage.
+fn with_packed_lhs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&PackedLhs) -> R) -> R {
+    let a = PackedLhs::from_f32_into(LHS_TILES.take(), x, m, k);
+    let result = f(&a);
+    LHS_TILES.set(a.into_buffer());
+    result
 }
 
 /// Multiplies the packed `a` by `panel` (`Wt[.., n0..]` in `layout`, `k` deep) on the AMX
@@ -104,9 +115,46 @@ fn amx_panel(
     n: usize,
     n0: usize,
 ) {
-    let b = PackedRhs::pack_into(PACKED.take(), panel, k, panel.len() / k, layout);
-    super::amx::matmul(a, &b, out, n, n0);
-    PACKED.set(b.into_buffer());
+    let b = PackedRhs::pack_into(RHS_TILES.take(), panel, k, panel.len() / k, layout);
+    super::amx::matmul(a, b.all(), out, n, n0);
+    RHS_TILES.set(b.into_buffer());
+}
+
+/// `out[m, n] = x[m, k] · b` on the AMX tiles, for a weight kept in tile order (`b`: `n`
+/// columns, `k` deep).
+pub(crate) fn matmul_packed_amx(x: &[f32], m: usize, k: usize, b: RhsColumns<'_>, out: &mut [f32], n: usize) {
+    if empty_product(x, None, out, m, k, n) {
+        return;
+    }
+    with_packed_lhs(x, m, k, |a| super::amx::matmul(a, b, out, n, 0));
+}
+
+/// `out[m, n] = x[m, k] · Wt[k, n]` on the AMX tiles for a weight made on the fly a tile at a
+/// time from pairs of its rows (`k` even): `row_pairs(p0, j0, width, tile)` as
+/// [`PackedRhs::from_row_pairs_into`] says, `j0` counted in the whole of `Wt`. Column panels
+/// of at most [`PANEL_BYTES`] are packed by parallel tasks, then multiplied on every thread.
+pub(crate) fn row_pairs_matmul_amx(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    row_pairs: impl Fn(usize, usize, usize, &mut [u32]) + Sync,
+) {
+    if empty_product(x, None, out, m, k, n) {
+        return;
+    }
+    let panel = panel_columns(k, n);
+    with_packed_lhs(x, m, k, |a| {
+        for n0 in (0..n).step_by(panel) {
+            let w = panel.min(n - n0);
+            let b = PackedRhs::from_row_pairs_into(RHS_TILES.take(), k, w, |p0, j0, width, tile| {
+                row_pairs(p0, n0 + j0, width, tile)
+            });
+            super::amx::matmul(a, b.all(), out, n, n0);
+            RHS_TILES.set(b.into_buffer());
+        }
+    });
 }
 
 /// Columns of `Wt` per panel: at most [`PANEL_BYTES`] of bf16, whole fill chunks.
@@ -138,14 +186,12 @@ pub fn matmul_bf16_weight(
         return;
     }
     if kernel == Bf16Kernel::Amx {
-        return with_scratch(|[xb, _, _]| {
-            let a = PackedLhs::from_f32_into(std::mem::take(xb), x, m, k);
+        return with_packed_lhs(x, m, k, |a| {
             let panel = panel_columns(k, n);
             for n0 in (0..n).step_by(panel) {
                 let n1 = (n0 + panel).min(n);
-                amx_panel(&a, &w[n0 * k..n1 * k], k, TileLayout::NMajor, out, n, n0);
+                amx_panel(a, &w[n0 * k..n1 * k], k, TileLayout::NMajor, out, n, n0);
             }
-            *xb = a.into_buffer();
         });
     }
     with_scratch(|[xb, y, _]| {
@@ -186,12 +232,11 @@ pub(crate) fn panel_matmul_bf16(
         tile.resize(k * panel, bf16::ZERO);
         let tile = &mut tile[..k * panel];
         if kernel == Bf16Kernel::Amx {
-            let a = PackedLhs::from_f32_into(std::mem::take(xb), x, m, k);
-            for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
-                amx_panel(&a, panel, k, layout, out, n, n0)
+            return with_packed_lhs(x, m, k, |a| {
+                for_each_panel(k, n, layout, &fill, tile, |n0, panel| {
+                    amx_panel(a, panel, k, layout, out, n, n0)
+                })
             });
-            *xb = a.into_buffer();
-            return;
         }
         to_bf16_into(x, xb);
         y.resize(m * panel, bf16::ZERO);

@@ -14,12 +14,13 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-use super::bf16::{matmul_bf16_weight, to_bf16};
+use super::amx::{PackedRhs, TileBuffer};
+use super::bf16::{matmul_bf16_weight, matmul_packed_amx, to_bf16};
 use super::math::dot;
 use super::{CpuBackend, SharedOut, matmul_transposed};
 use crate::backend::weights::DenseWeight;
 use crate::backend::{ByteSize, LinearKernel};
-use crate::compute::Compute;
+use crate::compute::{Bf16Kernel, Compute};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
@@ -112,6 +113,10 @@ pub struct CpuMatrix {
     pub cols: usize,
     /// f32 or f16 data rounded to bf16, made on the first 16-bit product and kept.
     bf16_copy: OnceLock<Vec<bf16>>,
+    /// f32 or f16 data rounded to bf16 in the AMX kernel's tile order, made on the first AMX
+    /// product and kept: the size of `bf16_copy`, which that path then does not make, and
+    /// no packing per product (an lm_head's was a third of its product's time).
+    amx_tiles: OnceLock<PackedRhs>,
 }
 
 impl CpuMatrix {
@@ -122,6 +127,7 @@ impl CpuMatrix {
             rows: weight.rows,
             cols: weight.cols,
             bf16_copy: OnceLock::new(),
+            amx_tiles: OnceLock::new(),
         }
     }
 
@@ -129,13 +135,38 @@ impl CpuMatrix {
     fn bf16_weight(&self) -> &[bf16] {
         match &self.data {
             FloatData::BF16(w) => w,
-            FloatData::F32(w) => self.bf16_copy.get_or_init(|| to_bf16(w)),
-            FloatData::F16(_) => self.bf16_copy.get_or_init(|| {
+            _ => self.bf16_copy.get_or_init(|| self.rounded_to_bf16()),
+        }
+    }
+
+    /// A copy of the weight rounded to bf16.
+    fn rounded_to_bf16(&self) -> Vec<bf16> {
+        match &self.data {
+            FloatData::F32(w) => to_bf16(w),
+            _ => {
                 let mut copy = vec![bf16::ZERO; self.data.len()];
                 self.data.narrow_into_bf16(0..copy.len(), &mut copy);
                 copy
-            }),
+            }
         }
+    }
+
+    /// The weight in the AMX kernel's tile order, where it is kept so (f32 or f16 data; bf16
+    /// data, often a mapped file, is packed panel by panel per product instead, so that
+    /// evaluation adds no copy of the model).
+    fn amx_tiles(&self) -> Option<&PackedRhs> {
+        if matches!(self.data, FloatData::BF16(_)) {
+            return None;
+        }
+        Some(self.amx_tiles.get_or_init(|| {
+            PackedRhs::pack_into(
+                TileBuffer::EMPTY,
+                &self.rounded_to_bf16(),
+                self.cols,
+                self.rows,
+                TileLayout::NMajor,
+            )
+        }))
     }
 
     /// Row `r` widened to f32 into `out`.
@@ -162,6 +193,11 @@ impl CpuMatrix {
         let elements = first * k..rows.end * k;
         if m <= FEW_ROWS {
             return few_rows(x, m, k, n, out, |r, row| self.widen_row(first + r, row));
+        }
+        if compute.bf16_kernel() == Some(Bf16Kernel::Amx)
+            && let Some(columns) = self.amx_tiles().and_then(|tiles| tiles.columns(rows.clone()))
+        {
+            return matmul_packed_amx(x, m, k, columns, out, n);
         }
         match (compute.bf16_kernel(), &self.data) {
             (Some(kernel), _) => matmul_bf16_weight(kernel, x, &self.bf16_weight()[elements], out, m, k, n),
@@ -292,6 +328,38 @@ mod tests {
                 assert!(
                     err < 1e-4,
                     "({m},{k},{n}) {:?}: max error {err}",
+                    matrix.data.dtype()
+                );
+            }
+        }
+    }
+    /// An f32 or f16 weight kept in tile order multiplies, slice of rows by slice, exactly
+    /// as its bf16 copy packed per product does (the same values through the same kernel —
+    /// its scalar twin where the CPU has no tile unit); a slice that does not start on the
+    /// kernel's unit takes the per-product path.
+    #[test]
+    fn a_weight_kept_in_tile_order_multiplies_as_one_packed_per_product() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let (m, k, n) = (40, 70, 200);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        for data in [
+            FloatData::F32(w.clone().into()),
+            FloatData::F16(w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>().into()),
+        ] {
+            let matrix = CpuMatrix::new(DenseWeight::new(data, n, k).unwrap());
+            let rounded = matrix.rounded_to_bf16();
+            for rows in [0..n, 64..n, 32..100, 5..n] {
+                let packed = matrix.amx_tiles().and_then(|tiles| tiles.columns(rows.clone()));
+                assert_eq!(packed.is_some(), rows.start % 32 == 0, "{rows:?}");
+                let mut got = vec![f32::NAN; m * rows.len()];
+                matrix.matmul_rows(Compute::Amx, &x, m, rows.clone(), &mut got);
+                let mut want = vec![0f32; m * rows.len()];
+                let weight = &rounded[rows.start * k..rows.end * k];
+                matmul_bf16_weight(Bf16Kernel::Amx, &x, weight, &mut want, m, k, rows.len());
+                assert!(
+                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{:?} rows {rows:?}",
                     matrix.data.dtype()
                 );
             }

@@ -388,7 +388,9 @@ impl Backend for CpuBackend {
         predictions: &[Prediction],
         first_id: usize,
     ) -> Result<HostTensor> {
-        let width = (NLL_LOGITS / predictions.len().max(1)).max(NLL_MIN_COLUMNS);
+        // Whole pairs of the AMX kernel's column blocks, so that a packed lm_head is
+        // multiplied slice by slice in place.
+        let width = (NLL_LOGITS / predictions.len().max(1) / 32 * 32).max(NLL_MIN_COLUMNS);
         self.nll_parts_in_slices(hidden, lm_head, predictions, first_id, width)
     }
 

@@ -14,11 +14,13 @@ use checkpoint::awq::{NIBBLE_OF, ORDER, PACK};
 use half::bf16;
 
 use super::CpuBackend;
-use super::bf16::{panel_matmul_bf16, round_to_bf16};
+use super::amx::TILE_ROW_WORDS;
+use super::bf16::{panel_matmul_bf16, round_to_bf16, row_pairs_matmul_amx};
 use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
+use super::pairs::pair;
 use crate::Result;
 use crate::backend::LinearKernel;
-use crate::compute::Compute;
+use crate::compute::{Bf16Kernel, Compute};
 use crate::tensor::HostTensor;
 
 /// One row of `Wt` from its packed words, zero points and scales (`unpack_row` and its bf16
@@ -66,17 +68,21 @@ impl CpuAwq {
         tile: &mut [T],
         unpack: UnpackRow<T>,
     ) {
+        for (k, row) in ks.zip(tile.chunks_exact_mut(ns.len())) {
+            let packed = self.packed_row(k, ns.clone());
+            unpack(packed.words, packed.zeros, packed.scales, row);
+        }
+    }
+
+    /// Rows `k` of `Wt` for columns `ns` (whole words), as packed in the checkpoint.
+    #[inline(always)]
+    fn packed_row(&self, k: usize, ns: std::ops::Range<usize>) -> PackedRow<'_> {
         let n_total = self.out_features;
-        let (n0, n1) = (ns.start, ns.end);
-        for (k, row) in ks.zip(tile.chunks_exact_mut(n1 - n0)) {
-            let group_row = (k / self.group_size) * n_total;
-            let words = &self.qweight[(k * n_total + n0) / PACK..(k * n_total + n1) / PACK];
-            unpack(
-                words,
-                &self.zeros[group_row + n0..group_row + n1],
-                &self.scales[group_row + n0..group_row + n1],
-                row,
-            );
+        let group_row = (k / self.group_size) * n_total;
+        PackedRow {
+            words: &self.qweight[(k * n_total + ns.start) / PACK..(k * n_total + ns.end) / PACK],
+            zeros: &self.zeros[group_row + ns.start..group_row + ns.end],
+            scales: &self.scales[group_row + ns.start..group_row + ns.end],
         }
     }
 
@@ -88,6 +94,13 @@ impl CpuAwq {
         }
         if let Some(kernel) = compute.bf16_kernel() {
             let (k, n) = (self.in_features, self.out_features);
+            if kernel == Bf16Kernel::Amx && k.is_multiple_of(2) {
+                // Unpacked straight into the tile unit's order: the same bf16 values as the
+                // panel path's, written once instead of twice.
+                return row_pairs_matmul_amx(x, m, k, n, out, |p0, n0, width, tile| {
+                    unpack_row_pairs(self, p0, n0..n0 + width, tile)
+                });
+            }
             return panel_matmul_bf16(kernel, x, m, k, n, out, TileLayout::KMajor, |ks, ns, tile| {
                 self.unpack_tile(ks, ns, tile, unpack_row_bf16)
             });
@@ -154,6 +167,47 @@ fn unpack_row(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [f32]) {
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
 fn unpack_row_bf16(words: &[i32], zeros: &[u8], scales: &[f32], row: &mut [bf16]) {
     unpack_words(words, zeros, scales, row, round_to_bf16);
+}
+
+/// One row of `Wt` over a range of whole packed words: the words and their columns' zero
+/// points and scales.
+#[derive(Clone, Copy)]
+struct PackedRow<'a> {
+    words: &'a [i32],
+    zeros: &'a [u8],
+    scales: &'a [f32],
+}
+
+/// Rows `p0, p0 + 1, …` of `Wt` for columns `ns` (whole words) into a tile of VNNI words, a
+/// row of [`TILE_ROW_WORDS`] per pair of rows (see
+/// [`PackedRhs::from_row_pairs_into`](super::amx::PackedRhs::from_row_pairs_into)): one call
+/// per tile, since one per pair of rows cost as much as the unpacking.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
+fn unpack_row_pairs(w: &CpuAwq, p0: usize, ns: std::ops::Range<usize>, tile: &mut [u32]) {
+    for (pair, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
+        let p = p0 + 2 * pair;
+        unpack_pair_bf16(
+            w.packed_row(p, ns.clone()),
+            w.packed_row(p + 1, ns.clone()),
+            &mut row[..ns.len()],
+        );
+    }
+}
+
+/// Two consecutive rows of `Wt` unpacked, each value rounded to bf16 as [`unpack_row_bf16`]
+/// rounds it, into VNNI words (`low`'s value in the low half): the AMX kernel's order.
+#[inline(always)]
+fn unpack_pair_bf16(low: PackedRow<'_>, high: PackedRow<'_>, out: &mut [u32]) {
+    for (w, out) in out.chunks_exact_mut(PACK).enumerate() {
+        let (lw, hw) = (low.words[w] as u32, high.words[w] as u32);
+        let (lz, hz) = (&low.zeros[w * PACK..][..PACK], &high.zeros[w * PACK..][..PACK]);
+        let (ls, hs) = (&low.scales[w * PACK..][..PACK], &high.scales[w * PACK..][..PACK]);
+        for j in 0..PACK {
+            let l = (((lw >> SHIFT_OF[j]) & 0xF) as f32 - lz[j] as f32) * ls[j];
+            let h = (((hw >> SHIFT_OF[j]) & 0xF) as f32 - hz[j] as f32) * hs[j];
+            out[j] = pair(l, h);
+        }
+    }
 }
 
 /// The loop of [`unpack_row`] and its bf16 twin, `store` making each output value. Each
@@ -296,6 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn amx_row_pairs_are_the_bf16_rows_interleaved() {
+        let (k, n, g) = (64, 136, 32);
+        let awq = CpuAwq::new(random_weight(k, n, g, 6).0);
+        let mut rows = vec![bf16::ZERO; k * n];
+        awq.unpack_tile(0..k, 0..n, &mut rows, unpack_row_bf16);
+        for p in (0..k).step_by(2) {
+            for ns in [0..n, 8..24, 128..136] {
+                let mut got = vec![0u32; ns.len()];
+                unpack_pair_bf16(
+                    awq.packed_row(p, ns.clone()),
+                    awq.packed_row(p + 1, ns.clone()),
+                    &mut got,
+                );
+                let want: Vec<u32> = ns
+                    .clone()
+                    .map(|j| super::super::pairs::word(rows[p * n + j], rows[(p + 1) * n + j]))
+                    .collect();
+                assert_eq!(got, want, "rows {p}, {} columns {ns:?}", p + 1);
+            }
+        }
+    }
+
+    #[test]
     fn matches_dense_product_on_ragged_tiles() {
         // Few rows (the decoding path, blocks of 64 words and a ragged last one) and many.
         for (m, k, n, g) in [
@@ -342,6 +419,13 @@ mod tests {
                     "({m},{k},{n},{g}) bf16 vs twin: {}",
                     rel(&out, &twin)
                 );
+                if compute == Compute::Amx {
+                    // Unpacked straight into tile order, the weight is the dense bf16 one.
+                    assert!(
+                        out.iter().zip(&twin).all(|(o, t)| o.to_bits() == t.to_bits()),
+                        "({m},{k},{n},{g}) AMX: not the dense bf16 product"
+                    );
+                }
                 assert!(
                     rel(&out, &want) < 1e-2,
                     "({m},{k},{n},{g}) bf16 vs f32: {}",
