@@ -46,6 +46,8 @@ const LHS_BYTES_PER_TASK: usize = 512 << 10;
 const TASKS_PER_THREAD: usize = 8;
 /// Column pairs per task.
 const COLUMN_PAIRS_PER_TASK: usize = 4;
+/// Values of a left operand up to which it is packed on the calling thread alone.
+const SERIAL_VALUES: usize = 1 << 16;
 
 /// One 64-byte row of a tile. Packed operands are vectors of these so that every tile row
 /// starts a cache line: an unaligned row spans two, and the tile loads, which bound the
@@ -114,25 +116,47 @@ impl PackedLhs {
 
     /// `x[m, k]` (row-major f32) rounded to bf16, into `data` (a previous operand's, from
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
-    pub(crate) fn from_f32_into(mut data: TileBuffer, x: &[f32], m: usize, k: usize) -> Self {
+    pub(crate) fn from_f32_into(data: TileBuffer, x: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(x.len(), m * k, "left operand is not [{m}, {k}]");
+        Self::from_rows_into(data, x, m, k, k)
+    }
+
+    /// `m` rows of `k` values, row `i` at `x[i · stride..]`, as
+    /// [`from_f32_into`](Self::from_f32_into) packs them; in parallel only where there are
+    /// more than [`SERIAL_VALUES`] (a small operand is packed by a caller that is itself one
+    /// of many parallel tasks).
+    pub(crate) fn from_rows_into(mut data: TileBuffer, x: &[f32], m: usize, k: usize, stride: usize) -> Self {
+        assert!(
+            m == 0 || (k <= stride && x.len() >= (m - 1) * stride + k),
+            "left operand is not {m} rows of {k} values {stride} apart"
+        );
         let blocks = m.div_ceil(2 * ROWS) * 2;
         let steps = k.div_ceil(K_STEP);
         // Every value is written below (the padding as zeros, only where there is some), so
         // a reused buffer keeps its old values rather than being zeroed first.
         data.resize(blocks * steps * TILE);
-        data.values_mut()
-            .par_chunks_mut(steps * TILE)
-            .enumerate()
-            .for_each(|(block, tiles)| {
-                let rows = ROWS.min(m.saturating_sub(block * ROWS));
-                if rows < ROWS || !k.is_multiple_of(K_STEP) {
-                    tiles.fill(bf16::ZERO);
-                }
-                if rows > 0 {
-                    pack_rows(&x[block * ROWS * k..][..rows * k], k, tiles);
-                }
-            });
+        let pack_block = |(block, tiles): (usize, &mut [bf16])| {
+            let rows = ROWS.min(m.saturating_sub(block * ROWS));
+            if rows < ROWS || !k.is_multiple_of(K_STEP) {
+                tiles.fill(bf16::ZERO);
+            }
+            if rows > 0 {
+                pack_rows(&x[block * ROWS * stride..], rows, k, stride, tiles);
+            }
+        };
+        if steps == 0 {
+            // Nothing to pack: the product is all zeros.
+        } else if m * k > SERIAL_VALUES {
+            data.values_mut()
+                .par_chunks_mut(steps * TILE)
+                .enumerate()
+                .for_each(pack_block);
+        } else {
+            data.values_mut()
+                .chunks_mut(steps * TILE)
+                .enumerate()
+                .for_each(pack_block);
+        }
         PackedLhs {
             data,
             rows: m,
@@ -152,11 +176,13 @@ impl PackedLhs {
     }
 }
 
-/// Rows `x[rows, k]` rounded to bf16 into one block of left tiles (`[k step][16 rows][32
-/// values]`); compiled for AVX-512 so that the rounding vectorises.
+/// `rows` rows of `k` values (`stride` apart in `x`) rounded to bf16 into one block of left
+/// tiles (`[k step][16 rows][32 values]`); compiled for AVX-512 so that the rounding
+/// vectorises.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-fn pack_rows(x: &[f32], k: usize, tiles: &mut [bf16]) {
-    for (r, row) in x.chunks_exact(k).enumerate() {
+fn pack_rows(x: &[f32], rows: usize, k: usize, stride: usize, tiles: &mut [bf16]) {
+    for r in 0..rows {
+        let row = &x[r * stride..][..k];
         for (step, values) in row.chunks(K_STEP).enumerate() {
             let dst = &mut tiles[step * TILE + r * K_STEP..][..values.len()];
             for (d, &v) in dst.iter_mut().zip(values) {
@@ -292,6 +318,11 @@ impl PackedRhs {
         self.data.values()
     }
 
+    /// Its columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Every column, for [`matmul`].
     pub(crate) fn all(&self) -> RhsColumns<'_> {
         RhsColumns {
@@ -299,6 +330,7 @@ impl PackedRhs {
             cols: self.cols,
             blocks: self.blocks,
             steps: self.steps,
+            block: self.steps * TILE,
         }
     }
 
@@ -316,18 +348,44 @@ impl PackedRhs {
             cols,
             blocks,
             steps: self.steps,
+            block,
+        })
+    }
+
+    /// Every column over `k` values `range` only, where it starts on a step (a multiple of
+    /// 32), else `None`: the product with a left operand `range.len()` deep. Values of the
+    /// last step past `range.end` are read too, so the left operand must be zero there (as
+    /// [`PackedLhs`] pads).
+    pub(crate) fn rows(&self, range: Range<usize>) -> Option<RhsColumns<'_>> {
+        if !range.start.is_multiple_of(K_STEP) || range.start > range.end || range.end > self.steps * K_STEP {
+            return None;
+        }
+        let first = range.start / K_STEP;
+        let steps = range.end.div_ceil(K_STEP) - first;
+        let block = self.steps * TILE;
+        Some(RhsColumns {
+            values: &self.values()[first * TILE..(self.blocks - 1) * block + (first + steps) * TILE],
+            cols: self.cols,
+            blocks: self.blocks,
+            steps,
+            block,
         })
     }
 }
 
-/// Columns of a [`PackedRhs`] from a pair of column blocks on: what [`matmul`] multiplies.
+/// Columns of a [`PackedRhs`] from a pair of column blocks on, over all of its `k` or a range
+/// of whole steps: what [`matmul`] multiplies.
 #[derive(Clone, Copy)]
 pub(crate) struct RhsColumns<'a> {
+    /// From the first step used of the first block used.
     values: &'a [bf16],
     cols: usize,
     /// Column blocks, rounded up to a pair.
     blocks: usize,
+    /// Steps used.
     steps: usize,
+    /// Values from one column block to the next.
+    block: usize,
 }
 
 /// `out[i, col0 + j] = Σ_p a[i, p] b[p, j]` for every row of `a` and column of `b`, into an
@@ -365,24 +423,71 @@ enum TileUnit {
 
 /// [`matmul`] on `unit`.
 fn matmul_on(unit: TileUnit, a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
-    assert_eq!(a.steps, b.steps, "operands differ in k");
-    assert!(col0 + b.cols <= ld, "columns {col0}+{} beyond {ld}", b.cols);
     assert!(
         out.len() >= a.rows * ld,
         "output holds fewer than {} rows",
         a.rows
     );
+    // SAFETY: `out` holds every row written (asserted); `product` checks the columns.
+    unsafe { product(unit, a, b, SharedOut(out.as_mut_ptr()), ld, col0, true) }
+}
+
+/// [`matmul`] on the calling thread alone, into an output other threads write elsewhere: for
+/// callers that are themselves tasks of a parallel loop (attention's heads), whose small
+/// products would not repay splitting again.
+///
+/// # Safety
+/// `out` is writable at `i · ld + col0 + j` for every row `i` of `a` and column `j` of `b`, and
+/// no other thread reads or writes those values meanwhile.
+pub(crate) unsafe fn matmul_on_this_thread(
+    a: &PackedLhs,
+    b: RhsColumns<'_>,
+    out: *mut f32,
+    ld: usize,
+    col0: usize,
+) {
+    #[cfg(test)]
+    if !hardware_here() {
+        // SAFETY: per the caller.
+        return unsafe { product(TileUnit::Emulated, a, b, SharedOut(out), ld, col0, false) };
+    }
+    assert!(amx_permitted(), "AMX tile data is not permitted in this process");
+    // SAFETY: per the caller; the unit is permitted (asserted).
+    unsafe { product(TileUnit::Hardware, a, b, SharedOut(out), ld, col0, false) }
+}
+
+/// The product of [`matmul_on`], into `out`, in parallel tasks or (`parallel` false) on this
+/// thread.
+///
+/// # Safety
+/// As for [`matmul_on_this_thread`]; the hardware unit, if `unit` says so, is permitted.
+unsafe fn product(
+    unit: TileUnit,
+    a: &PackedLhs,
+    b: RhsColumns<'_>,
+    out: SharedOut,
+    ld: usize,
+    col0: usize,
+    parallel: bool,
+) {
+    assert_eq!(a.steps, b.steps, "operands differ in k");
+    assert!(col0 + b.cols <= ld, "columns {col0}+{} beyond {ld}", b.cols);
     if a.rows == 0 || b.cols == 0 {
         return;
     }
     if a.steps == 0 {
-        for row in out.chunks_exact_mut(ld).take(a.rows) {
-            row[col0..col0 + b.cols].fill(0.0);
+        for i in 0..a.rows {
+            // SAFETY: row i, columns col0..col0 + b.cols are the caller's.
+            unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * ld + col0), b.cols).fill(0.0) };
         }
         return;
     }
     let row_pairs = a.blocks / 2;
     let column_pairs = b.blocks / 2;
+    if !parallel {
+        // SAFETY: every row and column of the product is the caller's.
+        return unsafe { task_tiles(unit, a, b, 0..row_pairs, 0..column_pairs, out, ld, col0) };
+    }
     let column_groups = column_pairs.div_ceil(COLUMN_PAIRS_PER_TASK);
     let mut per_task = (LHS_BYTES_PER_TASK / (2 * block_bytes(a.steps))).max(1);
     while per_task > 1
@@ -391,7 +496,7 @@ fn matmul_on(unit: TileUnit, a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], 
         per_task = per_task.div_ceil(2);
     }
     let row_chunks = row_pairs.div_ceil(per_task);
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = out;
     (0..row_chunks * column_groups).into_par_iter().for_each(|task| {
         let (chunk, group) = (task / column_groups, task % column_groups);
         let rows = chunk * per_task..((chunk + 1) * per_task).min(row_pairs);
@@ -447,18 +552,18 @@ unsafe fn task_tiles(
 ) {
     // The 2 × 2 tiles of an edge, as [32 rows][32 columns]; whole ones go to `out` directly.
     let mut c = [0f32; 4 * ROWS * COLS];
-    let pair = a.steps * TILE; // values per block of either operand
+    let a_block = a.steps * TILE;
     let b_values = b.values;
     if unit == TileUnit::Hardware {
         // SAFETY: CONFIG is a valid palette-1 configuration; the unit is permitted.
         unsafe { load_config() };
     }
     for cp in columns {
-        let b0 = &b_values[2 * cp * pair..(2 * cp + 2) * pair];
+        let b0 = &b_values[2 * cp * b.block..(2 * cp + 1) * b.block + a_block];
         let j0 = 2 * cp * COLS;
         let width = (2 * COLS).min(b.cols - j0);
         for rp in rows.clone() {
-            let a0 = &a.values()[2 * rp * pair..(2 * rp + 2) * pair];
+            let a0 = &a.values()[2 * rp * a_block..(2 * rp + 2) * a_block];
             let i0 = 2 * rp * ROWS;
             let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
             let whole = height == 2 * ROWS && width == 2 * COLS;
@@ -467,13 +572,21 @@ unsafe fn task_tiles(
                 // and columns col0 + j0..+32 lie in this task's part of the output.
                 TileUnit::Hardware if whole => unsafe {
                     let dst = out.ptr().add(i0 * ld + col0 + j0);
-                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, dst, ld)
+                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, a_block, b.block, dst, ld)
                 },
                 // SAFETY: as above, into `c` (32 × 32).
                 TileUnit::Hardware => unsafe {
-                    kernel_2x2(a0.as_ptr(), b0.as_ptr(), a.steps, pair, c.as_mut_ptr(), 2 * COLS)
+                    kernel_2x2(
+                        a0.as_ptr(),
+                        b0.as_ptr(),
+                        a.steps,
+                        a_block,
+                        b.block,
+                        c.as_mut_ptr(),
+                        2 * COLS,
+                    )
                 },
-                TileUnit::Emulated => kernel_2x2_emulated(a0, b0, a.steps, &mut c),
+                TileUnit::Emulated => kernel_2x2_emulated(a0, b0, a.steps, b.block, &mut c),
             }
             if whole && unit == TileUnit::Hardware {
                 continue;
@@ -501,11 +614,11 @@ unsafe fn task_tiles(
 /// [`kernel_2x2`]'s scalar twin, on the same packed tiles: each step adds, per result, the
 /// sixteen sums of a bf16 pair's two products (exact in f32) in pair order, as `tdpbf16ps`
 /// does (which also flushes denormals, a difference below any tolerance here).
-fn kernel_2x2_emulated(a: &[bf16], b: &[bf16], steps: usize, c: &mut [f32; 4 * ROWS * COLS]) {
-    let pair = steps * TILE;
+fn kernel_2x2_emulated(a: &[bf16], b: &[bf16], steps: usize, b_block: usize, c: &mut [f32; 4 * ROWS * COLS]) {
+    let used = steps * TILE;
     c.fill(0.0);
     for t in 0..4 {
-        let (a, b) = (&a[(t / 2) * pair..][..pair], &b[(t % 2) * pair..][..pair]);
+        let (a, b) = (&a[(t / 2) * used..][..used], &b[(t % 2) * b_block..][..used]);
         for (ta, tb) in a.chunks_exact(TILE).zip(b.chunks_exact(TILE)) {
             for r in 0..ROWS {
                 let row = &mut c[((t / 2) * ROWS + r) * 2 * COLS + (t % 2) * COLS..][..COLS];
@@ -544,7 +657,7 @@ unsafe fn release() {
 }
 
 /// `c[t] = Σ_steps a_(t/2) · b_(t%2)` for the 2 × 2 tiles of a row pair and a column pair:
-/// `a` and `b` each point at two consecutive blocks of `steps` tiles (`pair` values apart),
+/// `a` and `b` each point at two blocks of `steps` tiles (`a_block` and `b_block` values apart),
 /// `c` at a 32 × 32 block of f32 results in rows `ld` values apart (tile t at rows
 /// 16·(t/2).., columns 16·(t%2)..).
 ///
@@ -552,7 +665,15 @@ unsafe fn release() {
 /// The tile unit is permitted and configured by [`load_config`]; `steps ≥ 1`; the pointers
 /// cover what is described above.
 #[cfg(target_arch = "x86_64")]
-unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, c: *mut f32, ld: usize) {
+unsafe fn kernel_2x2(
+    a: *const bf16,
+    b: *const bf16,
+    steps: usize,
+    a_block: usize,
+    b_block: usize,
+    c: *mut f32,
+    ld: usize,
+) {
     // SAFETY: per the caller; every load and store is one 1 KiB tile with 64-byte rows.
     unsafe {
         std::arch::asm!(
@@ -583,9 +704,9 @@ unsafe fn kernel_2x2(a: *const bf16, b: *const bf16, steps: usize, pair: usize, 
             "add {c}, 64",
             "tilestored [{c} + {row}], tmm3",
             a0 = inout(reg) a => _,
-            a1 = inout(reg) a.add(pair) => _,
+            a1 = inout(reg) a.add(a_block) => _,
             b0 = inout(reg) b => _,
-            b1 = inout(reg) b.add(pair) => _,
+            b1 = inout(reg) b.add(b_block) => _,
             steps = inout(reg) steps => _,
             c = inout(reg) c => _,
             stride = in(reg) 64usize,
@@ -602,7 +723,7 @@ unsafe fn load_config() {}
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn release() {}
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_2x2(_: *const bf16, _: *const bf16, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn kernel_2x2(_: *const bf16, _: *const bf16, _: usize, _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("AMX exists on x86-64 only")
 }
 

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
+use super::amx::{PackedLhs, PackedRhs, TILE_ROW_WORDS, TileBuffer, matmul_on_this_thread};
 use super::bf16::narrow;
 use super::pairs::{PairUnit, matmul_pairs, pair};
 use super::{SharedOut, exp_in_place, math};
@@ -29,18 +30,31 @@ struct Task {
     k_position: usize,
 }
 
+/// What computes attention's two products (`q kᵀ` and `p v`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// f32, by the `gemm` crate.
+    F32,
+    /// bf16 operands, f32 sums, on `vdpbf16ps` (or its twin).
+    Pairs(PairUnit),
+    /// bf16 operands, f32 sums, on the AMX tiles (or their twin in tests on CPUs without
+    /// them), for every block of queries whose keys start on a tile step (32 rows: every
+    /// block of a sequence that starts there without a sliding window); the others in f32.
+    Tiles,
+}
+
 /// `out = softmax(scale · q kᵀ + causal mask) v` for each sequence of `layout`, for q
-/// `[rows, heads·d]` and a key store k, v `[key rows, kv_heads·d]`: in f32, or with `pairs`
-/// in bf16 (q, k, v and the probabilities rounded to bf16, as GPU attention kernels do;
-/// scores and outputs f32 sums) on that unit.
-pub fn attention(
+/// `[rows, heads·d]` and a key store k, v `[key rows, kv_heads·d]`: in f32, or with 16-bit
+/// `products` in bf16 (q, k, v and the probabilities rounded to bf16, as GPU attention
+/// kernels do; scores and outputs f32 sums).
+pub(crate) fn attention(
     q: &HostTensor,
     k: &HostTensor,
     v: &HostTensor,
     spec: &AttentionSpec,
     layout: &AttentionLayout,
     out: &mut HostTensor,
-    pairs: Option<PairUnit>,
+    products: Products,
 ) -> Result<()> {
     let d = spec.head_dim;
     let q_stride = spec.heads * d;
@@ -90,25 +104,33 @@ pub fn attention(
     }
 
     let shared = SharedOut(out.data.as_mut_ptr());
-    let paired = match pairs {
-        Some(unit) if d.is_multiple_of(2) => Some(PairedKeys::new(k, v, spec, unit)),
+    let paired = match products {
+        Products::Pairs(unit) if d.is_multiple_of(2) => Some(PairedKeys::new(k, v, spec, unit)),
         _ => None,
     };
+    let tiled = (products == Products::Tiles && d.is_multiple_of(2)).then(|| TiledKeys::new(k, v, spec));
     tasks.par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(scores, words): &mut (Vec<f32>, Vec<u32>), t| {
+        || (Vec::new(), Vec::new(), TileBuffer::default()),
+        |(scores, words, tiles): &mut (Vec<f32>, Vec<u32>, TileBuffer), t| {
             let kv_head = t.head / group;
             let n_q = t.q_end - t.q_start;
             let n_k = t.k_end - t.k_start;
             scores.clear();
             scores.resize(n_q * n_k, 0.0);
             let q_rows = &q.data[t.q_start * q_stride + t.head * d..];
-            match &paired {
-                Some(paired) => paired.scores(q_rows, q_stride, n_q, kv_head, t.k_start, n_k, words, scores),
+            let tiled = tiled.as_ref().filter(|_| t.k_start.is_multiple_of(TILE_STEP));
+            let scaled = paired.is_some() || tiled.is_some();
+            match (&paired, tiled) {
+                (_, Some(tiled)) => {
+                    tiled.scores(q_rows, q_stride, n_q, kv_head, t.k_start..t.k_end, tiles, scores)
+                }
+                (Some(paired), None) => {
+                    paired.scores(q_rows, q_stride, n_q, kv_head, t.k_start, n_k, words, scores)
+                }
                 // SAFETY: scores is n_q×n_k; q rows t.q_start.. with stride q_stride hold d
                 // values of this head; k rows t.k_start..t.k_end likewise (read as a d×n_k
                 // matrix).
-                None => unsafe {
+                (None, None) => unsafe {
                     gemm(
                         n_q,
                         n_k,
@@ -138,8 +160,8 @@ pub fn attention(
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
                 let visible = &mut row[lo..=hi];
-                if paired.is_some() {
-                    // The f32 product applied the scale; the paired one leaves it to here.
+                if scaled {
+                    // The f32 product applied the scale; the 16-bit ones leave it to here.
                     visible.iter_mut().for_each(|s| *s *= spec.scale);
                 }
                 let max = math::max(visible);
@@ -151,14 +173,18 @@ pub fn attention(
                 row[hi + 1..].fill(0.0);
             }
             let out = shared.ptr().wrapping_add(t.q_start * q_stride + t.head * d);
-            match &paired {
+            match (&paired, tiled) {
                 // SAFETY: this task alone writes rows t.q_start..t.q_end, columns of its head,
                 // of the [rows, q_stride] output.
-                Some(paired) => unsafe {
+                (_, Some(tiled)) => unsafe {
+                    tiled.mix_values(scores, n_q, kv_head, t.k_start..t.k_end, tiles, out, q_stride)
+                },
+                // SAFETY: as above.
+                (Some(paired), None) => unsafe {
                     paired.mix_values(scores, n_q, kv_head, t.k_start, n_k, words, out, q_stride)
                 },
                 // SAFETY: as above; v rows t.k_start..t.k_end hold d values of kv_head.
-                None => unsafe {
+                (None, None) => unsafe {
                     gemm(
                         n_q,
                         d,
@@ -185,6 +211,115 @@ pub fn attention(
         },
     );
     Ok(())
+}
+
+/// Key rows per AMX tile step: where a block's keys must start for [`TiledKeys`].
+const TILE_STEP: usize = 32;
+
+/// The key store in the AMX kernel's tile order, made once per call: per kv head, the keys
+/// as the right operand of `q kᵀ` (`k` = the head dimension, a column per key row) and the
+/// values as the right operand of `p v` (`k` = the key rows, a column per dimension).
+struct TiledKeys {
+    keys: Vec<PackedRhs>,
+    values: Vec<PackedRhs>,
+}
+
+impl TiledKeys {
+    /// Needs an even head dimension.
+    fn new(k: &HostTensor, v: &HostTensor, spec: &AttentionSpec) -> Self {
+        let (d, key_rows, stride) = (spec.head_dim, k.rows, spec.kv_heads * spec.head_dim);
+        let keys = (0..spec.kv_heads)
+            .map(|h| {
+                PackedRhs::from_row_pairs_into(TileBuffer::EMPTY, d, key_rows, |p0, j0, width, tile| {
+                    for (w, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
+                        for (c, word) in row[..width].iter_mut().enumerate() {
+                            let at = (j0 + c) * stride + h * d + p0 + 2 * w;
+                            *word = pair(k.data[at], k.data[at + 1]);
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Rows in pairs: an odd last row is paired with zeros.
+        let values = (0..spec.kv_heads)
+            .map(|h| {
+                PackedRhs::from_row_pairs_into(
+                    TileBuffer::EMPTY,
+                    key_rows.next_multiple_of(2),
+                    d,
+                    |p0, j0, width, tile| {
+                        for (w, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
+                            let p = p0 + 2 * w;
+                            let low = &v.data[p * stride + h * d + j0..][..width];
+                            let high =
+                                (p + 1 < key_rows).then(|| &v.data[(p + 1) * stride + h * d + j0..][..width]);
+                            for (c, word) in row[..width].iter_mut().enumerate() {
+                                *word = pair(low[c], high.map_or(0.0, |high| high[c]));
+                            }
+                        }
+                    },
+                )
+            })
+            .collect();
+        TiledKeys { keys, values }
+    }
+
+    /// `scores[n_q, keys.len()] = q · kᵀ` (unscaled) for `n_q` query rows of one head
+    /// (`q_rows`, a row every `q_stride`) against key rows `keys` of `kv_head` (starting on a
+    /// tile step); `tiles` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn scores(
+        &self,
+        q_rows: &[f32],
+        q_stride: usize,
+        n_q: usize,
+        kv_head: usize,
+        keys: std::ops::Range<usize>,
+        tiles: &mut TileBuffer,
+        scores: &mut [f32],
+    ) {
+        let n_k = keys.len();
+        assert_eq!(scores.len(), n_q * n_k);
+        let b = self.keys[kv_head]
+            .columns(keys)
+            .expect("keys start on a tile step");
+        let d = self.values[kv_head].cols();
+        let a = PackedLhs::from_rows_into(std::mem::take(tiles), q_rows, n_q, d, q_stride);
+        // SAFETY: scores is this task's, n_q × n_k.
+        unsafe { matmul_on_this_thread(&a, b, scores.as_mut_ptr(), n_k, 0) };
+        *tiles = a.into_buffer();
+    }
+
+    /// `out[n_q, d] = probabilities[n_q, keys.len()] · v` over key rows `keys` of `kv_head`,
+    /// written a row every `out_stride`; `tiles` is scratch.
+    ///
+    /// # Safety
+    ///
+    /// `out` must be writable at `i · out_stride + c` for `i < n_q`, `c < d`, by this caller
+    /// alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn mix_values(
+        &self,
+        probabilities: &[f32],
+        n_q: usize,
+        kv_head: usize,
+        keys: std::ops::Range<usize>,
+        tiles: &mut TileBuffer,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let n_k = keys.len();
+        assert_eq!(probabilities.len(), n_q * n_k);
+        // The probabilities' padding past n_k is zero, so the values' rows past `keys` in
+        // the last step add nothing.
+        let b = self.values[kv_head]
+            .rows(keys)
+            .expect("keys start on a tile step");
+        let a = PackedLhs::from_rows_into(std::mem::take(tiles), probabilities, n_q, n_k, n_k);
+        // SAFETY: per the caller.
+        unsafe { matmul_on_this_thread(&a, b, out, out_stride, 0) };
+        *tiles = a.into_buffer();
+    }
 }
 
 /// Words of bf16 pairs seen as their bf16 values: word `t` holds values `2t` (low half) and
@@ -400,9 +535,10 @@ mod tests {
         let v = HostTensor::new(random(key_rows * kv_heads * d, 3), key_rows, kv_heads * d).unwrap();
         let want = reference(&q, &k, &v, &spec, layout);
         let mut paired_outputs = Vec::new();
-        for pairs in units() {
+        let (mut tiled, mut f32_output) = (None, None);
+        for products in units() {
             let mut got = HostTensor::zeros(rows, heads * d);
-            attention(&q, &k, &v, &spec, layout, &mut got, pairs).unwrap();
+            attention(&q, &k, &v, &spec, layout, &mut got, products).unwrap();
             let err = got
                 .data
                 .iter()
@@ -411,14 +547,31 @@ mod tests {
                 .fold(0.0, f64::max);
             // bf16 q, k, v and probabilities: scores off by ~2⁻⁸ of |q||k|, outputs (averages
             // of values in [−1, 1]) by a few 2⁻⁹.
-            let bound = if pairs.is_some() { 2e-2 } else { 1e-5 };
+            let bound = if products == Products::F32 { 1e-5 } else { 2e-2 };
             assert!(
                 err < bound,
-                "{pairs:?}: max error {err} for {layout:?} {heads}/{kv_heads} {window:?}"
+                "{products:?}: max error {err} for {layout:?} {heads}/{kv_heads} {window:?}"
             );
-            if pairs.is_some() {
-                paired_outputs.push(got.data);
+            match products {
+                Products::Pairs(_) => paired_outputs.push(got.data),
+                Products::Tiles => tiled = Some(got.data),
+                Products::F32 => f32_output = Some(got.data),
             }
+        }
+        let max_diff =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        // Where every block's keys start on a tile step, the tiles compute what the pairs do
+        // (the same bf16 operands, f32 sums in another order), not the f32 products.
+        let (tiled, f32_output) = (tiled.expect("tiles ran"), f32_output.expect("f32 ran"));
+        if window.is_none() && layout.sequences().iter().all(|s| s.keys % TILE_STEP == 0) {
+            let twin = &paired_outputs[0];
+            // Measured: 3e-8 (a flipped bf16 rounding of a probability would be ~1e-4); the
+            // f32 products differ from the pairs by 3e-3.
+            let (diff, f32_diff) = (max_diff(&tiled, twin), max_diff(&f32_output, twin));
+            assert!(
+                diff < 1e-5 && f32_diff > 1e-4,
+                "tiles vs pairs {diff}, f32 vs pairs {f32_diff}"
+            );
         }
         // The hardware and its twin add the same products in different orders.
         if let [a, b] = &paired_outputs[..] {
@@ -427,11 +580,16 @@ mod tests {
         }
     }
 
-    /// f32, the pair twin, and `vdpbf16ps` where this CPU has it.
-    fn units() -> Vec<Option<PairUnit>> {
-        let mut units = vec![None, Some(PairUnit::Emulated)];
+    /// f32, the pair twin, `vdpbf16ps` where this CPU has it, and the AMX tiles (on their
+    /// twin where this CPU has none).
+    fn units() -> Vec<Products> {
+        let mut units = vec![
+            Products::F32,
+            Products::Pairs(PairUnit::Emulated),
+            Products::Tiles,
+        ];
         if super::super::pairs::hardware_here() {
-            units.push(Some(PairUnit::Hardware));
+            units.push(Products::Pairs(PairUnit::Hardware));
         } else {
             eprintln!("attention: no AVX512-BF16 here; paired attention runs on the twin only");
         }
@@ -445,8 +603,11 @@ mod tests {
 
     #[test]
     fn matches_direct_attention_across_blocks_and_sequences() {
+        // Blocks whose keys start on a tile step (the first sequence, the second from row 32
+        // of [32, 100]) take the AMX tiles; the others fall back to f32.
         for (lengths, heads, kv_heads, window) in [
             (&[150][..], 4, 2, None),
+            (&[32, 100], 4, 2, None),
             (&[3, 70, 1], 4, 4, None),
             (&[130, 65], 6, 2, Some(40)),
             (&[5], 2, 1, Some(1)),
@@ -487,6 +648,6 @@ mod tests {
         };
         let (q, kv) = (HostTensor::zeros(71, 8), HostTensor::zeros(299, 8));
         let mut out = HostTensor::zeros(71, 8);
-        assert!(attention(&q, &kv, &kv, &spec, &layout, &mut out, None).is_err());
+        assert!(attention(&q, &kv, &kv, &spec, &layout, &mut out, Products::F32).is_err());
     }
 }

@@ -21,6 +21,7 @@ use crate::backend::weights::{DenseWeight, WeightFormat};
 use crate::compute::{Bf16Kernel, Compute};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
+use attention::Products;
 use pairs::PairUnit;
 
 pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, narrow, to_bf16, to_bf16_slice};
@@ -338,13 +339,15 @@ impl Backend for CpuBackend {
         layout: &AttentionLayout,
         out: &mut HostTensor,
     ) -> Result<()> {
-        // bf16 attention where the products are bf16 on vdpbf16ps (on Intel that
-        // instruction is slower than f32, so the AMX path keeps f32 attention), for blocks of
-        // queries: a decoding step's few rows would not repay laying out the key store.
-        let pairs = (self.compute.bf16_kernel() == Some(Bf16Kernel::Vdpbf16ps)
-            && layout.rows() >= PAIRED_ATTENTION_ROWS)
-            .then(PairUnit::here);
-        attention::attention(q, k, v, spec, layout, out, pairs)
+        // bf16 attention where the products are bf16, for blocks of queries: a decoding
+        // step's few rows would not repay laying out the key store.
+        let products = match self.compute.bf16_kernel() {
+            _ if layout.rows() < PAIRED_ATTENTION_ROWS => Products::F32,
+            Some(Bf16Kernel::Vdpbf16ps) => Products::Pairs(PairUnit::here()),
+            Some(Bf16Kernel::Amx) => Products::Tiles,
+            None => Products::F32,
+        };
+        attention::attention(q, k, v, spec, layout, out, products)
     }
 
     fn copy_rows(
