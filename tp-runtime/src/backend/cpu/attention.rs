@@ -4,6 +4,7 @@
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
+use std::ops::Range;
 
 use half::bf16;
 
@@ -104,33 +105,34 @@ pub(crate) fn attention(
     }
 
     let shared = SharedOut(out.data.as_mut_ptr());
-    let paired = match products {
-        Products::Pairs(unit) if d.is_multiple_of(2) => Some(PairedKeys::new(k, v, spec, unit)),
-        _ => None,
+    let sixteen_bit: Option<Box<dyn SixteenBitKeys>> = match products {
+        _ if !d.is_multiple_of(2) => None,
+        Products::F32 => None,
+        Products::Pairs(unit) => Some(Box::new(PairedKeys::new(k, v, spec, unit))),
+        Products::Tiles => Some(Box::new(TiledKeys::new(k, v, spec))),
     };
-    let tiled = (products == Products::Tiles && d.is_multiple_of(2)).then(|| TiledKeys::new(k, v, spec));
     tasks.par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), TileBuffer::default()),
-        |(scores, words, tiles): &mut (Vec<f32>, Vec<u32>, TileBuffer), t| {
+        || (Vec::new(), Scratch::default()),
+        |(scores, scratch): &mut (Vec<f32>, Scratch), t| {
             let kv_head = t.head / group;
             let n_q = t.q_end - t.q_start;
             let n_k = t.k_end - t.k_start;
             scores.clear();
             scores.resize(n_q * n_k, 0.0);
             let q_rows = &q.data[t.q_start * q_stride + t.head * d..];
-            let tiled = tiled.as_ref().filter(|_| t.k_start.is_multiple_of(TILE_STEP));
-            let scaled = paired.is_some() || tiled.is_some();
-            match (&paired, tiled) {
-                (_, Some(tiled)) => {
-                    tiled.scores(q_rows, q_stride, n_q, kv_head, t.k_start..t.k_end, tiles, scores)
-                }
-                (Some(paired), None) => {
-                    paired.scores(q_rows, q_stride, n_q, kv_head, t.k_start, n_k, words, scores)
-                }
+            let queries = QueryRows {
+                rows: q_rows,
+                stride: q_stride,
+                count: n_q,
+            };
+            let keys = t.k_start..t.k_end;
+            let sixteen_bit = sixteen_bit.as_deref().filter(|store| store.takes(&keys));
+            match sixteen_bit {
+                Some(store) => store.scores(queries, kv_head, keys.clone(), scratch, scores),
                 // SAFETY: scores is n_q×n_k; q rows t.q_start.. with stride q_stride hold d
                 // values of this head; k rows t.k_start..t.k_end likewise (read as a d×n_k
                 // matrix).
-                (None, None) => unsafe {
+                None => unsafe {
                     gemm(
                         n_q,
                         n_k,
@@ -160,7 +162,7 @@ pub(crate) fn attention(
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
                 let visible = &mut row[lo..=hi];
-                if scaled {
+                if sixteen_bit.is_some() {
                     // The f32 product applied the scale; the 16-bit ones leave it to here.
                     visible.iter_mut().for_each(|s| *s *= spec.scale);
                 }
@@ -173,18 +175,14 @@ pub(crate) fn attention(
                 row[hi + 1..].fill(0.0);
             }
             let out = shared.ptr().wrapping_add(t.q_start * q_stride + t.head * d);
-            match (&paired, tiled) {
+            match sixteen_bit {
                 // SAFETY: this task alone writes rows t.q_start..t.q_end, columns of its head,
                 // of the [rows, q_stride] output.
-                (_, Some(tiled)) => unsafe {
-                    tiled.mix_values(scores, n_q, kv_head, t.k_start..t.k_end, tiles, out, q_stride)
-                },
-                // SAFETY: as above.
-                (Some(paired), None) => unsafe {
-                    paired.mix_values(scores, n_q, kv_head, t.k_start, n_k, words, out, q_stride)
+                Some(store) => unsafe {
+                    store.mix_values(scores, n_q, kv_head, keys, scratch, out, q_stride)
                 },
                 // SAFETY: as above; v rows t.k_start..t.k_end hold d values of kv_head.
-                (None, None) => unsafe {
+                None => unsafe {
                     gemm(
                         n_q,
                         d,
@@ -211,6 +209,60 @@ pub(crate) fn attention(
         },
     );
     Ok(())
+}
+
+/// A block of query rows of one head: `count` rows of the head's values, `stride` apart.
+#[derive(Clone, Copy)]
+struct QueryRows<'a> {
+    rows: &'a [f32],
+    stride: usize,
+    count: usize,
+}
+
+/// Per-task scratch of the 16-bit products.
+#[derive(Default)]
+struct Scratch {
+    /// Operands in pairs ([`PairedKeys`]).
+    words: Vec<u32>,
+    /// Operands in tile order ([`TiledKeys`]).
+    tiles: TileBuffer,
+}
+
+/// The key store laid out once per call for 16-bit products (bf16 q, k, v and
+/// probabilities; f32 sums).
+trait SixteenBitKeys: Sync {
+    /// Whether this store multiplies a block of queries over key rows `keys`.
+    fn takes(&self, keys: &Range<usize>) -> bool;
+
+    /// `scores[queries.count, keys.len()] = q · kᵀ` (unscaled) against key rows `keys` of
+    /// `kv_head`.
+    fn scores(
+        &self,
+        queries: QueryRows<'_>,
+        kv_head: usize,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
+        scores: &mut [f32],
+    );
+
+    /// `out[n_q, d] = probabilities[n_q, keys.len()] · v` over key rows `keys` of `kv_head`,
+    /// written a row every `out_stride`.
+    ///
+    /// # Safety
+    ///
+    /// `out` must be writable at `i · out_stride + c` for `i < n_q`, `c < d`, by this caller
+    /// alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn mix_values(
+        &self,
+        probabilities: &[f32],
+        n_q: usize,
+        kv_head: usize,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        out_stride: usize,
+    );
 }
 
 /// Key rows per AMX tile step: where a block's keys must start for [`TiledKeys`].
@@ -263,48 +315,42 @@ impl TiledKeys {
             .collect();
         TiledKeys { keys, values }
     }
+}
 
-    /// `scores[n_q, keys.len()] = q · kᵀ` (unscaled) for `n_q` query rows of one head
-    /// (`q_rows`, a row every `q_stride`) against key rows `keys` of `kv_head` (starting on a
-    /// tile step); `tiles` is scratch.
-    #[allow(clippy::too_many_arguments)]
+impl SixteenBitKeys for TiledKeys {
+    /// Blocks whose keys start on a tile step.
+    fn takes(&self, keys: &Range<usize>) -> bool {
+        keys.start.is_multiple_of(TILE_STEP)
+    }
+
     fn scores(
         &self,
-        q_rows: &[f32],
-        q_stride: usize,
-        n_q: usize,
+        queries: QueryRows<'_>,
         kv_head: usize,
-        keys: std::ops::Range<usize>,
-        tiles: &mut TileBuffer,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
         scores: &mut [f32],
     ) {
-        let n_k = keys.len();
+        let (n_q, n_k) = (queries.count, keys.len());
         assert_eq!(scores.len(), n_q * n_k);
         let b = self.keys[kv_head]
             .columns(keys)
             .expect("keys start on a tile step");
         let d = self.values[kv_head].cols();
-        let a = PackedLhs::from_rows_into(std::mem::take(tiles), q_rows, n_q, d, q_stride);
+        let tiles = std::mem::take(&mut scratch.tiles);
+        let a = PackedLhs::from_rows_into(tiles, queries.rows, n_q, d, queries.stride);
         // SAFETY: scores is this task's, n_q × n_k.
         unsafe { matmul_on_this_thread(&a, b, scores.as_mut_ptr(), n_k, 0) };
-        *tiles = a.into_buffer();
+        scratch.tiles = a.into_buffer();
     }
 
-    /// `out[n_q, d] = probabilities[n_q, keys.len()] · v` over key rows `keys` of `kv_head`,
-    /// written a row every `out_stride`; `tiles` is scratch.
-    ///
-    /// # Safety
-    ///
-    /// `out` must be writable at `i · out_stride + c` for `i < n_q`, `c < d`, by this caller
-    /// alone.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn mix_values(
         &self,
         probabilities: &[f32],
         n_q: usize,
         kv_head: usize,
-        keys: std::ops::Range<usize>,
-        tiles: &mut TileBuffer,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
         out: *mut f32,
         out_stride: usize,
     ) {
@@ -315,10 +361,11 @@ impl TiledKeys {
         let b = self.values[kv_head]
             .rows(keys)
             .expect("keys start on a tile step");
-        let a = PackedLhs::from_rows_into(std::mem::take(tiles), probabilities, n_q, n_k, n_k);
+        let tiles = std::mem::take(&mut scratch.tiles);
+        let a = PackedLhs::from_rows_into(tiles, probabilities, n_q, n_k, n_k);
         // SAFETY: per the caller.
         unsafe { matmul_on_this_thread(&a, b, out, out_stride, 0) };
-        *tiles = a.into_buffer();
+        scratch.tiles = a.into_buffer();
     }
 }
 
@@ -381,22 +428,24 @@ impl PairedKeys {
             head_dim: d,
         }
     }
+}
 
-    /// `scores[n_q, n_k] = q · kᵀ` (unscaled) for `n_q` query rows of one head (`q_rows`, a
-    /// row every `q_stride`) against key rows `k_start..k_start + n_k` of `kv_head`; `words`
-    /// is scratch.
-    #[allow(clippy::too_many_arguments)]
+impl SixteenBitKeys for PairedKeys {
+    /// Every block.
+    fn takes(&self, _: &Range<usize>) -> bool {
+        true
+    }
+
     fn scores(
         &self,
-        q_rows: &[f32],
-        q_stride: usize,
-        n_q: usize,
+        queries: QueryRows<'_>,
         kv_head: usize,
-        k_start: usize,
-        n_k: usize,
-        words: &mut Vec<u32>,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
         scores: &mut [f32],
     ) {
+        let (q_rows, q_stride, n_q) = (queries.rows, queries.stride, queries.count);
+        let (k_start, n_k, words) = (keys.start, keys.len(), &mut scratch.words);
         let (d, half) = (self.head_dim, self.head_dim / 2);
         assert!(k_start + n_k <= self.key_rows && scores.len() == n_q * n_k);
         assert!(
@@ -428,25 +477,17 @@ impl PairedKeys {
         };
     }
 
-    /// `out[n_q, d] = probabilities[n_q, n_k] · v` over key rows `k_start..k_start + n_k` of
-    /// `kv_head`, written a row every `out_stride`; `words` is scratch.
-    ///
-    /// # Safety
-    ///
-    /// `out` must be writable at `i · out_stride + c` for `i < n_q`, `c < d`, by this caller
-    /// alone.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn mix_values(
         &self,
         probabilities: &[f32],
         n_q: usize,
         kv_head: usize,
-        k_start: usize,
-        n_k: usize,
-        words: &mut Vec<u32>,
+        keys: Range<usize>,
+        scratch: &mut Scratch,
         out: *mut f32,
         out_stride: usize,
     ) {
+        let (k_start, n_k, words) = (keys.start, keys.len(), &mut scratch.words);
         assert!(k_start + n_k <= self.key_rows && probabilities.len() == n_q * n_k);
         // Value words pair even and odd key rows: start at the even row at or before k_start
         // and give the probabilities a leading zero when k_start is odd.
