@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use awq_calib::{CalibFormat, CalibSpec, Sampling};
-use awq_pack::{GroupSize, Method, QuantizeOptions, Scaling};
+use awq_pack::{GroupSize, LayerRange, Method, QuantizeOptions, Scaling};
 use checkpoint::ModelConfig;
 use checkpoint::cache::{CACHE_DIR_VAR, cache_dir};
 use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
@@ -111,6 +111,11 @@ pub struct QuantSection {
     pub format: String,
     #[serde(default)]
     pub modules_to_not_convert: Vec<String>,
+    /// Only the layers `"a..b"`, into a part folder that `awq merge` joins with the other
+    /// parts into the whole checkpoint (a model too slow to search in one CI job). Absent
+    /// from the canonical form when unset, so that existing jobs keep their hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 fn default_method() -> Method {
@@ -749,6 +754,25 @@ impl Job {
                         Err(e) => return Err(err("output.max_shard_size", e)),
                     },
                 };
+                let part = match &q.part {
+                    None => None,
+                    Some(text) => {
+                        let range: LayerRange = text.parse().map_err(|e: String| err("quant.part", e))?;
+                        range
+                            .within(model_config.num_hidden_layers)
+                            .map_err(|e| err("quant.part", e.to_string()))?;
+                        if let Some(i) = file.eval.iter().position(|e| e.model == EvalModel::Quantized) {
+                            return Err(err(
+                                &format!("eval[{i}].model"),
+                                format!(
+                                    "`quantized` cannot score a part of a model (quant.part = \"{range}\"): \
+                                     join the parts with `awq merge` and evaluate the checkpoint it writes"
+                                ),
+                            ));
+                        }
+                        Some(range)
+                    }
+                };
                 let options = QuantizeOptions {
                     method: q.method,
                     group_size,
@@ -759,7 +783,7 @@ impl Job {
                     replace: true,
                     max_shard_bytes,
                     compute: search_compute,
-                    part: None,
+                    part,
                 };
                 awq_pack::quantize::check(&model_config, &options)
                     .map_err(|e| err("quant.group_size", e.to_string()))?;

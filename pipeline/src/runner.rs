@@ -191,6 +191,9 @@ fn step_inputs(
             if o.compute != Compute::F32 {
                 config["compute"] = json!(o.compute);
             }
+            if let Some(part) = o.part {
+                config["part"] = json!(part.to_string());
+            }
             (config, inputs)
         }
         Step::Report => {

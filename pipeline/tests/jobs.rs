@@ -67,6 +67,21 @@ fn job_file_errors_name_line_column_and_suggest() {
             "ctx = 2\nwindows = 4\nmodel = \"quantized\"",
             &["eval[1].ctx: 2 is too short"],
         ),
+        (
+            "group_size = 64",
+            "group_size = 64\npart = \"1..3\"",
+            &[":13:8:", "quant.part", "ends past the model's 2 layers"],
+        ),
+        (
+            "group_size = 64",
+            "group_size = 64\npart = \"1-2\"",
+            &[":13:8:", "quant.part", "1-2"],
+        ),
+        (
+            "group_size = 64",
+            "group_size = 64\npart = \"0..1\"",
+            &["eval[1].model", "cannot score a part of a model", "awq merge"],
+        ),
     ];
     let base = std::fs::read_to_string(w.job("bad", "out", "")).unwrap();
     for (from, to, expect) in cases {
@@ -108,6 +123,52 @@ fn job_file_errors_name_line_column_and_suggest() {
     std::fs::write(&path, tp4_g128.replacen("group_size = 128", "group_size = 64", 1)).unwrap();
     let o = awq(&["validate", s(&path)]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A job quantizing the workspace's model with AWQ g64 and no evaluations, `quant_extra`
+/// appended to its `[quant]` table.
+fn quantize_only_job(w: &Workspace, name: &str, quant_extra: &str) -> PathBuf {
+    let path = w.root.join(format!("{name}.toml"));
+    let body = format!(
+        "[model]\nsource = \"model\"\n\n[calibration]\ndata = \"calib.txt\"\nsamples = 16\nseq_len = 128\n\n\
+         [quant]\ngroup_size = 64\n{quant_extra}\n[runtime]\ncompute = \"f32\"\n\n[output]\ndir = \"{name}\"\n"
+    );
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn parts_of_a_job_merge_into_the_whole_jobs_checkpoint() {
+    let w = Workspace::new(3);
+    let run = |job: &Path| {
+        let o = awq(&["run", s(job)]);
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    run(&quantize_only_job(&w, "whole", ""));
+    // Parts as a zoo's entries (or CI jobs) would run them, on machines that share nothing.
+    let late = quantize_only_job(&w, "late", "part = \"1..3\"");
+    let log = run(&late);
+    assert!(log.contains("layer 0: run forward unquantized"), "{log}");
+    run(&quantize_only_job(&w, "early", "part = \"0..1\""));
+    assert!(w.root.join("late/quantized/awq-part.json").is_file());
+    let o = awq(&["run", s(&late)]);
+    assert!(
+        text(&o).contains("nothing to do"),
+        "the part's rerun: {}",
+        text(&o)
+    );
+
+    let merged = w.root.join("merged");
+    let o = awq(&[
+        "merge",
+        s(&w.root.join("late/quantized")),
+        s(&w.root.join("early/quantized")),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(digests(&merged), digests(&w.root.join("whole/quantized")));
 }
 
 #[test]
