@@ -161,16 +161,8 @@ pub(crate) fn attention(
                 // Keys k_start + j for j in lo..=hi are visible to this query.
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
-                let visible = &mut row[lo..=hi];
-                if sixteen_bit.is_some() {
-                    // The f32 product applied the scale; the 16-bit ones leave it to here.
-                    visible.iter_mut().for_each(|s| *s *= spec.scale);
-                }
-                let max = math::max(visible);
-                visible.iter_mut().for_each(|s| *s -= max);
-                exp_in_place(visible);
-                let inv = 1.0 / math::sum(visible);
-                visible.iter_mut().for_each(|s| *s *= inv);
+                // The f32 product applied the scale; the 16-bit ones leave it to here.
+                softmax_in_place(&mut row[lo..=hi], sixteen_bit.map(|_| spec.scale));
                 row[..lo].fill(0.0);
                 row[hi + 1..].fill(0.0);
             }
@@ -209,6 +201,21 @@ pub(crate) fn attention(
         },
     );
     Ok(())
+}
+
+/// `row = softmax(scale · row)` (`scale` where the product did not apply it). Compiled for
+/// AVX-512 and AVX2 too, so that its passes vectorise; each value is rounded as the scalar
+/// code rounds it.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+fn softmax_in_place(row: &mut [f32], scale: Option<f32>) {
+    if let Some(scale) = scale {
+        row.iter_mut().for_each(|s| *s *= scale);
+    }
+    let max = math::max(row);
+    row.iter_mut().for_each(|s| *s -= max);
+    exp_in_place(row);
+    let inv = 1.0 / math::sum(row);
+    row.iter_mut().for_each(|s| *s *= inv);
 }
 
 /// A block of query rows of one head: `count` rows of the head's values, `stride` apart.
