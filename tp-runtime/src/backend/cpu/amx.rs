@@ -65,36 +65,48 @@ unsafe impl bytemuck::Pod for TileRow {}
 /// Storage for a packed operand, kept by callers between products so that each product
 /// reuses its pages instead of faulting in fresh ones.
 #[derive(Clone, Default)]
-pub(crate) struct TileBuffer(Vec<TileRow>);
+pub(crate) struct TileBuffer {
+    rows: Vec<TileRow>,
+    /// Rows in use: the storage only grows, so that an operand smaller than the last one
+    /// and a larger one after it do not zero the storage between them again.
+    used: usize,
+}
 
 impl std::fmt::Debug for TileBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TileBuffer({} tile rows)", self.0.len())
+        write!(f, "TileBuffer({} of {} tile rows)", self.used, self.rows.len())
     }
 }
 
 impl TileBuffer {
     /// No storage yet.
-    pub(crate) const EMPTY: TileBuffer = TileBuffer(Vec::new());
+    pub(crate) const EMPTY: TileBuffer = TileBuffer {
+        rows: Vec::new(),
+        used: 0,
+    };
 
-    /// At least `values` bf16 values of cache-line-aligned storage; what it held before stays.
+    /// `values` bf16 values (a multiple of 32) of cache-line-aligned storage in use; what it
+    /// held before stays.
     fn resize(&mut self, values: usize) {
-        self.0.resize(values.div_ceil(32), TileRow([0; 16]));
+        self.used = values.div_ceil(32);
+        if self.rows.len() < self.used {
+            self.rows.resize(self.used, TileRow([0; 16]));
+        }
     }
 
-    /// The storage as bf16 values.
+    /// The storage in use as bf16 values.
     fn values(&self) -> &[bf16] {
-        bytemuck::cast_slice(&self.0)
+        bytemuck::cast_slice(&self.rows[..self.used])
     }
 
-    /// The storage as bf16 values, to write.
+    /// The storage in use as bf16 values, to write.
     fn values_mut(&mut self) -> &mut [bf16] {
-        bytemuck::cast_slice_mut(&mut self.0)
+        bytemuck::cast_slice_mut(&mut self.rows[..self.used])
     }
 
-    /// The storage as 32-bit words, to write.
+    /// The storage in use as 32-bit words, to write.
     fn words_mut(&mut self) -> &mut [u32] {
-        bytemuck::cast_slice_mut(&mut self.0)
+        bytemuck::cast_slice_mut(&mut self.rows[..self.used])
     }
 }
 
