@@ -266,6 +266,32 @@ impl PackedRhs {
         })
     }
 
+    /// `b` of `k` rows and `cols` columns stored column by column (`b[j · k + p]`) in any
+    /// element type, `narrow(range, out)` writing the bf16 values of storage `range` into
+    /// `out`: a whole weight packed a tile at a time, without a bf16 copy of it beside.
+    pub(crate) fn from_n_major_into(
+        data: TileBuffer,
+        k: usize,
+        cols: usize,
+        narrow: impl Fn(Range<usize>, &mut [bf16]) + Sync,
+    ) -> Self {
+        Self::pack_tiles(data, k, cols, |tile, p0, depth, j0, width| {
+            let mut column = [bf16::ZERO; K_STEP];
+            for c in 0..width {
+                let start = (j0 + c) * k + p0;
+                narrow(start..start + depth, &mut column[..depth]);
+                for w in 0..depth.div_ceil(2) {
+                    let high = if 2 * w + 1 < depth {
+                        column[2 * w + 1]
+                    } else {
+                        bf16::ZERO
+                    };
+                    tile[w * COLS + c] = word(column[2 * w], high);
+                }
+            }
+        })
+    }
+
     /// `b[k, cols]` (`k` even) made a tile at a time from pairs of its rows:
     /// `row_pairs(p0, j0, width, tile)` writes, for each row pair `w < tile.len() /`
     /// [`TILE_ROW_WORDS`] and column `c < width`, the VNNI word of `b[p0 + 2w, j0 + c]` (low
@@ -830,6 +856,14 @@ mod tests {
             assert_eq!(
                 PackedRhs::pack(&nmajor, k, n, TileLayout::NMajor).values(),
                 kmajor.values()
+            );
+            let narrowed = PackedRhs::from_n_major_into(TileBuffer::default(), k, n, |range, out| {
+                out.copy_from_slice(&nmajor[range])
+            });
+            assert_eq!(
+                narrowed.values(),
+                kmajor.values(),
+                "rhs narrowed a tile at a time ({k},{n})"
             );
         }
     }

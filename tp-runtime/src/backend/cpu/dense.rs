@@ -159,13 +159,9 @@ impl CpuMatrix {
             return None;
         }
         Some(self.amx_tiles.get_or_init(|| {
-            PackedRhs::pack_into(
-                TileBuffer::EMPTY,
-                &self.rounded_to_bf16(),
-                self.cols,
-                self.rows,
-                TileLayout::NMajor,
-            )
+            PackedRhs::from_n_major_into(TileBuffer::EMPTY, self.cols, self.rows, |range, out| {
+                self.data.narrow_into_bf16(range, out)
+            })
         }))
     }
 
