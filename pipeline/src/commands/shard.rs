@@ -14,16 +14,6 @@ use tp_runtime::load::write_rank_file;
 
 use crate::progress::{Progress, log};
 
-/// Files copied beside the rank files.
-const COPIED: [&str; 6] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-];
-
 /// Arguments of `awq shard`.
 #[derive(Debug, Args)]
 pub struct ShardArgs {
@@ -103,7 +93,8 @@ pub fn run(args: &ShardArgs) -> Result<()> {
             &dir.join("config.json"),
             (serde_json::to_string_pretty(&original)? + "\n").as_bytes(),
         )?;
-        for name in COPIED {
+        // The tokenizer and companion files a quantized checkpoint carries, beside the ranks.
+        for name in awq_pack::quantize::COPIED_FILES {
             let from = args.model.join(name);
             if from.is_file() {
                 std::fs::copy(&from, dir.join(name))
