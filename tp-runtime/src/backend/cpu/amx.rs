@@ -230,36 +230,23 @@ impl PackedRhs {
     /// [`into_buffer`](Self::into_buffer)), so that repeated products reuse its pages.
     pub(crate) fn pack_into(data: TileBuffer, b: &[bf16], k: usize, cols: usize, layout: TileLayout) -> Self {
         assert_eq!(b.len(), k * cols, "right operand is not [{k}, {cols}]");
+        if layout == TileLayout::NMajor {
+            return Self::from_n_major_into(data, k, cols, |range, out| out.copy_from_slice(&b[range]));
+        }
         Self::pack_tiles(data, k, cols, |tile, p0, depth, j0, width| {
-            // Word (w, c) of a tile holds k values 2w and 2w + 1 of column c; the loops run
-            // along the source's contiguous axis.
-            match layout {
-                TileLayout::KMajor => {
-                    for w in 0..depth.div_ceil(2) {
-                        let low = &b[(p0 + 2 * w) * cols + j0..][..width];
-                        let dst = &mut tile[w * COLS..][..width];
-                        if 2 * w + 1 < depth {
-                            let high = &b[(p0 + 2 * w + 1) * cols + j0..][..width];
-                            for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
-                                *d = word(l, h);
-                            }
-                        } else {
-                            for (d, &l) in dst.iter_mut().zip(low) {
-                                *d = word(l, bf16::ZERO);
-                            }
-                        }
+            // Word (w, c) of a tile holds k values 2w and 2w + 1 of column c; the loop runs
+            // along the source's rows.
+            for w in 0..depth.div_ceil(2) {
+                let low = &b[(p0 + 2 * w) * cols + j0..][..width];
+                let dst = &mut tile[w * COLS..][..width];
+                if 2 * w + 1 < depth {
+                    let high = &b[(p0 + 2 * w + 1) * cols + j0..][..width];
+                    for ((d, &l), &h) in dst.iter_mut().zip(low).zip(high) {
+                        *d = word(l, h);
                     }
-                }
-                TileLayout::NMajor => {
-                    for c in 0..width {
-                        let column = &b[(j0 + c) * k + p0..][..depth];
-                        let mut pairs = column.chunks_exact(2);
-                        for (w, pair) in (&mut pairs).enumerate() {
-                            tile[w * COLS + c] = word(pair[0], pair[1]);
-                        }
-                        if let [last] = pairs.remainder() {
-                            tile[depth / 2 * COLS + c] = word(*last, bf16::ZERO);
-                        }
+                } else {
+                    for (d, &l) in dst.iter_mut().zip(low) {
+                        *d = word(l, bf16::ZERO);
                     }
                 }
             }
