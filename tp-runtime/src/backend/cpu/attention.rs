@@ -11,7 +11,7 @@ use half::bf16;
 use super::amx::{PackedLhs, PackedRhs, TILE_ROW_WORDS, TileBuffer, matmul_on_this_thread};
 use super::bf16::narrow;
 use super::pairs::{PairUnit, matmul_pairs, pair};
-use super::{SharedOut, exp_in_place, math};
+use super::{SharedOut, math};
 use crate::backend::{AttentionLayout, AttentionSpec};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
@@ -117,8 +117,11 @@ pub(crate) fn attention(
             let kv_head = t.head / group;
             let n_q = t.q_end - t.q_start;
             let n_k = t.k_end - t.k_start;
-            scores.clear();
-            scores.resize(n_q * n_k, 0.0);
+            // Every product below writes all of its scores: the buffer need not be zeroed.
+            if scores.len() < n_q * n_k {
+                scores.resize(n_q * n_k, 0.0);
+            }
+            let scores = &mut scores[..n_q * n_k];
             let q_rows = &q.data[t.q_start * q_stride + t.head * d..];
             let queries = QueryRows {
                 rows: q_rows,
@@ -208,13 +211,12 @@ pub(crate) fn attention(
 /// code rounds it.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
 fn softmax_in_place(row: &mut [f32], scale: Option<f32>) {
-    if let Some(scale) = scale {
-        row.iter_mut().for_each(|s| *s *= scale);
-    }
-    let max = math::max(row);
-    row.iter_mut().for_each(|s| *s -= max);
-    exp_in_place(row);
-    let inv = 1.0 / math::sum(row);
+    // For a positive scale, the largest scaled score is the largest score scaled (rounding
+    // is monotonic), so scaling folds into the exponentials' pass.
+    let scale = scale.unwrap_or(1.0);
+    assert!(scale > 0.0, "attention scale {scale} is not positive");
+    let shift = math::max(row) * scale;
+    let inv = 1.0 / math::exp_scaled_and_sum(row, scale, shift);
     row.iter_mut().for_each(|s| *s *= inv);
 }
 

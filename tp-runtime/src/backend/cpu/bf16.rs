@@ -96,7 +96,7 @@ thread_local! {
 
 /// Runs `f` with `x[m, k]` packed as the AMX kernel's left operand, in this thread's reused
 /// storage.
-fn with_packed_lhs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&PackedLhs) -> R) -> R {
+pub(crate) fn with_packed_lhs<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&PackedLhs) -> R) -> R {
     let a = PackedLhs::from_f32_into(LHS_TILES.take(), x, m, k);
     let result = f(&a);
     LHS_TILES.set(a.into_buffer());

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use half::bf16;
 
 use super::amx::{PackedRhs, TileBuffer};
-use super::bf16::{matmul_bf16_weight, matmul_packed_amx, to_bf16};
+use super::bf16::{matmul_bf16_weight, matmul_packed_amx, to_bf16, with_packed_lhs};
 use super::math::dot;
 use super::{CpuBackend, SharedOut, matmul_transposed};
 use crate::backend::weights::DenseWeight;
@@ -209,6 +209,51 @@ impl CpuMatrix {
     }
 }
 
+impl CpuMatrix {
+    /// Whether [`CpuMatrix::matmul_row_slices`] multiplies slices of this matrix in place on
+    /// the AMX tiles (the weight kept in tile order, `x` packed once for every slice).
+    pub(crate) fn slices_in_place(&self, compute: Compute, m: usize) -> bool {
+        m > FEW_ROWS && compute.bf16_kernel() == Some(Bf16Kernel::Amx) && self.amx_tiles().is_some()
+    }
+
+    /// `x[m, cols] · self[v0..v1]ᵀ` for consecutive slices of `width` rows (the last one
+    /// shorter), each handed to `each(v0..v1, product)`: a vocabulary scored slice by slice
+    /// without its whole `[m, vocab]` logits. Where [`CpuMatrix::slices_in_place`], `width`
+    /// must be a multiple of 32 (the kernel's column pair).
+    pub(crate) fn matmul_row_slices(
+        &self,
+        compute: Compute,
+        x: &[f32],
+        m: usize,
+        width: usize,
+        mut each: impl FnMut(Range<usize>, &mut [f32]),
+    ) {
+        let width = width.min(self.rows).max(1);
+        let mut product = vec![0f32; m * width];
+        let slices = (0..self.rows)
+            .step_by(width)
+            .map(|v0| v0..(v0 + width).min(self.rows));
+        if self.slices_in_place(compute, m) {
+            let tiles = self.amx_tiles().expect("checked by slices_in_place");
+            return with_packed_lhs(x, m, self.cols, |a| {
+                for slice in slices {
+                    let out = &mut product[..m * slice.len()];
+                    let columns = tiles
+                        .columns(slice.clone())
+                        .expect("slices start on whole column pairs");
+                    super::amx::matmul(a, columns, out, slice.len(), 0);
+                    each(slice, out);
+                }
+            });
+        }
+        for slice in slices {
+            let out = &mut product[..m * slice.len()];
+            self.matmul_rows(compute, x, m, slice.clone(), out);
+            each(slice, out);
+        }
+    }
+}
+
 /// Input rows up to which products take the decoding paths (dense here, AWQ in `w4a16`).
 pub(crate) const FEW_ROWS: usize = 16;
 /// Weight rows (outputs) per task of [`few_rows`].
@@ -358,6 +403,33 @@ mod tests {
                     "{:?} rows {rows:?}",
                     matrix.data.dtype()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn row_slices_multiply_as_each_slice_alone() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (m, k, n) = (40, 70, 200);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        let matrix = CpuMatrix::new(DenseWeight::new(FloatData::F32(w.into()), n, k).unwrap());
+        for (compute, in_place) in [(Compute::Amx, true), (Compute::F32, false)] {
+            assert_eq!(matrix.slices_in_place(compute, m), in_place);
+            assert!(!matrix.slices_in_place(compute, FEW_ROWS));
+            for width in [32, 64, 96, 256] {
+                let mut seen = Vec::new();
+                matrix.matmul_row_slices(compute, &x, m, width, |slice, got| {
+                    let mut want = vec![0f32; m * slice.len()];
+                    matrix.matmul_rows(compute, &x, m, slice.clone(), &mut want);
+                    assert!(
+                        got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{compute} width {width}, rows {slice:?}"
+                    );
+                    seen.push(slice);
+                });
+                let want: Vec<_> = (0..n).step_by(width).map(|v| v..(v + width).min(n)).collect();
+                assert_eq!(seen, want, "{compute} width {width}");
             }
         }
     }

@@ -43,11 +43,49 @@ fn exp_one<const FMA: bool>(x: f32) -> f32 {
     p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
+/// `exp(v · scale − shift)` over a whole lane group, in vector registers (the product and
+/// the difference each rounded, as two passes would).
+#[inline(always)]
+fn exp_group<const FMA: bool>(group: &mut [f32; F32_LANES], scale: f32, shift: f32) {
+    for v in group {
+        *v = exp_one::<FMA>(*v * scale - shift);
+    }
+}
+
+/// `x ← exp(x · scale − shift)`, returning `Σ x` in [`sum`]'s order when `SUM`. The tail (under one
+/// lane group) goes through a padded group too: as scalar code each of its exponentials cost
+/// as much as a whole group's, and attention's causal rows mostly end in one.
+#[inline(always)]
+fn exp_shifted_slice<const FMA: bool, const SUM: bool>(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0f32; F32_LANES];
+    let mut chunks = x.chunks_exact_mut(F32_LANES);
+    for chunk in &mut chunks {
+        let group: &mut [f32; F32_LANES] = chunk.try_into().expect("a whole lane group");
+        exp_group::<FMA>(group, scale, shift);
+        if SUM {
+            for l in 0..F32_LANES {
+                acc[l] += group[l];
+            }
+        }
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let mut group = [0f32; F32_LANES];
+        group[..tail.len()].copy_from_slice(tail);
+        exp_group::<FMA>(&mut group, scale, shift);
+        tail.copy_from_slice(&group[..tail.len()]);
+        if SUM {
+            for &v in tail.iter() {
+                acc[0] += v;
+            }
+        }
+    }
+    acc.into_iter().sum()
+}
+
 #[inline(always)]
 fn exp_slice<const FMA: bool>(x: &mut [f32]) {
-    for v in x {
-        *v = exp_one::<FMA>(*v);
-    }
+    exp_shifted_slice::<FMA, false>(x, 1.0, 0.0);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -60,6 +98,18 @@ fn exp_avx512(x: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 fn exp_avx2(x: &mut [f32]) {
     exp_slice::<true>(x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn exp_sum_avx512(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    exp_shifted_slice::<true, true>(x, scale, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_sum_avx2(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    exp_shifted_slice::<true, true>(x, scale, shift)
 }
 
 #[derive(Clone, Copy)]
@@ -96,6 +146,20 @@ pub fn exp_in_place(x: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { exp_avx2(x) },
         Level::Portable => exp_slice::<false>(x),
+    }
+}
+
+/// `x ← exp(x · scale − shift)` element-wise, returning `Σ x` afterwards: one pass where
+/// scaling, subtracting, [`exp_in_place`] and [`sum`] make four, with the same result bit
+/// for bit.
+pub fn exp_scaled_and_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    match level() {
+        // SAFETY: the features these functions were compiled for were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { exp_sum_avx512(x, scale, shift) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { exp_sum_avx2(x, scale, shift) },
+        Level::Portable => exp_shifted_slice::<false, true>(x, scale, shift),
     }
 }
 
@@ -219,15 +283,31 @@ pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; F32_LANES];
     let chunks = x.chunks_exact(F32_LANES);
     let tail = chunks.remainder();
-    for c in chunks {
+    // The tail as one more group padded with −∞ (the maximum does not depend on the order).
+    let mut last = [f32::NEG_INFINITY; F32_LANES];
+    last[..tail.len()].copy_from_slice(tail);
+    for c in chunks.chain([&last[..]]) {
         for l in 0..F32_LANES {
             acc[l] = acc[l].max(c[l]);
         }
     }
-    for v in tail {
-        acc[0] = acc[0].max(*v);
+    halve(&mut acc, f32::max)
+}
+
+/// Folds `acc` into `acc[0]` by halving: lane `l` takes lane `l + width` for widths `L/2, L/4,
+/// …, 1`. The folds of one width are independent, so they stay in vector registers, where a
+/// serial fold is a chain of `L` dependent operations (as long as a 300-value softmax row's
+/// vector work).
+#[inline(always)]
+fn halve<T: Copy, const L: usize>(acc: &mut [T; L], op: impl Fn(T, T) -> T) -> T {
+    let mut width = L / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] = op(acc[l], acc[l + width]);
+        }
+        width /= 2;
     }
-    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    acc[0]
 }
 
 #[cfg(test)]
@@ -311,6 +391,28 @@ mod tests {
             assert_eq!(max(&a).to_bits(), want_max.to_bits(), "max n={n}");
             let want_min = a.iter().copied().fold(f32::INFINITY, f32::min);
             assert_eq!(min_max(&a), (want_min, want_max), "min_max n={n}");
+        }
+        for n in lengths() {
+            let (x, scale) = (values(n, 5), 0.125);
+            let shift = max(&x) * scale;
+            let mut fused = x.clone();
+            let total = exp_scaled_and_sum(&mut fused, scale, shift);
+            let mut apart: Vec<f32> = x.iter().map(|v| v * scale).collect();
+            assert_eq!(
+                max(&apart).to_bits(),
+                shift.to_bits(),
+                "scaling keeps the maximum"
+            );
+            apart.iter_mut().for_each(|v| *v -= shift);
+            exp_in_place(&mut apart);
+            assert_eq!(total.to_bits(), sum(&apart).to_bits(), "exp_scaled_and_sum n={n}");
+            assert!(fused.iter().zip(&apart).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // Every element as the scalar code computes it, tails included.
+            let one: Vec<f32> = x.iter().map(|&v| exp_one::<false>(v * scale - shift)).collect();
+            let mut portable = x.clone();
+            let portable_total = exp_shifted_slice::<false, true>(&mut portable, scale, shift);
+            assert_eq!(portable, one, "portable exp n={n}");
+            assert_eq!(portable_total.to_bits(), sum(&portable).to_bits());
         }
         let mut with_nan = values(70, 3);
         with_nan[40] = f32::NAN;

@@ -149,6 +149,9 @@ const PAIRED_ATTENTION_ROWS: usize = 64;
 
 /// Logits kept at once when scoring (rows × a slice of the vocabulary): 25 MB of f32.
 const NLL_LOGITS: usize = 128 * 49_152;
+/// The same where slices are multiplied in place ([`CpuMatrix::slices_in_place`]): 4 MiB,
+/// about a core's L2, where the log-sum-exp reads it back.
+const NLL_LOGITS_IN_CACHE: usize = 1 << 20;
 /// The narrowest slice of the vocabulary scored at once.
 const NLL_MIN_COLUMNS: usize = 256;
 
@@ -393,9 +396,14 @@ impl Backend for CpuBackend {
         predictions: &[Prediction],
         first_id: usize,
     ) -> Result<HostTensor> {
-        // Whole pairs of the AMX kernel's column blocks, so that a packed lm_head is
-        // multiplied slice by slice in place.
-        let width = (NLL_LOGITS / predictions.len().max(1) / 32 * 32).max(NLL_MIN_COLUMNS);
+        let m = predictions.len().max(1);
+        // Whole pairs of the AMX kernel's column blocks, so that a kept lm_head is
+        // multiplied slice by slice in place; there the input is packed once for all slices,
+        // and a narrower slice is still in cache when its log-sum-exp reads it.
+        let width = match lm_head.slices_in_place(self.compute, m) {
+            true => (NLL_LOGITS_IN_CACHE / m / 32 * 32).max(32),
+            false => (NLL_LOGITS / m / 32 * 32).max(NLL_MIN_COLUMNS),
+        };
         self.nll_parts_in_slices(hidden, lm_head, predictions, first_id, width)
     }
 
@@ -418,18 +426,14 @@ impl CpuBackend {
     ) -> Result<HostTensor> {
         let rows: Vec<usize> = predictions.iter().map(|p| p.row).collect();
         let x = gather_rows(hidden, lm_head, &rows)?;
-        let (m, vocab) = (rows.len(), lm_head.rows);
+        let m = rows.len();
         if m == 0 {
             return HostTensor::new(Vec::new(), 0, 3);
         }
-        let width = width.min(vocab).max(1);
-        let mut logits = vec![0f32; m * width];
         let mut running = vec![RunningLogSumExp::EMPTY; m];
         let mut targets = vec![0f32; m];
-        for v0 in (0..vocab).step_by(width) {
-            let v1 = (v0 + width).min(vocab);
-            let logits = &mut logits[..m * (v1 - v0)];
-            lm_head.matmul_rows(self.compute, &x, m, v0..v1, logits);
+        lm_head.matmul_row_slices(self.compute, &x, m, width, |slice, logits| {
+            let (v0, v1) = (slice.start, slice.end);
             logits
                 .par_chunks_mut(v1 - v0)
                 .zip(predictions.par_iter())
@@ -442,7 +446,7 @@ impl CpuBackend {
                     let (max, sum) = max_and_sum_exp_in_place(l);
                     running.merge(max, sum);
                 });
-        }
+        });
         let parts = running
             .iter()
             .zip(&targets)
