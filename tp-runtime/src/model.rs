@@ -227,6 +227,15 @@ pub fn gated_activation<'w, B: Backend>(
     ws: &'w mut Workspace<B>,
 ) -> Result<&'w B::Tensor> {
     let rows = backend.dims(h).0;
+    if gate.bias.is_none() && up.bias.is_none() {
+        let activated = reuse(backend, &mut ws.activated, rows, gate.out_features())?;
+        if gate
+            .kernel
+            .gated_into(up.kernel.as_ref(), backend, h, activated)?
+        {
+            return Ok(ws.activated.as_ref().expect("set above"));
+        }
+    }
     let g = reuse(backend, &mut ws.gate, rows, gate.out_features())?;
     let u = reuse(backend, &mut ws.up, rows, up.out_features())?;
     gate.forward_into(backend, h, g)?;

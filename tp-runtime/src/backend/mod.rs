@@ -244,6 +244,25 @@ pub trait LinearKernel<B: Backend>: Send + Sync {
     fn byte_size(&self) -> usize;
     /// `out = x · Wᵀ`, for `x` `[rows, in_features]` and `out` `[rows, out_features]`.
     fn forward_into(&self, backend: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<()>;
+    /// The kernel as [`Any`](std::any::Any), for a kernel that fuses work with another of
+    /// its own type ([`LinearKernel::gated_into`]); `None` where no kernel does.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+    /// `out = silu(x · Wᵀ) * (x · Upᵀ)` with this kernel as the gate projection, in one pass
+    /// that never writes the two products out: `Ok(false)` (nothing written) where this
+    /// backend has no such kernel for the pair, and the caller runs the two products and
+    /// [`Backend::silu_mul_into`] instead — with the same result.
+    fn gated_into(
+        &self,
+        up: &dyn LinearKernel<B>,
+        backend: &B,
+        x: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<bool> {
+        let _ = (up, backend, x, out);
+        Ok(false)
+    }
 }
 
 /// The operations a decoder needs, on one device. Activations are row-major `[rows,

@@ -430,6 +430,47 @@ pub(crate) fn matmul(a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usiz
     matmul_on(TileUnit::Hardware, a, b, out, ld, col0);
 }
 
+/// `out[i, col0 + 16c + j] = silu(p[i, 32c + j]) · p[i, 32c + 16 + j]` for the product `p =
+/// a · b`, whose column blocks alternate gate and up columns (`b.cols` a multiple of 32):
+/// SwiGLU's two products and their combination, with only the combination written out.
+///
+/// # Panics
+/// As [`matmul`].
+pub(crate) fn matmul_gated(a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
+    assert!(
+        b.cols.is_multiple_of(2 * COLS),
+        "{} columns are not whole gate/up block pairs",
+        b.cols
+    );
+    assert!(
+        out.len() >= a.rows * ld,
+        "output holds fewer than {} rows",
+        a.rows
+    );
+    #[cfg(test)]
+    let unit = match hardware_here() {
+        true => TileUnit::Hardware,
+        false => TileUnit::Emulated,
+    };
+    #[cfg(not(test))]
+    let unit = TileUnit::Hardware;
+    if unit == TileUnit::Hardware {
+        assert!(amx_permitted(), "AMX tile data is not permitted in this process");
+    }
+    let out = SharedOut(out.as_mut_ptr());
+    // SAFETY: `out` holds every row written (asserted); `product` checks the columns.
+    unsafe { product(unit, a, b, out, ld, col0, true, Epilogue::SiluGate) }
+}
+
+/// What a task does with each 32 × 32 block of results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Epilogue {
+    /// Writes it to the output.
+    Store,
+    /// Writes `silu(left 16 columns) · right 16 columns` (a gate and an up block).
+    SiluGate,
+}
+
 /// Whether this CPU has the tile unit and Linux granted it.
 #[cfg(test)]
 pub(crate) fn hardware_here() -> bool {
@@ -454,7 +495,18 @@ fn matmul_on(unit: TileUnit, a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], 
         a.rows
     );
     // SAFETY: `out` holds every row written (asserted); `product` checks the columns.
-    unsafe { product(unit, a, b, SharedOut(out.as_mut_ptr()), ld, col0, true) }
+    unsafe {
+        product(
+            unit,
+            a,
+            b,
+            SharedOut(out.as_mut_ptr()),
+            ld,
+            col0,
+            true,
+            Epilogue::Store,
+        )
+    }
 }
 
 /// [`matmul`] on the calling thread alone, into an output other threads write elsewhere: for
@@ -474,11 +526,33 @@ pub(crate) unsafe fn matmul_on_this_thread(
     #[cfg(test)]
     if !hardware_here() {
         // SAFETY: per the caller.
-        return unsafe { product(TileUnit::Emulated, a, b, SharedOut(out), ld, col0, false) };
+        return unsafe {
+            product(
+                TileUnit::Emulated,
+                a,
+                b,
+                SharedOut(out),
+                ld,
+                col0,
+                false,
+                Epilogue::Store,
+            )
+        };
     }
     assert!(amx_permitted(), "AMX tile data is not permitted in this process");
     // SAFETY: per the caller; the unit is permitted (asserted).
-    unsafe { product(TileUnit::Hardware, a, b, SharedOut(out), ld, col0, false) }
+    unsafe {
+        product(
+            TileUnit::Hardware,
+            a,
+            b,
+            SharedOut(out),
+            ld,
+            col0,
+            false,
+            Epilogue::Store,
+        )
+    }
 }
 
 /// The product of [`matmul_on`], into `out`, in parallel tasks or (`parallel` false) on this
@@ -486,6 +560,7 @@ pub(crate) unsafe fn matmul_on_this_thread(
 ///
 /// # Safety
 /// As for [`matmul_on_this_thread`]; the hardware unit, if `unit` says so, is permitted.
+#[allow(clippy::too_many_arguments)]
 unsafe fn product(
     unit: TileUnit,
     a: &PackedLhs,
@@ -494,16 +569,21 @@ unsafe fn product(
     ld: usize,
     col0: usize,
     parallel: bool,
+    epilogue: Epilogue,
 ) {
     assert_eq!(a.steps, b.steps, "operands differ in k");
-    assert!(col0 + b.cols <= ld, "columns {col0}+{} beyond {ld}", b.cols);
+    let out_cols = match epilogue {
+        Epilogue::Store => b.cols,
+        Epilogue::SiluGate => b.cols / 2,
+    };
+    assert!(col0 + out_cols <= ld, "columns {col0}+{out_cols} beyond {ld}");
     if a.rows == 0 || b.cols == 0 {
         return;
     }
     if a.steps == 0 {
         for i in 0..a.rows {
-            // SAFETY: row i, columns col0..col0 + b.cols are the caller's.
-            unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * ld + col0), b.cols).fill(0.0) };
+            // SAFETY: row i, columns col0..col0 + out_cols are the caller's; silu(0) · 0 = 0.
+            unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * ld + col0), out_cols).fill(0.0) };
         }
         return;
     }
@@ -511,7 +591,7 @@ unsafe fn product(
     let column_pairs = b.blocks / 2;
     if !parallel {
         // SAFETY: every row and column of the product is the caller's.
-        return unsafe { task_tiles(unit, a, b, 0..row_pairs, 0..column_pairs, out, ld, col0) };
+        return unsafe { task_tiles(unit, a, b, 0..row_pairs, 0..column_pairs, out, ld, col0, epilogue) };
     }
     let column_groups = column_pairs.div_ceil(COLUMN_PAIRS_PER_TASK);
     let mut per_task = (LHS_BYTES_PER_TASK / (2 * block_bytes(a.steps))).max(1);
@@ -528,7 +608,7 @@ unsafe fn product(
         let columns = group * COLUMN_PAIRS_PER_TASK..((group + 1) * COLUMN_PAIRS_PER_TASK).min(column_pairs);
         // SAFETY: this task alone writes the rows of `rows` × the columns of `columns`; the
         // hardware unit is permitted (checked by `matmul`).
-        unsafe { task_tiles(unit, a, b, rows, columns, shared, ld, col0) };
+        unsafe { task_tiles(unit, a, b, rows, columns, shared, ld, col0, epilogue) };
     });
 }
 
@@ -574,9 +654,12 @@ unsafe fn task_tiles(
     out: SharedOut,
     ld: usize,
     col0: usize,
+    epilogue: Epilogue,
 ) {
-    // The 2 × 2 tiles of an edge, as [32 rows][32 columns]; whole ones go to `out` directly.
+    // The 2 × 2 tiles of an edge or a gated block, as [32 rows][32 columns]; other whole ones
+    // go to `out` directly.
     let mut c = [0f32; 4 * ROWS * COLS];
+    let mut gated = Gated::new();
     let a_block = a.steps * TILE;
     let b_values = b.values;
     if unit == TileUnit::Hardware {
@@ -591,7 +674,7 @@ unsafe fn task_tiles(
             let a0 = &a.values()[2 * rp * a_block..(2 * rp + 2) * a_block];
             let i0 = 2 * rp * ROWS;
             let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
-            let whole = height == 2 * ROWS && width == 2 * COLS;
+            let whole = height == 2 * ROWS && width == 2 * COLS && epilogue == Epilogue::Store;
             match unit {
                 // SAFETY: a0 and b0 hold two blocks of `steps` tiles each; rows i0..i0 + 32
                 // and columns col0 + j0..+32 lie in this task's part of the output.
@@ -616,6 +699,12 @@ unsafe fn task_tiles(
             if whole && unit == TileUnit::Hardware {
                 continue;
             }
+            if epilogue == Epilogue::SiluGate {
+                // SAFETY: rows i0..i0 + height, columns col0 + cp·16..+16 lie in this task's
+                // part of the output.
+                unsafe { gated.write(&c, height, out.ptr().add(i0 * ld + col0 + cp * COLS), ld) };
+                continue;
+            }
             for r in 0..height {
                 let src = &c[r * 2 * COLS..][..width];
                 // SAFETY: row i0 + r < a.rows and columns col0 + j0.. + width ≤ col0 +
@@ -633,6 +722,46 @@ unsafe fn task_tiles(
     if unit == TileUnit::Hardware {
         // SAFETY: releases the tile state this thread configured.
         unsafe { release() };
+    }
+}
+
+/// A gated block's halves and result, apart: [`super::silu_mul_into`] then runs on whole
+/// contiguous blocks, exactly as on the two products written out.
+struct Gated {
+    gate: [f32; 2 * ROWS * COLS],
+    up: [f32; 2 * ROWS * COLS],
+    activated: [f32; 2 * ROWS * COLS],
+}
+
+impl Gated {
+    fn new() -> Self {
+        Gated {
+            gate: [0.0; 2 * ROWS * COLS],
+            up: [0.0; 2 * ROWS * COLS],
+            activated: [0.0; 2 * ROWS * COLS],
+        }
+    }
+
+    /// `silu(c[r, ..16]) · c[r, 16..]` for the first `rows` rows of the 32 × 32 block `c`,
+    /// each written at `out + r · ld` (16 values).
+    ///
+    /// # Safety
+    /// Those values are writable, by this caller alone.
+    unsafe fn write(&mut self, c: &[f32; 4 * ROWS * COLS], rows: usize, out: *mut f32, ld: usize) {
+        let values = rows * COLS;
+        for (r, row) in c.chunks_exact(2 * COLS).take(rows).enumerate() {
+            self.gate[r * COLS..][..COLS].copy_from_slice(&row[..COLS]);
+            self.up[r * COLS..][..COLS].copy_from_slice(&row[COLS..]);
+        }
+        super::silu_mul_into(
+            &mut self.activated[..values],
+            &self.gate[..values],
+            &self.up[..values],
+        );
+        for (r, row) in self.activated[..values].chunks_exact(COLS).enumerate() {
+            // SAFETY: per the caller.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ld), COLS) };
+        }
     }
 }
 

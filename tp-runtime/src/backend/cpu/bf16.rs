@@ -157,6 +157,48 @@ pub(crate) fn row_pairs_matmul_amx(
     });
 }
 
+/// `out[m, n] = silu(x · Gt) * (x · Ut)` on the AMX tiles for two `[k, n]` weights made as
+/// [`row_pairs_matmul_amx`]'s is (`gate_pairs`, `up_pairs`; `n` a multiple of 16): each panel
+/// packs their columns as alternating 16-column blocks, and the kernel's epilogue combines
+/// each block pair ([`amx::matmul_gated`](super::amx::matmul_gated)).
+pub(crate) fn row_pairs_gated_matmul_amx(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    gate_pairs: impl Fn(usize, usize, usize, &mut [u32]) + Sync,
+    up_pairs: impl Fn(usize, usize, usize, &mut [u32]) + Sync,
+) {
+    assert!(
+        n.is_multiple_of(BLOCK),
+        "gated outputs come in blocks of {BLOCK}, not {n}"
+    );
+    if empty_product(x, None, out, m, k, n) {
+        return;
+    }
+    // Half a single product's panel of each weight, in whole blocks.
+    let panel = (panel_columns(k, n) / 2 / BLOCK * BLOCK).max(BLOCK);
+    with_packed_lhs(x, m, k, |a| {
+        for n0 in (0..n).step_by(panel) {
+            let w = panel.min(n - n0);
+            let b = PackedRhs::from_row_pairs_into(RHS_TILES.take(), k, 2 * w, |p0, j0, width, tile| {
+                // Block 2i is the gate's columns 16i.., block 2i + 1 the up's.
+                let column = n0 + j0 / (2 * BLOCK) * BLOCK;
+                match (j0 / BLOCK) % 2 {
+                    0 => gate_pairs(p0, column, width, tile),
+                    _ => up_pairs(p0, column, width, tile),
+                }
+            });
+            super::amx::matmul_gated(a, b.all(), out, n, n0);
+            RHS_TILES.set(b.into_buffer());
+        }
+    });
+}
+
+/// Columns of one tile block of the AMX kernel.
+const BLOCK: usize = 16;
+
 /// Columns of `Wt` per panel: at most [`PANEL_BYTES`] of bf16, whole fill chunks.
 fn panel_columns(k: usize, n: usize) -> usize {
     (PANEL_BYTES / 2 / k / FILL_CHUNK * FILL_CHUNK)

@@ -125,7 +125,7 @@ fn same_dims(what: &str, a: &HostTensor, b: &HostTensor) -> Result<()> {
 /// `y = silu(g) · u = g / (1 + exp(−g)) · u`, element-wise. Compiled for AVX-512 and AVX2
 /// too, so that its passes vectorise (no fused multiply-add: every version rounds alike).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+pub(crate) fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
     for (y, &g) in y.iter_mut().zip(g) {
         *y = -g;
     }

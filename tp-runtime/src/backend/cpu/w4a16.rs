@@ -15,7 +15,7 @@ use half::bf16;
 
 use super::CpuBackend;
 use super::amx::TILE_ROW_WORDS;
-use super::bf16::{panel_matmul_bf16, round_to_bf16, row_pairs_matmul_amx};
+use super::bf16::{panel_matmul_bf16, round_to_bf16, row_pairs_gated_matmul_amx, row_pairs_matmul_amx};
 use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
 use super::pairs::pair;
 use crate::Result;
@@ -295,6 +295,55 @@ impl LinearKernel<CpuBackend> for CpuAwq {
         self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
         Ok(())
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn gated_into(
+        &self,
+        up: &dyn LinearKernel<CpuBackend>,
+        backend: &CpuBackend,
+        x: &HostTensor,
+        out: &mut HostTensor,
+    ) -> Result<bool> {
+        let Some(up) = up.as_any().and_then(|up| up.downcast_ref::<CpuAwq>()) else {
+            return Ok(false);
+        };
+        if (up.in_features, up.out_features) != (self.in_features, self.out_features) {
+            return Ok(false);
+        }
+        check_linear_dims(x, out, self.out_features, self.in_features)?;
+        Ok(self.gated_matmul(up, backend.compute(), &x.data, x.rows, &mut out.data))
+    }
+}
+
+impl CpuAwq {
+    /// `out = silu(x · selfᵀ) * (x · upᵀ)` on the AMX tiles, the two weights unpacked into
+    /// one operand of alternating 16-column blocks so that each 32 × 32 result block holds
+    /// matching gate and up columns (then combined in cache): `false` (nothing written) off
+    /// that path — another compute, a few rows (decoding), an odd `k` or outputs not in
+    /// whole blocks of 16.
+    fn gated_matmul(&self, up: &CpuAwq, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) -> bool {
+        let (k, n) = (self.in_features, self.out_features);
+        if m <= FEW_ROWS
+            || compute.bf16_kernel() != Some(Bf16Kernel::Amx)
+            || !k.is_multiple_of(2)
+            || !n.is_multiple_of(16)
+        {
+            return false;
+        }
+        row_pairs_gated_matmul_amx(
+            x,
+            m,
+            k,
+            n,
+            out,
+            |p0, n0, width, tile| unpack_row_pairs(self, p0, n0..n0 + width, tile),
+            |p0, n0, width, tile| unpack_row_pairs(up, p0, n0..n0 + width, tile),
+        );
+        true
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +419,49 @@ mod tests {
                 assert_eq!(got, want, "rows {p}, {} columns {ns:?}", p + 1);
             }
         }
+    }
+
+    #[test]
+    fn gated_products_equal_the_two_products_and_silu() {
+        // 48 outputs: three gate/up block pairs; 70 rows: a ragged last row pair.
+        for (m, k, n, g) in [(70, 64, 48, 32), (40, 128, 160, 64)] {
+            let (gate, up) = (
+                CpuAwq::new(random_weight(k, n, g, 11).0),
+                CpuAwq::new(random_weight(k, n, g, 12).0),
+            );
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0f32)).collect();
+            let mut got = vec![f32::NAN; m * n];
+            assert!(gate.gated_matmul(&up, Compute::Amx, &x, m, &mut got));
+            let (mut g_out, mut u_out, mut want) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+            gate.matmul(Compute::Amx, &x, m, &mut g_out);
+            up.matmul(Compute::Amx, &x, m, &mut u_out);
+            crate::backend::cpu::silu_mul_into(&mut want, &g_out, &u_out);
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "[{m}, {k}] x [{k}, {n}]"
+            );
+        }
+        // Off the fused path nothing is written and the caller multiplies as before.
+        let (gate, up) = (
+            CpuAwq::new(random_weight(64, 40, 32, 1).0),
+            CpuAwq::new(random_weight(64, 40, 32, 2).0),
+        );
+        let x = vec![0.5f32; 40 * 64];
+        let mut out = vec![f32::NAN; 40 * 40];
+        assert!(
+            !gate.gated_matmul(&up, Compute::Amx, &x, 40, &mut out),
+            "40 is not whole blocks"
+        );
+        assert!(
+            !gate.gated_matmul(&up, Compute::F32, &x, 40, &mut out),
+            "f32 compute"
+        );
+        assert!(
+            !gate.gated_matmul(&up, Compute::Amx, &x, FEW_ROWS, &mut out),
+            "decoding"
+        );
+        assert!(out.iter().all(|v| v.is_nan()));
     }
 
     #[test]
