@@ -666,14 +666,17 @@ unsafe fn task_tiles(
         // SAFETY: CONFIG is a valid palette-1 configuration; the unit is permitted.
         unsafe { load_config() };
     }
-    for cp in columns {
-        let b0 = &b_values[2 * cp * b.block..(2 * cp + 1) * b.block + a_block];
-        let j0 = 2 * cp * COLS;
-        let width = (2 * COLS).min(b.cols - j0);
-        for rp in rows.clone() {
-            let a0 = &a.values()[2 * rp * a_block..(2 * rp + 2) * a_block];
-            let i0 = 2 * rp * ROWS;
-            let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
+    // Row pairs outside: each output row is then written in one run of consecutive lines
+    // (the task's column pairs side by side), which the stores' misses handle far better
+    // than 32 rows of 128 bytes each (3-18 % on the products of an evaluation).
+    for rp in rows {
+        let a0 = &a.values()[2 * rp * a_block..(2 * rp + 2) * a_block];
+        let i0 = 2 * rp * ROWS;
+        let height = (2 * ROWS).min(a.rows.saturating_sub(i0));
+        for cp in columns.clone() {
+            let b0 = &b_values[2 * cp * b.block..(2 * cp + 1) * b.block + a_block];
+            let j0 = 2 * cp * COLS;
+            let width = (2 * COLS).min(b.cols - j0);
             let whole = height == 2 * ROWS && width == 2 * COLS && epilogue == Epilogue::Store;
             match unit {
                 // SAFETY: a0 and b0 hold two blocks of `steps` tiles each; rows i0..i0 + 32
