@@ -184,6 +184,10 @@ struct PackedRow<'a> {
 /// per tile, since one per pair of rows cost as much as the unpacking.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512bw", "x86_64+avx2"))]
 fn unpack_row_pairs(w: &CpuAwq, p0: usize, ns: std::ops::Range<usize>, tile: &mut [u32]) {
+    let rows = 2 * (tile.len() / TILE_ROW_WORDS);
+    if ns.len() == TILE_ROW_WORDS && rows > 0 && p0 / w.group_size == (p0 + rows - 1) / w.group_size {
+        return unpack_block_in_one_group(w, p0, ns.start, tile);
+    }
     for (pair, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
         let p = p0 + 2 * pair;
         unpack_pair_bf16(
@@ -192,6 +196,42 @@ fn unpack_row_pairs(w: &CpuAwq, p0: usize, ns: std::ops::Range<usize>, tile: &mu
             &mut row[..ns.len()],
         );
     }
+}
+
+/// [`unpack_row_pairs`] for a whole tile row of columns `n0..n0 + 16` whose rows share one
+/// quantization group: the zero points and scales are widened once for the tile, and each
+/// pair of rows is one 16-lane pass (the same values as [`unpack_pair_bf16`]'s, which reads
+/// them again for every pair).
+#[inline(always)]
+fn unpack_block_in_one_group(w: &CpuAwq, p0: usize, n0: usize, tile: &mut [u32]) {
+    const COLS: usize = TILE_ROW_WORDS;
+    let n_total = w.out_features;
+    let group_row = (p0 / w.group_size) * n_total + n0;
+    let zeros: [f32; COLS] = std::array::from_fn(|c| w.zeros[group_row + c] as f32);
+    let scales: [f32; COLS] = w.scales[group_row..][..COLS].try_into().expect("16 scales");
+    let qweight: &[i32] = &w.qweight;
+    let column_shift: [u32; COLS] = std::array::from_fn(|c| SHIFT_OF[c % PACK]);
+    for (pair, row) in tile.chunks_exact_mut(COLS).enumerate() {
+        let k = p0 + 2 * pair;
+        let low: [i32; 2] = qweight[(k * n_total + n0) / PACK..][..2]
+            .try_into()
+            .expect("2 words");
+        let high: [i32; 2] = qweight[((k + 1) * n_total + n0) / PACK..][..2]
+            .try_into()
+            .expect("2 words");
+        let row: &mut [u32; COLS] = row.try_into().expect("a tile row");
+        for c in 0..COLS {
+            let l = (((low[c / PACK] as u32 >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
+            let h = (((high[c / PACK] as u32 >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
+            row[c] = pair_of(l, h);
+        }
+    }
+}
+
+/// [`pair`], named apart from the loop variable above.
+#[inline(always)]
+fn pair_of(low: f32, high: f32) -> u32 {
+    pair(low, high)
 }
 
 /// Two consecutive rows of `Wt` unpacked, each value rounded to bf16 as [`unpack_row_bf16`]
@@ -417,6 +457,34 @@ mod tests {
                     .map(|j| super::super::pairs::word(rows[p * n + j], rows[(p + 1) * n + j]))
                     .collect();
                 assert_eq!(got, want, "rows {p}, {} columns {ns:?}", p + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn row_pair_tiles_unpack_as_their_pairs() {
+        // Tiles within one group (the hoisted path) and, with groups of 16 rows, across two.
+        for (k, n, g) in [(128, 48, 32), (128, 48, 64), (64, 48, 16)] {
+            let awq = CpuAwq::new(random_weight(k, n, g, 21).0);
+            for p0 in (0..k).step_by(32) {
+                for ns in [0..16, 16..32, 32..48, 8..16, 0..48] {
+                    let rows = 32.min(k - p0);
+                    let mut got = vec![0u32; rows / 2 * TILE_ROW_WORDS];
+                    let mut want = got.clone();
+                    if ns.len() > TILE_ROW_WORDS {
+                        continue;
+                    }
+                    unpack_row_pairs(&awq, p0, ns.clone(), &mut got);
+                    for (pair, row) in want.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
+                        let p = p0 + 2 * pair;
+                        unpack_pair_bf16(
+                            awq.packed_row(p, ns.clone()),
+                            awq.packed_row(p + 1, ns.clone()),
+                            &mut row[..ns.len()],
+                        );
+                    }
+                    assert_eq!(got, want, "g {g}, rows {p0}.., columns {ns:?}");
+                }
             }
         }
     }
