@@ -219,10 +219,13 @@ fn unpack_block_in_one_group(w: &CpuAwq, p0: usize, n0: usize, tile: &mut [u32])
         let high: [i32; 2] = qweight[((k + 1) * n_total + n0) / PACK..][..2]
             .try_into()
             .expect("2 words");
+        // Each lane's word, as two broadcasts blended (an index `c / 8` compiles to gathers).
+        let low: [u32; COLS] = std::array::from_fn(|c| if c < PACK { low[0] } else { low[1] } as u32);
+        let high: [u32; COLS] = std::array::from_fn(|c| if c < PACK { high[0] } else { high[1] } as u32);
         let row: &mut [u32; COLS] = row.try_into().expect("a tile row");
         for c in 0..COLS {
-            let l = (((low[c / PACK] as u32 >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
-            let h = (((high[c / PACK] as u32 >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
+            let l = (((low[c] >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
+            let h = (((high[c] >> column_shift[c]) & 0xF) as f32 - zeros[c]) * scales[c];
             row[c] = pair_of(l, h);
         }
     }
