@@ -433,6 +433,15 @@ pub struct Model<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
+    /// `f` through [`Backend::run`] where this model is the whole of it (one rank, one
+    /// stage, so nothing in `f` waits on another rank); directly otherwise.
+    fn alone<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self.comm.is_none() && self.placement.is_first() && self.placement.is_last() {
+            true => self.backend.run(f),
+            false => f(),
+        }
+    }
+
     /// Loads `dir/config.json` and the checkpoint beside it.
     pub fn load(dir: &Path, backend: B) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -749,12 +758,14 @@ impl<B: Backend> Decoder for Model<B> {
     }
 
     fn extend(&self, tokens: &[Vec<u32>]) -> Result<Vec<Option<Vec<f32>>>> {
-        let new: Vec<usize> = tokens.iter().map(Vec::len).collect();
-        let (rows, slots) = last_rows(&new);
-        let mut x = self.embed(&tokens.concat())?;
-        self.run_layers_cached(&mut x, &new, &mut Workspace::default())?;
-        let hidden = self.finish(&x)?;
-        Ok(per_sequence(self.logits(&hidden, &rows)?, &slots))
+        self.alone(|| {
+            let new: Vec<usize> = tokens.iter().map(Vec::len).collect();
+            let (rows, slots) = last_rows(&new);
+            let mut x = self.embed(&tokens.concat())?;
+            self.run_layers_cached(&mut x, &new, &mut Workspace::default())?;
+            let hidden = self.finish(&x)?;
+            Ok(per_sequence(self.logits(&hidden, &rows)?, &slots))
+        })
     }
 }
 
@@ -791,12 +802,16 @@ impl<B: Backend> Scorer for Model<B> {
     }
 
     fn score(&self, ids: &[u32], layout: &SeqLayout, predictions: &[Prediction]) -> Result<Vec<f32>> {
-        let hidden = self.forward(ids, layout)?;
-        self.token_nll(&hidden, predictions)
+        self.alone(|| {
+            let hidden = self.forward(ids, layout)?;
+            self.token_nll(&hidden, predictions)
+        })
     }
 
     fn logits_at(&self, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let hidden = self.forward(ids, layout)?;
-        self.logits(&hidden, rows)
+        self.alone(|| {
+            let hidden = self.forward(ids, layout)?;
+            self.logits(&hidden, rows)
+        })
     }
 }

@@ -284,6 +284,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A short name for reports ("cpu", "cuda:0").
     fn name(&self) -> String;
 
+    /// Runs `f` where this backend's parallel loops start cheapest: on the CPU, on a worker
+    /// of rayon's pool, whose loops then wake only the other workers (from any other thread
+    /// each loop wakes them and then the caller back). Only for work that never waits on
+    /// another rank or thread, which could then be waiting for this worker.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Places a dense matrix.
     fn matrix(&self, weight: DenseWeight) -> Result<Self::Matrix>;
     /// Places a vector (widened to f32).

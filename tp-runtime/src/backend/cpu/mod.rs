@@ -193,6 +193,12 @@ impl Backend for CpuBackend {
         )
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // Measured: +7-11 % on an AMX evaluation at 512 tokens per pass, with ~25 parallel
+        // loops per layer.
+        rayon::scope(|_| f())
+    }
+
     fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {
         Ok(CpuMatrix::new(weight))
     }
