@@ -412,7 +412,7 @@ pub fn quantize_on<B: Backend>(
         if let Some(stream) = &mut stream {
             for index in 0..layers.start {
                 let start = Instant::now();
-                backend.run(|| stream.skip_layer())?;
+                stream.skip_layer()?;
                 stream.release(index);
                 let forward = start.elapsed().as_secs_f64();
                 seconds.capture += forward;
@@ -436,17 +436,14 @@ pub fn quantize_on<B: Backend>(
             let (quantized, mut report) = match &mut stream {
                 Some(stream) => {
                     let start = Instant::now();
-                    let mut capture = backend
-                        .run(|| stream.next_layer())?
-                        .expect("one capture per layer");
+                    let mut capture = stream.next_layer()?.expect("one capture per layer");
                     drop(capture.layer);
                     let capture_seconds = start.elapsed().as_secs_f64();
                     let weights = LayerWeights::read(&checkpoint, &config, index)?;
                     // The search works on its own f32 copy: the mapped pages can go now.
                     stream.release(index);
-                    let inputs = &mut capture.inputs;
-                    let result = backend
-                        .run(|| quantize_layer(backend, weights, index, inputs, &config, &settings))?;
+                    let result =
+                        quantize_layer(backend, weights, index, &mut capture.inputs, &config, &settings)?;
                     drop(capture.inputs);
                     let (q, mut r) = result;
                     r.seconds.capture = capture_seconds;

@@ -7,9 +7,34 @@ use crate::compute::Compute;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 18;
 
+thread_local! {
+    /// Whether this thread runs a [`Backend::run`](crate::Backend::run) body: a worker of the
+    /// pool, but not inside a parallel loop, so its products should still use every thread.
+    static POOL_ROOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as running a [`Backend::run`](crate::Backend::run) body until dropped.
+pub(crate) struct PoolRoot(bool);
+
+impl PoolRoot {
+    pub(crate) fn enter() -> Self {
+        PoolRoot(POOL_ROOT.replace(true))
+    }
+}
+
+impl Drop for PoolRoot {
+    fn drop(&mut self) {
+        POOL_ROOT.set(self.0);
+    }
+}
+
 fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
-    if threads > 1 && m * k * n >= PARALLEL_THRESHOLD && rayon::current_thread_index().is_none() {
+    // Inside a parallel loop's task a product stays on its thread; the body of
+    // `Backend::run` is on a worker too, but runs no loop around it. (A task the root
+    // thread steals while it waits is taken as the root's: nested, never unsound.)
+    let top_level = rayon::current_thread_index().is_none() || POOL_ROOT.get();
+    if threads > 1 && m * k * n >= PARALLEL_THRESHOLD && top_level {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
@@ -40,8 +65,8 @@ pub(crate) fn empty_product(
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, where `w` is a PyTorch-layout weight (`[out, in]`).
 ///
-/// Runs on the rayon pool when called from outside it and the product is large enough;
-/// inside a rayon task it stays on that task's thread.
+/// Runs on the rayon pool when called from outside it (or from a `Backend::run` body) and the
+/// product is large enough; inside a rayon task it stays on that task's thread.
 pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     if empty_product(x, Some(w.len()), out, m, k, n) {
         return;

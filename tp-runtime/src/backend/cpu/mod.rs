@@ -194,14 +194,12 @@ impl Backend for CpuBackend {
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        // Measured on the AMX path (+7-11 % evaluation at 512 tokens per pass, ~25 parallel
-        // loops per layer; +8-10 % quantization). Not on the others: there the products are
-        // the `gemm` and `gemmkit` crates', whose thread partitions ran as if on one core from
-        // inside the pool (f32 quantization 50 s -> 75 s).
-        match self.compute.bf16_kernel() {
-            Some(Bf16Kernel::Amx) => rayon::scope(|_| f()),
-            _ => f(),
-        }
+        // +7-11 % on an AMX evaluation at 512 tokens per pass (~25 parallel loops per layer),
+        // +8-10 % on an AMX quantization.
+        rayon::scope(|_| {
+            let _root = matmul::PoolRoot::enter();
+            f()
+        })
     }
 
     fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {
