@@ -424,14 +424,19 @@ pub(crate) struct RhsColumns<'a> {
 /// If `k` differs between the operands or the output is too small; where the tile unit is
 /// not [`amx_permitted`] (a caller's bug: the compute path is resolved against it).
 pub(crate) fn matmul(a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
-    // Unit tests on a CPU without the tile unit run every AMX product on its twin, so that
-    // the callers' panels and buffers are tested everywhere.
+    matmul_on(unit_here(), a, b, out, ld, col0, Epilogue::Store);
+}
+
+/// The unit this process multiplies tiles on: the tile unit (asserted [`amx_permitted`]), or
+/// in unit tests on a CPU without it its scalar twin, so that the callers' panels and
+/// buffers are tested everywhere.
+fn unit_here() -> TileUnit {
     #[cfg(test)]
     if !hardware_here() {
-        return matmul_on(TileUnit::Emulated, a, b, out, ld, col0);
+        return TileUnit::Emulated;
     }
     assert!(amx_permitted(), "AMX tile data is not permitted in this process");
-    matmul_on(TileUnit::Hardware, a, b, out, ld, col0);
+    TileUnit::Hardware
 }
 
 /// `out[i, col0 + 16c + j] = silu(p[i, 32c + j]) · p[i, 32c + 16 + j]` for the product `p =
@@ -446,24 +451,7 @@ pub(crate) fn matmul_gated(a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld
         "{} columns are not whole gate/up block pairs",
         b.cols
     );
-    assert!(
-        out.len() >= a.rows * ld,
-        "output holds fewer than {} rows",
-        a.rows
-    );
-    #[cfg(test)]
-    let unit = match hardware_here() {
-        true => TileUnit::Hardware,
-        false => TileUnit::Emulated,
-    };
-    #[cfg(not(test))]
-    let unit = TileUnit::Hardware;
-    if unit == TileUnit::Hardware {
-        assert!(amx_permitted(), "AMX tile data is not permitted in this process");
-    }
-    let out = SharedOut(out.as_mut_ptr());
-    // SAFETY: `out` holds every row written (asserted); `product` checks the columns.
-    unsafe { product(unit, a, b, out, ld, col0, true, Epilogue::SiluGate) }
+    matmul_on(unit_here(), a, b, out, ld, col0, Epilogue::SiluGate);
 }
 
 /// What a task does with each 32 × 32 block of results.
@@ -492,25 +480,22 @@ enum TileUnit {
 }
 
 /// [`matmul`] on `unit`.
-fn matmul_on(unit: TileUnit, a: &PackedLhs, b: RhsColumns<'_>, out: &mut [f32], ld: usize, col0: usize) {
+fn matmul_on(
+    unit: TileUnit,
+    a: &PackedLhs,
+    b: RhsColumns<'_>,
+    out: &mut [f32],
+    ld: usize,
+    col0: usize,
+    epilogue: Epilogue,
+) {
     assert!(
         out.len() >= a.rows * ld,
         "output holds fewer than {} rows",
         a.rows
     );
     // SAFETY: `out` holds every row written (asserted); `product` checks the columns.
-    unsafe {
-        product(
-            unit,
-            a,
-            b,
-            SharedOut(out.as_mut_ptr()),
-            ld,
-            col0,
-            true,
-            Epilogue::Store,
-        )
-    }
+    unsafe { product(unit, a, b, SharedOut(out.as_mut_ptr()), ld, col0, true, epilogue) }
 }
 
 /// [`matmul`] on the calling thread alone, into an output other threads write elsewhere: for
@@ -527,27 +512,10 @@ pub(crate) unsafe fn matmul_on_this_thread(
     ld: usize,
     col0: usize,
 ) {
-    #[cfg(test)]
-    if !hardware_here() {
-        // SAFETY: per the caller.
-        return unsafe {
-            product(
-                TileUnit::Emulated,
-                a,
-                b,
-                SharedOut(out),
-                ld,
-                col0,
-                false,
-                Epilogue::Store,
-            )
-        };
-    }
-    assert!(amx_permitted(), "AMX tile data is not permitted in this process");
-    // SAFETY: per the caller; the unit is permitted (asserted).
+    // SAFETY: per the caller; `unit_here` asserts the unit is permitted.
     unsafe {
         product(
-            TileUnit::Hardware,
+            unit_here(),
             a,
             b,
             SharedOut(out),
@@ -1046,7 +1014,7 @@ mod tests {
             let ld = n + 3;
             let mut out = vec![f32::NAN; m * ld];
             let mut magnitudes = vec![0f64; m * ld];
-            matmul_on(unit, &a, b.all(), &mut out, ld, 2);
+            matmul_on(unit, &a, b.all(), &mut out, ld, 2, Epilogue::Store);
             let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
             let mut worst = 0f64;
             for i in 0..m {
