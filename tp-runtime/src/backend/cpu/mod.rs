@@ -194,8 +194,9 @@ impl Backend for CpuBackend {
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        // +7-11 % on an AMX evaluation at 512 tokens per pass (~25 parallel loops per layer),
-        // +8-10 % on an AMX quantization.
+        // +7-11 % on an AMX evaluation at 512 tokens per pass (~25 parallel loops per layer).
+        // Quantization does not come here: SmolLM2's gained 8-10 %, but a 7B-shaped search,
+        // whose loops nest around its products, lost 15-25 %.
         // Memory freed on the calling thread (a tokenizer, a model's loading) sits in its
         // malloc arena, which the worker's allocations do not reuse: hand it back, once (the
         // peak RSS of an f32 SmolLM2 evaluation: 797 MB without, 707 MB with; trimming before
