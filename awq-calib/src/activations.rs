@@ -9,9 +9,9 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use cpu_kernels::{gram_into, gram_rows_bf16, gram_rows_into, to_bf16_slice};
 use half::bf16;
 use rayon::prelude::*;
-use tp_runtime::backend::cpu::{gram_into, gram_rows_bf16, gram_rows_into, to_bf16_slice};
 use tp_runtime::{Compute, HostTensor};
 
 /// Rows widened to f32 at once by the block-wise readers of bf16 activations.
@@ -242,7 +242,7 @@ fn mean_abs_of<T: Sync>(values: &[T], cols: usize, rows: usize, abs: impl Fn(&T)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tp_runtime::backend::cpu::to_bf16;
+    use cpu_kernels::to_bf16;
 
     fn sample(rows: usize, cols: usize) -> Vec<f32> {
         (0..rows * cols)

@@ -36,6 +36,9 @@ pub enum CalibError {
     /// The model failed to load or run.
     #[error(transparent)]
     Runtime(#[from] tp_runtime::Error),
+    /// A CPU kernel refused its operands.
+    #[error(transparent)]
+    Kernel(#[from] cpu_kernels::Error),
     /// A model file or the tokenizer failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),

@@ -7,10 +7,10 @@
 //! matrix: one small product per group instead of one per token.
 
 use awq_calib::Activations;
+use cpu_kernels::{dot, gram, matmul_transposed};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::HostTensor;
-use tp_runtime::backend::cpu::{dot, gram, matmul_transposed};
 
 use crate::quant::{GroupSize, fake_quantize_group};
 

@@ -27,6 +27,9 @@ pub enum PackError {
     /// Running the model failed.
     #[error(transparent)]
     Runtime(#[from] tp_runtime::Error),
+    /// A CPU kernel refused its operands.
+    #[error(transparent)]
+    Kernel(#[from] cpu_kernels::Error),
     /// Reading or writing a model file failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),

@@ -9,14 +9,14 @@ use awq_calib::{Activations, LayerInputs};
 use checkpoint::FloatData;
 use checkpoint::names::{self, Projection, layer_tensor_name};
 use checkpoint::{Checkpoint, ModelConfig};
+use cpu_kernels::{
+    dot_f64, matmul_bf16_weight, matmul_transposed, matmul_transposed_in, squared_distance_f64,
+    sum_of_squares_f64, to_bf16,
+};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
-use tp_runtime::backend::cpu::{
-    dot_f64, matmul_bf16_weight, matmul_transposed, matmul_transposed_in, squared_distance_f64,
-    sum_of_squares_f64, to_bf16,
-};
 use tp_runtime::compute::Bf16Kernel;
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
 use tp_runtime::{Backend, DenseWeight, SeqLayout};
@@ -797,5 +797,38 @@ mod tests {
             let loss = gram_loss(&gram, &w, &scales, g, 7);
             assert!((loss - direct).abs() < 1e-2 * direct, "bf16: {loss} vs {direct}");
         }
+    }
+
+    #[test]
+    fn search_flops_follow_the_scaling_groups() {
+        // No GQA and q_features = hidden: v → o is searched (its Gram form adds FLOPs).
+        let base = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":512,
+            "intermediate_size":1024,"num_hidden_layers":2,"num_attention_heads":8,
+            "num_key_value_heads":8,"rms_norm_eps":1e-5,"vocab_size":1000});
+        let config =
+            |v: serde_json::Value| ModelConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
+        let mha = config(base.clone());
+        let mut gqa_json = base.clone();
+        gqa_json["num_key_value_heads"] = 2.into();
+        let gqa = config(gqa_json);
+        let (tokens, seq) = (4096.0, 512);
+        let vo = 2.0 * tokens * 512f64.powi(2) + 20.0 * 2.0 * 512.0 * 512f64.powi(2);
+        let kv_delta = 2.0 * 2.0 * tokens * 512.0 * (512.0 - 128.0) * 22.0;
+        let got = search_flops(&mha, tokens, seq) - search_flops(&gqa, tokens, seq);
+        assert!(
+            (got - (vo + kv_delta)).abs() / got < 1e-12,
+            "{got} vs {}",
+            vo + kv_delta
+        );
+        // 16 heads over 8 kv heads of 64: v_proj is [512, 512] but o_proj [512, 1024], so
+        // AutoAWQ's shape test leaves v → o out, although kv_features = hidden.
+        let mut wide = base;
+        wide["num_attention_heads"] = 16.into();
+        wide["head_dim"] = 64.into();
+        let wide = config(wide);
+        assert_eq!(wide.kv_features(), wide.hidden_size);
+        let groups = scaling_groups(&wide);
+        assert_eq!(groups.len(), 3);
+        assert!(groups.iter().all(|g| g.inspect != Inspect::Linear(Projection::O)));
     }
 }

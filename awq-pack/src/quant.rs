@@ -10,10 +10,10 @@
 //!
 //! with round-half-to-even. Groups run along the input dimension of a `[out, in]` weight.
 
+use cpu_kernels::min_max;
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tp_runtime::backend::cpu::min_max;
 
 use crate::{PackError, Result};
 

@@ -5,10 +5,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use cpu_kernels::narrow as to_bf16_row;
 use half::bf16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tp_runtime::backend::cpu::narrow as to_bf16_row;
 
 use crate::Result;
 use crate::quant::{GroupSize, fake_quantize_group};

@@ -133,7 +133,11 @@ fn reruns_are_bit_identical() {
 #[test]
 fn bf16_reruns_are_bit_identical() {
     if !tp_runtime::CpuFeatures::detect().has_bf16() {
-        eprintln!("skipped: this CPU has no avx512_bf16 (the bf16 path is refused there)");
+        testkit::skip::unavailable(
+            "bf16_reruns_are_bit_identical",
+            testkit::skip::Condition::Avx512Bf16,
+            "this CPU has no avx512_bf16 (the bf16 path is refused there)",
+        );
         return;
     }
     let (tmp, model, calib) = setup("tiny-llama");

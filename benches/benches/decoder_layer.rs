@@ -1,10 +1,10 @@
 //! One SmolLM2-shaped decoder layer forward at 512 tokens on the CPU backend, against a
 //! same-run baseline: the layer's seven projections alone as plain f32 GEMMs.
 
+use cpu_kernels::matmul_transposed;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tp_runtime::backend::cpu::matmul_transposed;
 use tp_runtime::backend::{Backend, CpuBackend, RopeFrequencies};
 use tp_runtime::model::{DecoderLayer, ForwardContext, Linear, Workspace};
 use tp_runtime::{DenseWeight, SeqLayout};
@@ -42,7 +42,7 @@ fn layer(rng: &mut ChaCha8Rng) -> DecoderLayer<CpuBackend> {
 }
 
 fn bench(c: &mut Criterion) {
-    tp_runtime::backend::cpu::retain_freed_memory();
+    cpu_kernels::retain_freed_memory();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let backend = CpuBackend::new();
     let layer = layer(&mut rng);

@@ -13,6 +13,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file or folder the command needs is not there.
+    #[error("{path}: {what}")]
+    NotFound { path: PathBuf, what: String },
     /// A JSON file could not be parsed.
     #[error("{path}: invalid JSON: {source}")]
     Json {

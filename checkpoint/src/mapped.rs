@@ -78,13 +78,10 @@ impl Checkpoint {
         } else if single_path.exists() {
             checkpoint.add_file(&single_path, None)?;
         } else {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
-                ),
-            ));
+            return Err(Error::NotFound {
+                path: dir.to_owned(),
+                what: format!("no {SINGLE_FILE} or {INDEX_FILE} in this folder"),
+            });
         }
         Ok(checkpoint)
     }

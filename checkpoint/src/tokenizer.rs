@@ -23,7 +23,10 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(Error::io(path, std::io::ErrorKind::NotFound.into()));
+            return Err(Error::NotFound {
+                path: path.to_owned(),
+                what: "not found".into(),
+            });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
             path: path.to_owned(),

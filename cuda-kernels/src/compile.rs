@@ -40,8 +40,7 @@ fn compile(
     }
     let src = CString::new(full_source(source)).expect("kernel sources hold no NUL");
     let name = CString::new(format!("{}.cu", source.name)).expect("module names hold no NUL");
-    let prog =
-        result::create_program(&src, Some(&name)).map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")))?;
+    let prog = result::create_program(&src, Some(&name))?;
     let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("-arch={arch}"));
     options.extend(extra.iter().map(|s| s.to_string()));
@@ -62,8 +61,7 @@ fn compile(
             });
         }
         Ok(()) if want_ptx => {
-            let ptx =
-                unsafe { result::get_ptx(prog) }.map_err(|e| KernelError::Cuda(format!("nvrtc: {e:?}")));
+            let ptx = unsafe { result::get_ptx(prog) }.map_err(KernelError::from);
             ptx.map(|p| Some(p.iter().map(|&c| c as u8).collect::<Vec<u8>>()))
         }
         Ok(()) => Ok(None),

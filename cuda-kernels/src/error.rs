@@ -19,9 +19,18 @@ pub enum KernelError {
         arch: String,
         log: String,
     },
-    /// A driver or cuBLAS call failed.
-    #[error("CUDA: {0}")]
-    Cuda(String),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+    /// NVRTC failed (other than a compile error of our source, which is [`KernelError::Compile`]).
+    #[error("NVRTC: {0}")]
+    Nvrtc(#[from] cudarc::nvrtc::result::NvrtcError),
+    /// A captured CUDA graph holds no work.
+    #[error("stream capture recorded no work")]
+    EmptyCapture,
     /// Buffers whose sizes disagree with the dimensions given.
     #[error("{0}")]
     Shape(String),
@@ -29,15 +38,3 @@ pub enum KernelError {
 
 /// The crate's result type.
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
-
-impl From<cudarc::driver::DriverError> for KernelError {
-    fn from(e: cudarc::driver::DriverError) -> Self {
-        KernelError::Cuda(format!("{e:?}"))
-    }
-}
-
-impl From<cudarc::cublas::result::CublasError> for KernelError {
-    fn from(e: cudarc::cublas::result::CublasError) -> Self {
-        KernelError::Cuda(format!("cuBLAS: {e:?}"))
-    }
-}

@@ -910,7 +910,7 @@ impl Gpu {
         let queued = f();
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
         queued?;
-        graph?.ok_or_else(|| KernelError::Cuda("stream capture recorded no work".into()))
+        graph?.ok_or(KernelError::EmptyCapture)
     }
 
     /// Like [`Gpu::time_ms`], with the `calls` calls captured once into a CUDA graph and the

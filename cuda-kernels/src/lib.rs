@@ -11,8 +11,10 @@
 //!   twin;
 //! - [`launch`]: which W4A16 kernel a call runs, its grid and K split (plain arithmetic);
 //! - [`gpu`]: one device — context, stream, compiled modules cached per device, cuBLAS — with
-//!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend.
+//!   a safe wrapper per kernel. Every kernel's CPU twin is in tp-runtime's CPU backend;
+//! - [`bench`]: timing the W4A16 kernels against cuBLAS f16 (`awq bench kernels`).
 
+pub mod bench;
 pub mod compile;
 pub mod devices;
 mod error;

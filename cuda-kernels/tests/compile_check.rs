@@ -1,7 +1,7 @@
 //! Every kernel compiles for sm_90 (the H100/H200) with NVRTC, no GPU needed; the
-//! assembler's registers, stack and spills are printed. Skips, saying why, where libnvrtc
+//! assembler's registers, stack and spills are printed. Reported as skipped where libnvrtc
 //! cannot be loaded — unless `AWQ_REQUIRE_NVRTC=1` (set by `scripts/test.sh`, which installs
-//! the NVRTC wheel), where that fails.
+//! the NVRTC wheel), where that fails (`testkit::skip`).
 
 use cuda_kernels::compile::{check, nvrtc_available};
 use cuda_kernels::source::SOURCES;
@@ -9,11 +9,11 @@ use cuda_kernels::source::SOURCES;
 #[test]
 fn every_kernel_compiles_for_sm90() {
     if !nvrtc_available() {
-        let reason = "libnvrtc.so.13 is not on the library path (scripts/fetch-nvrtc.sh installs it)";
-        if std::env::var("AWQ_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
-            panic!("AWQ_REQUIRE_NVRTC=1 but {reason}");
-        }
-        eprintln!("SKIPPED every_kernel_compiles_for_sm90: {reason}");
+        testkit::skip::unavailable(
+            "every_kernel_compiles_for_sm90",
+            testkit::skip::Condition::Nvrtc,
+            "libnvrtc.so.13 is not on the library path (scripts/fetch-nvrtc.sh installs it)",
+        );
         return;
     }
     println!(

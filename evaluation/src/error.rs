@@ -18,9 +18,6 @@ pub enum Error {
     /// Loading or running the model failed.
     #[error(transparent)]
     Runtime(#[from] tp_runtime::Error),
-    /// Quantization failed.
-    #[error(transparent)]
-    Quantize(#[from] awq_pack::PackError),
     /// Generation failed (chat template, sampling settings, the model).
     #[error(transparent)]
     Generate(#[from] generation::Error),

@@ -270,7 +270,7 @@ pub fn kl_divergence<B: Scorer + ?Sized, Q: Scorer + ?Sized>(
         ));
     }
     let start = Instant::now();
-    let layout = SeqLayout::single(plan.ctx)?;
+    let layout = SeqLayout::single(plan.ctx).map_err(tp_runtime::Error::from)?;
     let mut tally = Tally::default();
     for index in 0..plan.windows {
         let (ids, predictions) = plan.window(tokens, index);

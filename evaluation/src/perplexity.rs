@@ -212,7 +212,7 @@ pub fn evaluate<S: Scorer + ?Sized>(
             }));
             spans.push((index, first..predictions.len()));
         }
-        let layout = SeqLayout::new(&vec![plan.ctx; group.len()])?;
+        let layout = SeqLayout::new(&vec![plan.ctx; group.len()]).map_err(tp_runtime::Error::from)?;
         let nll = model.score(&ids, &layout, &predictions)?;
         for (index, span) in spans {
             let score = WindowScore {

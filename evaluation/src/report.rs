@@ -1,10 +1,11 @@
 //! The JSON reports every command writes, typed both ways: written with `Serialize`, read
 //! back (by the job report, `awq batch`, tests) with `Deserialize`, so that a renamed or
-//! missing field is an error naming it rather than a silent zero.
+//! missing field is an error naming it rather than a silent zero. Reports of runs this crate
+//! does not make (`awq quantize`'s, built by `pipeline` on [`provenance`](crate::provenance))
+//! carry the same [`SCHEMA_VERSION`] and are read by the same [`read`].
 
 use std::path::Path;
 
-use awq_pack::QuantizeReport;
 use checkpoint::ModelConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,8 @@ use crate::perplexity::Protocol;
 use crate::provenance::{FileDigest, Machine, ToolInfo};
 use crate::{Error, Result};
 
-/// Version of every report's layout; bumped on any incompatible change.
+/// Version of every report's layout, those of this crate and those other crates build on its
+/// types (the quantization run's, the job's); bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// The model's files and shape, as reported.
@@ -118,21 +120,6 @@ pub struct GenerateReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// `awq quantize`'s report: the quantizer's own report with the run's provenance.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct QuantizeRunReport {
-    pub schema_version: u32,
-    pub kind: String,
-    pub tool: ToolInfo,
-    pub machine: Machine,
-    pub threads: usize,
-    pub input: Vec<FileDigest>,
-    pub output: Vec<FileDigest>,
-    pub quantization: QuantizeReport,
-    pub wall_seconds: f64,
-    pub peak_rss_bytes: Option<u64>,
-}
-
 /// One evaluation of a job, as its report lists it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalRow {
@@ -185,9 +172,10 @@ pub struct GroupLoss {
     pub best_loss: f64,
 }
 
-/// A job's `report.json`.
+/// A job's `report.json`. `Q` is the quantization run's report, which the crate that runs
+/// quantizations defines (`pipeline`); read without it, the section stays untyped JSON.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobReport {
+pub struct JobReport<Q = serde_json::Value> {
     pub schema_version: u32,
     pub job: String,
     pub name: String,
@@ -200,7 +188,7 @@ pub struct JobReport {
     pub settings: serde_json::Value,
     pub evals: Vec<EvalRow>,
     pub comparisons: Vec<Comparison>,
-    pub quantization: Option<QuantizeRunReport>,
+    pub quantization: Option<Q>,
     pub layer_losses: Vec<LayerLoss>,
     pub step_seconds: Vec<(String, f64)>,
 }

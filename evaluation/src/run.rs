@@ -1,11 +1,11 @@
-//! Measured runs: a checkpoint's perplexity and a quantization, each with the provenance
-//! that makes its numbers reproducible (tool, machine, threads, digests of every input and
-//! output, peak memory).
+//! Measured runs: a checkpoint's perplexity and a generation, each with the provenance that
+//! makes its numbers reproducible (tool, machine, threads, digests of every input, peak
+//! memory). A quantization run is recorded the same way, from these provenance helpers, by
+//! the job runner that composes quantization and evaluation (`pipeline`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use awq_pack::{Event, Method, QuantizeOptions, QuantizeReport};
 use checkpoint::{ModelConfig, Tokenizer};
 use generation::{ChatTemplate, GenerateOptions, Message, Sampling, TextStream, generate, stop_tokens};
 use tp_runtime::loaded;
@@ -14,10 +14,8 @@ use tp_runtime::{ComputeRequest, Placement, PlacementRequest};
 
 use crate::kl::{KlStats, kl_divergence};
 use crate::perplexity::{PerplexityResult, Protocol, Tally, WindowPlan, WindowScore, evaluate};
-use crate::provenance::{self, FileDigest};
-use crate::report::{
-    DataInfo, EvalReport, GenerateReport, KlSection, ModelInfo, QuantizeRunReport, SCHEMA_VERSION,
-};
+use crate::provenance;
+use crate::report::{DataInfo, EvalReport, GenerateReport, KlSection, ModelInfo, SCHEMA_VERSION};
 use crate::{Error, Result};
 
 /// What to evaluate, and how.
@@ -262,69 +260,6 @@ pub fn evaluate_checkpoint(
         peak_rss_bytes: provenance::peak_rss_bytes(),
         kl,
     })
-}
-
-/// Quantizes `model` into `out` and records the run; `calib` is the calibration file, whose
-/// digest joins the inputs.
-pub fn quantize_checkpoint(
-    model: &Path,
-    out: &Path,
-    options: &QuantizeOptions,
-    calib: Option<&Path>,
-    on_event: impl FnMut(Event<'_>),
-) -> Result<QuantizeRunReport> {
-    let wall = Instant::now();
-    let report = awq_pack::quantize(model, out, options, on_event)?;
-    let mut input = provenance::digest_dir(model)?;
-    if let Some(calib) = calib
-        && options.method == Method::Awq
-    {
-        input.push(provenance::digest(calib)?);
-    }
-    QuantizeRunReport::of("quantize", input, out, report, wall)
-}
-
-/// [`awq_pack::merge_parts`] with its provenance: the parts' files as inputs, the merged
-/// checkpoint's files as outputs.
-pub fn merge_part_folders(
-    parts: &[PathBuf],
-    out: &Path,
-    max_shard_bytes: u64,
-    replace: bool,
-) -> Result<QuantizeRunReport> {
-    let wall = Instant::now();
-    let report = awq_pack::merge_parts(parts, out, max_shard_bytes, replace)?;
-    let mut input = Vec::new();
-    for part in parts {
-        input.extend(provenance::digest_dir(part)?);
-    }
-    QuantizeRunReport::of("merge", input, out, report, wall)
-}
-
-impl QuantizeRunReport {
-    /// The report of a run of `kind` that read `input`, wrote `out` and began at `wall`; the
-    /// peak RSS is read first, before digesting the output adds to it.
-    fn of(
-        kind: &str,
-        input: Vec<FileDigest>,
-        out: &Path,
-        report: QuantizeReport,
-        wall: Instant,
-    ) -> Result<Self> {
-        let peak_rss_bytes = provenance::peak_rss_bytes();
-        Ok(QuantizeRunReport {
-            schema_version: SCHEMA_VERSION,
-            kind: kind.into(),
-            tool: provenance::tool(),
-            machine: provenance::machine(),
-            threads: rayon::current_num_threads(),
-            input,
-            output: provenance::digest_dir(out)?,
-            quantization: report,
-            wall_seconds: wall.elapsed().as_secs_f64(),
-            peak_rss_bytes,
-        })
-    }
 }
 
 /// What to generate, and where.

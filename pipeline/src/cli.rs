@@ -8,9 +8,10 @@ use awq_calib::{CalibFormat, CalibSpec, Sampling};
 use awq_pack::{GroupSize, LayerRange, Method, QuantizeOptions, Scaling};
 use clap::{Args, ValueEnum};
 use evaluation::perplexity::Protocol;
-use evaluation::report::QuantizeRunReport;
 use evaluation::{Device, EvalRequest};
 use tp_runtime::{ComputeRequest, PlacementRequest};
+
+use crate::quantize_run::QuantizeRunReport;
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -194,8 +195,11 @@ impl QuantizeArgs {
     }
 }
 
-/// Where a model runs across ranks: what `awq eval` and `awq generate` share.
-#[derive(Debug, Args)]
+/// Where a model runs across ranks (`--tp`, `--pp`, `--layers`): the one declaration of these
+/// flags, flattened into every command that takes a placement (`awq eval`, `awq generate`,
+/// `awq plan`, `awq shard`). What is not given comes from a pre-sharded folder's mapping, else
+/// is 1 ([`PlacementRequest::resolve`]).
+#[derive(Clone, Debug, Default, Args)]
 pub struct PlacementArgs {
     /// Tensor-parallel ranks per stage (CPU: in-process ranks, one thread each; CUDA: one GPU
     /// each). Default: 1, or what a pre-sharded folder was sharded for.
@@ -211,6 +215,11 @@ pub struct PlacementArgs {
 }
 
 impl PlacementArgs {
+    /// Whether any of `--tp`, `--pp`, `--layers` was given.
+    pub fn given(&self) -> bool {
+        self.tp.is_some() || self.pp.is_some() || self.layers.is_some()
+    }
+
     /// The placement these arguments ask for.
     pub fn request(&self) -> PlacementRequest {
         PlacementRequest {

@@ -6,6 +6,7 @@ mod job;
 mod lock;
 mod manifest;
 mod progress;
+mod quantize_run;
 mod report;
 mod runner;
 mod zoo;
@@ -36,7 +37,7 @@ enum Command {
     /// Describe a checkpoint folder and check an AWQ checkpoint's format.
     Inspect(inspect::InspectArgs),
     /// Choose tensor and pipeline parallelism for a set of devices, with each device's memory
-    /// and why every other placement was not chosen (or show a given placement).
+    /// and why every other placement was not chosen (or show a given one: --tp, --pp, --layers).
     Plan(plan::PlanArgs),
     /// The GPUs of this machine: memory, compute capability, driver, NCCL, peer access.
     Devices(devices::DevicesArgs),
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    tp_runtime::backend::cpu::retain_freed_memory();
+    cpu_kernels::retain_freed_memory();
     let result = match &cli.command {
         Command::Run(args) => run::run(args),
         Command::Validate(args) => run::validate(args),
@@ -99,8 +100,44 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `err` and its causes, joined by ": ", each cause left out whose text the message already
+/// holds (a library error that names its cause in its own message, `path: No space left on
+/// device`, and also hands it on as its source).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let err = anyhow::Error::new(checkpoint::Error::io("/out/model.safetensors", io))
+            .context("writing the checkpoint");
+        assert_eq!(
+            error_chain(&err),
+            "writing the checkpoint: /out/model.safetensors: No space left on device (os error 28)"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&err), "outer: inner");
     }
 }

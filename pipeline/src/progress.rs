@@ -9,9 +9,11 @@ use std::time::SystemTime;
 
 use anyhow::Result;
 use awq_pack::{Event, QuantizeOptions};
-use evaluation::report::{EvalReport, QuantizeRunReport};
-use evaluation::{EvalEvent, EvalRequest, evaluate_checkpoint, quantize_checkpoint};
+use evaluation::report::EvalReport;
+use evaluation::{EvalEvent, EvalRequest, evaluate_checkpoint};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::quantize_run::{QuantizeRunReport, quantize_checkpoint};
 
 /// Whether stderr is an interactive terminal.
 pub fn interactive() -> bool {

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use evaluation::provenance;
-use evaluation::report::{
-    Comparison, EvalReport, EvalRow, GroupLoss, JobReport, LayerLoss, QuantizeRunReport, SCHEMA_VERSION,
-};
+use evaluation::report::{Comparison, EvalReport, EvalRow, GroupLoss, LayerLoss, SCHEMA_VERSION};
 use plotters::prelude::*;
 
 use crate::job::{Job, Source};
 use crate::manifest::Manifest;
+use crate::quantize_run::QuantizeRunReport;
+
+/// A job's `report.json`, its quantization section typed.
+pub type JobReport = evaluation::report::JobReport<QuantizeRunReport>;
 
 /// Bytes of the safetensors files in a checkpoint folder (0 when it cannot be read).
 pub(crate) fn weights_bytes(dir: &Path) -> u64 {

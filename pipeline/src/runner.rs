@@ -345,7 +345,7 @@ pub fn run_job(job: &Job, options: RunOptions) -> Result<Outcome> {
         let step_start = Instant::now();
         // The previous step's freed buffers go back to the kernel first: the allocator keeps
         // them for reuse, and they would otherwise count in this step's peak.
-        tp_runtime::backend::cpu::release_freed_memory();
+        cpu_kernels::release_freed_memory();
         provenance::reset_peak_rss();
         let written = run_step(job, step).with_context(|| format!("step {name}"))?;
         let record = StepRecord {

@@ -9,7 +9,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 mod common;
 
-use common::{awq, text};
+use common::help::{check_all, check_command};
 
 fn example(path: &str) -> (PathBuf, String) {
     let path = testkit::workspace_root().join("examples").join(path);
@@ -19,91 +19,6 @@ fn example(path: &str) -> (PathBuf, String) {
 
 fn yaml(text: &str, path: &Path) -> Vec<Yaml> {
     YamlLoader::load_from_str(text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Every `awq …` command in a text (comments included), each as its arguments: shell lines
-/// joined across trailing backslashes, quotes and YAML flow brackets dropped.
-fn awq_commands(text: &str) -> Vec<Vec<String>> {
-    let joined = text.replace("\\\n", " ");
-    let mut commands = Vec::new();
-    for line in joined.lines() {
-        let tokens: Vec<String> = line
-            .split_whitespace()
-            .map(|t| t.trim_matches(|c| "\"'[],#&;".contains(c)).to_string())
-            .collect();
-        for (i, t) in tokens.iter().enumerate() {
-            if (t == "awq" || t.ends_with("/awq")) && i + 1 < tokens.len() {
-                let args: Vec<String> = tokens[i + 1..]
-                    .iter()
-                    .take_while(|a| !a.is_empty() && !a.starts_with('>') && *a != "|")
-                    .cloned()
-                    .collect();
-                if args
-                    .first()
-                    .is_some_and(|a| a.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
-                {
-                    commands.push(args);
-                }
-            }
-        }
-    }
-    commands
-}
-
-/// The command's subcommand path (`batch`, `batch merge`, …) and its `--flags`.
-fn check_command(args: &[String], file: &Path) {
-    let mut path = vec![args[0].clone()];
-    if args[0] == "batch" && args.get(1).is_some_and(|a| a == "merge") {
-        path.push("merge".into());
-    }
-    let mut help_args: Vec<&str> = path.iter().map(String::as_str).collect();
-    help_args.push("--help");
-    let o = awq(&help_args);
-    assert!(
-        o.status.success(),
-        "{}: `awq {}` is not a command: {}",
-        file.display(),
-        path.join(" "),
-        text(&o)
-    );
-    let help = String::from_utf8_lossy(&o.stdout).into_owned();
-    for flag in args.iter().filter(|a| a.starts_with("--")) {
-        let flag = flag.split('=').next().unwrap();
-        let known = help.match_indices(flag).any(|(at, _)| {
-            help[at + flag.len()..]
-                .chars()
-                .next()
-                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-'))
-        });
-        assert!(
-            known,
-            "{}: `awq {}` has no flag {flag}:\n{help}",
-            file.display(),
-            path.join(" ")
-        );
-    }
-    // Job and zoo files named relative to the clone's root exist and validate.
-    for file_arg in args
-        .iter()
-        .filter(|a| a.ends_with(".toml") && !a.starts_with('$'))
-    {
-        let job = testkit::workspace_root().join(file_arg);
-        assert!(job.is_file(), "{}: {file_arg} does not exist", file.display());
-    }
-}
-
-fn check_all(file: &Path, text: &str, expect: &[&str]) {
-    let commands = awq_commands(text);
-    for want in expect {
-        assert!(
-            commands.iter().any(|c| c.join(" ").starts_with(want)),
-            "{}: no `awq {want}` command in {commands:?}",
-            file.display()
-        );
-    }
-    for c in &commands {
-        check_command(c, file);
-    }
 }
 
 #[test]

@@ -118,7 +118,11 @@ fn a_7b_shaped_model_quantizes_into_shards_bit_identically() {
     let data = testkit::workspace_root().join("data/wiki.test.raw");
     for compute in ["f32", "bf16"] {
         if compute == "bf16" && !tp_runtime::CpuFeatures::detect().has_bf16() {
-            eprintln!("bf16 twin check skipped: this CPU has no avx512_bf16");
+            testkit::skip::unavailable(
+                "a_7b_shaped_model_quantizes_into_shards_bit_identically (bf16 twin check)",
+                testkit::skip::Condition::Avx512Bf16,
+                "this CPU has no avx512_bf16",
+            );
             continue;
         }
         let (w4, twin) = (

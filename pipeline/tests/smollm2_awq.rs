@@ -141,8 +141,10 @@ fn awq_closes_the_rtn_gap_on_smollm2() {
     // `amx` on Intel with AMX, `bf16` on AMD with AVX512-BF16.
     let sixteen = tp_runtime::ComputeRequest::Auto.resolve_here(true).unwrap();
     if sixteen == tp_runtime::Compute::F32 {
-        eprintln!(
-            "16-bit quality guards skipped: auto runs f32 on this CPU (no AMX, and no vdpbf16ps faster than f32)"
+        testkit::skip::unavailable(
+            "awq_closes_the_rtn_gap_on_smollm2 (16-bit quality guards)",
+            testkit::skip::Condition::Amx,
+            "auto runs f32 on this CPU (no AMX, and no vdpbf16ps faster than f32)",
         );
     } else {
         let path = sixteen.to_string();
@@ -187,4 +189,61 @@ fn awq_closes_the_rtn_gap_on_smollm2() {
         ((packed - unpacked) / unpacked).abs() < 1e-4,
         "W4A16 PPL {packed} vs dequantized {unpacked}"
     );
+}
+
+/// The search computed in f32 writes, byte for byte, the checkpoint recorded for this CPU in
+/// `fixtures/smollm2-135m/awq_g64_f32_search.json` (its SHA-256; the CI machine's is there),
+/// and that checkpoint evaluates in f32 to the recorded perplexity, which is AutoAWQ's within
+/// 0.1 % (33.17).
+#[test]
+fn an_f32_search_writes_the_recorded_checkpoint() {
+    const TEST: &str = "an_f32_search_writes_the_recorded_checkpoint";
+    let fixture = testkit::read_json(&testkit::fixture("smollm2-135m/awq_g64_f32_search.json"));
+    let cpu = testkit::machine::cpu_key().unwrap_or_default();
+    let Some(record) = fixture["checkpoints_by_cpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cpu"] == cpu.as_str())
+    else {
+        testkit::skip::unavailable(
+            TEST,
+            testkit::skip::Condition::RecordedCpu,
+            &format!("no checkpoint is recorded for this CPU ({cpu})"),
+        );
+        return;
+    };
+    let model = testkit::smollm2_f32();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("awq");
+    awq(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--calib",
+        testkit::calib_text().to_str().unwrap(),
+        "--group-size",
+        "64",
+        "--samples",
+        "128",
+        "--seq-len",
+        "512",
+        "--compute",
+        "f32",
+    ]);
+    let sha = checkpoint::digest::sha256_file(&out.join("model.safetensors")).unwrap();
+    assert_eq!(
+        sha,
+        record["model_safetensors_sha256"].as_str().unwrap(),
+        "the f32 search wrote other bytes than those recorded for this CPU ({})",
+        record["machine"]
+    );
+    let ppl = ppl(&out, &testkit::wiki_test(), "f32")["ppl"].as_f64().unwrap();
+    let recorded = record["ctx512_first40_ppl_f32"].as_f64().unwrap();
+    assert!(
+        relative(ppl, recorded) < 1e-9,
+        "f32 PPL {ppl} vs recorded {recorded}"
+    );
+    assert!(relative(ppl, 33.17) < 1e-3, "f32 PPL {ppl} vs AutoAWQ's 33.17");
 }

@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 
 pub mod awq;
+pub mod machine;
 pub mod reference;
+pub mod skip;
 pub mod tiny;
 
 pub use tiny::{TINY_MODELS, TinyModel, tiny, tiny_with_tokenizer};

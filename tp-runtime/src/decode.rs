@@ -100,7 +100,7 @@ impl<B: Backend> KvCache<B> {
             });
             row += n;
         }
-        AttentionLayout::new(sequences)
+        Ok(AttentionLayout::new(sequences)?)
     }
 
     /// Records `new[s]` more positions in each sequence (after every layer stored them).

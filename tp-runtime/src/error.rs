@@ -7,7 +7,21 @@ pub enum Error {
     /// A model file is missing, malformed, or disagrees with the configuration.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
+    /// A CPU kernel refused its operands, or the CPU lacks the requested compute path.
+    #[error(transparent)]
+    Kernel(#[from] cpu_kernels::Error),
     /// The GPU, its driver or one of its libraries failed or is missing.
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] cuda_kernels::KernelError),
+    /// NCCL failed in a collective or its setup.
+    #[cfg(feature = "cuda")]
+    #[error("NCCL {what}: {code:?}")]
+    Nccl {
+        what: &'static str,
+        code: cudarc::nccl::result::NcclError,
+    },
+    /// The GPUs asked for are not there (too few, too old, no NCCL for several).
     #[error("{0}")]
     Device(String),
     /// A caller asked for something impossible (bad context length, empty batch, ...).

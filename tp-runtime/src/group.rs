@@ -221,7 +221,7 @@ impl RankGroup<CudaBackend> {
                 .gpu()
                 .context()
                 .bind_to_thread()
-                .map_err(|e| Error::Device(format!("{e:?}")))?;
+                .map_err(cuda_kernels::KernelError::from)?;
             let comm: Option<Comm<CudaBackend>> = match &ids[rank.stage] {
                 Some(id) => {
                     let stream = backend.gpu().stream().clone();

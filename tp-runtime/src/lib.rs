@@ -6,8 +6,6 @@
 //!   linear layers with, and the weight formats ([`DenseWeight`], AWQ) with how each is
 //!   placed on each backend (`backend::weights`);
 //! - [`model`]: the decoder, written once against [`Backend`]; [`Scorer`];
-//! - [`compute`]: the arithmetic of CPU matrix products (f32, or bf16 operands where the CPU
-//!   multiplies them natively), requested and resolved against the CPU's features;
 //! - [`decode`]: the KV cache and [`Decoder`], what generation drives;
 //! - [`shard`]: the tensor-parallel plan and [`placement`]: pipeline stages and the ranks of
 //!   both, from the configuration alone; [`load`]: reading one rank's share of a checkpoint
@@ -18,11 +16,11 @@
 //! - [`loaded`]: opening a checkpoint on a device as one model or a group ([`LoadedModel`]);
 //! - [`planner`]: choosing tp, pp and the layer split from the model's size and the devices.
 //!
-//! Model files (configuration, safetensors, tokenizer) are the `checkpoint` crate's.
+//! Model files (configuration, safetensors, tokenizer) are the `checkpoint` crate's; the
+//! kernels are the `cpu-kernels` and `cuda-kernels` crates'.
 
 pub mod backend;
 pub mod comm;
-pub mod compute;
 pub mod decode;
 mod error;
 pub mod group;
@@ -32,13 +30,15 @@ pub mod model;
 pub mod placement;
 pub mod planner;
 pub mod shard;
-pub mod tensor;
 
 #[cfg(feature = "cuda")]
 pub use backend::CudaBackend;
-pub use backend::weights::{DenseWeight, WeightFormat};
 pub use backend::{Backend, CpuBackend, LinearKernel, SeqLayout};
-pub use compute::{Compute, ComputeRequest, CpuFeatures};
+pub use backend::{DenseWeight, WeightFormat};
+/// The arithmetic of CPU matrix products, requested and resolved against the CPU's features
+/// (the `cpu-kernels` crate's).
+pub use cpu_kernels::compute;
+pub use cpu_kernels::{Compute, ComputeRequest, CpuFeatures, HostTensor};
 pub use decode::{Decoder, KvCache};
 pub use error::{Error, Result};
 pub use group::RankGroup;
@@ -46,4 +46,3 @@ pub use loaded::{Device, LoadedModel};
 pub use model::{Batch, Model, Scorer};
 pub use placement::{Placement, PlacementRequest, RankPlacement, StagePlan};
 pub use shard::ShardPlan;
-pub use tensor::HostTensor;

@@ -12,7 +12,7 @@ use checkpoint::{AwqGemm, AwqShape, Checkpoint, FloatData, HostData, ModelConfig
 use half::f16;
 
 use crate::Result;
-use crate::backend::weights::{DenseWeight, WeightFormat};
+use crate::backend::{DenseWeight, WeightFormat};
 use crate::placement::RankPlacement;
 use crate::shard::{RankShard, Split, split_of};
 
@@ -155,8 +155,7 @@ pub fn read_linear(
     };
     // Partial outputs of a row-parallel projection are summed across ranks: its bias joins
     // once, on rank 0, and no other rank holds it.
-    let row_parallel_elsewhere = shard.tp > 1 && split_of(p) == Split::Rows && shard.rank != 0;
-    let bias = if !p.has_bias(config) || row_parallel_elsewhere {
+    let bias = if !shard.holds_bias(config, p) {
         None
     } else {
         let b = tensor("bias", &[out_features])?;

@@ -137,7 +137,7 @@ pub fn resolve_compute(dir: &Path, compute: ComputeRequest) -> Result<Compute> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let sixteen_bit = config.quantization.is_some()
         || matches!(config.torch_dtype.as_deref(), Some("bfloat16" | "float16"));
-    compute.resolve_here(sixteen_bit)
+    Ok(compute.resolve_here(sixteen_bit)?)
 }
 
 /// Loads `dir` on `device` as `request` places it: one model where the placement is a

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use checkpoint::names::{self, Projection};
 use checkpoint::{Checkpoint, FloatData, ModelConfig};
 
-use crate::backend::weights::WeightFormat;
+use crate::backend::WeightFormat;
 use crate::backend::{
     AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies, SeqLayout,
     combine_nll_parts, reuse,

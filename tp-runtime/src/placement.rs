@@ -6,12 +6,15 @@
 
 use std::ops::Range;
 
-use checkpoint::names::{self, Projection, layer_tensor_name};
+use checkpoint::names;
 use checkpoint::presharded::Mapping;
-use checkpoint::{AwqShape, Dtype, ModelConfig};
+use checkpoint::{Dtype, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::shard::{RankShard, ShardPlan, Split, split_of};
+/// One tensor of a rank's share (defined with the tensor-parallel plan, which lists each
+/// layer's).
+pub use crate::shard::TensorShard;
+use crate::shard::{RankShard, ShardPlan};
 use crate::{Error, Result};
 
 /// The decoder layers of each pipeline stage: contiguous, in order, every layer once.
@@ -240,78 +243,22 @@ impl RankPlacement {
     }
 
     /// Every tensor this rank holds, in checkpoint terms and in the order a rank file stores
-    /// them: name, the rank's shape, zero padding and how the tensor is split.
+    /// them: name, the rank's shape, zero padding and how the tensor is split. The embeddings
+    /// first where it holds them, then each layer's ([`RankShard::layer_tensors`]), then the
+    /// final norm and the lm_head on the last stage.
     pub fn tensors(&self, config: &ModelConfig) -> Vec<TensorShard> {
-        let mut out = Vec::new();
         let shard = &self.shard;
-        let (v, h) = (shard.vocab.len(), config.hidden_size);
-        let vocab_split = if v < config.vocab_size {
-            Split::Rows
-        } else {
-            Split::Replicated
-        };
-        let mut push =
-            |name: String, dtype: Option<Dtype>, shape: Vec<usize>, padding: usize, split: Split| {
-                out.push(TensorShard {
-                    name,
-                    dtype,
-                    shape,
-                    padding,
-                    split,
-                })
-            };
+        let mut out = Vec::new();
         if self.holds_embeddings(config) {
-            push(names::EMBED_TOKENS.into(), None, vec![v, h], 0, vocab_split);
+            out.push(shard.vocab_tensor(config, names::EMBED_TOKENS));
         }
         for layer in self.layers.clone() {
-            for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
-                push(
-                    layer_tensor_name(layer, norm),
-                    None,
-                    vec![h],
-                    0,
-                    Split::Replicated,
-                );
-            }
-            for p in Projection::ALL {
-                let prefix = p.prefix(layer);
-                let (n, k) = shard.shape(config, p);
-                let (range, real) = shard.range(p);
-                let padding = range.len() - real.len();
-                let split = if shard.tp == 1 {
-                    Split::Replicated
-                } else {
-                    split_of(p)
-                };
-                match &config.quantization {
-                    Some(q) if q.converts(&prefix) => {
-                        let local = AwqShape {
-                            in_features: k,
-                            out_features: n,
-                            group_size: q.group_size,
-                        };
-                        for (name, dtype, shape) in local.tensors(&prefix) {
-                            push(name, Some(dtype), shape.to_vec(), padding, split);
-                        }
-                    }
-                    _ => push(format!("{prefix}.weight"), None, vec![n, k], padding, split),
-                }
-                let columns = split_of(p) == Split::Columns;
-                if p.has_bias(config) && (columns || shard.rank == 0) {
-                    push(
-                        format!("{prefix}.bias"),
-                        None,
-                        vec![n],
-                        if columns { padding } else { 0 },
-                        split,
-                    );
-                }
-            }
+            out.extend(shard.layer_tensors(config, layer));
         }
         if self.is_last() {
-            push(names::FINAL_NORM.into(), None, vec![h], 0, Split::Replicated);
+            out.push(RankShard::norm_tensor(config, names::FINAL_NORM.into()));
             if !config.tie_word_embeddings {
-                push(names::LM_HEAD.into(), None, vec![v, h], 0, vocab_split);
+                out.push(shard.vocab_tensor(config, names::LM_HEAD));
             }
         }
         out
@@ -321,30 +268,6 @@ impl RankPlacement {
     /// dense ones in `dense`.
     pub fn weight_bytes(&self, config: &ModelConfig, dense: Dtype) -> u64 {
         self.tensors(config).iter().map(|t| t.bytes(dense)).sum()
-    }
-}
-
-/// One tensor of a rank's share.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TensorShard {
-    /// The checkpoint tensor it comes from.
-    pub name: String,
-    /// Its element type when the format fixes it (AWQ); `None` for dense tensors, which keep
-    /// the checkpoint's.
-    #[serde(skip)]
-    pub dtype: Option<Dtype>,
-    /// The rank's shape.
-    pub shape: Vec<usize>,
-    /// Zero features the rank adds (padding of the intermediate dimension).
-    pub padding: usize,
-    pub split: Split,
-}
-
-impl TensorShard {
-    /// Bytes of the rank's tensor, dense tensors being of type `dense`.
-    pub fn bytes(&self, dense: Dtype) -> u64 {
-        let element = self.dtype.unwrap_or(dense).bitsize() / 8;
-        self.shape.iter().product::<usize>() as u64 * element as u64
     }
 }
 

@@ -14,6 +14,9 @@
 //!   `4 × T × (3·hidden + 2·q_r + 2·kv_r + 3·intermediate_r + head_dim) + 4 × min(T, 1024) × vocab_r`;
 //! - a fixed runtime reserve (CUDA context, cuBLAS workspace, NCCL buffers).
 //!
+//! The same byte model gives what one decode step reads ([`weight_bytes_per_step`],
+//! [`kv_bytes_per_token_step`]), the memory roofline of `awq bench generate`.
+//!
 //! A plan places the model on the devices given (`tp × pp = devices`, as vLLM and
 //! TensorRT-LLM launch a world of that size), its layers split evenly across the stages when
 //! that fits, else so as to balance the stages' memory. Among the plans that fit every device with the
@@ -22,7 +25,7 @@
 //! once per stage boundary), then the fewest stages, then the smallest peak memory. Tensor
 //! parallelism stays inside a node: with several nodes, `tp` must divide the devices of one.
 
-use checkpoint::{Dtype, ModelConfig};
+use checkpoint::{Dtype, ModelConfig, names};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::{Placement, StagePlan};
@@ -232,7 +235,7 @@ pub fn device_memory(
         .map(|rank| {
             let layers = rank.layers.len() as u64;
             let weights = rank.weight_bytes(config, request.dense.dtype());
-            let kv_cache = 2 * layers * kv * tokens * request.kv_bytes;
+            let kv_cache = kv_cache_bytes(layers, kv, tokens, request.kv_bytes);
             let mut activations = 4 * tokens * (3 * h + 2 * q + 2 * kv + 3 * inter + d);
             if rank.is_last() {
                 activations += 4 * tokens.min(LOGITS_ROWS as u64) * rank.shard.vocab.len() as u64;
@@ -249,6 +252,38 @@ pub fn device_memory(
             }
         })
         .collect()
+}
+
+/// Bytes of the keys and values of `layers` layers with `kv_features` features each (per
+/// rank), over `tokens` positions, at `kv_bytes` per value.
+pub fn kv_cache_bytes(layers: u64, kv_features: u64, tokens: u64, kv_bytes: u64) -> u64 {
+    2 * layers * kv_features * tokens * kv_bytes
+}
+
+/// Bytes of weights one decode step reads on one device: every tensor of the model as stored
+/// (the single placement's [`RankPlacement::weight_bytes`](crate::RankPlacement::weight_bytes),
+/// dense tensors in the type `config.json` names) but the embedding table, of which a step
+/// reads only its tokens' rows (unless it is the tied lm_head).
+pub fn weight_bytes_per_step(config: &ModelConfig) -> u64 {
+    let dense = DtypeName::of(config).dtype();
+    Placement::single(config)
+        .rank(0)
+        .tensors(config)
+        .iter()
+        .filter(|t| config.tie_word_embeddings || t.name != names::EMBED_TOKENS)
+        .map(|t| t.bytes(dense))
+        .sum()
+}
+
+/// Bytes of keys and values one sequence's decode step reads at `context` positions on one
+/// device (the cache is f32, as the CPU backend keeps it).
+pub fn kv_bytes_per_token_step(config: &ModelConfig, context: usize) -> u64 {
+    kv_cache_bytes(
+        config.num_hidden_layers as u64,
+        config.kv_features() as u64,
+        context as u64,
+        4,
+    )
 }
 
 /// Bytes sent between devices per token: two all-reduces of `hidden` f32 values per layer
@@ -481,6 +516,21 @@ mod tests {
             "num_key_value_heads":3,"rms_norm_eps":1e-5,"vocab_size":49152,"tie_word_embeddings":true,
             "torch_dtype":"float32"});
         ModelConfig::from_json(&value, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn a_decode_step_reads_the_linear_layers_and_the_head() {
+        // SmolLM2-135M: 30 layers × (576·576 + 2·576·192 + 576·576 + 3·576·1536) + 61 norms of
+        // 576 + the tied head 49152 × 576, in float32.
+        let per_layer = 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536;
+        let elements = 30 * per_layer + 61 * 576 + 49152 * 576;
+        let tied = config(30);
+        assert_eq!(weight_bytes_per_step(&tied), elements as u64 * 4);
+        // Untied, the embedding table is left out and the lm_head of the same size read.
+        let mut untied = tied.clone();
+        untied.tie_word_embeddings = false;
+        assert_eq!(weight_bytes_per_step(&untied), elements as u64 * 4);
+        assert_eq!(kv_bytes_per_token_step(&tied, 100), 2 * 30 * 192 * 4 * 100);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use checkpoint::awq::PACK;
 use checkpoint::names::{self, Projection, layer_tensor_name};
-use checkpoint::{AwqShape, ModelConfig};
+use checkpoint::{AwqShape, Dtype, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -119,6 +119,97 @@ impl RankShard {
             Split::Rows => (out_features, n),
             Split::Replicated => (out_features, in_features),
         }
+    }
+
+    /// Whether this rank holds projection `p`'s bias: column-parallel biases are split with
+    /// the outputs; a row-parallel projection's partial outputs are summed across ranks, so
+    /// its bias joins once, on rank 0, and no other rank holds it.
+    pub fn holds_bias(&self, config: &ModelConfig, p: Projection) -> bool {
+        p.has_bias(config) && (split_of(p) == Split::Columns || self.rank == 0)
+    }
+
+    /// How this rank holds the `[vocab, hidden]` tables (embeddings, lm_head): a slice of the
+    /// rows when the vocabulary is split, else all of it.
+    pub fn vocab_split(&self, config: &ModelConfig) -> Split {
+        if self.vocab.len() < config.vocab_size {
+            Split::Rows
+        } else {
+            Split::Replicated
+        }
+    }
+
+    /// This rank's share of the `[vocab, hidden]` table `name` (embeddings or lm_head).
+    pub fn vocab_tensor(&self, config: &ModelConfig, name: &str) -> TensorShard {
+        TensorShard::new(
+            name.into(),
+            None,
+            vec![self.vocab.len(), config.hidden_size],
+            0,
+            self.vocab_split(config),
+        )
+    }
+
+    /// A `[hidden]` norm weight `name`, which every rank holds whole.
+    pub fn norm_tensor(config: &ModelConfig, name: String) -> TensorShard {
+        TensorShard::new(name, None, vec![config.hidden_size], 0, Split::Replicated)
+    }
+
+    /// The tensors this rank holds of decoder layer `layer`, in checkpoint terms and in the
+    /// order a rank file stores them: the two norms, then each projection (q, k, v, o, gate,
+    /// up, down) as its weight (AWQ: `qweight`, `qzeros`, `scales`) and its bias where this
+    /// rank holds one ([`RankShard::holds_bias`]).
+    pub fn layer_tensors(&self, config: &ModelConfig, layer: usize) -> Vec<TensorShard> {
+        let mut out = Vec::new();
+        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
+            out.push(Self::norm_tensor(config, layer_tensor_name(layer, norm)));
+        }
+        for p in Projection::ALL {
+            let prefix = p.prefix(layer);
+            let (n, k) = self.shape(config, p);
+            let (range, real) = self.range(p);
+            let padding = range.len() - real.len();
+            let split = if self.tp == 1 {
+                Split::Replicated
+            } else {
+                split_of(p)
+            };
+            match &config.quantization {
+                Some(q) if q.converts(&prefix) => {
+                    let local = AwqShape {
+                        in_features: k,
+                        out_features: n,
+                        group_size: q.group_size,
+                    };
+                    for (name, dtype, shape) in local.tensors(&prefix) {
+                        out.push(TensorShard::new(
+                            name,
+                            Some(dtype),
+                            shape.to_vec(),
+                            padding,
+                            split,
+                        ));
+                    }
+                }
+                _ => out.push(TensorShard::new(
+                    format!("{prefix}.weight"),
+                    None,
+                    vec![n, k],
+                    padding,
+                    split,
+                )),
+            }
+            if self.holds_bias(config, p) {
+                let columns = split_of(p) == Split::Columns;
+                out.push(TensorShard::new(
+                    format!("{prefix}.bias"),
+                    None,
+                    vec![n],
+                    if columns { padding } else { 0 },
+                    split,
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -249,6 +340,10 @@ impl ShardPlan {
 pub struct TensorShard {
     /// The checkpoint tensor it comes from.
     pub name: String,
+    /// Its element type when the format fixes it (AWQ); `None` for dense tensors, which keep
+    /// the checkpoint's.
+    #[serde(skip)]
+    pub dtype: Option<Dtype>,
     /// The rank's shape.
     pub shape: Vec<usize>,
     /// Zero features the rank adds (padding of the intermediate dimension).
@@ -256,8 +351,26 @@ pub struct TensorShard {
     pub split: Split,
 }
 
+impl TensorShard {
+    fn new(name: String, dtype: Option<Dtype>, shape: Vec<usize>, padding: usize, split: Split) -> Self {
+        TensorShard {
+            name,
+            dtype,
+            shape,
+            padding,
+            split,
+        }
+    }
+
+    /// Bytes of the rank's tensor, dense tensors being of type `dense`.
+    pub fn bytes(&self, dense: Dtype) -> u64 {
+        let element = self.dtype.unwrap_or(dense).bitsize() / 8;
+        self.shape.iter().product::<usize>() as u64 * element as u64
+    }
+}
+
 /// The tensors rank `shard` holds for layer `layer` (and, with `globals`, the embeddings,
-/// final norm and lm_head), in checkpoint terms.
+/// lm_head and final norm first), in checkpoint terms.
 pub fn rank_tensors(
     config: &ModelConfig,
     shard: &RankShard,
@@ -265,63 +378,14 @@ pub fn rank_tensors(
     globals: bool,
 ) -> Vec<TensorShard> {
     let mut out = Vec::new();
-    let (v, h) = (shard.vocab.len(), config.hidden_size);
-    let vocab_split = if shard.vocab.len() < config.vocab_size {
-        Split::Rows
-    } else {
-        Split::Replicated
-    };
-    let mut push = |name: String, shape: Vec<usize>, padding: usize, split: Split| {
-        out.push(TensorShard {
-            name,
-            shape,
-            padding,
-            split,
-        })
-    };
     if globals {
-        push(names::EMBED_TOKENS.into(), vec![v, h], 0, vocab_split);
+        out.push(shard.vocab_tensor(config, names::EMBED_TOKENS));
         if !config.tie_word_embeddings {
-            push(names::LM_HEAD.into(), vec![v, h], 0, vocab_split);
+            out.push(shard.vocab_tensor(config, names::LM_HEAD));
         }
-        push(names::FINAL_NORM.into(), vec![h], 0, Split::Replicated);
+        out.push(RankShard::norm_tensor(config, names::FINAL_NORM.into()));
     }
-    for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
-        push(layer_tensor_name(layer, norm), vec![h], 0, Split::Replicated);
-    }
-    for p in Projection::ALL {
-        let prefix = p.prefix(layer);
-        let (n, k) = shard.shape(config, p);
-        let (range, real) = shard.range(p);
-        let padding = range.len() - real.len();
-        let split = if shard.tp == 1 {
-            Split::Replicated
-        } else {
-            split_of(p)
-        };
-        match &config.quantization {
-            Some(q) if q.converts(&prefix) => {
-                let local = AwqShape {
-                    in_features: k,
-                    out_features: n,
-                    group_size: q.group_size,
-                };
-                for (name, _, shape) in local.tensors(&prefix) {
-                    push(name, shape.to_vec(), padding, split);
-                }
-            }
-            _ => push(format!("{prefix}.weight"), vec![n, k], padding, split),
-        }
-        let columns = split_of(p) == Split::Columns;
-        if p.has_bias(config) && (columns || shard.rank == 0) {
-            push(
-                format!("{prefix}.bias"),
-                vec![n],
-                if columns { padding } else { 0 },
-                split,
-            );
-        }
-    }
+    out.extend(shard.layer_tensors(config, layer));
     out
 }
 

@@ -1,17 +1,17 @@
 //! Every CUDA kernel against its CPU twin (the CPU backend's operation) on fresh random
 //! inputs, with every output poisoned with NaN before the kernel runs; relative error
 //! ‖gpu − cpu‖ / ‖cpu‖ at most 1e-5 for f32 arithmetic and 1e-2 where operands are rounded
-//! to f16 or bf16 (the tensor-core W4A16 path, half-precision dense weights). Skips, saying
-//! why, without a GPU — unless `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`). The
+//! to f16 or bf16 (the tensor-core W4A16 path, half-precision dense weights). Reported as
+//! skipped (`testkit::skip`) without a GPU — unless `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`). The
 //! inputs' seed is printed; `AWQ_TEST_SEED` replays a run.
 #![cfg(feature = "cuda")]
 
 use checkpoint::awq::pack_word;
 use checkpoint::{AwqGemm, AwqShape, FloatData};
+use cpu_kernels::CpuMatrix;
 use half::{bf16, f16};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tp_runtime::backend::cpu::CpuMatrix;
 use tp_runtime::backend::cuda::{CudaMatrix, CudaTensor};
 use tp_runtime::backend::{
     AttendedSequence, AttentionLayout, AttentionSpec, Backend, Prediction, RopeFrequencies, SeqLayout,
@@ -24,12 +24,21 @@ fn gpu(test: &str) -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(b) => Some(b.with_poisoned_outputs()),
         Err(e) => {
-            if std::env::var("AWQ_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: AWQ_REQUIRE_GPU=1 but {e}");
-            }
-            eprintln!("SKIPPED {test}: {e}");
+            testkit::skip::unavailable(test, testkit::skip::Condition::Gpu, &e.to_string());
             None
         }
+    }
+}
+
+/// A missing GPU is a typed error (what callers match on), not a string; on a machine with
+/// one the backend opens.
+#[test]
+fn a_missing_gpu_is_a_typed_error() {
+    use cuda_kernels::KernelError;
+    match CudaBackend::new(0) {
+        Ok(_) => {}
+        Err(tp_runtime::Error::Gpu(KernelError::NoDriver | KernelError::NoDevice(..))) => {}
+        Err(e) => panic!("expected Error::Gpu(NoDriver | NoDevice), got {e:?}"),
     }
 }
 

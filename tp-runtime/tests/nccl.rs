@@ -1,4 +1,4 @@
-//! The NCCL communicator on a real GPU. Skips, saying why, where no CUDA driver or libnccl
+//! The NCCL communicator on a real GPU. Reported as skipped (`testkit::skip`) where no CUDA driver or libnccl
 //! can be loaded — unless `AWQ_REQUIRE_GPU=1` (set by `scripts/gpu-check.sh`), where that
 //! is a failure.
 #![cfg(feature = "cuda")]
@@ -10,11 +10,11 @@ fn gpu_present(test: &str) -> bool {
     if nccl_available() && CudaContext::device_count().is_ok_and(|n| n > 0) {
         return true;
     }
-    let reason = "no CUDA driver, no GPU, or no libnccl on this machine";
-    if std::env::var("AWQ_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: AWQ_REQUIRE_GPU=1 but {reason}");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
+    testkit::skip::unavailable(
+        test,
+        testkit::skip::Condition::Gpu,
+        "no CUDA driver, no GPU, or no libnccl on this machine",
+    );
     false
 }
 
@@ -46,8 +46,10 @@ fn nccl_collectives_with_one_rank() {
 #[test]
 fn nccl_two_ranks_on_one_gpu() {
     if std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").is_err() {
-        eprintln!(
-            "SKIPPED nccl_two_ranks_on_one_gpu: set NCCL_MULTI_RANK_GPU_ENABLE=1 to try it (NCCL ≥ 2.30)"
+        testkit::skip::unavailable(
+            "nccl_two_ranks_on_one_gpu",
+            testkit::skip::Condition::Gpu,
+            "two ranks on one GPU need NCCL_MULTI_RANK_GPU_ENABLE=1 (NCCL ≥ 2.30)",
         );
         return;
     }

@@ -421,7 +421,7 @@ pub fn quantize_on<B: Backend>(
                     first: layers.start,
                     seconds: forward,
                 });
-                tp_runtime::backend::cpu::release_freed_memory();
+                cpu_kernels::release_freed_memory();
             }
         }
         for index in layers.clone() {
@@ -469,7 +469,7 @@ pub fn quantize_on<B: Backend>(
                 report: &report,
             });
             layer_reports.push(report);
-            tp_runtime::backend::cpu::release_freed_memory();
+            cpu_kernels::release_freed_memory();
         }
 
         let start = Instant::now();

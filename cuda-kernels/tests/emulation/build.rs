@@ -17,10 +17,7 @@ pub fn emulator(
     match built.get_or_init(|| build(name, main, source())) {
         Ok(exe) => Some(exe),
         Err(reason) => {
-            if std::env::var("AWQ_REQUIRE_CXX").is_ok_and(|v| v == "1") {
-                panic!("AWQ_REQUIRE_CXX=1 but {reason}");
-            }
-            eprintln!("SKIPPED {test}: {reason}");
+            testkit::skip::unavailable(test, testkit::skip::Condition::Cxx, reason);
             None
         }
     }

@@ -2,22 +2,21 @@
 //! each compute path this CPU has (f32, bf16), each against the f32 path and against a
 //! roofline (that path's GEMM rate on the model's own shapes) measured in the same run.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use awq_pack::QuantizeOptions;
-use checkpoint::FloatData;
 use checkpoint::ModelConfig;
 use clap::Subcommand;
+use cpu_kernels::bench::gemm_gflops;
 use evaluation::EvalRequest;
+use evaluation::bench::{flops_per_token, roofline_tokens_per_second};
 use evaluation::provenance;
-use evaluation::report::{EvalReport, QuantizeRunReport};
+use evaluation::report::EvalReport;
 use serde::Serialize;
-use tp_runtime::backend::cpu::CpuMatrix;
-use tp_runtime::{Compute, ComputeRequest, CpuFeatures, DenseWeight};
+use tp_runtime::{Compute, ComputeRequest, CpuFeatures};
 
 use crate::cli::{EvalArgs, QuantizeArgs};
 use crate::progress::{self, log};
+use crate::quantize_run::QuantizeRunReport;
 
 /// `awq bench` subcommands.
 #[derive(Debug, Subcommand)]
@@ -73,41 +72,6 @@ pub struct BenchReport<P> {
     pub cpu: Option<String>,
     pub cpu_features: String,
     pub paths: Vec<P>,
-}
-
-/// FLOPs per token of a forward pass at context `ctx` (multiply-add = 2).
-pub fn flops_per_token(c: &ModelConfig, ctx: usize) -> f64 {
-    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
-    let (q, kv) = (c.q_features() as f64, c.kv_features() as f64);
-    let layer_params = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
-    let linear = 2.0 * (layer_params * c.num_hidden_layers as f64 + c.vocab_size as f64 * h);
-    // Scores and weighted values, each 2·head_dim FLOPs per visible key; on average
-    // (ctx + 1) / 2 keys are visible.
-    let attention = 2.0 * 2.0 * q * (ctx as f64 + 1.0) / 2.0 * c.num_hidden_layers as f64;
-    linear + attention
-}
-
-/// This machine's rate (GFLOP/s) for `[m, k] × [k, n]` products computed as `compute` says:
-/// the best of eight half-second rounds. A shared VM's speed drifts by ±15 % from minute to
-/// minute, and a floor must be the fastest the machine showed, never a slow moment of it.
-pub(crate) fn gemm_gflops(compute: Compute, m: usize, k: usize, n: usize) -> f64 {
-    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
-    let mut out = vec![0f32; m * n];
-    // The weight as the runtime holds it for this path (bf16 weights are rounded once).
-    let matrix = CpuMatrix::new(DenseWeight::new(FloatData::F32(w.into()), n, k).expect("shape"));
-    matrix.matmul(compute, &x, m, &mut out);
-    let mut best = 0f64;
-    for _ in 0..8 {
-        let start = Instant::now();
-        let mut reps = 0u32;
-        while start.elapsed().as_secs_f64() < 0.5 {
-            matrix.matmul(compute, &x, m, &mut out);
-            reps += 1;
-        }
-        best = best.max(2.0 * (m * k * n) as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9);
-    }
-    best
 }
 
 /// The compute paths a bench measures: the one asked for, or with `auto` every path this CPU
@@ -304,7 +268,7 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         log(format!("measuring the {compute} GEMM rate on {shape:?}"));
         let gflops = gemm_gflops(compute, shape[0], shape[1], shape[2]);
         let flops = flops_per_token(c, args.ctx);
-        let roofline = gflops * 1e9 / flops;
+        let roofline = roofline_tokens_per_second(gflops, flops);
         let f32_path = paths
             .first()
             .filter(|p| p.compute == Compute::F32 && compute != Compute::F32);
@@ -364,58 +328,4 @@ fn bench_eval(args: &EvalArgs) -> Result<()> {
         log(format!("report written to {}", path.display()));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn search_flops_follow_the_scaling_groups() {
-        // No GQA and q_features = hidden: v → o is searched (its Gram form adds FLOPs).
-        let base = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":512,
-            "intermediate_size":1024,"num_hidden_layers":2,"num_attention_heads":8,
-            "num_key_value_heads":8,"rms_norm_eps":1e-5,"vocab_size":1000});
-        let config =
-            |v: serde_json::Value| ModelConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
-        let mha = config(base.clone());
-        let mut gqa_json = base.clone();
-        gqa_json["num_key_value_heads"] = 2.into();
-        let gqa = config(gqa_json);
-        let (tokens, seq) = (4096.0, 512);
-        let vo = 2.0 * tokens * 512f64.powi(2) + 20.0 * 2.0 * 512.0 * 512f64.powi(2);
-        let kv_delta = 2.0 * 2.0 * tokens * 512.0 * (512.0 - 128.0) * 22.0;
-        let got = awq_pack::layer::search_flops(&mha, tokens, seq)
-            - awq_pack::layer::search_flops(&gqa, tokens, seq);
-        assert!(
-            (got - (vo + kv_delta)).abs() / got < 1e-12,
-            "{got} vs {}",
-            vo + kv_delta
-        );
-        // 16 heads over 8 kv heads of 64: v_proj is [512, 512] but o_proj [512, 1024], so
-        // AutoAWQ's shape test leaves v → o out, although kv_features = hidden.
-        let mut wide = base;
-        wide["num_attention_heads"] = 16.into();
-        wide["head_dim"] = 64.into();
-        let wide = config(wide);
-        assert_eq!(wide.kv_features(), wide.hidden_size);
-        let groups = awq_pack::layer::scaling_groups(&wide);
-        let o_group = awq_pack::layer::Inspect::Linear(checkpoint::Projection::O);
-        assert_eq!(groups.len(), 3);
-        assert!(groups.iter().all(|g| g.inspect != o_group));
-    }
-
-    #[test]
-    fn smollm2_flops_match_hand_count() {
-        let c = ModelConfig::from_json(
-            &serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":576,"intermediate_size":1536,
-                "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
-                "vocab_size":49152,"tie_word_embeddings":true}),
-            std::path::Path::new("config.json"),
-        )
-        .unwrap();
-        // 2 × 134.5 M parameters in linear layers and lm_head (≈ 0.27 GFLOP per token).
-        let linear = flops_per_token(&c, 0) - 2.0 * 2.0 * 576.0 * 0.5 * 30.0;
-        assert!((linear / 1e9 - 0.269).abs() < 0.002, "{linear}");
-    }
 }

@@ -4,18 +4,17 @@
 //! machine's measured read bandwidth that bounds the tokens/s of the step.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Result, bail};
-use checkpoint::{ModelConfig, Tokenizer, names};
+use checkpoint::{ModelConfig, Tokenizer};
 use clap::Args;
+use cpu_kernels::bench::host_read_bandwidth;
 use evaluation::provenance::{self, Machine, ToolInfo};
 use generation::{GenerateOptions, Sampling, generate_batch};
-use rayon::prelude::*;
 use serde::Serialize;
+use tp_runtime::PlacementRequest;
 use tp_runtime::loaded::{self, Device};
-use tp_runtime::planner::DtypeName;
-use tp_runtime::{Placement, PlacementRequest};
+use tp_runtime::planner::{kv_bytes_per_token_step, weight_bytes_per_step};
 
 use crate::cli::BackendArg;
 use crate::progress::log;
@@ -73,52 +72,6 @@ pub struct GenerateBenchReport {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub rows: Vec<GenerateBenchRow>,
-}
-
-/// Read bandwidth of host memory: every thread summing its part of a buffer far larger than
-/// the caches into 16 independent lanes (so that the sum vectorises and memory, not the
-/// adder, is the limit), best of three passes.
-pub fn host_read_bandwidth() -> f64 {
-    let buffer: Vec<f32> = (0..128 << 20).map(|i| (i % 7) as f32).collect();
-    let lanes = |c: &[f32]| {
-        c.chunks_exact(16).fold([0f32; 16], |mut acc, x| {
-            for (a, v) in acc.iter_mut().zip(x) {
-                *a += v;
-            }
-            acc
-        })
-    };
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let sum: f32 = buffer
-            .par_chunks(1 << 16)
-            .map(|c| lanes(c).iter().sum::<f32>())
-            .sum();
-        let seconds = start.elapsed().as_secs_f64();
-        std::hint::black_box(sum);
-        best = best.max((buffer.len() * 4) as f64 / seconds);
-    }
-    best
-}
-
-/// Bytes of weights one decode step reads: every tensor of the model but the embedding
-/// table, of which a step reads only its tokens' rows (unless it is the tied lm_head).
-pub fn weight_bytes_per_step(config: &ModelConfig) -> u64 {
-    let dense = DtypeName::of(config).dtype();
-    Placement::single(config)
-        .rank(0)
-        .tensors(config)
-        .iter()
-        .filter(|t| config.tie_word_embeddings || t.name != names::EMBED_TOKENS)
-        .map(|t| t.bytes(dense))
-        .sum()
-}
-
-/// Bytes of keys and values one sequence's decode step reads at `context` positions (the
-/// cache is f32).
-pub fn kv_bytes_per_token_step(config: &ModelConfig, context: usize) -> u64 {
-    (2 * config.num_hidden_layers * config.kv_features() * 4 * context) as u64
 }
 
 /// Prompts of `len` tokens cut from a fixed English text, a different start for each.
@@ -245,20 +198,4 @@ fn device_bandwidth() -> Result<(&'static str, f64)> {
     }
     #[cfg(not(feature = "cuda"))]
     bail!("--backend cuda: this build has no CUDA support (build with the `cuda` feature)")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn smollm2_reads_its_linear_layers_and_tied_head_per_step() {
-        let config = ModelConfig::from_file(&testkit::fixture("smollm2-135m/config.json")).unwrap();
-        // 30 layers × (576·576 + 2·576·192 + 576·576 + 3·576·1536) + 61 norms of 576 + the
-        // tied head 49152 × 576, in the fixture's dtype (float32).
-        let per_layer = 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536;
-        let elements = 30 * per_layer + 61 * 576 + 49152 * 576;
-        assert_eq!(weight_bytes_per_step(&config), elements as u64 * 4);
-        assert_eq!(kv_bytes_per_token_step(&config, 100), 2 * 30 * 192 * 4 * 100);
-    }
 }

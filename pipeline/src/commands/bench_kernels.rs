@@ -5,12 +5,9 @@
 use anyhow::Result;
 use clap::Args;
 use cuda_kernels::Gpu;
-use cuda_kernels::cudarc::driver::CudaSlice;
-use cuda_kernels::gpu::{AwqDeviceWeight, W4a16Out};
-use cuda_kernels::launch::{DEQUANT_MIN_ROWS, GEMV_MAX_ROWS, W4a16Path};
-use cuda_kernels::layout::MmaLayout;
-use half::f16;
-use rand::{RngExt, SeedableRng};
+use cuda_kernels::bench::{CALLS, ShapeWeights, bandwidth_fraction, tflops, time_w4a16, w4a16_call_bytes};
+use cuda_kernels::launch::W4a16Path;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -86,52 +83,9 @@ pub struct KernelBench {
     pub rows: Vec<KernelRow>,
 }
 
-/// Enough copies of a buffer of `bytes` that cycling through them never hits the L2 cache.
-fn copies_for(bytes: usize) -> usize {
-    (512usize << 20).div_ceil(bytes.max(1)).clamp(1, 64)
-}
-
-/// Back-to-back calls per timed sample.
-const CALLS: usize = 20;
-
-/// Median milliseconds per call of `f`: `CALLS` calls launched back to back, or replayed from
-/// a CUDA graph.
-fn per_call_ms(
-    gpu: &Gpu,
-    reps: usize,
-    graph: bool,
-    f: impl FnMut() -> cuda_kernels::Result<()>,
-) -> cuda_kernels::Result<f32> {
-    if graph {
-        gpu.time_graph_ms(reps, CALLS, f)
-    } else {
-        gpu.time_ms(reps, CALLS, f)
-    }
-}
-
 /// A time in milliseconds, or a dash where not measured.
 fn ms_or_dash(ms: Option<f32>) -> String {
     ms.map_or("–".to_string(), |v| format!("{v:.4}"))
-}
-
-/// A random AWQ weight, repacked once and uploaded `copies` times.
-fn awq_weights(
-    gpu: &Gpu,
-    rng: &mut ChaCha8Rng,
-    k: usize,
-    n: usize,
-    g: usize,
-    copies: usize,
-) -> Result<Vec<AwqDeviceWeight>> {
-    let words: Vec<u32> = (0..k * n / 8).map(|_| rng.random()).collect();
-    let zeros: Vec<u32> = (0..k / g * n / 8).map(|_| rng.random()).collect();
-    let scales: Vec<u16> = (0..k / g * n)
-        .map(|_| f16::from_f32(rng.random_range(0.001..0.01f32)).to_bits())
-        .collect();
-    let layout = MmaLayout::from_gemm(&words, &zeros, &scales, k, n, g)?;
-    Ok((0..copies)
-        .map(|_| AwqDeviceWeight::upload(gpu, &layout))
-        .collect::<cuda_kernels::Result<_>>()?)
 }
 
 /// Runs `awq bench kernels`.
@@ -147,77 +101,20 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
     let g = args.group_size;
     let mut rows = Vec::new();
     for (k, n) in [(4096, 4096), (4096, 11008), (11008, 4096)] {
-        let w_bytes = k * n / 2 + k / g * n * 2 + k / g * n / 8 * 4;
-        let awq = awq_weights(&gpu, &mut rng, k, n, g, copies_for(w_bytes))?;
-        let w16: Vec<f16> = (0..k * n)
-            .map(|_| f16::from_f32(rng.random_range(-0.05..0.05f32)))
-            .collect();
-        let dense: Vec<CudaSlice<f16>> = (0..copies_for(k * n * 2))
-            .map(|_| gpu.upload(&w16))
-            .collect::<cuda_kernels::Result<_>>()?;
+        let weights = ShapeWeights::new(&gpu, &mut rng, k, n, g)?;
         for m in [1usize, 16, 128, 2048] {
-            let x: Vec<f16> = (0..m * k)
-                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0f32)))
-                .collect();
-            let x = gpu.upload(&x)?;
-            let mut y = gpu.zeros::<f16>(m * n)?;
-            let mut time = |path: W4a16Path, graph: bool| {
-                let mut i = 0usize;
-                per_call_ms(&gpu, args.reps, graph, || {
-                    i += 1;
-                    gpu.w4a16_with(path, &x, &awq[i % awq.len()], W4a16Out::F16(&mut y), m)
-                })
-            };
-            let fused_ms = time(W4a16Path::Fused, false)?;
-            let gemv = m <= GEMV_MAX_ROWS;
-            let gemv_ms = if gemv {
-                Some(time(W4a16Path::Gemv, false)?)
-            } else {
-                None
-            };
-            let gemv_graph_ms = if gemv {
-                time(W4a16Path::Gemv, true).map(Some)
-            } else {
-                Ok(None)
-            };
-            let dequant_ms = if m >= 16 {
-                Some(time(W4a16Path::Dequant, false)?)
-            } else {
-                None
-            };
-            let dequant = m >= DEQUANT_MIN_ROWS;
-            let w4a16_graph_ms = time(
-                if dequant {
-                    W4a16Path::Dequant
-                } else {
-                    W4a16Path::Fused
-                },
-                true,
-            );
-            let w4a16_ms = if dequant {
-                dequant_ms.expect("measured from 16 rows")
-            } else {
-                fused_ms
-            };
-            let mut cublas = |graph: bool| {
-                let mut j = 0usize;
-                per_call_ms(&gpu, args.reps, graph, || {
-                    j += 1;
-                    gpu.hgemm_nt(&x, &dense[j % dense.len()], &mut y, m, k, n)
-                })
-            };
-            let cublas_f16_ms = cublas(false)?;
-            let bytes = w_bytes + m * k * 2 + m * n * 2;
-            let fraction = |ms: f32| bytes as f64 / (ms as f64 / 1e3) / bandwidth;
-            let graph = match (w4a16_graph_ms, gemv_graph_ms, cublas(true)) {
-                (Ok(w4a16_ms), Ok(gemv_ms), Ok(cublas_f16_ms)) => Some(GraphRow {
-                    w4a16_ms,
-                    gemv_ms,
-                    cublas_f16_ms,
-                    speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
-                    bandwidth_fraction: fraction(w4a16_ms),
+            let t = time_w4a16(&gpu, &mut rng, &weights, m, args.reps)?;
+            let bytes = w4a16_call_bytes(k, n, m, g);
+            let fraction = |ms: f32| bandwidth_fraction(bytes, ms, bandwidth);
+            let graph = match t.graph {
+                Ok(graph) => Some(GraphRow {
+                    w4a16_ms: graph.w4a16_ms,
+                    gemv_ms: graph.gemv_ms,
+                    cublas_f16_ms: graph.cublas_f16_ms,
+                    speedup: graph.cublas_f16_ms as f64 / graph.w4a16_ms as f64,
+                    bandwidth_fraction: fraction(graph.w4a16_ms),
                 }),
-                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                Err(e) => {
                     log(format!("K {k} N {n} M {m}: no CUDA-graph timing: {e}"));
                     None
                 }
@@ -226,16 +123,20 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
                 k,
                 n,
                 m,
-                path: if dequant { "dequant" } else { "fused" },
-                w4a16_ms,
-                fused_ms,
-                gemv_ms,
-                dequant_ms,
-                cublas_f16_ms,
-                speedup: cublas_f16_ms as f64 / w4a16_ms as f64,
-                w4a16_tflops: 2.0 * (m * k * n) as f64 / (w4a16_ms as f64 / 1e3) / 1e12,
+                path: if t.path == W4a16Path::Dequant {
+                    "dequant"
+                } else {
+                    "fused"
+                },
+                w4a16_ms: t.w4a16_ms,
+                fused_ms: t.fused_ms,
+                gemv_ms: t.gemv_ms,
+                dequant_ms: t.dequant_ms,
+                cublas_f16_ms: t.cublas_f16_ms,
+                speedup: t.cublas_f16_ms as f64 / t.w4a16_ms as f64,
+                w4a16_tflops: tflops(m, k, n, t.w4a16_ms),
                 w4a16_bytes: bytes,
-                bandwidth_fraction: fraction(w4a16_ms),
+                bandwidth_fraction: fraction(t.w4a16_ms),
                 graph,
             };
             log(format!(
@@ -260,7 +161,7 @@ pub fn run(args: &KernelBenchArgs) -> Result<()> {
         Some(ms) => format!(
             "{ms:.4} ({:.2}×, {:.0} %)",
             cublas_f16_ms / ms,
-            100.0 * r.w4a16_bytes as f64 / (ms as f64 / 1e3) / bandwidth
+            100.0 * bandwidth_fraction(r.w4a16_bytes, ms, bandwidth)
         ),
         None => "–".to_string(),
     };

@@ -15,13 +15,14 @@ use checkpoint::synth::{SynthOptions, synthesize};
 use checkpoint::writer::DEFAULT_MAX_SHARD_BYTES;
 use checkpoint::{Dtype, ModelConfig};
 use clap::Args;
+use cpu_kernels::bench::gemm_gflops;
+use evaluation::bench::{flops_per_token, roofline_tokens_per_second};
 use evaluation::perplexity::Protocol;
 use evaluation::provenance::{self, RssPeaks, RssSampler};
 use evaluation::{Device, EvalRequest};
 use serde::Serialize;
 use tp_runtime::{Compute, ComputeRequest, Placement, PlacementRequest};
 
-use super::bench::{flops_per_token, gemm_gflops};
 use crate::cli::parse;
 use crate::progress::{self, log};
 
@@ -289,7 +290,10 @@ pub fn run(args: &BenchScaleArgs) -> Result<()> {
                 checkpoint_bytes: crate::report::weights_bytes(dir),
                 ppl: report.ppl,
                 tokens_per_second: report.tokens_per_second,
-                roofline_tokens_per_second: rate * 1e9 / flops_per_token(&config, args.ctx),
+                roofline_tokens_per_second: roofline_tokens_per_second(
+                    rate,
+                    flops_per_token(&config, args.ctx),
+                ),
                 rss,
             });
         }

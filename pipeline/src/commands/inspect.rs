@@ -77,19 +77,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let ck = Checkpoint::open(&args.dir)?;
     let c = &config;
     println!("{}", args.dir.display());
-    println!(
-        "  {}: {} layers, hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}, rope theta {}, {} lm_head",
-        c.architecture.hf_name(),
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
-        c.vocab_size,
-        c.rope_theta,
-        if c.tie_word_embeddings { "tied" } else { "untied" }
-    );
+    println!("  {}", super::model_summary(c));
     match &c.quantization {
         Some(q) => println!("  quantization: {}", q.to_json()),
         None => println!("  quantization: none"),

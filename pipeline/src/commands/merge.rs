@@ -30,7 +30,8 @@ pub struct MergeArgs {
 
 /// Runs `awq merge`.
 pub fn run(args: &MergeArgs) -> Result<()> {
-    let run = evaluation::merge_part_folders(&args.parts, &args.out, args.max_shard_size, args.force)?;
+    let run =
+        crate::quantize_run::merge_part_folders(&args.parts, &args.out, args.max_shard_size, args.force)?;
     let report = &run.quantization;
     println!(
         "merged {} parts ({} layers, {}, group size {}) into {}: {:.1} GB of weights in {:.1}s; the parts' quantization took {:.1}s in all",

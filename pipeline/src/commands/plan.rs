@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use checkpoint::{ModelConfig, QuantizationConfig};
 use clap::Args;
+use tp_runtime::Placement;
 use tp_runtime::planner::{self, DeviceMemory, PlanDecision, PlanRequest, Strategy, gib};
-use tp_runtime::{Placement, PlacementRequest};
 
-use crate::cli::{parse, parse_bytes};
+use crate::cli::{PlacementArgs, parse, parse_bytes};
 
 /// Arguments of `awq plan`.
 #[derive(Debug, Args)]
@@ -44,15 +44,9 @@ pub struct PlanArgs {
     /// Plan the model as it will be once quantized to AWQ with this group size.
     #[arg(long, value_name = "G")]
     pub awq_group_size: Option<usize>,
-    /// Show this placement instead of choosing one: tensor-parallel ranks per stage.
-    #[arg(long)]
-    pub tp: Option<usize>,
-    /// Show this placement instead of choosing one: pipeline stages.
-    #[arg(long)]
-    pub pp: Option<usize>,
-    /// Layers per stage of a shown placement, e.g. `8,8,7,7`.
-    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
-    pub layers: Option<Vec<usize>>,
+    /// A placement to show instead of choosing one.
+    #[command(flatten)]
+    pub place: PlacementArgs,
     /// List every rank's tensors (shape, bytes, padding, split).
     #[arg(long)]
     pub tensors: bool,
@@ -213,31 +207,10 @@ pub fn print_decision(decision: &PlanDecision) {
 pub fn run(args: &PlanArgs) -> Result<()> {
     let config = load_config(&args.model, args.awq_group_size)?;
     let c = &config;
-    println!(
-        "{}: {} with {} layers, hidden {}, intermediate {}, {} heads ({} kv), vocab {}, {}, dense tensors {:?}",
-        args.model.display(),
-        c.architecture.hf_name(),
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.vocab_size,
-        match &c.quantization {
-            Some(q) => format!("AWQ g{}", q.group_size),
-            None => "dense".into(),
-        },
-        planner::DtypeName::of(c)
-    );
+    println!("{}: {}", args.model.display(), super::model_summary(c));
     let dense = planner::DtypeName::of(c).dtype();
-    let forced = args.tp.is_some() || args.pp.is_some() || args.layers.is_some();
-    if forced {
-        let placement = PlacementRequest {
-            tp: args.tp,
-            pp: args.pp,
-            layers: args.layers.clone(),
-        }
-        .resolve(c, None)?;
+    if args.place.given() {
+        let placement = args.place.request().resolve(c, None)?;
         let world = placement.world_size();
         let memory = args.device_memory.unwrap_or(u64::MAX / 4);
         let mut request = PlanRequest::new(c, world, memory, args.ctx, args.batch);

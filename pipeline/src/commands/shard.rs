@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use checkpoint::presharded::{MAPPING_KEY, Mapping, rank_file};
 use checkpoint::{Checkpoint, ModelConfig};
 use clap::Args;
-use tp_runtime::PlacementRequest;
 use tp_runtime::load::write_rank_file;
 
+use crate::cli::PlacementArgs;
 use crate::progress::{Progress, log};
 
 /// Arguments of `awq shard`.
@@ -19,15 +19,10 @@ use crate::progress::{Progress, log};
 pub struct ShardArgs {
     /// A Hugging Face or AWQ checkpoint folder.
     pub model: PathBuf,
-    /// Tensor-parallel ranks per stage.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// Pipeline stages.
-    #[arg(long)]
-    pub pp: Option<usize>,
-    /// Layers per stage, e.g. `8,8,7,7` (sets pp).
-    #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
-    pub layers: Option<Vec<usize>>,
+    /// The placement to write files for (the source is never pre-sharded, so what is not
+    /// given is 1).
+    #[command(flatten)]
+    pub place: PlacementArgs,
     /// Output folder (must not exist or be empty unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -43,12 +38,7 @@ pub fn run(args: &ShardArgs) -> Result<()> {
     if Mapping::read(&args.model)?.is_some() {
         anyhow::bail!("{}: already pre-sharded", args.model.display());
     }
-    let request = PlacementRequest {
-        tp: Some(args.tp),
-        pp: args.pp,
-        layers: args.layers.clone(),
-    };
-    let placement = request.resolve(&config, None)?;
+    let placement = args.place.request().resolve(&config, None)?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let world = placement.world_size();
     let mapping = Mapping {

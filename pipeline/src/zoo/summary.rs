@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use evaluation::provenance::{self, Machine, ToolInfo};
-use evaluation::report::{JobReport, SCHEMA_VERSION};
+use evaluation::report::SCHEMA_VERSION;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::split::{Balance, Shard};
 use crate::job::Job;
+use crate::report::JobReport;
 
 /// One entry's outcome.
 #[derive(Clone, Debug, Serialize, Deserialize)]

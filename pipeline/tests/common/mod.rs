@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use testkit::SyntheticLlama;
 
+pub mod help;
+
 pub fn awq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_awq"))
         .args(args)

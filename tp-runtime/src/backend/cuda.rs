@@ -8,24 +8,18 @@
 use std::sync::Arc;
 
 use checkpoint::{AwqGemm, FloatData};
+use cuda_kernels::Gpu;
 use cuda_kernels::cudarc::driver::CudaSlice;
 use cuda_kernels::gpu::AwqDeviceWeight;
 use cuda_kernels::layout::MmaLayout;
-use cuda_kernels::{Gpu, KernelError};
 use half::{bf16, f16};
 
 use super::{
     AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies,
     check_copy_rows,
 };
-use crate::backend::weights::{DenseWeight, WeightFormat};
+use crate::backend::{DenseWeight, WeightFormat};
 use crate::{Error, Result};
-
-impl From<KernelError> for Error {
-    fn from(e: KernelError) -> Self {
-        Error::Device(e.to_string())
-    }
-}
 
 /// f32 activations `[rows, cols]` on the device.
 pub struct CudaTensor {

@@ -1,65 +1,16 @@
-//! Linear weights as read from a checkpoint, and how each format is placed on each backend.
-//!
-//! A format is a type implementing [`WeightFormat`]: it knows its shape and, per backend, which
-//! [`LinearKernel`] runs it. Adding a format (GPTQ, FP8, ...) adds a type and its kernels; no
-//! backend and no decoder code changes. Adding a backend adds one `place_…` method here.
+//! How each weight format is placed on each backend: the [`WeightFormat`] of dense weights
+//! and of AWQ "gemm" weights, each choosing the [`LinearKernel`] that runs it per backend.
+//! Adding a format (GPTQ, FP8, ...) adds a type, its kernels and its impl here; no backend
+//! and no decoder code changes. Adding a backend adds one `place_…` method to each.
 
-use std::fmt;
+use checkpoint::AwqGemm;
 
-use checkpoint::{AwqGemm, FloatData};
-
-use crate::backend::LinearKernel;
-use crate::backend::cpu::{CpuAwq, CpuBackend, CpuMatrix};
+use crate::Result;
+use crate::backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::CudaBackend;
-use crate::{Error, Result};
-
-/// A dense `[rows, cols]` weight (PyTorch layout: `[out_features, in_features]` for a linear)
-/// in the element type it is stored in.
-#[derive(Clone, Debug)]
-pub struct DenseWeight {
-    pub data: FloatData,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl DenseWeight {
-    /// Wraps `data` as `[rows, cols]`.
-    pub fn new(data: FloatData, rows: usize, cols: usize) -> Result<Self> {
-        if data.len() != rows * cols {
-            return Err(Error::Invalid(format!(
-                "{} values do not make a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
-        Ok(DenseWeight { data, rows, cols })
-    }
-
-    /// An f32 `[rows, cols]` weight from owned values.
-    pub fn f32(values: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
-        Self::new(FloatData::from(values), rows, cols)
-    }
-}
-
-/// A linear layer's weight in one storage format, before a backend lays it out.
-pub trait WeightFormat: Send + fmt::Debug {
-    /// The format's name in messages ("dense f16", "awq gemm").
-    fn format(&self) -> String;
-    /// Output features.
-    fn out_features(&self) -> usize;
-    /// Input features.
-    fn in_features(&self) -> usize;
-    /// Bytes of the weight as stored (what was read from the checkpoint).
-    fn stored_bytes(&self) -> usize;
-    /// Shows `f` each stored tensor of the weight, named from `prefix` (`…q_proj`), with its
-    /// little-endian bytes: what a checkpoint of this share holds.
-    fn stored_tensors(&self, prefix: &str, f: &mut dyn FnMut(&str, &[u8]) -> Result<()>) -> Result<()>;
-    /// The CPU kernel for this weight.
-    fn place_cpu(self: Box<Self>, cpu: &CpuBackend) -> Result<Box<dyn LinearKernel<CpuBackend>>>;
-    /// The CUDA kernel for this weight.
-    #[cfg(feature = "cuda")]
-    fn place_cuda(self: Box<Self>, gpu: &CudaBackend) -> Result<Box<dyn LinearKernel<CudaBackend>>>;
-}
+use crate::backend::{DenseWeight, LinearKernel, WeightFormat};
+use cpu_kernels::{CpuAwq, CpuMatrix};
 
 impl WeightFormat for DenseWeight {
     fn format(&self) -> String {
@@ -83,7 +34,7 @@ impl WeightFormat for DenseWeight {
     }
 
     fn place_cpu(self: Box<Self>, _: &CpuBackend) -> Result<Box<dyn LinearKernel<CpuBackend>>> {
-        Ok(Box::new(CpuMatrix::new(*self)))
+        Ok(Box::new(CpuMatrix::new(self.data, self.rows, self.cols)?))
     }
 
     #[cfg(feature = "cuda")]

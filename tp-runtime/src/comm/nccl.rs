@@ -19,8 +19,8 @@ pub fn nccl_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() }
 }
 
-fn nccl_error(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Invalid(format!("NCCL {what}: {e:?}"))
+fn nccl_error(what: &'static str, code: cudarc::nccl::result::NcclError) -> Error {
+    Error::Nccl { what, code }
 }
 
 /// A new NCCL unique id (rank 0 makes it; every rank of the group needs it).

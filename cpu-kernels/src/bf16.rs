@@ -11,62 +11,16 @@ use gemmkit::{MatMut, MatRef, Parallelism};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::amx::{PackedLhs, PackedRhs, RhsColumns, TileBuffer};
-use super::dense::TileLayout;
-use super::matmul::{check_gram_rows, empty_product};
-use crate::compute::Bf16Kernel;
+use crate::amx::{self, PackedLhs, PackedRhs, RhsColumns, TileBuffer};
+use crate::compute::{Bf16Kernel, Compute};
+use crate::convert::{narrow, to_bf16_into};
+use crate::layout::TileLayout;
+use crate::matmul::{check_gram_rows, empty_product, matmul_transposed};
 
 /// The largest weight panel rounded to bf16 at once.
 const PANEL_BYTES: usize = 32 << 20;
 /// Rows (`KMajor`) or columns (`NMajor`) of a panel filled per rayon task.
 const FILL_CHUNK: usize = 64;
-
-/// `src` rounded to bf16 into `dst`: round to nearest even, NaN kept quiet — `half`'s
-/// `bf16::from_f32` bit for bit, written branch-free so that it vectorises (`half`'s slice
-/// conversion is a scalar loop).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-pub fn narrow(src: &[f32], dst: &mut [bf16]) {
-    assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = round_to_bf16(*s);
-    }
-}
-
-/// One value of [`narrow`]: inlined into callers' loops so that they vectorise too.
-#[inline(always)]
-pub(crate) fn round_to_bf16(value: f32) -> bf16 {
-    let x = value.to_bits();
-    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
-    let quiet = (x >> 16) | 0x40;
-    let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
-        quiet
-    } else {
-        rounded
-    };
-    bf16::from_bits(bits as u16)
-}
-
-/// `x` rounded to bf16 (round to nearest even, as `half`'s `bf16::from_f32`), in parallel.
-pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    let mut out = Vec::new();
-    to_bf16_into(x, &mut out);
-    out
-}
-
-/// `x` rounded to bf16 into `out` (resized; its old contents are overwritten).
-fn to_bf16_into(x: &[f32], out: &mut Vec<bf16>) {
-    out.resize(x.len(), bf16::ZERO);
-    to_bf16_slice(x, out);
-}
-
-/// `x` rounded to bf16 into `out`, of the same length, in parallel: [`to_bf16`] into a
-/// caller's buffer.
-pub fn to_bf16_slice(x: &[f32], out: &mut [bf16]) {
-    assert_eq!(x.len(), out.len(), "to_bf16_slice: lengths differ");
-    out.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(o, x)| narrow(x, o));
-}
 
 thread_local! {
     /// Buffers of the last product on this thread (activations in bf16 — in tile order for
@@ -116,7 +70,7 @@ fn amx_panel(
     n0: usize,
 ) {
     let b = PackedRhs::pack_into(RHS_TILES.take(), panel, k, panel.len() / k, layout);
-    super::amx::matmul(a, b.all(), out, n, n0);
+    amx::matmul(a, b.all(), out, n, n0);
     RHS_TILES.set(b.into_buffer());
 }
 
@@ -126,7 +80,7 @@ pub(crate) fn matmul_packed_amx(x: &[f32], m: usize, k: usize, b: RhsColumns<'_>
     if empty_product(x, None, out, m, k, n) {
         return;
     }
-    with_packed_lhs(x, m, k, |a| super::amx::matmul(a, b, out, n, 0));
+    with_packed_lhs(x, m, k, |a| amx::matmul(a, b, out, n, 0));
 }
 
 /// `out[m, n] = x[m, k] · Wt[k, n]` on the AMX tiles for a weight made on the fly a tile at a
@@ -151,7 +105,7 @@ pub(crate) fn row_pairs_matmul_amx(
             let b = PackedRhs::from_row_pairs_into(RHS_TILES.take(), k, w, |p0, j0, width, tile| {
                 row_pairs(p0, n0 + j0, width, tile)
             });
-            super::amx::matmul(a, b.all(), out, n, n0);
+            amx::matmul(a, b.all(), out, n, n0);
             RHS_TILES.set(b.into_buffer());
         }
     });
@@ -160,7 +114,7 @@ pub(crate) fn row_pairs_matmul_amx(
 /// `out[m, n] = silu(x · Gt) * (x · Ut)` on the AMX tiles for two `[k, n]` weights made as
 /// [`row_pairs_matmul_amx`]'s is (`gate_pairs`, `up_pairs`; `n` a multiple of 16): each panel
 /// packs their columns as alternating 16-column blocks, and the kernel's epilogue combines
-/// each block pair ([`amx::matmul_gated`](super::amx::matmul_gated)).
+/// each block pair ([`amx::matmul_gated`](amx::matmul_gated)).
 pub(crate) fn row_pairs_gated_matmul_amx(
     x: &[f32],
     m: usize,
@@ -190,7 +144,7 @@ pub(crate) fn row_pairs_gated_matmul_amx(
                     _ => up_pairs(p0, column, width, tile),
                 }
             });
-            super::amx::matmul_gated(a, b.all(), out, n, n0);
+            amx::matmul_gated(a, b.all(), out, n, n0);
             RHS_TILES.set(b.into_buffer());
         }
     });
@@ -382,9 +336,26 @@ pub fn matmul_transposed_bf16(
     });
 }
 
+/// [`matmul_transposed`](crate::matmul_transposed) computed as `compute` says.
+pub fn matmul_transposed_in(
+    compute: Compute,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    match compute.bf16_kernel() {
+        None => matmul_transposed(x, w, out, m, k, n),
+        Some(kernel) => matmul_transposed_bf16(kernel, x, w, out, m, k, n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::to_bf16;
     use rand::{RngExt, SeedableRng};
 
     /// The scalar twin: bf16-rounded operands, products summed in f64, the sum rounded to
@@ -403,9 +374,9 @@ mod tests {
 
     /// Both kernels: `gemmkit` falls back to plain code where the CPU lacks AVX512-BF16, and
     /// the AMX products run on the tile kernel's scalar twin where the CPU has no tile unit
-    /// (`super::super::amx::matmul` in tests).
+    /// (`super::amx::matmul` in tests).
     fn kernels_here() -> [Bf16Kernel; 2] {
-        if !super::super::amx::hardware_here() {
+        if !amx::hardware_here() {
             eprintln!("bf16 tests: no AMX tile unit here; AMX products run on its scalar twin");
         }
         [Bf16Kernel::Vdpbf16ps, Bf16Kernel::Amx]
@@ -473,7 +444,7 @@ mod tests {
     #[test]
     fn a_bf16_weight_multiplies_as_its_panels() {
         let (m, k, n) = (300, 130, 90);
-        let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
+        let (x, w) = crate::matmul::tests::operands(m, k, n);
         let twin = twin(&x, &w, m, k, n);
         for kernel in kernels_here() {
             let mut panels = vec![0f32; m * n];
@@ -494,11 +465,11 @@ mod tests {
     fn gram_rows_match_the_f32_gram_rounded() {
         // Deep enough (rows) for gemmkit's split-contraction path, and a shallow case.
         for (rows, cols, first, m) in [(20_000, 40, 8, 24), (7, 33, 0, 33)] {
-            let (x, _) = crate::backend::cpu::matmul::tests::operands(rows, cols, 1);
+            let (x, _) = crate::matmul::tests::operands(rows, cols, 1);
             let xb = to_bf16(&x);
             let wide: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
             let mut want = vec![0f32; m * cols];
-            crate::backend::cpu::gram_rows_into(&wide, rows, cols, first..first + m, &mut want, false);
+            crate::matmul::gram_rows_into(&wide, rows, cols, first..first + m, &mut want, false);
             let mut got = vec![bf16::ONE; m * cols];
             gram_rows_bf16(&xb, rows, cols, first..first + m, &mut got);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -515,7 +486,7 @@ mod tests {
     #[test]
     fn is_deterministic() {
         let (m, k, n) = (700, 96, 200);
-        let (x, w) = crate::backend::cpu::matmul::tests::operands(m, k, n);
+        let (x, w) = crate::matmul::tests::operands(m, k, n);
         for kernel in kernels_here() {
             let mut a = vec![0f32; m * n];
             let mut b = vec![1f32; m * n];

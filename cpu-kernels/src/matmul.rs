@@ -2,39 +2,14 @@
 
 use gemm::{Parallelism, gemm};
 
-use crate::compute::Compute;
+use crate::parallel::top_level;
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 18;
 
-thread_local! {
-    /// Whether this thread runs a [`Backend::run`](crate::Backend::run) body: a worker of the
-    /// pool, but not inside a parallel loop, so its products should still use every thread.
-    static POOL_ROOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks this thread as running a [`Backend::run`](crate::Backend::run) body until dropped.
-pub(crate) struct PoolRoot(bool);
-
-impl PoolRoot {
-    pub(crate) fn enter() -> Self {
-        PoolRoot(POOL_ROOT.replace(true))
-    }
-}
-
-impl Drop for PoolRoot {
-    fn drop(&mut self) {
-        POOL_ROOT.set(self.0);
-    }
-}
-
 fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
-    // Inside a parallel loop's task a product stays on its thread; the body of
-    // `Backend::run` is on a worker too, but runs no loop around it. (A task the root
-    // thread steals while it waits is taken as the root's: nested, never unsound.)
-    let top_level = rayon::current_thread_index().is_none() || POOL_ROOT.get();
-    if threads > 1 && m * k * n >= PARALLEL_THRESHOLD && top_level {
+    if threads > 1 && m * k * n >= PARALLEL_THRESHOLD && top_level() {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
@@ -95,22 +70,6 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usi
             false,
             parallelism(m, k, n),
         );
-    }
-}
-
-/// [`matmul_transposed`] computed as `compute` says.
-pub fn matmul_transposed_in(
-    compute: Compute,
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    match compute.bf16_kernel() {
-        None => matmul_transposed(x, w, out, m, k, n),
-        Some(kernel) => super::bf16::matmul_transposed_bf16(kernel, x, w, out, m, k, n),
     }
 }
 

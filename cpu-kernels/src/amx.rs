@@ -21,11 +21,10 @@ use std::ops::Range;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::SharedOut;
-use super::bf16::round_to_bf16;
-use super::dense::TileLayout;
-use super::pairs::word;
 use crate::compute::amx_permitted;
+use crate::convert::{round_to_bf16, word};
+use crate::layout::TileLayout;
+use crate::parallel::SharedOut;
 
 /// Rows of a left (and result) tile; `k` pairs of a right tile.
 const ROWS: usize = 16;
@@ -744,7 +743,7 @@ impl Gated {
             self.gate[r * COLS..][..COLS].copy_from_slice(&row[..COLS]);
             self.up[r * COLS..][..COLS].copy_from_slice(&row[COLS..]);
         }
-        super::silu_mul_into(
+        crate::math::silu_mul_into(
             &mut self.activated[..values],
             &self.gate[..values],
             &self.up[..values],
@@ -952,7 +951,7 @@ mod tests {
                         for (r, row) in tile.chunks_exact_mut(TILE_ROW_WORDS).enumerate() {
                             let p = p0 + 2 * r;
                             for (c, word) in row[..width].iter_mut().enumerate() {
-                                *word = super::super::pairs::word(w[p * n + j0 + c], w[(p + 1) * n + j0 + c]);
+                                *word = crate::convert::word(w[p * n + j0 + c], w[(p + 1) * n + j0 + c]);
                             }
                         }
                     });
@@ -1058,18 +1057,17 @@ mod tests {
         check_against_reference(TileUnit::Emulated);
     }
 
-    /// The tile unit itself against the reference and against its twin. Skips, saying so,
+    /// The tile unit itself against the reference and against its twin. Reported as skipped
     /// where the CPU has no AMX or Linux refuses the tile state — unless `AWQ_REQUIRE_AMX=1`
-    /// (set by `scripts/gpu-check.sh` on a host that has it).
+    /// (`scripts/test.sh` sets it where `/proc/cpuinfo` lists AMX), where that fails.
     #[test]
     fn matches_its_scalar_twin() {
         if !hardware_here() {
-            let reason = "this CPU has no AMX-BF16, or Linux refused the tile data state";
-            assert!(
-                std::env::var("AWQ_REQUIRE_AMX").as_deref() != Ok("1"),
-                "AWQ_REQUIRE_AMX=1 but {reason}"
+            testkit::skip::unavailable(
+                "amx::matches_its_scalar_twin",
+                testkit::skip::Condition::Amx,
+                "this CPU has no AMX-BF16, or Linux refused the tile data state",
             );
-            eprintln!("SKIPPED amx::matches_its_scalar_twin: {reason}");
             return;
         }
         let hardware = check_against_reference(TileUnit::Hardware);

@@ -8,13 +8,29 @@ use std::ops::Range;
 
 use half::bf16;
 
-use super::amx::{PackedLhs, PackedRhs, TILE_ROW_WORDS, TileBuffer, matmul_on_this_thread};
-use super::bf16::narrow;
-use super::pairs::{PairUnit, matmul_pairs, pair};
-use super::{SharedOut, math};
-use crate::backend::{AttentionLayout, AttentionSpec};
+use crate::amx::{PackedLhs, PackedRhs, TILE_ROW_WORDS, TileBuffer, matmul_on_this_thread};
+use crate::compute::{Bf16Kernel, Compute};
+use crate::convert::{narrow, pair};
+use crate::math;
+use crate::pairs::{PairUnit, matmul_pairs};
+use crate::parallel::SharedOut;
+use crate::sequences::AttentionLayout;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
+
+/// Head layout of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    /// Query heads (on this rank).
+    pub heads: usize,
+    /// Key/value heads (on this rank); each serves `heads / kv_heads` query heads.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys at least this many positions back are masked.
+    pub sliding_window: Option<usize>,
+    /// Multiplier of q·k, normally `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 64;
@@ -33,7 +49,7 @@ struct Task {
 
 /// What computes attention's two products (`q kᵀ` and `p v`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Products {
+pub enum Products {
     /// f32, by the `gemm` crate.
     F32,
     /// bf16 operands, f32 sums, on `vdpbf16ps` (or its twin).
@@ -44,11 +60,27 @@ pub(crate) enum Products {
     Tiles,
 }
 
+/// Query rows from which attention in a 16-bit compute path runs on bf16 operands: a
+/// decoding step's few rows would not repay laying out the key store.
+const SIXTEEN_BIT_ROWS: usize = 64;
+
+impl Products {
+    /// What computes attention's products for `rows` query rows under `compute`.
+    pub fn choose(compute: Compute, rows: usize) -> Self {
+        match compute.bf16_kernel() {
+            _ if rows < SIXTEEN_BIT_ROWS => Products::F32,
+            Some(Bf16Kernel::Vdpbf16ps) => Products::Pairs(PairUnit::here()),
+            Some(Bf16Kernel::Amx) => Products::Tiles,
+            None => Products::F32,
+        }
+    }
+}
+
 /// `out = softmax(scale · q kᵀ + causal mask) v` for each sequence of `layout`, for q
 /// `[rows, heads·d]` and a key store k, v `[key rows, kv_heads·d]`: in f32, or with 16-bit
 /// `products` in bf16 (q, k, v and the probabilities rounded to bf16, as GPU attention
 /// kernels do; scores and outputs f32 sums).
-pub(crate) fn attention(
+pub fn attention(
     q: &HostTensor,
     k: &HostTensor,
     v: &HostTensor,
@@ -62,7 +94,7 @@ pub(crate) fn attention(
     let kv_stride = spec.kv_heads * d;
     let rows = layout.rows();
     if spec.kv_heads == 0 || !spec.heads.is_multiple_of(spec.kv_heads) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Shape(format!(
             "attention: {} query heads do not group over {} kv heads",
             spec.heads, spec.kv_heads
         )));
@@ -74,7 +106,7 @@ pub(crate) fn attention(
         ("v", v, k.rows.max(layout.key_rows()), kv_stride),
     ] {
         if t.rows != expected_rows || t.cols != cols {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "attention: {name} is [{}, {}], expected [{expected_rows}, {cols}]",
                 t.rows, t.cols
             )));
@@ -538,7 +570,7 @@ impl SixteenBitKeys for PairedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{AttendedSequence, SeqLayout};
+    use crate::sequences::{AttendedSequence, SeqLayout};
 
     fn reference(
         q: &HostTensor,
@@ -638,7 +670,7 @@ mod tests {
             Products::Pairs(PairUnit::Emulated),
             Products::Tiles,
         ];
-        if super::super::pairs::hardware_here() {
+        if crate::pairs::hardware_here() {
             units.push(Products::Pairs(PairUnit::Hardware));
         } else {
             eprintln!("attention: no AVX512-BF16 here; paired attention runs on the twin only");

@@ -14,14 +14,14 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-use super::amx::{PackedRhs, TileBuffer};
-use super::bf16::{matmul_bf16_weight, matmul_packed_amx, to_bf16, with_packed_lhs};
-use super::math::dot;
-use super::{CpuBackend, SharedOut, matmul_transposed};
-use crate::backend::weights::DenseWeight;
-use crate::backend::{ByteSize, LinearKernel};
+use crate::amx::{self, PackedRhs, TileBuffer};
+use crate::bf16::{matmul_bf16_weight, matmul_packed_amx, with_packed_lhs};
 use crate::compute::{Bf16Kernel, Compute};
-use crate::tensor::HostTensor;
+use crate::convert::to_bf16;
+use crate::layout::TileLayout;
+use crate::math::dot;
+use crate::matmul::matmul_transposed;
+use crate::parallel::SharedOut;
 use crate::{Error, Result};
 
 /// Output columns per task of a tiled product (a multiple of 8).
@@ -30,15 +30,6 @@ const N_TILE: usize = 128;
 const K_TILE: usize = 256;
 /// Activation rows per task.
 const M_CHUNK: usize = 512;
-
-/// How a tile of `Wt[k0..k1, n0..n1]` lies in its buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TileLayout {
-    /// `tile[(k − k0) · (n1 − n0) + (n − n0)]`: rows of `Wt` (how AWQ stores weights).
-    KMajor,
-    /// `tile[(n − n0) · (k1 − k0) + (k − k0)]`: rows of `W` (how dense weights are stored).
-    NMajor,
-}
 
 /// `out[m, n] = x[m, k] · Wt[k, n]` where `fill(k0..k1, n0..n1, tile)` writes a tile of `Wt`
 /// in `layout`: each rayon task owns a block of output columns and widens or unpacks the
@@ -120,15 +111,21 @@ pub struct CpuMatrix {
 }
 
 impl CpuMatrix {
-    /// Places a dense weight (no copy).
-    pub fn new(weight: DenseWeight) -> Self {
-        CpuMatrix {
-            data: weight.data,
-            rows: weight.rows,
-            cols: weight.cols,
+    /// `data` as a `[rows, cols]` matrix (no copy).
+    pub fn new(data: FloatData, rows: usize, cols: usize) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::Shape(format!(
+                "{} values do not make a [{rows}, {cols}] matrix",
+                data.len()
+            )));
+        }
+        Ok(CpuMatrix {
+            data,
+            rows,
+            cols,
             bf16_copy: OnceLock::new(),
             amx_tiles: OnceLock::new(),
-        }
+        })
     }
 
     /// The weight in bf16: the stored values when stored so, else a copy rounded once.
@@ -212,7 +209,7 @@ impl CpuMatrix {
 impl CpuMatrix {
     /// Whether [`CpuMatrix::matmul_row_slices`] multiplies slices of this matrix in place on
     /// the AMX tiles (the weight kept in tile order, `x` packed once for every slice).
-    pub(crate) fn slices_in_place(&self, compute: Compute, m: usize) -> bool {
+    pub fn slices_in_place(&self, compute: Compute, m: usize) -> bool {
         m > FEW_ROWS && compute.bf16_kernel() == Some(Bf16Kernel::Amx) && self.amx_tiles().is_some()
     }
 
@@ -220,7 +217,7 @@ impl CpuMatrix {
     /// shorter), each handed to `each(v0..v1, product)`: a vocabulary scored slice by slice
     /// without its whole `[m, vocab]` logits. Where [`CpuMatrix::slices_in_place`], `width`
     /// must be a multiple of 32 (the kernel's column pair).
-    pub(crate) fn matmul_row_slices(
+    pub fn matmul_row_slices(
         &self,
         compute: Compute,
         x: &[f32],
@@ -241,7 +238,7 @@ impl CpuMatrix {
                     let columns = tiles
                         .columns(slice.clone())
                         .expect("slices start on whole column pairs");
-                    super::amx::matmul(a, columns, out, slice.len(), 0);
+                    amx::matmul(a, columns, out, slice.len(), 0);
                     each(slice, out);
                 }
             });
@@ -255,7 +252,7 @@ impl CpuMatrix {
 }
 
 /// Input rows up to which products take the decoding paths (dense here, AWQ in `w4a16`).
-pub(crate) const FEW_ROWS: usize = 16;
+pub const FEW_ROWS: usize = 16;
 /// Weight rows (outputs) per task of [`few_rows`].
 const ROWS_PER_TASK: usize = 64;
 
@@ -295,48 +292,6 @@ pub(crate) fn few_rows(
     }
 }
 
-impl ByteSize for CpuMatrix {
-    fn byte_size(&self) -> usize {
-        self.data.byte_size()
-    }
-}
-
-impl LinearKernel<CpuBackend> for CpuMatrix {
-    fn out_features(&self) -> usize {
-        self.rows
-    }
-
-    fn in_features(&self) -> usize {
-        self.cols
-    }
-
-    fn byte_size(&self) -> usize {
-        self.data.byte_size()
-    }
-
-    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
-        check_linear_dims(x, out, self.rows, self.cols)?;
-        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
-        Ok(())
-    }
-}
-
-/// An error unless `x` is `[rows, in_features]` and `out` `[rows, out_features]`.
-pub(crate) fn check_linear_dims(
-    x: &HostTensor,
-    out: &HostTensor,
-    out_features: usize,
-    in_features: usize,
-) -> Result<()> {
-    if x.cols != in_features || (out.rows, out.cols) != (x.rows, out_features) {
-        return Err(Error::Invalid(format!(
-            "linear [{out_features}, {in_features}]: input [{}, {}], output [{}, {}]",
-            x.rows, x.cols, out.rows, out.cols
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +311,7 @@ mod tests {
             ];
             for data in halves {
                 let widened = data.clone().into_f32().to_vec();
-                let matrix = CpuMatrix::new(DenseWeight::new(data, n, k).unwrap());
+                let matrix = CpuMatrix::new(data, n, k).unwrap();
                 let mut got = vec![f32::NAN; m * n];
                 matrix.matmul(Compute::F32, &x, m, &mut got);
                 let mut want = vec![0f32; m * n];
@@ -388,7 +343,7 @@ mod tests {
             FloatData::F32(w.clone().into()),
             FloatData::F16(w.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>().into()),
         ] {
-            let matrix = CpuMatrix::new(DenseWeight::new(data, n, k).unwrap());
+            let matrix = CpuMatrix::new(data, n, k).unwrap();
             let rounded = matrix.rounded_to_bf16();
             for rows in [0..n, 64..n, 32..100, 5..n] {
                 let packed = matrix.amx_tiles().and_then(|tiles| tiles.columns(rows.clone()));
@@ -413,7 +368,7 @@ mod tests {
         let (m, k, n) = (40, 70, 200);
         let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0f32)).collect();
-        let matrix = CpuMatrix::new(DenseWeight::new(FloatData::F32(w.into()), n, k).unwrap());
+        let matrix = CpuMatrix::new(FloatData::F32(w.into()), n, k).unwrap();
         for (compute, in_place) in [(Compute::Amx, true), (Compute::F32, false)] {
             assert_eq!(matrix.slices_in_place(compute, m), in_place);
             assert!(!matrix.slices_in_place(compute, FEW_ROWS));

@@ -14,36 +14,12 @@
 //! past `n` are masked off, so `n` need not be a multiple of 16. Where the CPU lacks
 //! AVX512-BF16 the products run on a scalar twin (tests compare the two).
 
-use half::bf16;
-
-use super::bf16::round_to_bf16;
+use crate::convert::unpair;
 
 /// Rows of a micro-tile.
 const ROWS: usize = 4;
 /// Columns of a micro-tile: four vectors of 16 f32.
 const COLS: usize = 64;
-
-/// Two bf16 values as one word, `low` in the low half: the "VNNI" pair `vdpbf16ps` and AMX's
-/// `tdpbf16ps` read.
-#[inline(always)]
-pub(crate) fn word(low: bf16, high: bf16) -> u32 {
-    low.to_bits() as u32 | (high.to_bits() as u32) << 16
-}
-
-/// Two values rounded to bf16 and packed into one [`word`].
-#[inline(always)]
-pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
-    word(round_to_bf16(lo), round_to_bf16(hi))
-}
-
-/// The two values of a word, widened.
-#[inline(always)]
-fn unpair(w: u32) -> (f32, f32) {
-    (
-        bf16::from_bits(w as u16).to_f32(),
-        bf16::from_bits((w >> 16) as u16).to_f32(),
-    )
-}
 
 /// Whether this CPU multiplies pairs in hardware (AVX512-BF16).
 pub(crate) fn hardware_here() -> bool {
@@ -59,7 +35,7 @@ pub(crate) fn hardware_here() -> bool {
 
 /// What multiplies the pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PairUnit {
+pub enum PairUnit {
     /// `vdpbf16ps` (needs AVX512-BF16).
     Hardware,
     /// The scalar twin: each product of two bf16 values (exact in f32) added in f32, high
@@ -69,7 +45,7 @@ pub(crate) enum PairUnit {
 
 impl PairUnit {
     /// The hardware where present, else the twin.
-    pub(crate) fn here() -> Self {
+    pub fn here() -> Self {
         if hardware_here() {
             PairUnit::Hardware
         } else {
@@ -212,6 +188,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::pair;
+    use half::bf16;
     use rand::{RngExt, SeedableRng};
 
     #[test]

@@ -15,7 +15,7 @@ impl HostTensor {
     /// Wraps `data` as `[rows, cols]`.
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
         if data.len() != rows * cols {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Shape(format!(
                 "{} values do not make a [{rows}, {cols}] tensor",
                 data.len()
             )));

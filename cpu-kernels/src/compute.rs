@@ -220,19 +220,19 @@ impl ComputeRequest {
         match self {
             ComputeRequest::F32 => Ok(Compute::F32),
             ComputeRequest::Bf16 if features.has_bf16() => Ok(Compute::Bf16),
-            ComputeRequest::Bf16 => Err(Error::Invalid(format!(
+            ComputeRequest::Bf16 => Err(Error::Unavailable(format!(
                 "compute = bf16 needs the CPU feature avx512_bf16 (vdpbf16ps), which this CPU lacks \
                  (it has: {features}); use compute = f32 or auto"
             ))),
             ComputeRequest::Amx if features.amx_bf16 && features.amx_permitted && features.has_bf16() => {
                 Ok(Compute::Amx)
             }
-            ComputeRequest::Amx if features.amx_bf16 && features.has_bf16() => Err(Error::Invalid(
+            ComputeRequest::Amx if features.amx_bf16 && features.has_bf16() => Err(Error::Unavailable(
                 "compute = amx: this CPU has amx_bf16 but Linux refused the AMX tile state \
                  (arch_prctl ARCH_REQ_XCOMP_PERM); use compute = bf16, f32 or auto"
                     .into(),
             )),
-            ComputeRequest::Amx => Err(Error::Invalid(format!(
+            ComputeRequest::Amx => Err(Error::Unavailable(format!(
                 "compute = amx needs the CPU features amx_bf16 (with amx_tile) and avx512_bf16, which \
                  this CPU lacks (it has: {features}); use compute = f32 or auto"
             ))),

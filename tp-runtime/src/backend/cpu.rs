@@ -1,84 +1,18 @@
 //! The CPU backend: f32 arithmetic, matrix products by the `gemm` crate, rayon across rows
 //! and heads. It is also the reference twin of every GPU kernel.
 
-mod amx;
-mod attention;
-mod bf16;
-mod dense;
-mod math;
-mod matmul;
-mod pairs;
-mod w4a16;
-
 use checkpoint::{FloatData, HostData};
+use cpu_kernels::attention::{self, Products};
+use cpu_kernels::math::{self, exp_in_place};
+use cpu_kernels::{Compute, CpuAwq, CpuMatrix, HostTensor, PoolRoot, release_freed_memory};
 use rayon::prelude::*;
 
 use super::{
     AttentionLayout, AttentionSpec, Backend, ByteSize, LinearKernel, Prediction, RopeFrequencies,
     check_copy_rows,
 };
-use crate::backend::weights::{DenseWeight, WeightFormat};
-use crate::compute::{Bf16Kernel, Compute};
-use crate::tensor::HostTensor;
+use crate::backend::{DenseWeight, WeightFormat};
 use crate::{Error, Result};
-use attention::Products;
-use pairs::PairUnit;
-
-pub use bf16::{gram_rows_bf16, matmul_bf16_weight, matmul_transposed_bf16, narrow, to_bf16, to_bf16_slice};
-pub use dense::CpuMatrix;
-pub use math::{
-    dot, dot_f64, exp_in_place, max, min_max, squared_distance_f64, sum, sum_f64, sum_of_squares_f64,
-};
-pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed, matmul_transposed_in};
-pub use w4a16::CpuAwq;
-
-/// Keeps freed activation buffers inside the process.
-///
-/// glibc hands large freed blocks back to the kernel; every fresh buffer of the next layer
-/// then page-faults its way in, which costs about a fifth of a decoder layer's time at 512
-/// tokens. Raising the trim threshold and allocating every block from the heap (no mmap: glibc
-/// caps the mmap threshold at 32 MB, below a 7B-wide search's 100+ MB trial buffers) makes
-/// such buffers reuse heap memory. Call once at startup; a no-op outside glibc.
-pub fn retain_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; it is called before any
-    // buffer depends on them and accepts any value.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-    }
-}
-
-/// Hands the free pages of the heap back to the kernel.
-///
-/// [`retain_freed_memory`] keeps freed buffers for reuse, which lets long-lived buffers
-/// (a layer's outputs, the next layer's inputs) land ever higher in the heap and the
-/// resident set creep up layer after layer. A layer-by-layer streamer calls this between
-/// layers, so that its peak stays that of one layer. A no-op outside glibc.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns pages of free chunks to the kernel; live allocations
-    // are untouched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// A raw output pointer shared by rayon tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every user hands each task a region of the output no other task touches.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer; a method so that closures capture the whole (Send) wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
 
 impl ByteSize for HostData<f32> {
     fn byte_size(&self) -> usize {
@@ -122,19 +56,6 @@ fn same_dims(what: &str, a: &HostTensor, b: &HostTensor) -> Result<()> {
     Ok(())
 }
 
-/// `y = silu(g) · u = g / (1 + exp(−g)) · u`, element-wise. Compiled for AVX-512 and AVX2
-/// too, so that its passes vectorise (no fused multiply-add: every version rounds alike).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-pub(crate) fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
-    for (y, &g) in y.iter_mut().zip(g) {
-        *y = -g;
-    }
-    exp_in_place(y);
-    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-        *y = g / (1.0 + *y) * u;
-    }
-}
-
 /// `(max, Σ exp(l − max))` of a row of logits, overwriting it with `exp(l − max)`; the sum
 /// is accumulated in f64 for a stable total over large vocabularies.
 fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f64) {
@@ -143,9 +64,6 @@ fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f64) {
     exp_in_place(logits);
     (max, math::sum_f64(logits))
 }
-
-/// Query rows from which attention in the bf16 path runs on bf16 pairs.
-const PAIRED_ATTENTION_ROWS: usize = 64;
 
 /// Logits kept at once when scoring (rows × a slice of the vocabulary): 25 MB of f32.
 const NLL_LOGITS: usize = 128 * 49_152;
@@ -204,13 +122,13 @@ impl Backend for CpuBackend {
         static FIRST: std::sync::Once = std::sync::Once::new();
         FIRST.call_once(release_freed_memory);
         rayon::scope(|_| {
-            let _root = matmul::PoolRoot::enter();
+            let _root = PoolRoot::enter();
             f()
         })
     }
 
     fn matrix(&self, weight: DenseWeight) -> Result<CpuMatrix> {
-        Ok(CpuMatrix::new(weight))
+        Ok(CpuMatrix::new(weight.data, weight.rows, weight.cols)?)
     }
 
     fn vector(&self, data: FloatData) -> Result<HostData<f32>> {
@@ -230,7 +148,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<HostTensor> {
-        HostTensor::new(data.to_vec(), rows, cols)
+        Ok(HostTensor::new(data.to_vec(), rows, cols)?)
     }
 
     fn download(&self, x: &HostTensor) -> Result<Vec<f32>> {
@@ -323,7 +241,11 @@ impl Backend for CpuBackend {
     }
 
     fn rope_table(&self, rope: &RopeFrequencies, positions: &[u32]) -> Result<HostTensor> {
-        HostTensor::new(rope.table(positions), positions.len(), rope.head_dim)
+        Ok(HostTensor::new(
+            rope.table(positions),
+            positions.len(),
+            rope.head_dim,
+        )?)
     }
 
     fn rotary(&self, x: &mut HostTensor, table: &HostTensor, head_dim: usize) -> Result<()> {
@@ -360,15 +282,8 @@ impl Backend for CpuBackend {
         layout: &AttentionLayout,
         out: &mut HostTensor,
     ) -> Result<()> {
-        // bf16 attention where the products are bf16, for blocks of queries: a decoding
-        // step's few rows would not repay laying out the key store.
-        let products = match self.compute.bf16_kernel() {
-            _ if layout.rows() < PAIRED_ATTENTION_ROWS => Products::F32,
-            Some(Bf16Kernel::Vdpbf16ps) => Products::Pairs(PairUnit::here()),
-            Some(Bf16Kernel::Amx) => Products::Tiles,
-            None => Products::F32,
-        };
-        attention::attention(q, k, v, spec, layout, out, products)
+        let products = Products::choose(self.compute, layout.rows());
+        Ok(attention::attention(q, k, v, spec, layout, out, products)?)
     }
 
     fn copy_rows(
@@ -392,7 +307,7 @@ impl Backend for CpuBackend {
         out.data
             .par_chunks_mut(4096)
             .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-            .for_each(|(y, (g, u))| silu_mul_into(y, g, u));
+            .for_each(|(y, (g, u))| math::silu_mul_into(y, g, u));
         Ok(())
     }
 
@@ -424,7 +339,11 @@ impl Backend for CpuBackend {
     }
 
     fn logits(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<HostTensor> {
-        HostTensor::new(self.logits_flat(hidden, lm_head, rows)?, rows.len(), lm_head.rows)
+        Ok(HostTensor::new(
+            self.logits_flat(hidden, lm_head, rows)?,
+            rows.len(),
+            lm_head.rows,
+        )?)
     }
 }
 
@@ -444,7 +363,7 @@ impl CpuBackend {
         let x = gather_rows(hidden, lm_head, &rows)?;
         let m = rows.len();
         if m == 0 {
-            return HostTensor::new(Vec::new(), 0, 3);
+            return Ok(HostTensor::new(Vec::new(), 0, 3)?);
         }
         let mut running = vec![RunningLogSumExp::EMPTY; m];
         let mut targets = vec![0f32; m];
@@ -468,7 +387,7 @@ impl CpuBackend {
             .zip(&targets)
             .flat_map(|(r, &t)| [r.max, r.sum as f32, t])
             .collect();
-        HostTensor::new(parts, m, 3)
+        Ok(HostTensor::new(parts, m, 3)?)
     }
 
     /// `[rows.len(), vocab]` logits of the selected rows.
@@ -497,6 +416,89 @@ fn gather_rows(hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Resu
         x.extend_from_slice(hidden.row(r));
     }
     Ok(x)
+}
+
+impl ByteSize for CpuMatrix {
+    fn byte_size(&self) -> usize {
+        self.data.byte_size()
+    }
+}
+
+impl LinearKernel<CpuBackend> for CpuMatrix {
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn byte_size(&self) -> usize {
+        self.data.byte_size()
+    }
+
+    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+        check_linear_dims(x, out, self.rows, self.cols)?;
+        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
+        Ok(())
+    }
+}
+
+impl LinearKernel<CpuBackend> for CpuAwq {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn byte_size(&self) -> usize {
+        self.bytes()
+    }
+
+    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
+        check_linear_dims(x, out, self.out_features, self.in_features)?;
+        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
+        Ok(())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn gated_into(
+        &self,
+        up: &dyn LinearKernel<CpuBackend>,
+        backend: &CpuBackend,
+        x: &HostTensor,
+        out: &mut HostTensor,
+    ) -> Result<bool> {
+        let Some(up) = up.as_any().and_then(|up| up.downcast_ref::<CpuAwq>()) else {
+            return Ok(false);
+        };
+        if (up.in_features, up.out_features) != (self.in_features, self.out_features) {
+            return Ok(false);
+        }
+        check_linear_dims(x, out, self.out_features, self.in_features)?;
+        Ok(self.gated_matmul(up, backend.compute(), &x.data, x.rows, &mut out.data))
+    }
+}
+
+/// An error unless `x` is `[rows, in_features]` and `out` `[rows, out_features]`.
+fn check_linear_dims(
+    x: &HostTensor,
+    out: &HostTensor,
+    out_features: usize,
+    in_features: usize,
+) -> Result<()> {
+    if x.cols != in_features || (out.rows, out.cols) != (x.rows, out_features) {
+        return Err(Error::Invalid(format!(
+            "linear [{out_features}, {in_features}]: input [{}, {}], output [{}, {}]",
+            x.rows, x.cols, out.rows, out.cols
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

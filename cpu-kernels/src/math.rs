@@ -163,6 +163,19 @@ pub fn exp_scaled_and_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     }
 }
 
+/// `y = silu(g) · u = g / (1 + exp(−g)) · u`, element-wise. Compiled for AVX-512 and AVX2
+/// too, so that its passes vectorise (no fused multiply-add: every version rounds alike).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+pub fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+    for (y, &g) in y.iter_mut().zip(g) {
+        *y = -g;
+    }
+    exp_in_place(y);
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = g / (1.0 + *y) * u;
+    }
+}
+
 /// Partial sums kept by the reductions below. `iter().sum()` over floats is one chain of
 /// dependent additions (the compiler may not reorder them), bound by the adder's latency; 16
 /// or 32 independent partial sums fill the vector units instead. Element `i` always goes to

@@ -13,15 +13,12 @@ use checkpoint::awq::{NIBBLE_OF, ORDER, PACK};
 
 use half::bf16;
 
-use super::CpuBackend;
-use super::amx::TILE_ROW_WORDS;
-use super::bf16::{panel_matmul_bf16, round_to_bf16, row_pairs_gated_matmul_amx, row_pairs_matmul_amx};
-use super::dense::{FEW_ROWS, TileLayout, check_linear_dims, tiled_matmul};
-use super::pairs::pair;
-use crate::Result;
-use crate::backend::LinearKernel;
+use crate::amx::TILE_ROW_WORDS;
+use crate::bf16::{panel_matmul_bf16, row_pairs_gated_matmul_amx, row_pairs_matmul_amx};
 use crate::compute::{Bf16Kernel, Compute};
-use crate::tensor::HostTensor;
+use crate::convert::{pair, round_to_bf16};
+use crate::dense::{FEW_ROWS, tiled_matmul};
+use crate::layout::TileLayout;
 
 /// One row of `Wt` from its packed words, zero points and scales (`unpack_row` and its bf16
 /// twin).
@@ -320,54 +317,13 @@ fn few_rows_groups(w: &CpuAwq, x: &[f32], m: usize, groups: std::ops::Range<usiz
     }
 }
 
-impl LinearKernel<CpuBackend> for CpuAwq {
-    fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    fn in_features(&self) -> usize {
-        self.in_features
-    }
-
-    fn byte_size(&self) -> usize {
-        self.bytes()
-    }
-
-    fn forward_into(&self, backend: &CpuBackend, x: &HostTensor, out: &mut HostTensor) -> Result<()> {
-        check_linear_dims(x, out, self.out_features, self.in_features)?;
-        self.matmul(backend.compute(), &x.data, x.rows, &mut out.data);
-        Ok(())
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-
-    fn gated_into(
-        &self,
-        up: &dyn LinearKernel<CpuBackend>,
-        backend: &CpuBackend,
-        x: &HostTensor,
-        out: &mut HostTensor,
-    ) -> Result<bool> {
-        let Some(up) = up.as_any().and_then(|up| up.downcast_ref::<CpuAwq>()) else {
-            return Ok(false);
-        };
-        if (up.in_features, up.out_features) != (self.in_features, self.out_features) {
-            return Ok(false);
-        }
-        check_linear_dims(x, out, self.out_features, self.in_features)?;
-        Ok(self.gated_matmul(up, backend.compute(), &x.data, x.rows, &mut out.data))
-    }
-}
-
 impl CpuAwq {
     /// `out = silu(x · selfᵀ) * (x · upᵀ)` on the AMX tiles, the two weights unpacked into
     /// one operand of alternating 16-column blocks so that each 32 × 32 result block holds
     /// matching gate and up columns (then combined in cache): `false` (nothing written) off
     /// that path — another compute, a few rows (decoding), an odd `k` or outputs not in
     /// whole blocks of 16.
-    fn gated_matmul(&self, up: &CpuAwq, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) -> bool {
+    pub fn gated_matmul(&self, up: &CpuAwq, compute: Compute, x: &[f32], m: usize, out: &mut [f32]) -> bool {
         let (k, n) = (self.in_features, self.out_features);
         if m <= FEW_ROWS
             || compute.bf16_kernel() != Some(Bf16Kernel::Amx)
@@ -435,7 +391,7 @@ mod tests {
         let mut wide = vec![0f32; k * n];
         awq.unpack_tile(0..k, 0..n, &mut wide, unpack_row);
         let mut want = vec![bf16::ZERO; k * n];
-        crate::backend::cpu::bf16::narrow(&wide, &mut want);
+        crate::convert::narrow(&wide, &mut want);
         let mut got = vec![bf16::ONE; k * n];
         awq.unpack_tile(0..k, 0..n, &mut got, unpack_row_bf16);
         assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()));
@@ -457,7 +413,7 @@ mod tests {
                 );
                 let want: Vec<u32> = ns
                     .clone()
-                    .map(|j| super::super::pairs::word(rows[p * n + j], rows[(p + 1) * n + j]))
+                    .map(|j| crate::convert::word(rows[p * n + j], rows[(p + 1) * n + j]))
                     .collect();
                 assert_eq!(got, want, "rows {p}, {} columns {ns:?}", p + 1);
             }
@@ -507,7 +463,7 @@ mod tests {
             let (mut g_out, mut u_out, mut want) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
             gate.matmul(Compute::Amx, &x, m, &mut g_out);
             up.matmul(Compute::Amx, &x, m, &mut u_out);
-            crate::backend::cpu::silu_mul_into(&mut want, &g_out, &u_out);
+            crate::math::silu_mul_into(&mut want, &g_out, &u_out);
             assert!(
                 got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "[{m}, {k}] x [{k}, {n}]"
@@ -553,7 +509,7 @@ mod tests {
             let mut out = vec![f32::NAN; m * n];
             awq.matmul(Compute::F32, &x, m, &mut out);
             let mut want = vec![0f32; m * n];
-            crate::backend::cpu::matmul_transposed(&x, &dense, &mut want, m, k, n);
+            crate::matmul::matmul_transposed(&x, &dense, &mut want, m, k, n);
             let rel = |a: &[f32], b: &[f32]| {
                 let num: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
                 let den: f64 = b.iter().map(|b| (*b as f64).powi(2)).sum();
@@ -576,7 +532,7 @@ mod tests {
                 let kernel = compute.bf16_kernel().expect("a 16-bit path");
                 awq.matmul(compute, &x, m, &mut out);
                 let mut twin = vec![0f32; m * n];
-                crate::backend::cpu::matmul_transposed_bf16(kernel, &x, &dense, &mut twin, m, k, n);
+                crate::bf16::matmul_transposed_bf16(kernel, &x, &dense, &mut twin, m, k, n);
                 assert!(
                     rel(&out, &twin) < 1e-3,
                     "({m},{k},{n},{g}) bf16 vs twin: {}",
