@@ -53,6 +53,8 @@ pub struct LayerSettings {
 pub struct LayerWeights {
     pub input_layernorm: Vec<f32>,
     pub post_attention_layernorm: Vec<f32>,
+    /// The per-head q/k norms (Qwen3): after the projections, so no scale crosses them.
+    pub qk_norms: Option<[Vec<f32>; 2]>,
     pub weights: [Vec<f32>; 7],
     pub biases: [Option<Vec<f32>>; 7],
 }
@@ -86,6 +88,13 @@ impl LayerWeights {
         Ok(LayerWeights {
             input_layernorm: dense(layer_tensor_name(layer, names::INPUT_LAYERNORM), &[h])?,
             post_attention_layernorm: dense(layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM), &[h])?,
+            qk_norms: match config.qk_norm {
+                true => Some([
+                    dense(layer_tensor_name(layer, names::Q_NORM), &[config.head_dim])?,
+                    dense(layer_tensor_name(layer, names::K_NORM), &[config.head_dim])?,
+                ]),
+                false => None,
+            },
             weights: weights.try_into().expect("seven projections"),
             biases: biases.try_into().expect("seven projections"),
         })
@@ -281,6 +290,7 @@ pub enum OutLinear {
 pub struct QuantizedLayer {
     pub input_layernorm: Vec<f32>,
     pub post_attention_layernorm: Vec<f32>,
+    pub qk_norms: Option<[Vec<f32>; 2]>,
     pub linears: [OutLinear; 7],
     pub biases: [Option<Vec<f32>>; 7],
 }
@@ -390,6 +400,13 @@ fn block_output<B: Backend>(
                 linear(Projection::V)?,
                 linear(Projection::O)?,
             );
+            let qk_norms = match &w.qk_norms {
+                Some([q_norm, k_norm]) => Some([
+                    backend.vector(q_norm.clone().into())?,
+                    backend.vector(k_norm.clone().into())?,
+                ]),
+                None => None,
+            };
             state.for_each_chunk(
                 backend,
                 x.rows(),
@@ -397,7 +414,8 @@ fn block_output<B: Backend>(
                 config,
                 |rows, ctx, ws, out| {
                     let h = input(rows.clone())?;
-                    let attended = self_attention(backend, [&q, &k, &v], &h, ctx, ws, None)?;
+                    let attended =
+                        self_attention(backend, [&q, &k, &v], qk_norms.as_ref(), &h, ctx, ws, None)?;
                     let y = project(backend, &o, attended, out)?;
                     backend.read(y, |values| sink(rows, values))?
                 },
@@ -752,6 +770,7 @@ fn finish_layer(w: LayerWeights, config: &ModelConfig, settings: &LayerSettings)
     Ok(QuantizedLayer {
         input_layernorm: w.input_layernorm,
         post_attention_layernorm: w.post_attention_layernorm,
+        qk_norms: w.qk_norms,
         linears,
         biases: w.biases,
     })

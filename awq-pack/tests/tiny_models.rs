@@ -381,3 +381,15 @@ fn merging_refuses_parts_that_do_not_make_one_checkpoint() {
     assert!(past.contains("2..4") && past.contains("3 layers"), "{past}");
     assert!(!root.join("past").exists());
 }
+
+#[test]
+fn tiny_qwen3_runtime_matches_dequantized() {
+    // Per-head q/k norms after the projections (no scale crosses them), head_dim 64 ≠
+    // hidden / heads, a tied lm_head.
+    runtime_matches_dequantized("tiny-qwen3", 16, &[]);
+}
+
+#[test]
+fn tiny_llama3_runtime_matches_dequantized() {
+    runtime_matches_dequantized("tiny-llama3", 16, &[]);
+}

@@ -33,6 +33,7 @@ fn layer(rng: &mut ChaCha8Rng) -> DecoderLayer<CpuBackend> {
         q_proj: linear(rng, HEADS * HEAD_DIM, HIDDEN),
         k_proj: linear(rng, KV_HEADS * HEAD_DIM, HIDDEN),
         v_proj: linear(rng, KV_HEADS * HEAD_DIM, HIDDEN),
+        qk_norms: None,
         o_proj: linear(rng, HIDDEN, HEADS * HEAD_DIM),
         post_attention_layernorm: vec![1.0; HIDDEN].into(),
         gate_proj: linear(rng, INTERMEDIATE, HIDDEN),

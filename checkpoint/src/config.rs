@@ -16,6 +16,8 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM` (a Llama with q/k/v biases).
     Qwen2,
+    /// `Qwen3ForCausalLM` (a Llama with an RMS norm over each query and key head).
+    Qwen3,
 }
 
 impl Architecture {
@@ -25,6 +27,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -34,14 +37,16 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
+    /// Every architecture we run.
+    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3];
+
     /// Parses a class name from `architectures`.
     pub fn from_hf_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Mistral, Self::Qwen2]
-            .into_iter()
-            .find(|a| a.hf_name() == name)
+        Self::ALL.into_iter().find(|a| a.hf_name() == name)
     }
 }
 
@@ -57,12 +62,17 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled for long contexts.
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
     pub vocab_size: usize,
     /// q/k/v projections carry a bias (Qwen2 always; Llama with `attention_bias`).
     pub qkv_bias: bool,
     /// o_proj carries a bias (Llama with `attention_bias`).
     pub o_bias: bool,
+    /// Each query and key head is RMS-normed (over `head_dim`, weights `q_norm`, `k_norm`)
+    /// before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Keys further back than this many positions are masked (Mistral).
     pub sliding_window: Option<usize>,
     pub max_position_embeddings: Option<usize>,
@@ -73,6 +83,47 @@ pub struct ModelConfig {
     /// The element type the checkpoint's dense tensors are saved in (`torch_dtype`, or
     /// `dtype` in transformers 5): "float32", "float16" or "bfloat16".
     pub torch_dtype: Option<String>,
+}
+
+/// How rotary frequencies are scaled for contexts longer than pre-training's:
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5), by `rope_type`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// No scaling.
+    #[default]
+    Default,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, those between
+    /// interpolated smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// YaRN: frequencies between `beta_fast` and `beta_slow` rotations over the original
+    /// context ramped from kept to divided by `factor`; cos and sin scaled by
+    /// `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Whether the ramp's ends are rounded to whole dimensions (transformers' default).
+        truncate: bool,
+        attention_factor: f64,
+    },
+    /// LongRoPE (Phi-3 and Phi-4 128k): one rescale factor per frequency, the short list up to
+    /// the original context and the long list beyond it; cos and sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 /// `quantization_config` of an AWQ checkpoint in the "gemm" layout: 4-bit weights with a zero
@@ -124,6 +175,9 @@ impl ModelConfig {
         }
         if self.o_bias {
             layer += h;
+        }
+        if self.qk_norm {
+            layer += 2 * self.head_dim as u64;
         }
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -197,15 +251,39 @@ impl ModelConfig {
         };
         let sliding_window = match architecture {
             Architecture::Mistral => keys.opt_usize("sliding_window")?,
-            Architecture::Qwen2 if keys.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+            Architecture::Qwen2 | Architecture::Qwen3
+                if keys.opt_bool("use_sliding_window")?.unwrap_or(false) =>
+            {
                 return Err(keys.bad(
                     "use_sliding_window",
-                    "Qwen2 sliding-window attention is not supported".into(),
+                    format!(
+                        "{} sliding-window attention (some layers windowed) is not supported",
+                        architecture.hf_name()
+                    ),
                 ));
             }
             _ => None,
         };
         let rope_theta = keys.rope_theta()?;
+        let rope_scaling = keys.rope_scaling(head_dim)?;
+        let partial_rotary_factor = match keys.rope_parameters() {
+            Some((key, p)) if p.contains_key("partial_rotary_factor") => (
+                format!("{key}.partial_rotary_factor"),
+                p.get("partial_rotary_factor"),
+            ),
+            _ => (
+                "partial_rotary_factor".to_string(),
+                keys.get("partial_rotary_factor"),
+            ),
+        };
+        if let (key, Some(v)) = partial_rotary_factor
+            && v.as_f64() != Some(1.0)
+        {
+            return Err(keys.bad(
+                &key,
+                format!("{v}: partial rotary embeddings are not supported yet (every dimension of a head rotates here)"),
+            ));
+        }
         let config = ModelConfig {
             architecture,
             hidden_size,
@@ -216,10 +294,12 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: keys.f64("rms_norm_eps")? as f32,
             rope_theta,
+            rope_scaling,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             vocab_size: keys.usize("vocab_size")?,
             qkv_bias,
             o_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             sliding_window,
             max_position_embeddings: keys.opt_usize("max_position_embeddings")?,
             bos_token_id: keys.opt_token_id("bos_token_id")?,
@@ -407,21 +487,16 @@ impl Keys<'_> {
         }))
     }
 
-    /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
-    /// rope scaling other than "default" is refused rather than silently ignored.
+    /// The rope parameters object and the key it sits under: `rope_parameters` (transformers
+    /// 5) or `rope_scaling` (transformers 4); `None` for plain rope.
+    fn rope_parameters(&self) -> Option<(&'static str, &Map<String, Value>)> {
+        ["rope_parameters", "rope_scaling"]
+            .into_iter()
+            .find_map(|key| Some((key, self.get(key)?.as_object()?)))
+    }
+
+    /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5).
     fn rope_theta(&self) -> Result<f64> {
-        for key in ["rope_scaling", "rope_parameters"] {
-            if let Some(params) = self.get(key) {
-                let kind = params
-                    .get("rope_type")
-                    .or_else(|| params.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                if kind != "default" {
-                    return Err(self.bad(key, format!("rope type `{kind}` is not supported (only default)")));
-                }
-            }
-        }
         if let Some(theta) = self.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
             return theta.as_f64().ok_or_else(|| {
                 self.bad(
@@ -437,6 +512,159 @@ impl Keys<'_> {
             // transformers' default for every family we support.
             None => Ok(10_000.0),
         }
+    }
+
+    /// The rope scaling, its parameters checked as transformers reads them (names and
+    /// defaults of `modeling_rope_utils`); a type we do not implement is refused by name.
+    fn rope_scaling(&self, head_dim: usize) -> Result<RopeScaling> {
+        let Some((key, params)) = self.rope_parameters() else {
+            return Ok(RopeScaling::Default);
+        };
+        let at = |name: &str| format!("{key}.{name}");
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let number = |name: &str| -> Result<Option<f64>> {
+            match params.get(name).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| self.bad(&at(name), format!("expected a number, found {v}"))),
+            }
+        };
+        let required =
+            |name: &str| -> Result<f64> { number(name)?.ok_or_else(|| self.missing(&at(name), "a number")) };
+        let factor = || -> Result<f64> {
+            let f = required("factor")?;
+            if f < 1.0 {
+                return Err(self.bad(&at("factor"), format!("{f} is below 1")));
+            }
+            Ok(f)
+        };
+        let original = || -> Result<usize> {
+            match params
+                .get("original_max_position_embeddings")
+                .filter(|v| !v.is_null())
+            {
+                Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    self.bad(
+                        &at("original_max_position_embeddings"),
+                        format!("expected a positive integer, found {v}"),
+                    )
+                }),
+                None => self.opt_usize("max_position_embeddings")?.ok_or_else(|| {
+                    self.missing(&at("original_max_position_embeddings"), "a positive integer")
+                }),
+            }
+        };
+        Ok(match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: original()?,
+            },
+            "yarn" => {
+                let original_max_position_embeddings = original()?;
+                let mut factor = factor()?;
+                // As transformers: where the original context is given, the factor is the
+                // ratio of the extended context to it.
+                if params.contains_key("original_max_position_embeddings")
+                    && let Some(max) = self.opt_usize("max_position_embeddings")?
+                {
+                    factor = max as f64 / original_max_position_embeddings as f64;
+                }
+                let mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                let attention_factor = match (
+                    number("attention_factor")?,
+                    number("mscale")?,
+                    number("mscale_all_dim")?,
+                ) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                        mscale(factor, m) / mscale(factor, all)
+                    }
+                    _ => mscale(factor, 1.0),
+                };
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings,
+                    beta_fast: number("beta_fast")?.unwrap_or(32.0),
+                    beta_slow: number("beta_slow")?.unwrap_or(1.0),
+                    truncate: params.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                    attention_factor,
+                }
+            }
+            "longrope" => {
+                let list = |name: &str| -> Result<Vec<f64>> {
+                    let v = params.get(name).ok_or_else(|| {
+                        self.missing(&at(name), "a list of numbers, one per rotary frequency")
+                    })?;
+                    let values: Option<Vec<f64>> =
+                        v.as_array().and_then(|a| a.iter().map(Value::as_f64).collect());
+                    let values = values.ok_or_else(|| {
+                        self.bad(&at(name), format!("expected a list of numbers, found {v}"))
+                    })?;
+                    if values.len() != head_dim / 2 {
+                        return Err(self.bad(
+                            &at(name),
+                            format!(
+                                "{} factors for head_dim {head_dim} (expected {})",
+                                values.len(),
+                                head_dim / 2
+                            ),
+                        ));
+                    }
+                    Ok(values)
+                };
+                let original_max_position_embeddings =
+                    match self.opt_usize("original_max_position_embeddings")? {
+                        Some(n) => n,
+                        None => original()?,
+                    };
+                let max = self
+                    .opt_usize("max_position_embeddings")?
+                    .unwrap_or(original_max_position_embeddings);
+                let factor = max as f64 / original_max_position_embeddings as f64;
+                let attention_factor = match number("attention_factor")? {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original_max_position_embeddings as f64).ln()).sqrt(),
+                };
+                RopeScaling::LongRope {
+                    short_factor: list("short_factor")?,
+                    long_factor: list("long_factor")?,
+                    original_max_position_embeddings,
+                    attention_factor,
+                }
+            }
+            "dynamic" => {
+                return Err(self.bad(
+                    &at("rope_type"),
+                    "`dynamic` (NTK scaling recomputed from each sequence's length) is not supported: \
+                     a window's frequencies would depend on its length; the same model with \
+                     `linear`, `yarn` or `llama3` scaling runs"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(self.bad(
+                    &at("rope_type"),
+                    format!("`{other}` is not supported (default, linear, llama3, yarn, longrope)"),
+                ));
+            }
+        })
     }
 }
 
@@ -501,10 +729,80 @@ mod tests {
         assert!(err.to_string().contains("GPT2LMHeadModel"));
     }
 
+    /// `BASE` with its `rope_parameters` replaced by `params`, under `key`.
+    fn with_rope(key: &str, params: &str) -> String {
+        BASE.replace(
+            r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#,
+            &format!(r#""max_position_embeddings":256,"{key}":{params}"#),
+        )
+    }
+
     #[test]
-    fn rope_scaling_is_refused() {
-        let err = parse(&BASE.replace(r#""rope_type":"default""#, r#""rope_type":"llama3""#)).unwrap_err();
-        assert!(err.to_string().contains("llama3"), "{err}");
+    fn rope_scaling_in_both_layouts() {
+        let llama3 = r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}"#;
+        for key in ["rope_parameters", "rope_scaling"] {
+            let c = parse(&with_rope(key, llama3)).unwrap();
+            assert_eq!(
+                c.rope_scaling,
+                RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 64
+                }
+            );
+        }
+        // transformers 4 spelled the type `type`.
+        let c = parse(&with_rope("rope_scaling", r#"{"type":"linear","factor":2.0}"#)).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        // YaRN: the factor is the extended over the original context, the attention factor
+        // 0.1 ln(factor) + 1 unless given.
+        let c = parse(&with_rope(
+            "rope_parameters",
+            r#"{"rope_type":"yarn","factor":2.0,"original_max_position_embeddings":64,"rope_theta":1e4}"#,
+        ))
+        .unwrap();
+        let RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            truncate,
+            beta_fast,
+            ..
+        } = c.rope_scaling
+        else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!((factor, truncate, beta_fast), (4.0, true, 32.0));
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn unsupported_rope_is_refused_by_name() {
+        for (key, params, says) in [
+            (
+                "rope_scaling",
+                r#"{"rope_type":"dynamic","factor":2.0}"#,
+                "`rope_scaling.rope_type`: `dynamic`",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_type":"ntk-by-parts"}"#,
+                "`ntk-by-parts` is not supported",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_type":"llama3","factor":8.0}"#,
+                "rope_parameters.low_freq_factor",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_type":"default","partial_rotary_factor":0.5}"#,
+                "rope_parameters.partial_rotary_factor",
+            ),
+        ] {
+            let err = parse(&with_rope(key, params)).unwrap_err().to_string();
+            assert!(err.contains(says), "{params}: {err}");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum Error {
     },
     /// The checkpoint's architecture is not one we implement.
     #[error(
-        "{path}: unsupported architecture `{found}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+        "{path}: unsupported architecture `{found}` (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
     )]
     UnsupportedArchitecture { path: PathBuf, found: String },
     /// A safetensors file is malformed (truncated, bad header, bad offsets).

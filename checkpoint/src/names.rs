@@ -16,6 +16,24 @@ pub const LM_HEAD: &str = "lm_head.weight";
 pub const INPUT_LAYERNORM: &str = "input_layernorm.weight";
 /// A layer's norm before the MLP, `[hidden]`.
 pub const POST_ATTENTION_LAYERNORM: &str = "post_attention_layernorm.weight";
+/// A layer's norm of each query head, `[head_dim]` (Qwen3).
+pub const Q_NORM: &str = "self_attn.q_norm.weight";
+/// A layer's norm of each key head, `[head_dim]` (Qwen3).
+pub const K_NORM: &str = "self_attn.k_norm.weight";
+
+/// The norms of a decoder layer under `config`, as `(suffix, length)`, in the order a
+/// checkpoint lists them: the two block norms, then q/k head norms where it has them. Every
+/// rank holds them whole.
+pub fn layer_norms(config: &ModelConfig) -> Vec<(&'static str, usize)> {
+    let mut norms = vec![
+        (INPUT_LAYERNORM, config.hidden_size),
+        (POST_ATTENTION_LAYERNORM, config.hidden_size),
+    ];
+    if config.qk_norm {
+        norms.extend([(Q_NORM, config.head_dim), (K_NORM, config.head_dim)]);
+    }
+    norms
+}
 
 /// A linear projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -160,8 +178,9 @@ pub fn required_tensors(config: &ModelConfig) -> Vec<TensorInfo> {
         out.push(dense(LM_HEAD.into(), vec![v, h]));
     }
     for layer in 0..config.num_hidden_layers {
-        out.push(dense(layer_tensor_name(layer, INPUT_LAYERNORM), vec![h]));
-        out.push(dense(layer_tensor_name(layer, POST_ATTENTION_LAYERNORM), vec![h]));
+        for (norm, len) in layer_norms(config) {
+            out.push(dense(layer_tensor_name(layer, norm), vec![len]));
+        }
         for p in Projection::ALL {
             out.extend(projection_tensors(config, layer, p));
         }

@@ -347,6 +347,39 @@ pub fn i32_bytes(values: &[i32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A tensor's bytes made block by block (by `next`, `None` at the end) and read as one
+/// stream: what [`CheckpointStream::write_from`] takes for a tensor that is converted a block
+/// of rows at a time rather than held whole.
+pub struct Blocks<F> {
+    next: F,
+    current: std::io::Cursor<Vec<u8>>,
+}
+
+impl<F: FnMut() -> std::io::Result<Option<Vec<u8>>>> Blocks<F> {
+    /// The stream of the blocks `next` makes.
+    pub fn new(next: F) -> Self {
+        Blocks {
+            next,
+            current: std::io::Cursor::new(Vec::new()),
+        }
+    }
+}
+
+impl<F: FnMut() -> std::io::Result<Option<Vec<u8>>>> Read for Blocks<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            match (self.next)()? {
+                Some(block) => self.current = std::io::Cursor::new(block),
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +533,14 @@ mod tests {
                 std::fs::metadata(&path).unwrap().blocks() * 512
             );
         }
+    }
+
+    #[test]
+    fn blocks_read_as_one_stream() {
+        let mut left = vec![vec![1u8, 2], vec![], vec![3, 4, 5]].into_iter();
+        let mut reader = Blocks::new(|| Ok(left.next()));
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        assert_eq!(all, [1, 2, 3, 4, 5]);
     }
 }

@@ -1,4 +1,4 @@
-//! The four tiny reference models of `fixtures/tiny/`, generated bit for bit from their
+//! The tiny reference models of `fixtures/tiny/`, generated bit for bit from their
 //! `reference.json` (splitmix64 seeded with FNV-1a of the model and tensor name; the rule is
 //! in `fixtures/README.md`), checked against each tensor's SHA-256, and written as an f32
 //! `model.safetensors` into a temporary folder.
@@ -9,7 +9,15 @@ use checkpoint::digest::sha256_bytes;
 use safetensors::tensor::TensorView;
 
 /// The tiny reference models, by folder name.
-pub const TINY_MODELS: [&str; 4] = ["tiny-llama", "tiny-llama-tied", "tiny-mistral", "tiny-qwen2"];
+pub const TINY_MODELS: [&str; 7] = [
+    "tiny-llama",
+    "tiny-llama-tied",
+    "tiny-llama3",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen2-yarn",
+    "tiny-qwen3",
+];
 
 /// A generated tiny model: `dir` holds `config.json`, `model.safetensors` and
 /// `reference.json`; the folder is removed when this value is dropped.

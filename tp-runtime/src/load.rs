@@ -186,20 +186,27 @@ pub fn read_vocab_rows(
     DenseWeight::new(data, rows, hidden)
 }
 
-/// A `[hidden]` norm weight: the final norm, or a layer's norm named by `suffix`.
+/// The final norm (`layer` `None`, `[hidden]`), or the norm of a layer named by `suffix`
+/// (one of [`names::layer_norms`], whose length it checks).
 pub fn read_norm(
     source: WeightSource<'_>,
     config: &ModelConfig,
     layer: Option<usize>,
     suffix: &str,
 ) -> Result<FloatData> {
-    let name = match layer {
-        Some(l) => layer_tensor_name(l, suffix),
-        None => names::FINAL_NORM.to_string(),
+    let (name, len) = match layer {
+        Some(l) => {
+            let len = names::layer_norms(config)
+                .into_iter()
+                .find(|(s, _)| *s == suffix)
+                .map_or(config.hidden_size, |(_, len)| len);
+            (layer_tensor_name(l, suffix), len)
+        }
+        None => (names::FINAL_NORM.to_string(), config.hidden_size),
     };
     Ok(source
         .checkpoint()
-        .tensor_with_shape(&name, &[config.hidden_size])?
+        .tensor_with_shape(&name, &[len])?
         .float_data()?)
 }
 
@@ -237,7 +244,7 @@ pub fn write_rank_file(
         )?;
     }
     for layer in rank.layers.clone() {
-        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
+        for (norm, _) in names::layer_norms(config) {
             let data = read_norm(source, config, Some(layer), norm)?;
             out.write(&layer_tensor_name(layer, norm), data.bytes())?;
         }

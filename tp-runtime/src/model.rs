@@ -120,7 +120,7 @@ impl<B: Backend> ForwardContext<B> {
         shard: &RankShard,
         comm: Option<Comm<B>>,
     ) -> Result<Self> {
-        let rope = RopeFrequencies::new(config.head_dim, config.rope_theta);
+        let rope = RopeFrequencies::for_config(config);
         Ok(ForwardContext {
             rope_table: backend.rope_table(&rope, &layout.positions())?,
             layout,
@@ -175,13 +175,15 @@ impl<B: Backend> Default for Workspace<B> {
     }
 }
 
-/// Multi-head attention before o_proj: q/k/v projections of `h`, rotary embeddings, causal
-/// attention within each sequence, into `ws`'s attention output (returned). With `cache`, the
+/// Multi-head attention before o_proj: q/k/v projections of `h`, the per-head q/k norms where
+/// the model has them (`qk_norms`), rotary embeddings, causal attention within each sequence,
+/// into `ws`'s attention output (returned). With `cache`, the
 /// new keys and values are stored in it first and the queries attend to every cached
 /// position of their sequence (`ctx.layout` says where).
 pub fn self_attention<'w, B: Backend>(
     backend: &B,
     [q_proj, k_proj, v_proj]: [&Linear<B>; 3],
+    qk_norms: Option<&[B::Vector; 2]>,
     h: &B::Tensor,
     ctx: &ForwardContext<B>,
     ws: &'w mut Workspace<B>,
@@ -194,6 +196,10 @@ pub fn self_attention<'w, B: Backend>(
     q_proj.forward_into(backend, h, q)?;
     k_proj.forward_into(backend, h, k)?;
     v_proj.forward_into(backend, h, v)?;
+    if let Some([q_norm, k_norm]) = qk_norms {
+        backend.head_rms_norm(q, q_norm, ctx.rms_norm_eps, ctx.attention.head_dim)?;
+        backend.head_rms_norm(k, k_norm, ctx.rms_norm_eps, ctx.attention.head_dim)?;
+    }
     backend.rotary(q, &ctx.rope_table, ctx.attention.head_dim)?;
     backend.rotary(k, &ctx.rope_table, ctx.attention.head_dim)?;
     let attended = reuse(backend, &mut ws.attended, rows, q_proj.out_features())?;
@@ -264,6 +270,8 @@ pub struct DecoderLayer<B: Backend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
+    /// The per-head norms of queries and keys (Qwen3), `[head_dim]` each.
+    pub qk_norms: Option<[B::Vector; 2]>,
     pub o_proj: Linear<B>,
     pub post_attention_layernorm: B::Vector,
     pub gate_proj: Linear<B>,
@@ -296,6 +304,10 @@ impl<B: Backend> DecoderLayer<B> {
             norm(names::INPUT_LAYERNORM)?,
             norm(names::POST_ATTENTION_LAYERNORM)?,
         );
+        let qk_norms = match config.qk_norm {
+            true => Some([norm(names::Q_NORM)?, norm(names::K_NORM)?]),
+            false => None,
+        };
         let mut linear = |p: Projection| -> Result<Linear<B>> {
             let (linear, read) = Linear::load(backend, source, config, index, p, shard)?;
             bytes += read;
@@ -307,6 +319,7 @@ impl<B: Backend> DecoderLayer<B> {
             q_proj: linear(Projection::Q)?,
             k_proj: linear(Projection::K)?,
             v_proj: linear(Projection::V)?,
+            qk_norms,
             o_proj: linear(Projection::O)?,
             post_attention_layernorm,
             gate_proj: linear(Projection::Gate)?,
@@ -333,6 +346,12 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn byte_size(&self) -> usize {
         self.input_layernorm.byte_size()
             + self.post_attention_layernorm.byte_size()
+            + self
+                .qk_norms
+                .iter()
+                .flatten()
+                .map(ByteSize::byte_size)
+                .sum::<usize>()
             + Projection::ALL
                 .iter()
                 .map(|&p| self.projection(p).byte_size())
@@ -381,7 +400,7 @@ impl<B: Backend> DecoderLayer<B> {
         backend.rms_norm_into(x, &self.input_layernorm, ctx.rms_norm_eps, h)?;
         tap(Projection::Q, h)?;
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let attended = self_attention(backend, projections, h, ctx, ws, cache)?;
+        let attended = self_attention(backend, projections, self.qk_norms.as_ref(), h, ctx, ws, cache)?;
         tap(Projection::O, attended)?;
         let mut projected = ws.projected.take();
         let out = project(

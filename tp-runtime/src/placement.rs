@@ -256,7 +256,10 @@ impl RankPlacement {
             out.extend(shard.layer_tensors(config, layer));
         }
         if self.is_last() {
-            out.push(RankShard::norm_tensor(config, names::FINAL_NORM.into()));
+            out.push(RankShard::norm_tensor(
+                names::FINAL_NORM.into(),
+                config.hidden_size,
+            ));
             if !config.tie_word_embeddings {
                 out.push(shard.vocab_tensor(config, names::LM_HEAD));
             }

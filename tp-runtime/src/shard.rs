@@ -149,9 +149,9 @@ impl RankShard {
         )
     }
 
-    /// A `[hidden]` norm weight `name`, which every rank holds whole.
-    pub fn norm_tensor(config: &ModelConfig, name: String) -> TensorShard {
-        TensorShard::new(name, None, vec![config.hidden_size], 0, Split::Replicated)
+    /// A norm weight `name` of `len` values, which every rank holds whole.
+    pub fn norm_tensor(name: String, len: usize) -> TensorShard {
+        TensorShard::new(name, None, vec![len], 0, Split::Replicated)
     }
 
     /// The tensors this rank holds of decoder layer `layer`, in checkpoint terms and in the
@@ -160,8 +160,8 @@ impl RankShard {
     /// rank holds one ([`RankShard::holds_bias`]).
     pub fn layer_tensors(&self, config: &ModelConfig, layer: usize) -> Vec<TensorShard> {
         let mut out = Vec::new();
-        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
-            out.push(Self::norm_tensor(config, layer_tensor_name(layer, norm)));
+        for (norm, len) in names::layer_norms(config) {
+            out.push(Self::norm_tensor(layer_tensor_name(layer, norm), len));
         }
         for p in Projection::ALL {
             let prefix = p.prefix(layer);
@@ -383,7 +383,10 @@ pub fn rank_tensors(
         if !config.tie_word_embeddings {
             out.push(shard.vocab_tensor(config, names::LM_HEAD));
         }
-        out.push(RankShard::norm_tensor(config, names::FINAL_NORM.into()));
+        out.push(RankShard::norm_tensor(
+            names::FINAL_NORM.into(),
+            config.hidden_size,
+        ));
     }
     out.extend(shard.layer_tensors(config, layer));
     out

@@ -125,6 +125,13 @@ fn elementwise_kernels_match_cpu() {
     let want = c.rms_norm(&xc, &wc, 1e-5).unwrap();
     let got = g.rms_norm(&xg, &wg, 1e-5).unwrap();
     check("rms_norm", &g.download(&got).unwrap(), &want.data, 1e-5);
+    // The per-head norm (Qwen3's q/k norms): 9 heads of 64 per row.
+    let hw = random(&mut rng, 64, 1.5);
+    let (hwc, hwg) = (c.vector(hw.clone().into()).unwrap(), g.vector(hw.into()).unwrap());
+    let (mut hc, mut hg) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
+    c.head_rms_norm(&mut hc, &hwc, 1e-6, 64).unwrap();
+    g.head_rms_norm(&mut hg, &hwg, 1e-6, 64).unwrap();
+    check("head_rms_norm", &g.download(&hg).unwrap(), &hc.data, 1e-5);
 
     let y = random(&mut rng, rows * cols, 3.0);
     let (yc, yg) = both(&g, &y, rows, cols);

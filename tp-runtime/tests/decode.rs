@@ -1,5 +1,6 @@
 //! Decoding with a KV cache gives the logits of a full forward pass over the same tokens: the
-//! four tiny models (Llama, tied, Mistral, Qwen2 with q/k/v biases), a sliding window shorter
+//! tiny models (Llama, tied, Llama 3 and YaRN rope scaling, Mistral, Qwen2 with q/k/v biases),
+//! and transformers' greedy continuations where the reference holds one; a sliding window shorter
 //! than the sequence, several sequences decoded together (some sitting steps out), and the
 //! model split over tensor-parallel ranks and pipeline stages.
 
@@ -131,4 +132,42 @@ fn split_models_decode_like_one_rank() {
         let worst = check_incremental(&format!("tp {tp} × pp {pp}"), &group, ids, &want);
         eprintln!("tiny-llama tp {tp} × pp {pp}: decode vs one rank's full pass ±{worst:.1e}");
     }
+}
+
+/// The ids of a JSON list.
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn greedy_decoding_with_the_cache_matches_transformers() {
+    let mut checked = Vec::new();
+    for name in TINY_MODELS {
+        let t = tiny(name);
+        let reference = testkit::read_json(&t.dir.join("reference.json"));
+        let Some(want) = reference.get("greedy_from_row0_first32").map(ids_of) else {
+            continue;
+        };
+        let prompt = ids_of(&reference["input_ids"][0])[..32].to_vec();
+        let model = Model::load(&t.dir, CpuBackend::new()).unwrap();
+        model.start(1, prompt.len() + want.len()).unwrap();
+        let mut logits = model.extend(&[prompt]).unwrap().remove(0).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let next = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                .unwrap() as u32;
+            got.push(next);
+            if got.len() < want.len() {
+                logits = model.extend(&[vec![next]]).unwrap().remove(0).unwrap();
+            }
+        }
+        assert_eq!(got, want, "{name}: greedy continuation");
+        checked.push(name);
+    }
+    assert_eq!(checked, ["tiny-llama3", "tiny-qwen2-yarn", "tiny-qwen3"]);
 }

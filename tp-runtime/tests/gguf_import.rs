@@ -110,6 +110,7 @@ fn write_gguf(dir: &Path, path: &Path) {
     let ck = Checkpoint::open(dir).unwrap();
     let (arch, permute) = match config.architecture {
         checkpoint::Architecture::Qwen2 => ("qwen2", false),
+        checkpoint::Architecture::Qwen3 => ("qwen3", false),
         _ => ("llama", true),
     };
     let mut w = GgufWriter::default();
@@ -129,6 +130,8 @@ fn write_gguf(dir: &Path, path: &Path) {
         config.num_key_value_heads as u32,
     );
     w.u32(&format!("{arch}.rope.dimension_count"), config.head_dim as u32);
+    w.u32(&format!("{arch}.attention.key_length"), config.head_dim as u32);
+    w.u32(&format!("{arch}.attention.value_length"), config.head_dim as u32);
     w.u32(&format!("{arch}.context_length"), 1024);
     w.f32(
         &format!("{arch}.attention.layer_norm_rms_epsilon"),
@@ -187,6 +190,10 @@ fn write_gguf(dir: &Path, path: &Path) {
         put("ffn_gate.weight", "mlp.gate_proj.weight", None);
         put("ffn_up.weight", "mlp.up_proj.weight", None);
         put("ffn_down.weight", "mlp.down_proj.weight", None);
+        if config.qk_norm {
+            put("attn_q_norm.weight", "self_attn.q_norm.weight", None);
+            put("attn_k_norm.weight", "self_attn.k_norm.weight", None);
+        }
         if config.qkv_bias {
             put(
                 "attn_q.bias",
@@ -285,6 +292,12 @@ fn tiny_llama_tied_through_gguf() {
 #[test]
 fn tiny_qwen2_through_gguf() {
     roundtrip("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_through_gguf() {
+    // llama.cpp's "qwen3": q/k norms, head size from `attention.key_length` (64 ≠ 256 / 8).
+    roundtrip("tiny-qwen3");
 }
 
 #[test]

@@ -7,14 +7,20 @@ use checkpoint::{ModelConfig, QuantizationConfig};
 use tp_runtime::planner::{GIB, PlanDecision, PlanRequest, plan};
 use tp_runtime::{Placement, ShardPlan, StagePlan};
 
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 14] = [
     "llama-2-7b",
     "llama-2-13b",
     "llama-2-70b",
     "llama-3-8b",
+    "llama-3.1-8b",
+    "llama-3.2-1b",
+    "llama-3.3-70b",
     "mistral-7b",
     "qwen2-7b",
     "qwen2-72b",
+    "qwen2.5-7b",
+    "qwen3-8b",
+    "qwen3-32b",
     "smollm2-135m",
 ];
 
@@ -51,6 +57,9 @@ fn hand_count(c: &ModelConfig) -> u64 {
         layer += 2 * (q + 2 * kv);
     }
     layer += 2 * 2 * h;
+    if c.qk_norm {
+        layer += 2 * 2 * c.head_dim as u64;
+    }
     let tables = if c.tie_word_embeddings { 1 } else { 2 } * v * h * 2;
     c.num_hidden_layers as u64 * layer + tables + 2 * h
 }

@@ -1,4 +1,5 @@
-//! The four tiny reference models reproduce transformers' logits and NLLs.
+//! The tiny reference models reproduce transformers' logits and NLLs (the rope-scaled ones
+//! at positions past their original context).
 
 use std::path::Path;
 
@@ -103,4 +104,19 @@ fn tiny_mistral() {
 #[test]
 fn tiny_qwen2() {
     check("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama3_rope_scaling() {
+    check("tiny-llama3");
+}
+
+#[test]
+fn tiny_qwen2_yarn() {
+    check("tiny-qwen2-yarn");
+}
+
+#[test]
+fn tiny_qwen3_qk_norms() {
+    check("tiny-qwen3");
 }

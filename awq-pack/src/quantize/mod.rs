@@ -14,7 +14,7 @@ use awq_calib::{CalibSpec, CalibSummary, LayerStream, dataset};
 use checkpoint::Dtype;
 use checkpoint::names::{self, Projection, layer_tensor_name, projection_tensors};
 use checkpoint::writer::{
-    CheckpointStream, DEFAULT_MAX_SHARD_BYTES, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes,
+    Blocks, CheckpointStream, DEFAULT_MAX_SHARD_BYTES, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes,
 };
 use checkpoint::{AwqShape, Checkpoint, ModelConfig, QuantizationConfig, Tokenizer, atomic};
 use serde::{Deserialize, Serialize};
@@ -237,8 +237,12 @@ pub(crate) fn tensor_specs(
     }
     let last = layers.end == config.num_hidden_layers;
     for layer in layers {
-        for norm in [names::INPUT_LAYERNORM, names::POST_ATTENTION_LAYERNORM] {
-            specs.push(TensorSpec::new(layer_tensor_name(layer, norm), Dtype::F16, &[h]));
+        for (norm, len) in names::layer_norms(config) {
+            specs.push(TensorSpec::new(
+                layer_tensor_name(layer, norm),
+                Dtype::F16,
+                &[len],
+            ));
         }
         for p in Projection::ALL {
             specs.extend(
@@ -276,6 +280,16 @@ fn write_layer(
         &layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM),
         &f32_as_f16_bytes(&q.post_attention_layernorm),
     )?;
+    if let Some([q_norm, k_norm]) = &q.qk_norms {
+        out.write(
+            &layer_tensor_name(layer, names::Q_NORM),
+            &f32_as_f16_bytes(q_norm),
+        )?;
+        out.write(
+            &layer_tensor_name(layer, names::K_NORM),
+            &f32_as_f16_bytes(k_norm),
+        )?;
+    }
     for (i, p) in Projection::ALL.into_iter().enumerate() {
         let prefix = p.prefix(layer);
         match &q.linears[i] {
@@ -297,7 +311,12 @@ fn write_layer(
     Ok(())
 }
 
-/// Copies a dense tensor to the output as f16.
+/// Bytes of f32 values converted at once when a large tensor is copied as f16.
+const COPY_BLOCK_BYTES: usize = 64 << 20;
+
+/// Copies a dense tensor to the output as f16, a block of rows at a time, each block's mapped
+/// pages released once converted: an embedding table or lm_head of 128k × 8k values would
+/// otherwise be held in f32 and in f16 at once (4 GB on top of the mapped 1 GB).
 fn copy_as_f16(
     out: &mut CheckpointStream,
     checkpoint: &Checkpoint,
@@ -305,8 +324,21 @@ fn copy_as_f16(
     shape: &[usize],
 ) -> Result<()> {
     let t = checkpoint.tensor_with_shape(name, shape)?;
-    out.write(name, &f32_as_f16_bytes(&t.to_f32()?))?;
-    t.release_pages();
+    let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>().max(1));
+    let block = (COPY_BLOCK_BYTES / (4 * cols)).max(1);
+    let mut next = 0;
+    let mut blocks = Blocks::new(|| -> std::io::Result<Option<Vec<u8>>> {
+        if next >= rows {
+            return Ok(None);
+        }
+        let range = next..(next + block).min(rows);
+        next = range.end;
+        let part = t.rows(range).map_err(std::io::Error::other)?;
+        let bytes = f32_as_f16_bytes(&part.to_f32().map_err(std::io::Error::other)?);
+        part.release_pages();
+        Ok(Some(bytes))
+    });
+    out.write_from(name, &mut blocks)?;
     Ok(())
 }
 

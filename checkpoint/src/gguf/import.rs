@@ -65,9 +65,10 @@ fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
     let (architecture, permuted_qk) = match arch {
         "llama" => (Architecture::Llama, true),
         "qwen2" => (Architecture::Qwen2, false),
+        "qwen3" => (Architecture::Qwen3, false),
         other => {
             return Err(gguf.error(format!(
-                "general.architecture = `{other}` is not supported (supported: llama, qwen2)"
+                "general.architecture = `{other}` is not supported (supported: llama, qwen2, qwen3)"
             )));
         }
     };
@@ -82,15 +83,17 @@ fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
             as usize,
         None => heads,
     };
-    if heads == 0 || kv_heads == 0 || hidden % heads != 0 {
-        return Err(gguf.error(format!(
-            "{hidden} embedding features do not split into {heads} heads"
-        )));
-    }
     let head_dim = match gguf.metadata.get(&key("attention.key_length")) {
         Some(v) => v.as_u64().unwrap_or(0) as usize,
-        None => hidden / heads,
+        None if heads > 0 && hidden % heads == 0 => hidden / heads,
+        None => 0,
     };
+    if heads == 0 || kv_heads == 0 || head_dim == 0 {
+        return Err(gguf.error(format!(
+            "{hidden} embedding features do not split into {heads} heads (and no `{}` says the head size)",
+            key("attention.key_length")
+        )));
+    }
     if let Some(rot) = gguf
         .metadata
         .get(&key("rope.dimension_count"))
@@ -181,6 +184,12 @@ fn map_tensor(gguf: &GgufFile, hp: &Hparams, name: &str) -> Result<Mapped> {
         "ffn_gate.weight" => ("mlp.gate_proj.weight", None, vec![i, h]),
         "ffn_up.weight" => ("mlp.up_proj.weight", None, vec![i, h]),
         "ffn_down.weight" => ("mlp.down_proj.weight", None, vec![h, i]),
+        "attn_q_norm.weight" if hp.architecture == Architecture::Qwen3 => {
+            ("self_attn.q_norm.weight", None, vec![hp.head_dim])
+        }
+        "attn_k_norm.weight" if hp.architecture == Architecture::Qwen3 => {
+            ("self_attn.k_norm.weight", None, vec![hp.head_dim])
+        }
         _ => return Err(unknown()),
     };
     Ok(Mapped {
@@ -299,6 +308,10 @@ fn config_json(
     match hp.architecture {
         Architecture::Qwen2 => {
             obj.insert("use_sliding_window".into(), false.into());
+        }
+        Architecture::Qwen3 => {
+            obj.insert("use_sliding_window".into(), false.into());
+            obj.insert("attention_bias".into(), false.into());
         }
         _ => {
             obj.insert("attention_bias".into(), false.into());

@@ -224,6 +224,30 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn head_rms_norm(
+        &self,
+        x: &mut HostTensor,
+        weight: &HostData<f32>,
+        eps: f32,
+        head_dim: usize,
+    ) -> Result<()> {
+        if weight.len() != head_dim || head_dim == 0 || !x.cols.is_multiple_of(head_dim) {
+            return Err(Error::Invalid(format!(
+                "head_rms_norm: weight of {} for heads of {head_dim} in rows of {}",
+                weight.len(),
+                x.cols
+            )));
+        }
+        x.data.par_chunks_mut(head_dim).for_each(|head| {
+            let mean_sq = math::sum_of_squares_f64(head) / head_dim as f64;
+            let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+            for (y, &w) in head.iter_mut().zip(weight.iter()) {
+                *y = w * (*y * inv);
+            }
+        });
+        Ok(())
+    }
+
     fn add_bias(&self, x: &mut HostTensor, bias: &HostData<f32>) -> Result<()> {
         if bias.len() != x.cols {
             return Err(Error::Invalid(format!(
@@ -585,6 +609,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn head_rms_norm_is_rms_norm_over_each_head() {
+        let b = CpuBackend::new();
+        let values: Vec<f32> = (0..16).map(|i| (i as f32 - 6.5) / 3.0).collect();
+        let weight: HostData<f32> = vec![0.5, 1.0, 1.5, 2.0].into();
+        let mut heads = HostTensor::new(values.clone(), 2, 8).unwrap();
+        b.head_rms_norm(&mut heads, &weight, 1e-6, 4).unwrap();
+        let rows = HostTensor::new(values, 4, 4).unwrap();
+        assert_eq!(heads.data, b.rms_norm(&rows, &weight, 1e-6).unwrap().data);
+        assert!(b.head_rms_norm(&mut heads, &weight, 1e-6, 3).is_err());
     }
 
     #[test]

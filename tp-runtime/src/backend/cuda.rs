@@ -354,6 +354,28 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn head_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+        head_dim: usize,
+    ) -> Result<()> {
+        if head_dim == 0 || !x.cols.is_multiple_of(head_dim) {
+            return Err(Error::Invalid(format!(
+                "head_rms_norm: heads of {head_dim} in rows of {}",
+                x.cols
+            )));
+        }
+        // The row kernel over one head per row: [rows × heads, head_dim].
+        let heads = x.rows * (x.cols / head_dim);
+        let mut out = self.gpu.zeros::<f32>(x.rows * x.cols)?;
+        self.gpu
+            .rms_norm(&x.data, &weight.data, &mut out, heads, head_dim, eps)?;
+        x.data = out;
+        Ok(())
+    }
+
     fn rms_norm_into(
         &self,
         x: &CudaTensor,

@@ -10,7 +10,7 @@ pub mod weights;
 
 use std::fmt;
 
-use checkpoint::FloatData;
+use checkpoint::{FloatData, ModelConfig, RopeScaling};
 
 use crate::{Error, Result};
 
@@ -66,36 +66,143 @@ pub trait WeightFormat: Send + fmt::Debug {
     fn place_cuda(self: Box<Self>, gpu: &CudaBackend) -> Result<Box<dyn LinearKernel<CudaBackend>>>;
 }
 
-/// Rotary embedding frequencies (`1 / theta^(2i/d)`), as transformers computes them.
+/// Rotary embedding frequencies (`1 / theta^(2i/d)`, scaled as the configuration says), as
+/// transformers computes them, and the factor its cos and sin are multiplied by.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeFrequencies {
     pub head_dim: usize,
     pub inv_freq: Vec<f32>,
+    /// LongRoPE's frequencies for sequences longer than the original context, and that
+    /// context: positions from it on use these.
+    pub long: Option<(Vec<f32>, usize)>,
+    /// Multiplies cos and sin (YaRN's and LongRoPE's attention factor; 1 otherwise).
+    pub attention_factor: f32,
 }
 
 impl RopeFrequencies {
-    /// Frequencies for `head_dim` and base `theta`.
+    /// Plain frequencies for `head_dim` and base `theta`.
     pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        RopeFrequencies { head_dim, inv_freq }
+        RopeFrequencies {
+            head_dim,
+            inv_freq: base_frequencies(head_dim, theta).map(|f| f as f32).collect(),
+            long: None,
+            attention_factor: 1.0,
+        }
+    }
+
+    /// The frequencies a configuration asks for (`rope_theta` with its `RopeScaling`),
+    /// following transformers' `modeling_rope_utils`.
+    pub fn for_config(config: &ModelConfig) -> Self {
+        let (d, theta) = (config.head_dim, config.rope_theta);
+        let base = || base_frequencies(d, theta);
+        let f32s = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
+        let plain = |inv_freq| RopeFrequencies {
+            head_dim: d,
+            inv_freq,
+            long: None,
+            attention_factor: 1.0,
+        };
+        match &config.rope_scaling {
+            RopeScaling::Default => Self::new(d, theta),
+            RopeScaling::Linear { factor } => plain(f32s(base().map(|f| f / factor).collect())),
+            &RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let original = original_max_position_embeddings as f64;
+                let (low_wavelen, high_wavelen) = (original / low_freq_factor, original / high_freq_factor);
+                let scaled = base().map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth =
+                            (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                });
+                plain(f32s(scaled.collect()))
+            }
+            &RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                attention_factor,
+            } => {
+                // The dimension at which a frequency turns `rotations` times over the original
+                // context.
+                let dim_of = |rotations: f64| {
+                    d as f64
+                        * (original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI))
+                            .ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (dim_of(beta_fast), dim_of(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d as f64 - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let scaled = base().enumerate().map(|(i, f)| {
+                    // 1 keeps the frequency (extrapolation), 0 divides it by the factor.
+                    let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    f / factor * (1.0 - keep) + f * keep
+                });
+                RopeFrequencies {
+                    attention_factor: attention_factor as f32,
+                    ..plain(f32s(scaled.collect()))
+                }
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let rescaled = |factors: &[f64]| f32s(base().zip(factors).map(|(f, r)| f / r).collect());
+                RopeFrequencies {
+                    head_dim: d,
+                    inv_freq: rescaled(short_factor),
+                    long: Some((rescaled(long_factor), *original_max_position_embeddings)),
+                    attention_factor: *attention_factor as f32,
+                }
+            }
+        }
     }
 
     /// `[positions.len(), head_dim]`: cos of each angle in the first half of a row, sin in
-    /// the second. Angles are rounded to f32 before cos/sin, as transformers does.
+    /// the second, times the attention factor. Angles are rounded to f32 before cos/sin, as
+    /// transformers does. LongRoPE takes its long frequencies for every position of a call
+    /// that reaches past the original context (transformers: the sequence's length).
     pub fn table(&self, positions: &[u32]) -> Vec<f32> {
         let half = self.head_dim / 2;
+        let inv_freq = match &self.long {
+            Some((long, original)) if positions.iter().any(|&p| p as usize >= *original) => long,
+            _ => &self.inv_freq,
+        };
         let mut table = vec![0f32; positions.len() * self.head_dim];
         for (row, &p) in table.chunks_exact_mut(self.head_dim).zip(positions) {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
+            for (i, &f) in inv_freq.iter().enumerate() {
                 let angle = (p as f32 * f) as f64;
-                row[i] = angle.cos() as f32;
-                row[half + i] = angle.sin() as f32;
+                row[i] = angle.cos() as f32 * self.attention_factor;
+                row[half + i] = angle.sin() as f32 * self.attention_factor;
             }
         }
         table
     }
+}
+
+/// `1 / theta^(2i/d)` for `i < d/2`: rope's unscaled frequencies.
+fn base_frequencies(head_dim: usize, theta: f64) -> impl Iterator<Item = f64> {
+    (0..head_dim / 2).map(move |i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
 }
 
 /// One next-token prediction to score: the hidden state at `row` predicts `target`.
@@ -206,6 +313,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
         ids: &[u32],
         first_id: usize,
         out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `x / rms(x) * weight` over each `head_dim`-wide slice of every row, in place: the
+    /// per-head q/k norms (Qwen3); `weight` holds `head_dim` values.
+    fn head_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        weight: &Self::Vector,
+        eps: f32,
+        head_dim: usize,
     ) -> Result<()>;
     /// `x / rms(x) * weight`, row by row.
     fn rms_norm_into(
@@ -345,6 +461,28 @@ pub fn combine_nll_parts(parts: &[f32], slices: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// LongRoPE by hand: head_dim 4, base 10000 (frequencies 1 and 0.01), short factors 1 and
+    /// 2 below the original context of 8 positions, long factors 4 and 8 from it on, cos and
+    /// sin times the attention factor.
+    #[test]
+    fn longrope_switches_to_its_long_factors_past_the_original_context() {
+        let value = serde_json::json!({"architectures":["LlamaForCausalLM"],"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":1e-5,
+            "vocab_size":10,"max_position_embeddings":32,"original_max_position_embeddings":8,
+            "rope_scaling":{"rope_type":"longrope","short_factor":[1.0,2.0],"long_factor":[4.0,8.0],
+                "attention_factor":1.5}});
+        let config = ModelConfig::from_json(&value, std::path::Path::new("config.json")).unwrap();
+        let rope = RopeFrequencies::for_config(&config);
+        let row = |p: u32, f: [f64; 2]| {
+            let a = f.map(|f| (p as f32 * f as f32) as f64);
+            [a[0].cos(), a[1].cos(), a[0].sin(), a[1].sin()].map(|v| v as f32 * 1.5)
+        };
+        assert_eq!(rope.table(&[3]), row(3, [1.0, 0.01 / 2.0]));
+        assert_eq!(rope.table(&[10]), row(10, [1.0 / 4.0, 0.01 / 8.0]));
+        // A call reaching past the original context takes the long factors for every position.
+        assert_eq!(rope.table(&[3, 10])[..4], row(3, [1.0 / 4.0, 0.01 / 8.0]));
+    }
 
     #[test]
     fn layout_positions_restart_per_sequence() {
