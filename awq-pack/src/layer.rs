@@ -69,17 +69,23 @@ impl LayerWeights {
         let mut weights = Vec::with_capacity(7);
         let mut biases = Vec::with_capacity(7);
         for p in Projection::ALL {
-            let prefix = p.prefix(layer);
+            // A fused projection (Phi-3) is its rows of the stored tensor.
+            let (stored, rows) = p.stored(config);
+            let prefix = stored.prefix(layer);
             if !checkpoint.contains(&format!("{prefix}.weight"))
                 && checkpoint.contains(&format!("{prefix}.qweight"))
             {
                 return Err(PackError::Invalid(format!(
                     "layer {layer}: {} is already quantized",
-                    p.module()
+                    stored.module
                 )));
             }
-            let (out_features, in_features) = p.shape(config);
-            weights.push(dense(format!("{prefix}.weight"), &[out_features, in_features])?);
+            let (out_features, _) = p.shape(config);
+            let (stored_out, in_features) = stored.shape(config);
+            let weight =
+                checkpoint.tensor_with_shape(&format!("{prefix}.weight"), &[stored_out, in_features])?;
+            weights.push(weight.rows(rows)?.to_f32()?.into_vec());
+            let prefix = p.prefix(layer);
             biases.push(match p.has_bias(config) {
                 true => Some(dense(format!("{prefix}.bias"), &[out_features])?),
                 false => None,

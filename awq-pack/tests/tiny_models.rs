@@ -393,3 +393,10 @@ fn tiny_qwen3_runtime_matches_dequantized() {
 fn tiny_llama3_runtime_matches_dequantized() {
     runtime_matches_dequantized("tiny-llama3", 16, &[]);
 }
+
+#[test]
+fn tiny_phi3_runtime_matches_dequantized() {
+    // q/k/v and gate/up searched as separate projections, written back fused (qkv_proj,
+    // gate_up_proj) and read again as their rows.
+    runtime_matches_dequantized("tiny-phi3", 16, &[]);
+}

@@ -18,6 +18,9 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM` (a Llama with an RMS norm over each query and key head).
     Qwen3,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-3.5, Phi-4-mini: q/k/v and gate/up each stored as one
+    /// fused projection, rotary embeddings over part of each head).
+    Phi3,
 }
 
 impl Architecture {
@@ -28,6 +31,7 @@ impl Architecture {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -38,11 +42,12 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Phi3 => "phi3",
         }
     }
 
     /// Every architecture we run.
-    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3];
+    pub const ALL: [Architecture; 5] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3, Self::Phi3];
 
     /// Parses a class name from `architectures`.
     pub fn from_hf_name(name: &str) -> Option<Self> {
@@ -73,6 +78,12 @@ pub struct ModelConfig {
     /// Each query and key head is RMS-normed (over `head_dim`, weights `q_norm`, `k_norm`)
     /// before the rotary embedding (Qwen3).
     pub qk_norm: bool,
+    /// q/k/v are stored as one `qkv_proj` and gate/up as one `gate_up_proj`, their outputs one
+    /// after another (Phi-3); the runtime and the search see them as separate projections.
+    pub fused_projections: bool,
+    /// The leading dimensions of each head that rotate (`head_dim × partial_rotary_factor`);
+    /// the rest pass through.
+    pub rotary_dim: usize,
     /// Keys further back than this many positions are masked (Mistral).
     pub sliding_window: Option<usize>,
     pub max_position_embeddings: Option<usize>,
@@ -245,12 +256,18 @@ impl ModelConfig {
             return Err(keys.bad("mlp_bias", "MLP biases are not supported".into()));
         }
         let attention_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
+        if architecture == Architecture::Phi3 && attention_bias {
+            return Err(keys.bad(
+                "attention_bias",
+                "Phi-3 with attention biases is not supported (its fused qkv_proj has none)".into(),
+            ));
+        }
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
             _ => (attention_bias, attention_bias),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral => keys.opt_usize("sliding_window")?,
+            Architecture::Mistral | Architecture::Phi3 => keys.opt_usize("sliding_window")?,
             Architecture::Qwen2 | Architecture::Qwen3
                 if keys.opt_bool("use_sliding_window")?.unwrap_or(false) =>
             {
@@ -265,8 +282,7 @@ impl ModelConfig {
             _ => None,
         };
         let rope_theta = keys.rope_theta()?;
-        let rope_scaling = keys.rope_scaling(head_dim)?;
-        let partial_rotary_factor = match keys.rope_parameters() {
+        let (factor_key, factor) = match keys.rope_parameters() {
             Some((key, p)) if p.contains_key("partial_rotary_factor") => (
                 format!("{key}.partial_rotary_factor"),
                 p.get("partial_rotary_factor"),
@@ -276,14 +292,21 @@ impl ModelConfig {
                 keys.get("partial_rotary_factor"),
             ),
         };
-        if let (key, Some(v)) = partial_rotary_factor
-            && v.as_f64() != Some(1.0)
-        {
+        let rotary_dim = match factor {
+            None => head_dim,
+            // As transformers: int(head_dim × factor).
+            Some(v) => match v.as_f64() {
+                Some(f) if f > 0.0 && f <= 1.0 => (head_dim as f64 * f) as usize,
+                _ => return Err(keys.bad(&factor_key, format!("expected a number in (0, 1], found {v}"))),
+            },
+        };
+        if rotary_dim < 2 || rotary_dim % 2 != 0 {
             return Err(keys.bad(
-                &key,
-                format!("{v}: partial rotary embeddings are not supported yet (every dimension of a head rotates here)"),
+                &factor_key,
+                format!("rotates {rotary_dim} of {head_dim} dimensions per head; rotary embeddings need an even count"),
             ));
         }
+        let rope_scaling = keys.rope_scaling(rotary_dim)?;
         let config = ModelConfig {
             architecture,
             hidden_size,
@@ -300,6 +323,8 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             qk_norm: architecture == Architecture::Qwen3,
+            fused_projections: architecture == Architecture::Phi3,
+            rotary_dim,
             sliding_window,
             max_position_embeddings: keys.opt_usize("max_position_embeddings")?,
             bos_token_id: keys.opt_token_id("bos_token_id")?,
@@ -796,8 +821,13 @@ mod tests {
             ),
             (
                 "rope_parameters",
-                r#"{"rope_type":"default","partial_rotary_factor":0.5}"#,
+                r#"{"rope_type":"default","partial_rotary_factor":0.5625}"#,
                 "rope_parameters.partial_rotary_factor",
+            ),
+            (
+                "rope_parameters",
+                r#"{"rope_type":"default","partial_rotary_factor":1.5}"#,
+                "expected a number in (0, 1]",
             ),
         ] {
             let err = parse(&with_rope(key, params)).unwrap_err().to_string();

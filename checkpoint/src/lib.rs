@@ -1,7 +1,7 @@
 //! # checkpoint
 //!
 //! Everything about model files, and nothing about running them:
-//! - [`config`]: `config.json` → [`ModelConfig`] (Llama, Mistral, Qwen2, Qwen3) and the AWQ
+//! - [`config`]: `config.json` → [`ModelConfig`] (Llama, Mistral, Qwen2, Qwen3, Phi-3) and the AWQ
 //!   `quantization_config`;
 //! - [`names`]: the Hugging Face tensor names of a Llama-family decoder ([`Projection`]);
 //! - [`awq`]: the AWQ "gemm" schema — tensor shapes, nibble order, packing of one word;

@@ -35,6 +35,11 @@ pub fn layer_norms(config: &ModelConfig) -> Vec<(&'static str, usize)> {
     norms
 }
 
+/// Phi-3's fused q/k/v projection: q, k and v outputs one after another.
+pub const QKV_PROJ: &str = "self_attn.qkv_proj";
+/// Phi-3's fused gate/up projection: gate outputs, then up outputs.
+pub const GATE_UP_PROJ: &str = "mlp.gate_up_proj";
+
 /// A linear projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,9 +83,31 @@ impl Projection {
         }
     }
 
-    /// `model.layers.{layer}.{module}`: the prefix of its tensors.
+    /// `model.layers.{layer}.{module}`: the prefix of its tensors where it is stored alone
+    /// (and in a rank file, which stores every projection alone).
     pub fn prefix(self, layer: usize) -> String {
         layer_tensor_name(layer, self.module())
+    }
+
+    /// Where `config`'s checkpoints store it: the stored linear and its output rows there.
+    pub fn stored(self, config: &ModelConfig) -> (StoredLinear, std::ops::Range<usize>) {
+        let stored = StoredLinear::of(config)
+            .into_iter()
+            .find(|s| s.parts.contains(&self))
+            .expect("every projection is stored");
+        let start: usize = stored
+            .parts
+            .iter()
+            .take_while(|&&p| p != self)
+            .map(|p| p.shape(config).0)
+            .sum();
+        (stored, start..start + self.shape(config).0)
+    }
+
+    /// The prefix of the tensors that hold it in `config`'s checkpoints (`…qkv_proj` for
+    /// Phi-3's q): what `modules_to_not_convert` names.
+    pub fn stored_prefix(self, config: &ModelConfig, layer: usize) -> String {
+        self.stored(config).0.prefix(layer)
     }
 
     /// `(out_features, in_features)` under `config`.
@@ -109,7 +136,58 @@ impl Projection {
         config
             .quantization
             .as_ref()
-            .is_some_and(|q| q.converts(&self.prefix(layer)))
+            .is_some_and(|q| q.converts(&self.stored_prefix(config, layer)))
+    }
+}
+
+/// Each projection alone, as the parts of an unfused [`StoredLinear`].
+static ALONE: [Projection; 7] = Projection::ALL;
+
+/// A linear layer as a checkpoint stores it: one projection, or several fused into one tensor
+/// whose outputs are theirs one after another (Phi-3's `qkv_proj` and `gate_up_proj`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredLinear {
+    /// The module path inside a layer.
+    pub module: &'static str,
+    /// The projections it holds, in output order.
+    pub parts: &'static [Projection],
+}
+
+impl StoredLinear {
+    /// The stored linears of a layer under `config`, in execution order.
+    pub fn of(config: &ModelConfig) -> Vec<StoredLinear> {
+        const QKV: [Projection; 3] = [Projection::Q, Projection::K, Projection::V];
+        const GATE_UP: [Projection; 2] = [Projection::Gate, Projection::Up];
+        let alone = |p: Projection| StoredLinear {
+            module: p.module(),
+            parts: std::slice::from_ref(&ALONE[p.index()]),
+        };
+        match config.fused_projections {
+            true => vec![
+                StoredLinear {
+                    module: QKV_PROJ,
+                    parts: &QKV,
+                },
+                alone(Projection::O),
+                StoredLinear {
+                    module: GATE_UP_PROJ,
+                    parts: &GATE_UP,
+                },
+                alone(Projection::Down),
+            ],
+            false => Projection::ALL.map(alone).to_vec(),
+        }
+    }
+
+    /// `model.layers.{layer}.{module}`.
+    pub fn prefix(&self, layer: usize) -> String {
+        layer_tensor_name(layer, self.module)
+    }
+
+    /// `(out_features, in_features)` under `config`: the parts' outputs together.
+    pub fn shape(&self, config: &ModelConfig) -> (usize, usize) {
+        let out = self.parts.iter().map(|p| p.shape(config).0).sum();
+        (out, self.parts[0].shape(config).1)
     }
 }
 
@@ -127,11 +205,11 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
 }
 
-/// The tensors of one projection under `config`: `weight` (dense) or the three AWQ tensors,
-/// then the bias if it has one.
-pub fn projection_tensors(config: &ModelConfig, layer: usize, p: Projection) -> Vec<TensorInfo> {
-    let prefix = p.prefix(layer);
-    let (out_features, in_features) = p.shape(config);
+/// The tensors of one stored linear under `config`: `weight` (dense) or the three AWQ
+/// tensors, then the bias if it has one.
+pub fn stored_tensors(config: &ModelConfig, layer: usize, stored: &StoredLinear) -> Vec<TensorInfo> {
+    let prefix = stored.prefix(layer);
+    let (out_features, in_features) = stored.shape(config);
     let mut out = match &config.quantization {
         Some(q) if q.converts(&prefix) => AwqShape {
             in_features,
@@ -152,7 +230,7 @@ pub fn projection_tensors(config: &ModelConfig, layer: usize, p: Projection) -> 
             shape: vec![out_features, in_features],
         }],
     };
-    if p.has_bias(config) {
+    if stored.parts[0].has_bias(config) {
         out.push(TensorInfo {
             name: format!("{prefix}.bias"),
             dtype: None,
@@ -181,8 +259,8 @@ pub fn required_tensors(config: &ModelConfig) -> Vec<TensorInfo> {
         for (norm, len) in layer_norms(config) {
             out.push(dense(layer_tensor_name(layer, norm), vec![len]));
         }
-        for p in Projection::ALL {
-            out.extend(projection_tensors(config, layer, p));
+        for stored in StoredLinear::of(config) {
+            out.extend(stored_tensors(config, layer, &stored));
         }
     }
     out

@@ -18,11 +18,12 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
 }
 
-// Rotate-half rotary embeddings in place: for each head, pairs (i, i + d/2) rotate by the
-// angle whose cos and sin are table[row, i] and table[row, d/2 + i].
+// Rotate-half rotary embeddings in place over the leading rotary_dim dimensions of each head
+// (the rest pass through): pairs (i, i + r/2) rotate by the angle whose cos and sin are
+// table[row, i] and table[row, r/2 + i], the table holding rotary_dim values a row.
 extern "C" __global__ void rotary(float* __restrict__ x, const float* __restrict__ table, int rows,
-                                  int cols, int head_dim) {
-    int half = head_dim / 2;
+                                  int cols, int head_dim, int rotary_dim) {
+    int half = rotary_dim / 2;
     int heads = cols / head_dim;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long total = (long long)rows * heads * half;
@@ -32,8 +33,8 @@ extern "C" __global__ void rotary(float* __restrict__ x, const float* __restrict
     int h = (int)(t % heads);
     int row = (int)(t / heads);
     float* p = x + (size_t)row * cols + (size_t)h * head_dim;
-    float c = table[(size_t)row * head_dim + i];
-    float s = table[(size_t)row * head_dim + half + i];
+    float c = table[(size_t)row * rotary_dim + i];
+    float s = table[(size_t)row * rotary_dim + half + i];
     float x1 = p[i], x2 = p[half + i];
     p[i] = x1 * c - x2 * s;
     p[half + i] = x2 * c + x1 * s;

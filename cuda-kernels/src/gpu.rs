@@ -361,7 +361,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Rotary embeddings in place. CPU twin: `CpuBackend::rotary`.
+    /// Rotary embeddings in place over the leading `rotary_dim` dimensions of each head
+    /// (all of it, or Phi-3's part). CPU twin: `CpuBackend::rotary`.
     pub fn rotary(
         &self,
         x: &mut CudaSlice<f32>,
@@ -369,20 +370,30 @@ impl Gpu {
         rows: usize,
         cols: usize,
         head_dim: usize,
+        rotary_dim: usize,
     ) -> Result<()> {
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || !cols.is_multiple_of(head_dim) {
+        if rotary_dim == 0
+            || !rotary_dim.is_multiple_of(2)
+            || rotary_dim > head_dim
+            || !cols.is_multiple_of(head_dim)
+        {
             return Err(KernelError::Shape(format!(
-                "rotary: {cols} features in heads of {head_dim}"
+                "rotary: {rotary_dim} rotating of {cols} features in heads of {head_dim}"
             )));
         }
         expect_len("rotary x", x, rows * cols)?;
-        expect_len("rotary table", table, rows * head_dim)?;
+        expect_len("rotary table", table, rows * rotary_dim)?;
         let f = self.function("rotary")?;
-        let (r, c, d) = (int("rows", rows)?, int("cols", cols)?, int("head_dim", head_dim)?);
+        let (r, c, d, rd) = (
+            int("rows", rows)?,
+            int("cols", cols)?,
+            int("head_dim", head_dim)?,
+            int("rotary_dim", rotary_dim)?,
+        );
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(table).arg(&r).arg(&c).arg(&d);
+        b.arg(x).arg(table).arg(&r).arg(&c).arg(&d).arg(&rd);
         // SAFETY: sizes checked above; one thread per rotated pair.
-        unsafe { b.launch(elems(rows * cols / 2)) }?;
+        unsafe { b.launch(elems(rows * (cols / head_dim) * rotary_dim / 2)) }?;
         Ok(())
     }
 

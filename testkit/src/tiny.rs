@@ -9,11 +9,12 @@ use checkpoint::digest::sha256_bytes;
 use safetensors::tensor::TensorView;
 
 /// The tiny reference models, by folder name.
-pub const TINY_MODELS: [&str; 7] = [
+pub const TINY_MODELS: [&str; 8] = [
     "tiny-llama",
     "tiny-llama-tied",
     "tiny-llama3",
     "tiny-mistral",
+    "tiny-phi3",
     "tiny-qwen2",
     "tiny-qwen2-yarn",
     "tiny-qwen3",

@@ -67,21 +67,37 @@ pub fn read_linear(
     shard: &RankShard,
 ) -> Result<LinearShard> {
     let checkpoint = source.checkpoint();
-    let prefix = p.prefix(layer);
+    let (stored, rows) = p.stored(config);
     let (range, real) = shard.range(p);
     let (local_out, local_in) = shard.shape(config, p);
-    let (out_features, in_features, pad) = match source {
+    let converted = config
+        .quantization
+        .as_ref()
+        .filter(|q| q.converts(&stored.prefix(layer)));
+    // A fused projection (Phi-3's qkv_proj, gate_up_proj) is read as this projection's rows
+    // of the stored tensor: its outputs shifted by where they start there.
+    let (prefix, out_features, in_features, pad, real, fused) = match source {
         WeightSource::Full(_) => {
-            let (out_features, in_features) = p.shape(config);
-            (out_features, in_features, range.len() - real.len())
+            let (out_features, in_features) = stored.shape(config);
+            let shifted = real.start + rows.start..real.end + rows.start;
+            let fused = stored.parts.len() > 1;
+            (
+                stored.prefix(layer),
+                out_features,
+                in_features,
+                range.len() - real.len(),
+                shifted,
+                fused,
+            )
         }
-        // The rank file holds the rank's (padded) share as whole tensors.
-        WeightSource::Rank(_) => (local_out, local_in, 0),
+        // The rank file holds the rank's (padded) share as whole tensors, each alone.
+        WeightSource::Rank(_) => (p.prefix(layer), local_out, local_in, 0, real, false),
     };
     let tensor =
         |suffix: &str, shape: &[usize]| checkpoint.tensor_with_shape(&format!("{prefix}.{suffix}"), shape);
     // The whole dimension, unpadded: the tensors are borrowed from the mapping as they are.
-    let whole = pad == 0
+    let whole = !fused
+        && pad == 0
         && real.len()
             == match split_of(p) {
                 Split::Rows => in_features,
@@ -92,8 +108,8 @@ pub fn read_linear(
         WeightSource::Full(_) if whole => Split::Replicated,
         WeightSource::Full(_) => split_of(p),
     };
-    let weight: Box<dyn WeightFormat> = match &config.quantization {
-        Some(q) if q.converts(&prefix) => {
+    let weight: Box<dyn WeightFormat> = match converted {
+        Some(q) => {
             let full = AwqShape {
                 in_features,
                 out_features,

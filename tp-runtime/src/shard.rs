@@ -174,7 +174,7 @@ impl RankShard {
                 split_of(p)
             };
             match &config.quantization {
-                Some(q) if q.converts(&prefix) => {
+                Some(q) if q.converts(&p.stored_prefix(config, layer)) => {
                     let local = AwqShape {
                         in_features: k,
                         out_features: n,

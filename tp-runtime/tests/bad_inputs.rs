@@ -75,6 +75,23 @@ fn wrong_shape_names_tensor_and_shapes() {
 }
 
 #[test]
+fn a_fused_qkv_proj_of_the_wrong_rows_names_the_tensor() {
+    let tiny = testkit::tiny("tiny-phi3");
+    let dir = tiny.dir.clone();
+    rewrite(&dir, |n, s, b| {
+        if n == "model.layers.2.self_attn.qkv_proj.weight" {
+            // [384, 256] (q 256 + k 64 + v 64) stored as [192, 512]: same bytes, wrong rows.
+            Some((vec![192, 512], b))
+        } else {
+            Some((s, b))
+        }
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("model.layers.2.self_attn.qkv_proj.weight"), "{err}");
+    assert!(err.contains("[192, 512]") && err.contains("[384, 256]"), "{err}");
+}
+
+#[test]
 fn config_problems_name_file_and_key() {
     let (_tiny, dir) = copy_tiny();
     let path = dir.join("config.json");

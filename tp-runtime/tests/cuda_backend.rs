@@ -154,6 +154,16 @@ fn elementwise_kernels_match_cpu() {
     c.rotary(&mut rc, &tc, 64).unwrap();
     g.rotary(&mut rg, &tg, 64).unwrap();
     check("rotary", &g.download(&rg).unwrap(), &rc.data, 1e-6);
+    // Phi-3's partial rotary: the leading 48 of each 64 dimensions rotate, the rest pass.
+    let partial = RopeFrequencies::new(48, 10_000.0);
+    let (tc, tg) = (
+        c.rope_table(&partial, &positions).unwrap(),
+        g.rope_table(&partial, &positions).unwrap(),
+    );
+    let (mut rc, mut rg) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
+    c.rotary(&mut rc, &tc, 64).unwrap();
+    g.rotary(&mut rg, &tg, 64).unwrap();
+    check("partial rotary", &g.download(&rg).unwrap(), &rc.data, 1e-6);
 
     // Embeddings of a shard holding ids 100..400, from tables stored as f32, f16 and bf16:
     // the others are zero rows; widening is exact.

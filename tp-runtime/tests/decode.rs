@@ -169,5 +169,8 @@ fn greedy_decoding_with_the_cache_matches_transformers() {
         assert_eq!(got, want, "{name}: greedy continuation");
         checked.push(name);
     }
-    assert_eq!(checked, ["tiny-llama3", "tiny-qwen2-yarn", "tiny-qwen3"]);
+    assert_eq!(
+        checked,
+        ["tiny-llama3", "tiny-phi3", "tiny-qwen2-yarn", "tiny-qwen3"]
+    );
 }

@@ -120,3 +120,8 @@ fn tiny_qwen2_yarn() {
 fn tiny_qwen3_qk_norms() {
     check("tiny-qwen3");
 }
+
+#[test]
+fn tiny_phi3_fused_and_partial_rotary() {
+    check("tiny-phi3");
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use awq_calib::{CalibSpec, CalibSummary, LayerStream, dataset};
 use checkpoint::Dtype;
-use checkpoint::names::{self, Projection, layer_tensor_name, projection_tensors};
+use checkpoint::names::{self, Projection, StoredLinear, layer_tensor_name, stored_tensors};
 use checkpoint::writer::{
     Blocks, CheckpointStream, DEFAULT_MAX_SHARD_BYTES, TensorSpec, f16_bytes, f32_as_f16_bytes, i32_bytes,
 };
@@ -167,8 +167,8 @@ pub struct QuantizeReport {
 }
 
 /// The projections of layer `layer` that are quantized under `q`.
-fn converted(q: &QuantizationConfig, layer: usize) -> [bool; 7] {
-    Projection::ALL.map(|p| q.converts(&p.prefix(layer)))
+fn converted(config: &ModelConfig, q: &QuantizationConfig, layer: usize) -> [bool; 7] {
+    Projection::ALL.map(|p| q.converts(&p.stored_prefix(config, layer)))
 }
 
 /// Checks `options` against a model's configuration without reading any weight: the model
@@ -202,17 +202,20 @@ pub fn quantized_config(config: &ModelConfig, options: &QuantizeOptions) -> Mode
 
 fn validate(config: &ModelConfig, q: &QuantizationConfig) -> Result<()> {
     for layer in 0..config.num_hidden_layers {
-        for p in Projection::ALL {
-            if !q.converts(&p.prefix(layer)) {
+        for stored in StoredLinear::of(config) {
+            if !q.converts(&stored.prefix(layer)) {
                 continue;
             }
-            let (out_features, in_features) = p.shape(config);
-            let shape = AwqShape {
-                in_features,
-                out_features,
-                group_size: q.group_size,
-            };
-            shape.check(&p.prefix(layer))?;
+            // Each part packs alone (a fused tensor is its parts side by side).
+            for &p in stored.parts {
+                let (out_features, in_features) = p.shape(config);
+                let shape = AwqShape {
+                    in_features,
+                    out_features,
+                    group_size: q.group_size,
+                };
+                shape.check(&stored.prefix(layer))?;
+            }
         }
     }
     Ok(())
@@ -244,9 +247,9 @@ pub(crate) fn tensor_specs(
                 &[len],
             ));
         }
-        for p in Projection::ALL {
+        for stored in StoredLinear::of(config) {
             specs.extend(
-                projection_tensors(&out_config, layer, p)
+                stored_tensors(&out_config, layer, &stored)
                     .into_iter()
                     .map(|t| TensorSpec::from_info(t, Dtype::F16)),
             );
@@ -290,24 +293,82 @@ fn write_layer(
             &f32_as_f16_bytes(k_norm),
         )?;
     }
-    for (i, p) in Projection::ALL.into_iter().enumerate() {
-        let prefix = p.prefix(layer);
-        match &q.linears[i] {
-            OutLinear::Awq(packed) => {
+    for stored in StoredLinear::of(config) {
+        let prefix = stored.prefix(layer);
+        let parts: Vec<&OutLinear> = stored.parts.iter().map(|p| &q.linears[p.index()]).collect();
+        match parts[..] {
+            [OutLinear::Awq(packed)] => {
                 let [qweight, qzeros, scales] = packed.shape.tensors(&prefix).map(|t| t.0);
                 out.write(&qweight, &i32_bytes(&packed.qweight))?;
                 out.write(&qzeros, &i32_bytes(&packed.qzeros))?;
                 out.write(&scales, &f16_bytes(&packed.scales))?;
             }
-            OutLinear::Dense(w) => out.write(&format!("{prefix}.weight"), &f16_bytes(w))?,
+            [OutLinear::Dense(w)] => out.write(&format!("{prefix}.weight"), &f16_bytes(w))?,
+            _ => write_fused(out, &prefix, &parts)?,
         }
+        let p = stored.parts[0];
         if p.has_bias(config) {
-            let bias = q.biases[i]
+            let bias = q.biases[p.index()]
                 .as_ref()
                 .expect("config says the projection has a bias");
             out.write(&format!("{prefix}.bias"), &f32_as_f16_bytes(bias))?;
         }
     }
+    Ok(())
+}
+
+/// Writes projections stored as one fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`): their
+/// outputs side by side. An AWQ part's tensors are `[rows, outputs]` (`qweight` and `qzeros`
+/// eight outputs to a word), so each row of the fused tensor is the parts' rows one after
+/// another; dense weights `[outputs, inputs]` stack.
+fn write_fused(out: &mut CheckpointStream, prefix: &str, parts: &[&OutLinear]) -> Result<()> {
+    /// `[rows, Σ widths]` from row-major parts of `rows` rows each.
+    fn side_by_side<T: Copy>(parts: &[&[T]], rows: usize) -> Vec<T> {
+        let total = parts.iter().map(|p| p.len()).sum();
+        let mut fused = Vec::with_capacity(total);
+        for r in 0..rows {
+            for part in parts {
+                let width = part.len() / rows;
+                fused.extend_from_slice(&part[r * width..(r + 1) * width]);
+            }
+        }
+        fused
+    }
+    if let Some(packed) = parts
+        .iter()
+        .map(|p| match p {
+            OutLinear::Awq(packed) => Some(packed),
+            OutLinear::Dense(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    {
+        let (k, g) = (packed[0].shape.in_features, packed[0].shape.group_size);
+        let shape = AwqShape {
+            in_features: k,
+            out_features: packed.iter().map(|p| p.shape.out_features).sum(),
+            group_size: g,
+        };
+        let [qweight, qzeros, scales] = shape.tensors(prefix).map(|t| t.0);
+        let qw: Vec<&[i32]> = packed.iter().map(|p| &p.qweight[..]).collect();
+        let qz: Vec<&[i32]> = packed.iter().map(|p| &p.qzeros[..]).collect();
+        let sc: Vec<&[half::f16]> = packed.iter().map(|p| &p.scales[..]).collect();
+        out.write(&qweight, &i32_bytes(&side_by_side(&qw, k)))?;
+        out.write(&qzeros, &i32_bytes(&side_by_side(&qz, k / g)))?;
+        out.write(&scales, &f16_bytes(&side_by_side(&sc, k / g)))?;
+        return Ok(());
+    }
+    let mut weight = Vec::new();
+    for part in parts {
+        match part {
+            OutLinear::Dense(w) => weight.extend_from_slice(w),
+            OutLinear::Awq(_) => {
+                return Err(PackError::Invalid(format!(
+                    "{prefix}: the parts of a fused projection are quantized alike or not at all"
+                )));
+            }
+        }
+    }
+    out.write(&format!("{prefix}.weight"), &f16_bytes(&weight))?;
     Ok(())
 }
 
@@ -462,7 +523,7 @@ pub fn quantize_on<B: Backend>(
                 scaling: options.scaling,
                 clip: options.clip,
                 seq_len: options.calib.seq_len,
-                converted: converted(&qconfig, index),
+                converted: converted(&config, &qconfig, index),
                 compute: options.compute,
             };
             let (quantized, mut report) = match &mut stream {

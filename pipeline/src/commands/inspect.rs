@@ -47,10 +47,11 @@ pub fn format_problems(config: &ModelConfig, ck: &Checkpoint) -> Vec<String> {
                     out_features,
                     group_size: q.group_size,
                 };
-                if let Err(e) = shape.check(&format!("`{}`", p.prefix(layer))) {
+                let prefix = p.stored_prefix(config, layer);
+                if let Err(e) = shape.check(&format!("`{prefix}`")) {
                     problems.push(e.to_string());
                 }
-                let dense = format!("{}.weight", p.prefix(layer));
+                let dense = format!("{prefix}.weight");
                 if ck.contains(&dense) {
                     problems.push(format!("`{dense}` should not exist beside its qweight"));
                 }

@@ -273,20 +273,25 @@ impl Backend for CpuBackend {
     }
 
     fn rotary(&self, x: &mut HostTensor, table: &HostTensor, head_dim: usize) -> Result<()> {
-        if table.rows != x.rows || table.cols != head_dim || !x.cols.is_multiple_of(head_dim) {
+        if table.rows != x.rows
+            || table.cols > head_dim
+            || !table.cols.is_multiple_of(2)
+            || !x.cols.is_multiple_of(head_dim)
+        {
             return Err(Error::Invalid(format!(
                 "rotary: table [{}, {}] for activations [{}, {}] with head_dim {head_dim}",
                 table.rows, table.cols, x.rows, x.cols
             )));
         }
-        let half = head_dim / 2;
+        // The table covers the rotating leading dimensions of a head; the rest pass through.
+        let half = table.cols / 2;
         x.data
             .par_chunks_mut(x.cols)
-            .zip(table.data.par_chunks(head_dim))
+            .zip(table.data.par_chunks(table.cols))
             .for_each(|(row, cs)| {
                 let (cos, sin) = cs.split_at(half);
                 for head in row.chunks_exact_mut(head_dim) {
-                    let (a, b) = head.split_at_mut(half);
+                    let (a, b) = head[..2 * half].split_at_mut(half);
                     for i in 0..half {
                         let (x1, x2) = (a[i], b[i]);
                         a[i] = x1 * cos[i] - x2 * sin[i];

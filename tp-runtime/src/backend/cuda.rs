@@ -399,14 +399,14 @@ impl Backend for CudaBackend {
     }
 
     fn rotary(&self, x: &mut CudaTensor, table: &CudaTensor, head_dim: usize) -> Result<()> {
-        if table.rows != x.rows || table.cols != head_dim {
+        if table.rows != x.rows || table.cols > head_dim {
             return Err(Error::Invalid(format!(
                 "rotary: table [{}, {}] for activations [{}, {}] with head_dim {head_dim}",
                 table.rows, table.cols, x.rows, x.cols
             )));
         }
         self.gpu
-            .rotary(&mut x.data, &table.data, x.rows, x.cols, head_dim)?;
+            .rotary(&mut x.data, &table.data, x.rows, x.cols, head_dim, table.cols)?;
         Ok(())
     }
 

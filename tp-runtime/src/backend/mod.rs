@@ -70,6 +70,7 @@ pub trait WeightFormat: Send + fmt::Debug {
 /// transformers computes them, and the factor its cos and sin are multiplied by.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeFrequencies {
+    /// The dimensions of a head that rotate (the whole head, or Phi-3's leading part).
     pub head_dim: usize,
     pub inv_freq: Vec<f32>,
     /// LongRoPE's frequencies for sequences longer than the original context, and that
@@ -93,7 +94,7 @@ impl RopeFrequencies {
     /// The frequencies a configuration asks for (`rope_theta` with its `RopeScaling`),
     /// following transformers' `modeling_rope_utils`.
     pub fn for_config(config: &ModelConfig) -> Self {
-        let (d, theta) = (config.head_dim, config.rope_theta);
+        let (d, theta) = (config.rotary_dim, config.rope_theta);
         let base = || base_frequencies(d, theta);
         let f32s = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
         let plain = |inv_freq| RopeFrequencies {
