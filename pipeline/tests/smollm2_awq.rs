@@ -45,6 +45,28 @@ fn ppl(model: &Path, data: &Path, compute: &str) -> serde_json::Value {
     ])
 }
 
+/// The acceptance job's quantization of `model` into `out` (AWQ g64, 128 records of 512-token
+/// blocks of the calibration text), with `extra` flags; its report.
+fn quantize_g64(model: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let calib = testkit::calib_text();
+    let mut args = vec![
+        "quantize",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--group-size",
+        "64",
+        "--samples",
+        "128",
+        "--seq-len",
+        "512",
+    ];
+    args.extend_from_slice(extra);
+    awq(&args)
+}
+
 /// |a − b| / b.
 fn relative(a: f64, b: f64) -> f64 {
     ((a - b) / b).abs()
@@ -61,7 +83,6 @@ fn ppl_in_process(model: &Path, tokens: &[u32], windows: usize) -> f64 {
 fn awq_closes_the_rtn_gap_on_smollm2() {
     let model = testkit::smollm2_f32();
     let data = testkit::wiki_test();
-    let calib = testkit::calib_text();
     let reference = testkit::fixture("smollm2-135m/ppl_reference.json");
     let tmp = tempfile::tempdir().unwrap();
     let (rtn_dir, awq_dir) = (tmp.path().join("rtn"), tmp.path().join("awq"));
@@ -76,20 +97,7 @@ fn awq_closes_the_rtn_gap_on_smollm2() {
         "--group-size",
         "64",
     ]);
-    let report = awq(&[
-        "quantize",
-        m,
-        "--out",
-        awq_dir.to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--group-size",
-        "64",
-        "--samples",
-        "128",
-        "--seq-len",
-        "512",
-    ]);
+    let report = quantize_g64(&model, &awq_dir, &[]);
 
     let ppl_fp = testkit::read_json(&reference)["transformers"]["ctx512_first40"]["full_window"]["ppl"]
         .as_f64()
@@ -216,22 +224,7 @@ fn an_f32_search_writes_the_recorded_checkpoint() {
     let model = testkit::smollm2_f32();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("awq");
-    awq(&[
-        "quantize",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--calib",
-        testkit::calib_text().to_str().unwrap(),
-        "--group-size",
-        "64",
-        "--samples",
-        "128",
-        "--seq-len",
-        "512",
-        "--compute",
-        "f32",
-    ]);
+    quantize_g64(&model, &out, &["--compute", "f32"]);
     let sha = checkpoint::digest::sha256_file(&out.join("model.safetensors")).unwrap();
     assert_eq!(
         sha,

@@ -56,6 +56,13 @@ fn same_dims(what: &str, a: &HostTensor, b: &HostTensor) -> Result<()> {
     Ok(())
 }
 
+/// `1 / sqrt(mean(x²) + eps)`, the mean accumulated in f64: the scale of an RMS norm (whole
+/// rows and Qwen3's heads alike).
+fn inverse_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = math::sum_of_squares_f64(x) / x.len() as f64;
+    1.0 / ((mean_sq as f32) + eps).sqrt()
+}
+
 /// `(max, Σ exp(l − max))` of a row of logits, overwriting it with `exp(l − max)`; the sum
 /// is accumulated in f64 for a stable total over large vocabularies.
 fn max_and_sum_exp_in_place(logits: &mut [f32]) -> (f32, f64) {
@@ -215,8 +222,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(x.cols)
             .zip(x.data.par_chunks(x.cols))
             .for_each(|(y, x)| {
-                let mean_sq = math::sum_of_squares_f64(x) / x.len() as f64;
-                let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+                let inv = inverse_rms(x, eps);
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight.iter()) {
                     *y = w * (x * inv);
                 }
@@ -239,8 +245,7 @@ impl Backend for CpuBackend {
             )));
         }
         x.data.par_chunks_mut(head_dim).for_each(|head| {
-            let mean_sq = math::sum_of_squares_f64(head) / head_dim as f64;
-            let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+            let inv = inverse_rms(head, eps);
             for (y, &w) in head.iter_mut().zip(weight.iter()) {
                 *y = w * (*y * inv);
             }
