@@ -127,7 +127,10 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             config,
             &whole,
         )?)?;
-        let embedded = backend.embed(&table, &ids, 0, config.hidden_size)?;
+        let mut embedded = backend.embed(&table, &ids, 0, config.hidden_size)?;
+        if config.embedding_multiplier != 1.0 {
+            backend.scale(&mut embedded, config.embedding_multiplier)?;
+        }
         let x = HostTensor::new(backend.download(&embedded)?, ids.len(), config.hidden_size)?;
         drop((table, embedded));
         checkpoint.tensor(names::EMBED_TOKENS)?.release_pages();

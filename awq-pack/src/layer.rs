@@ -8,7 +8,7 @@ use std::time::Instant;
 use awq_calib::{Activations, LayerInputs};
 use checkpoint::FloatData;
 use checkpoint::names::{self, Projection, layer_tensor_name};
-use checkpoint::{Checkpoint, ModelConfig};
+use checkpoint::{Checkpoint, LayerType, ModelConfig};
 use cpu_kernels::{
     dot_f64, matmul_bf16_weight, matmul_transposed, matmul_transposed_in, squared_distance_f64,
     sum_of_squares_f64, to_bf16,
@@ -48,12 +48,21 @@ pub struct LayerSettings {
     pub compute: Compute,
 }
 
-/// Owned, modifiable f32 weights of one decoder layer, indexed by [`Projection`].
+/// Owned, modifiable f32 weights of one decoder layer, indexed by [`Projection`]. Norms hold
+/// the weights as applied (`norm_offset + w`), so that a scale divides what multiplies the
+/// activations (Gemma's `1 + w`).
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
+    /// Full or sliding-window attention.
+    pub layer_type: LayerType,
     pub input_layernorm: Vec<f32>,
-    pub post_attention_layernorm: Vec<f32>,
-    /// The per-head q/k norms (Qwen3): after the projections, so no scale crosses them.
+    /// The norm of the MLP's input ([`names::mlp_input_norm`]).
+    pub mlp_norm: Vec<f32>,
+    /// The norms of the attention and MLP outputs (Gemma): after the blocks, so no scale
+    /// crosses them.
+    pub output_norms: Option<[Vec<f32>; 2]>,
+    /// The per-head q/k norms (Qwen3, Gemma 3): after the projections, so no scale crosses
+    /// them.
     pub qk_norms: Option<[Vec<f32>; 2]>,
     pub weights: [Vec<f32>; 7],
     pub biases: [Option<Vec<f32>>; 7],
@@ -91,13 +100,23 @@ impl LayerWeights {
                 false => None,
             });
         }
+        let norm = |suffix: &str, len: usize| -> Result<Vec<f32>> {
+            let mut w = dense(layer_tensor_name(layer, suffix), &[len])?;
+            w.iter_mut().for_each(|w| *w += config.norm_offset);
+            Ok(w)
+        };
         Ok(LayerWeights {
-            input_layernorm: dense(layer_tensor_name(layer, names::INPUT_LAYERNORM), &[h])?,
-            post_attention_layernorm: dense(layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM), &[h])?,
+            layer_type: config.layer_types[layer],
+            input_layernorm: norm(names::INPUT_LAYERNORM, h)?,
+            mlp_norm: norm(names::mlp_input_norm(config), h)?,
+            output_norms: match names::block_output_norms(config) {
+                Some([attention, mlp]) => Some([norm(attention, h)?, norm(mlp, h)?]),
+                None => None,
+            },
             qk_norms: match config.qk_norm {
                 true => Some([
-                    dense(layer_tensor_name(layer, names::Q_NORM), &[config.head_dim])?,
-                    dense(layer_tensor_name(layer, names::K_NORM), &[config.head_dim])?,
+                    norm(names::Q_NORM, config.head_dim)?,
+                    norm(names::K_NORM, config.head_dim)?,
                 ]),
                 false => None,
             },
@@ -129,8 +148,10 @@ impl LayerWeights {
 /// What absorbs `1/s` in a scaling group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Absorber {
+    /// `input_layernorm`.
     InputNorm,
-    PostNorm,
+    /// The MLP's input norm ([`names::mlp_input_norm`]).
+    MlpNorm,
     Linear(Projection),
 }
 
@@ -174,7 +195,7 @@ pub fn scaling_groups(config: &ModelConfig) -> Vec<ScalingGroup> {
         });
     }
     groups.push(ScalingGroup {
-        absorber: Absorber::PostNorm,
+        absorber: Absorber::MlpNorm,
         linears: vec![Gate, Up],
         inspect: Inspect::Mlp,
     });
@@ -188,10 +209,10 @@ pub fn scaling_groups(config: &ModelConfig) -> Vec<ScalingGroup> {
 
 impl ScalingGroup {
     /// "absorber -> linears", as reports name the group.
-    pub fn name(&self) -> String {
+    pub fn name(&self, config: &ModelConfig) -> String {
         let absorber = match self.absorber {
             Absorber::InputNorm => names::INPUT_LAYERNORM.trim_end_matches(".weight").to_string(),
-            Absorber::PostNorm => names::POST_ATTENTION_LAYERNORM
+            Absorber::MlpNorm => names::mlp_input_norm(config)
                 .trim_end_matches(".weight")
                 .to_string(),
             Absorber::Linear(p) => p.module().to_string(),
@@ -291,11 +312,12 @@ pub enum OutLinear {
     Dense(Vec<f16>),
 }
 
-/// A quantized layer, ready to write.
+/// A quantized layer, ready to write; norms as applied (see [`LayerWeights`]).
 #[derive(Clone, Debug)]
 pub struct QuantizedLayer {
     pub input_layernorm: Vec<f32>,
-    pub post_attention_layernorm: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    pub output_norms: Option<[Vec<f32>; 2]>,
     pub qk_norms: Option<[Vec<f32>; 2]>,
     pub linears: [OutLinear; 7],
     pub biases: [Option<Vec<f32>>; 7],
@@ -420,8 +442,16 @@ fn block_output<B: Backend>(
                 config,
                 |rows, ctx, ws, out| {
                     let h = input(rows.clone())?;
-                    let attended =
-                        self_attention(backend, [&q, &k, &v], qk_norms.as_ref(), &h, ctx, ws, None)?;
+                    let attended = self_attention(
+                        backend,
+                        [&q, &k, &v],
+                        qk_norms.as_ref(),
+                        w.layer_type,
+                        &h,
+                        ctx,
+                        ws,
+                        None,
+                    )?;
                     let y = project(backend, &o, attended, out)?;
                     backend.read(y, |values| sink(rows, values))?
                 },
@@ -435,7 +465,7 @@ fn block_output<B: Backend>(
             );
             state.for_each_chunk(backend, x.rows(), settings.seq_len, config, |rows, _, ws, out| {
                 let h = input(rows.clone())?;
-                let activated = gated_activation(backend, &gate, &up, &h, ws)?;
+                let activated = gated_activation(backend, config.activation, &gate, &up, &h, ws)?;
                 let y = project(backend, &down, activated, out)?;
                 backend.read(y, |values| sink(rows, values))?
             })
@@ -675,7 +705,7 @@ pub fn quantize_layer<B: Backend>(
             }
         })?;
         report.scale_groups.push(GroupReport {
-            group: group.name(),
+            group: group.name(config),
             inspected: group.inspected().to_string(),
             seconds: group_start.elapsed().as_secs_f64(),
             choice: choice.clone(),
@@ -689,11 +719,7 @@ pub fn quantize_layer<B: Backend>(
         let s = &choice.scales;
         match group.absorber {
             Absorber::InputNorm => w.input_layernorm.iter_mut().zip(s).for_each(|(v, s)| *v /= s),
-            Absorber::PostNorm => w
-                .post_attention_layernorm
-                .iter_mut()
-                .zip(s)
-                .for_each(|(v, s)| *v /= s),
+            Absorber::MlpNorm => w.mlp_norm.iter_mut().zip(s).for_each(|(v, s)| *v /= s),
             Absorber::Linear(p) => {
                 let in_features = p.shape(config).1;
                 for (row, s) in w.weights[p.index()].chunks_exact_mut(in_features).zip(s) {
@@ -775,7 +801,8 @@ fn finish_layer(w: LayerWeights, config: &ModelConfig, settings: &LayerSettings)
     let linears: [OutLinear; 7] = linears.try_into().expect("seven projections");
     Ok(QuantizedLayer {
         input_layernorm: w.input_layernorm,
-        post_attention_layernorm: w.post_attention_layernorm,
+        mlp_norm: w.mlp_norm,
+        output_norms: w.output_norms,
         qk_norms: w.qk_norms,
         linears,
         biases: w.biases,

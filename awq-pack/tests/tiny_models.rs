@@ -400,3 +400,15 @@ fn tiny_phi3_runtime_matches_dequantized() {
     // gate_up_proj) and read again as their rows.
     runtime_matches_dequantized("tiny-phi3", 16, &[]);
 }
+
+#[test]
+fn tiny_gemma2_runtime_matches_dequantized() {
+    // Scales folded into (1 + w) norms — input_layernorm for q/k/v, pre_feedforward_layernorm
+    // for gate/up — and written back as w; the attention and MLP outputs' own norms untouched.
+    runtime_matches_dequantized("tiny-gemma2", 16, &[]);
+}
+
+#[test]
+fn tiny_gemma3_runtime_matches_dequantized() {
+    runtime_matches_dequantized("tiny-gemma3", 16, &[]);
+}

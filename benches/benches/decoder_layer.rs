@@ -29,13 +29,16 @@ fn linear(rng: &mut ChaCha8Rng, out_features: usize, in_features: usize) -> Line
 fn layer(rng: &mut ChaCha8Rng) -> DecoderLayer<CpuBackend> {
     DecoderLayer {
         index: 0,
+        layer_type: checkpoint::LayerType::FullAttention,
+        activation: checkpoint::Activation::Silu,
         input_layernorm: vec![1.0; HIDDEN].into(),
         q_proj: linear(rng, HEADS * HEAD_DIM, HIDDEN),
         k_proj: linear(rng, KV_HEADS * HEAD_DIM, HIDDEN),
         v_proj: linear(rng, KV_HEADS * HEAD_DIM, HIDDEN),
         qk_norms: None,
         o_proj: linear(rng, HIDDEN, HEADS * HEAD_DIM),
-        post_attention_layernorm: vec![1.0; HIDDEN].into(),
+        mlp_norm: vec![1.0; HIDDEN].into(),
+        output_norms: None,
         gate_proj: linear(rng, INTERMEDIATE, HIDDEN),
         up_proj: linear(rng, INTERMEDIATE, HIDDEN),
         down_proj: linear(rng, HIDDEN, INTERMEDIATE),
@@ -51,6 +54,8 @@ fn bench(c: &mut Criterion) {
     let rope = RopeFrequencies::new(HEAD_DIM, 100_000.0);
     let ctx = ForwardContext {
         rope_table: backend.rope_table(&rope, &layout.positions()).unwrap(),
+        local_rope_table: None,
+        sliding_layout: None,
         layout: tp_runtime::backend::AttentionLayout::within(&layout),
         attention: tp_runtime::backend::AttentionSpec {
             heads: HEADS,
@@ -58,7 +63,9 @@ fn bench(c: &mut Criterion) {
             head_dim: HEAD_DIM,
             sliding_window: None,
             scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+            softcap: None,
         },
+        sliding_window: None,
         rms_norm_eps: 1e-5,
         comm: None,
     };

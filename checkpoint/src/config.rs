@@ -21,6 +21,12 @@ pub enum Architecture {
     /// `Phi3ForCausalLM` (Phi-3, Phi-3.5, Phi-4-mini: q/k/v and gate/up each stored as one
     /// fused projection, rotary embeddings over part of each head).
     Phi3,
+    /// `Gemma2ForCausalLM`: (1 + w) norms around both blocks, GELU-tanh, scaled embeddings,
+    /// soft-capped attention and logits, sliding-window attention on alternate layers.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (text): Gemma 2 without soft-capping, with q/k head norms and a
+    /// rope base of its own on the sliding-window layers.
+    Gemma3,
 }
 
 impl Architecture {
@@ -32,6 +38,8 @@ impl Architecture {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Phi3 => "Phi3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -43,11 +51,26 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3_text",
         }
     }
 
     /// Every architecture we run.
-    pub const ALL: [Architecture; 5] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3, Self::Phi3];
+    pub const ALL: [Architecture; 7] = [
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Phi3,
+        Self::Gemma2,
+        Self::Gemma3,
+    ];
+
+    /// Gemma 2 or 3: the families whose blocks are normed on both sides.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Architecture::Gemma2 | Architecture::Gemma3)
+    }
 
     /// Parses a class name from `architectures`.
     pub fn from_hf_name(name: &str) -> Option<Self> {
@@ -84,8 +107,32 @@ pub struct ModelConfig {
     /// The leading dimensions of each head that rotate (`head_dim × partial_rotary_factor`);
     /// the rest pass through.
     pub rotary_dim: usize,
-    /// Keys further back than this many positions are masked (Mistral).
+    /// RMS norm weights are stored as `w` and scale by `norm_offset + w`: 1 for Gemma, whose
+    /// norms multiply by `1 + w`, 0 otherwise. The runtime and the search hold the sum; a
+    /// written checkpoint stores `w` again.
+    pub norm_offset: f32,
+    /// The activation of the MLP's gate.
+    pub activation: Activation,
+    /// Each block's output is RMS-normed before the residual add (`post_attention_layernorm`
+    /// after attention, `post_feedforward_layernorm` after the MLP), and the MLP's input norm
+    /// is `pre_feedforward_layernorm` (Gemma).
+    pub sandwich_norms: bool,
+    /// Multiplies the embeddings entering the first layer (√hidden for Gemma, 1 otherwise).
+    pub embedding_multiplier: f32,
+    /// Attention scores are `q·k / √query_pre_attn_scalar`: head_dim unless the config sets it
+    /// (Gemma).
+    pub query_pre_attn_scalar: f64,
+    /// Attention scores pass through `cap · tanh(score / cap)` before the softmax (Gemma 2).
+    pub attn_logit_softcapping: Option<f32>,
+    /// Logits pass through `cap · tanh(logit / cap)` (Gemma 2).
+    pub final_logit_softcapping: Option<f32>,
+    /// The attention of each layer: over every earlier key, or the last `sliding_window`.
+    pub layer_types: Vec<LayerType>,
+    /// Keys this many positions back or further are masked on the sliding-window layers.
     pub sliding_window: Option<usize>,
+    /// The rope base of the sliding-window layers where it differs from `rope_theta` (Gemma 3's
+    /// `rope_local_base_freq`); their rope is unscaled.
+    pub local_rope_theta: Option<f64>,
     pub max_position_embeddings: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
@@ -94,6 +141,36 @@ pub struct ModelConfig {
     /// The element type the checkpoint's dense tensors are saved in (`torch_dtype`, or
     /// `dtype` in transformers 5): "float32", "float16" or "bfloat16".
     pub torch_dtype: Option<String>,
+}
+
+/// The activation of a gated MLP's gate: `down(act(gate(x)) · up(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x · sigmoid(x)` (`silu`).
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// Its name in `config.json`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+/// What keys a layer's attention reads (`layer_types` in `config.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// Every earlier position (`full_attention`).
+    FullAttention,
+    /// The last `sliding_window` positions (`sliding_attention`).
+    SlidingAttention,
 }
 
 /// How rotary frequencies are scaled for contexts longer than pre-training's:
@@ -190,6 +267,9 @@ impl ModelConfig {
         if self.qk_norm {
             layer += 2 * self.head_dim as u64;
         }
+        if self.sandwich_norms {
+            layer += 2 * h;
+        }
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + h + self.num_hidden_layers as u64 * layer
@@ -248,10 +328,23 @@ impl ModelConfig {
                 format!("{head_dim} is odd; rotary embeddings need an even head_dim"),
             ));
         }
-        let act = keys.opt_str("hidden_act")?.unwrap_or("silu");
-        if act != "silu" {
-            return Err(keys.bad("hidden_act", format!("`{act}` is not supported (only silu)")));
-        }
+        let gemma = architecture.is_gemma();
+        // Gemma reads `hidden_activation` (its configs may carry `hidden_act` too).
+        let (act_key, default_act) = match gemma {
+            true => ("hidden_activation", Activation::GeluTanh),
+            false => ("hidden_act", Activation::Silu),
+        };
+        let activation = match keys.opt_str(act_key)? {
+            None => default_act,
+            Some("silu" | "swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
+                return Err(keys.bad(
+                    act_key,
+                    format!("`{other}` is not supported (silu, gelu_pytorch_tanh)"),
+                ));
+            }
+        };
         if keys.opt_bool("mlp_bias")?.unwrap_or(false) {
             return Err(keys.bad("mlp_bias", "MLP biases are not supported".into()));
         }
@@ -267,7 +360,9 @@ impl ModelConfig {
             _ => (attention_bias, attention_bias),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral | Architecture::Phi3 => keys.opt_usize("sliding_window")?,
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2 | Architecture::Gemma3 => {
+                keys.opt_usize("sliding_window")?
+            }
             Architecture::Qwen2 | Architecture::Qwen3
                 if keys.opt_bool("use_sliding_window")?.unwrap_or(false) =>
             {
@@ -281,6 +376,8 @@ impl ModelConfig {
             }
             _ => None,
         };
+        let num_hidden_layers = keys.usize("num_hidden_layers")?;
+        let layer_types = keys.layer_types(architecture, num_hidden_layers, sliding_window)?;
         let rope_theta = keys.rope_theta()?;
         let (factor_key, factor) = match keys.rope_parameters() {
             Some((key, p)) if p.contains_key("partial_rotary_factor") => (
@@ -307,25 +404,58 @@ impl ModelConfig {
             ));
         }
         let rope_scaling = keys.rope_scaling(rotary_dim)?;
+        let local_rope_theta = keys.local_rope_theta(architecture)?;
+        let softcap = |key: &str| -> Result<Option<f32>> {
+            match keys.opt_f64(key)? {
+                Some(cap) if gemma && cap > 0.0 => Ok(Some(cap as f32)),
+                Some(cap) if gemma => Err(keys.bad(key, format!("{cap} is not a positive cap"))),
+                _ => Ok(None),
+            }
+        };
+        let query_pre_attn_scalar = match gemma {
+            true => keys.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64),
+            false => head_dim as f64,
+        };
+        if query_pre_attn_scalar <= 0.0 {
+            return Err(keys.bad(
+                "query_pre_attn_scalar",
+                format!("{query_pre_attn_scalar} is not positive"),
+            ));
+        }
         let config = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: keys.usize("intermediate_size")?,
-            num_hidden_layers: keys.usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: keys.f64("rms_norm_eps")? as f32,
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            // transformers' default: tied for Gemma, untied for the others.
+            tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(gemma),
             vocab_size: keys.usize("vocab_size")?,
             qkv_bias,
             o_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
             fused_projections: architecture == Architecture::Phi3,
             rotary_dim,
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            activation,
+            sandwich_norms: gemma,
+            // As transformers: √hidden rounded to the activations' type (f32 here).
+            embedding_multiplier: if gemma {
+                (hidden_size as f64).sqrt() as f32
+            } else {
+                1.0
+            },
+            query_pre_attn_scalar,
+            attn_logit_softcapping: softcap("attn_logit_softcapping")?,
+            final_logit_softcapping: softcap("final_logit_softcapping")?,
+            layer_types,
             sliding_window,
+            local_rope_theta,
             max_position_embeddings: keys.opt_usize("max_position_embeddings")?,
             bos_token_id: keys.opt_token_id("bos_token_id")?,
             eos_token_id: keys.opt_token_id("eos_token_id")?,
@@ -356,6 +486,15 @@ impl ModelConfig {
     /// Output features of k_proj and v_proj: `num_key_value_heads × head_dim`.
     pub fn kv_features(&self) -> usize {
         self.num_key_value_heads * self.head_dim
+    }
+
+    /// The attention window of layer `layer`: `Some(sliding_window)` on a sliding-window
+    /// layer, `None` where it sees every earlier key.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(LayerType::SlidingAttention) => self.sliding_window,
+            _ => None,
+        }
     }
 }
 
@@ -406,6 +545,113 @@ impl Keys<'_> {
         let v = self.get(key).ok_or_else(|| self.missing(key, "a number"))?;
         v.as_f64()
             .ok_or_else(|| self.bad(key, format!("expected a number, found {v}")))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.bad(key, format!("expected a number, found {v}")))
+            })
+            .transpose()
+    }
+
+    /// `layer_types` where the config lists them (one per layer, each `full_attention` or
+    /// `sliding_attention`); otherwise as transformers derives them: Gemma 2 alternates from a
+    /// sliding layer, Gemma 3 makes every `sliding_window_pattern`-th layer full, a Mistral or
+    /// Phi-3 with a window slides on every layer.
+    fn layer_types(
+        &self,
+        architecture: Architecture,
+        layers: usize,
+        sliding_window: Option<usize>,
+    ) -> Result<Vec<LayerType>> {
+        use LayerType::*;
+        if let Some(list) = self.get("layer_types") {
+            let items = list
+                .as_array()
+                .ok_or_else(|| self.bad("layer_types", format!("expected a list, found {list}")))?;
+            if items.len() != layers {
+                return Err(self.bad(
+                    "layer_types",
+                    format!(
+                        "{} entries for num_hidden_layers {layers} (expected one per layer)",
+                        items.len()
+                    ),
+                ));
+            }
+            let types = items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_str() {
+                    Some("full_attention") => Ok(FullAttention),
+                    Some("sliding_attention") => Ok(SlidingAttention),
+                    _ => Err(self.bad(
+                        "layer_types",
+                        format!("entry {i} is {v}; expected \"full_attention\" or \"sliding_attention\""),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if types.contains(&SlidingAttention) && sliding_window.is_none() {
+                return Err(self.missing("sliding_window", "a window for the sliding_attention layers"));
+            }
+            return Ok(types);
+        }
+        let slides = |i: usize| -> Result<bool> {
+            Ok(match architecture {
+                Architecture::Gemma2 => i.is_multiple_of(2),
+                Architecture::Gemma3 => {
+                    let key = ["sliding_window_pattern", "_sliding_window_pattern"]
+                        .into_iter()
+                        .find(|k| self.get(k).is_some());
+                    let pattern = match key {
+                        Some(k) => self.usize(k)?,
+                        None => 6,
+                    };
+                    pattern == 0 || !(i + 1).is_multiple_of(pattern)
+                }
+                _ => true,
+            })
+        };
+        (0..layers)
+            .map(|i| {
+                Ok(match sliding_window.is_some() && slides(i)? {
+                    true => SlidingAttention,
+                    false => FullAttention,
+                })
+            })
+            .collect()
+    }
+
+    /// The rope base of Gemma 3's sliding-window layers: `rope_parameters.sliding_attention`
+    /// (transformers 5, plain rope only) or `rope_local_base_freq` (transformers 4).
+    fn local_rope_theta(&self, architecture: Architecture) -> Result<Option<f64>> {
+        let key = "rope_parameters.sliding_attention";
+        if let Some(p) = self
+            .get("rope_parameters")
+            .and_then(|p| p.get("sliding_attention"))
+        {
+            let kind = p.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+            if kind != "default" {
+                return Err(self.bad(
+                    &format!("{key}.rope_type"),
+                    format!("`{kind}` on the sliding-window layers is not supported (only default)"),
+                ));
+            }
+            let theta = p
+                .get("rope_theta")
+                .ok_or_else(|| self.missing(&format!("{key}.rope_theta"), "a number"))?;
+            return theta.as_f64().map(Some).ok_or_else(|| {
+                self.bad(
+                    &format!("{key}.rope_theta"),
+                    format!("expected a number, found {theta}"),
+                )
+            });
+        }
+        Ok(match architecture {
+            Architecture::Gemma3 => Some(self.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0)),
+            _ => None,
+        })
     }
 
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
@@ -514,18 +760,28 @@ impl Keys<'_> {
 
     /// The rope parameters object and the key it sits under: `rope_parameters` (transformers
     /// 5) or `rope_scaling` (transformers 4); `None` for plain rope.
+    /// transformers 5 keeps one object per layer type where they differ (Gemma 3): the full
+    /// attention layers' is the model's rope, `sliding_attention` the local one.
     fn rope_parameters(&self) -> Option<(&'static str, &Map<String, Value>)> {
-        ["rope_parameters", "rope_scaling"]
-            .into_iter()
-            .find_map(|key| Some((key, self.get(key)?.as_object()?)))
+        if let Some(p) = self.get("rope_parameters").and_then(Value::as_object) {
+            return match p.get("full_attention").and_then(Value::as_object) {
+                Some(full) => Some(("rope_parameters.full_attention", full)),
+                None => Some(("rope_parameters", p)),
+            };
+        }
+        self.get("rope_scaling")
+            .and_then(Value::as_object)
+            .map(|p| ("rope_scaling", p))
     }
 
     /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5).
     fn rope_theta(&self) -> Result<f64> {
-        if let Some(theta) = self.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+        if let Some((key, p)) = self.rope_parameters()
+            && let Some(theta) = p.get("rope_theta").filter(|v| !v.is_null())
+        {
             return theta.as_f64().ok_or_else(|| {
                 self.bad(
-                    "rope_parameters.rope_theta",
+                    &format!("{key}.rope_theta"),
                     format!("expected a number, found {theta}"),
                 )
             });
@@ -716,6 +972,11 @@ mod tests {
             "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"rms_norm_eps":1e-5,
             "vocab_size":32000}"#;
         assert_eq!(parse(llama).unwrap().parameters(), 6_738_415_616);
+        // Four norms a layer, q/k norms, tied: Gemma-2-9B 9,241,705,984, Gemma-3-1B 999,885,952.
+        let gemma2 = include_str!("../../fixtures/configs/gemma-2-9b.json");
+        assert_eq!(parse(gemma2).unwrap().parameters(), 9_241_705_984);
+        let gemma3 = include_str!("../../fixtures/configs/gemma-3-1b.json");
+        assert_eq!(parse(gemma3).unwrap().parameters(), 999_885_952);
     }
 
     #[test]
@@ -833,6 +1094,70 @@ mod tests {
             let err = parse(&with_rope(key, params)).unwrap_err().to_string();
             assert!(err.contains(says), "{params}: {err}");
         }
+    }
+
+    /// Gemma 3 as transformers 4 writes it (`sliding_window_pattern`, `rope_local_base_freq`)
+    /// and as transformers 5 does (`layer_types`, `rope_parameters` per layer type).
+    #[test]
+    fn gemma3_in_both_layouts() {
+        let t4 = r#"{"architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":7,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":32,
+            "rms_norm_eps":1e-6,"vocab_size":100,"sliding_window":16,"sliding_window_pattern":3,
+            "rope_theta":1000000.0,"rope_local_base_freq":10000.0,"query_pre_attn_scalar":32,
+            "rope_scaling":{"rope_type":"linear","factor":8.0}}"#;
+        let c = parse(t4).unwrap();
+        use LayerType::*;
+        let types = vec![
+            SlidingAttention,
+            SlidingAttention,
+            FullAttention,
+            SlidingAttention,
+            SlidingAttention,
+            FullAttention,
+            SlidingAttention,
+        ];
+        assert_eq!(c.layer_types, types);
+        assert_eq!((c.window(0), c.window(2)), (Some(16), None));
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert!(c.tie_word_embeddings && c.qk_norm && c.sandwich_norms);
+        assert_eq!((c.norm_offset, c.activation), (1.0, Activation::GeluTanh));
+        assert_eq!(c.embedding_multiplier, 8.0);
+        let t5 = r#"{"architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":7,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":32,
+            "rms_norm_eps":1e-6,"vocab_size":100,"sliding_window":16,"query_pre_attn_scalar":32,
+            "layer_types":["sliding_attention","sliding_attention","full_attention","sliding_attention",
+                "sliding_attention","full_attention","sliding_attention"],
+            "rope_parameters":{"full_attention":{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0},
+                "sliding_attention":{"rope_type":"default","rope_theta":10000.0}}}"#;
+        assert_eq!(parse(t5).unwrap(), c);
+    }
+
+    #[test]
+    fn gemma_layer_types_of_the_wrong_length_are_refused() {
+        let gemma2 = r#"{"architectures":["Gemma2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "rms_norm_eps":1e-6,"vocab_size":100,"sliding_window":16,
+            "layer_types":["sliding_attention","full_attention"]}"#;
+        let err = parse(gemma2).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json")
+                && err.contains("`layer_types`")
+                && err.contains("2 entries for num_hidden_layers 3"),
+            "{err}"
+        );
+        let unknown = gemma2.replace(r#""full_attention"]"#, r#""full_attention","chunked_attention"]"#);
+        let err = parse(&unknown).unwrap_err().to_string();
+        assert!(err.contains("entry 2 is \"chunked_attention\""), "{err}");
+        // Without `layer_types`, Gemma 2 alternates from a sliding layer.
+        let c = parse(&gemma2.replace(
+            r#""layer_types":["sliding_attention","full_attention"]"#,
+            r#""attn_logit_softcapping":50.0"#,
+        ))
+        .unwrap();
+        assert_eq!(c.window(0), Some(16));
+        assert_eq!(c.window(1), None);
+        assert_eq!(c.attn_logit_softcapping, Some(50.0));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod tokenizer;
 pub mod writer;
 
 pub use awq::{AwqGemm, AwqShape};
-pub use config::{Architecture, ModelConfig, QuantizationConfig, RopeScaling};
+pub use config::{Activation, Architecture, LayerType, ModelConfig, QuantizationConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use mapped::{Checkpoint, Element, FloatData, HostData, TensorRef};
 pub use names::Projection;

@@ -14,25 +14,53 @@ pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
 /// A layer's norm before attention, `[hidden]`.
 pub const INPUT_LAYERNORM: &str = "input_layernorm.weight";
-/// A layer's norm before the MLP, `[hidden]`.
+/// A layer's norm before the MLP, `[hidden]`; with sandwich norms (Gemma), the norm of the
+/// attention block's output instead.
 pub const POST_ATTENTION_LAYERNORM: &str = "post_attention_layernorm.weight";
-/// A layer's norm of each query head, `[head_dim]` (Qwen3).
+/// A layer's norm before the MLP where the blocks have sandwich norms (Gemma), `[hidden]`.
+pub const PRE_FEEDFORWARD_LAYERNORM: &str = "pre_feedforward_layernorm.weight";
+/// A layer's norm of the MLP's output (Gemma), `[hidden]`.
+pub const POST_FEEDFORWARD_LAYERNORM: &str = "post_feedforward_layernorm.weight";
+/// A layer's norm of each query head, `[head_dim]` (Qwen3, Gemma 3).
 pub const Q_NORM: &str = "self_attn.q_norm.weight";
-/// A layer's norm of each key head, `[head_dim]` (Qwen3).
+/// A layer's norm of each key head, `[head_dim]` (Qwen3, Gemma 3).
 pub const K_NORM: &str = "self_attn.k_norm.weight";
 
-/// The norms of a decoder layer under `config`, as `(suffix, length)`, in the order a
-/// checkpoint lists them: the two block norms, then q/k head norms where it has them. Every
-/// rank holds them whole.
+/// The norms of a decoder layer under `config`, as `(suffix, length)`: the block norms (two,
+/// or four with sandwich norms), then q/k head norms where it has them. Every rank holds
+/// them whole.
 pub fn layer_norms(config: &ModelConfig) -> Vec<(&'static str, usize)> {
     let mut norms = vec![
         (INPUT_LAYERNORM, config.hidden_size),
         (POST_ATTENTION_LAYERNORM, config.hidden_size),
     ];
+    if config.sandwich_norms {
+        norms.extend([
+            (PRE_FEEDFORWARD_LAYERNORM, config.hidden_size),
+            (POST_FEEDFORWARD_LAYERNORM, config.hidden_size),
+        ]);
+    }
     if config.qk_norm {
         norms.extend([(Q_NORM, config.head_dim), (K_NORM, config.head_dim)]);
     }
     norms
+}
+
+/// The norm of a layer's MLP input under `config`: `post_attention_layernorm`, or
+/// `pre_feedforward_layernorm` where the blocks have sandwich norms.
+pub fn mlp_input_norm(config: &ModelConfig) -> &'static str {
+    match config.sandwich_norms {
+        true => PRE_FEEDFORWARD_LAYERNORM,
+        false => POST_ATTENTION_LAYERNORM,
+    }
+}
+
+/// The norms of a layer's attention and MLP outputs, before each residual add, where the
+/// blocks have sandwich norms (Gemma).
+pub fn block_output_norms(config: &ModelConfig) -> Option<[&'static str; 2]> {
+    config
+        .sandwich_norms
+        .then_some([POST_ATTENTION_LAYERNORM, POST_FEEDFORWARD_LAYERNORM])
 }
 
 /// Phi-3's fused q/k/v projection: q, k and v outputs one after another.

@@ -5,7 +5,11 @@
 //!
 //! Scales are those of a trained model's: a matrix with `in_features` inputs is uniform with
 //! standard deviation `1/√in_features` (so activations keep their size through the layers),
-//! norm weights are `1 ± 0.1`, biases `± 0.02`, the embedding uniform in `[-1, 1]`.
+//! norm weights apply as `1 ± 0.1` (stored as `± 0.1` where the family adds 1, as Gemma's),
+//! biases `± 0.02`; the embedding is uniform in `[-1, 1]` as the first layer sees it (divided
+//! by the family's embedding multiplier), or where it is also the lm_head, a matrix of
+//! `hidden` inputs (otherwise each hidden state, which holds its token's embedding, would give
+//! that token a logit near `hidden / 3` and perplexities past f64's range).
 
 use std::path::{Path, PathBuf};
 
@@ -66,14 +70,14 @@ fn uniform(x: u64) -> f32 {
     (x >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
 }
 
-/// `offset + scale · u` for a tensor: its distribution by its role.
-fn distribution(name: &str, shape: &[usize]) -> (f32, f32) {
+/// `offset + scale · u` for a tensor of `config`'s: its distribution by its role.
+fn distribution(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
     if name.ends_with("norm.weight") {
-        (1.0, 0.1)
+        (1.0 - config.norm_offset, 0.1)
     } else if name.ends_with(".bias") {
         (0.0, 0.02)
-    } else if name == EMBED_TOKENS {
-        (0.0, 1.0)
+    } else if name == EMBED_TOKENS && !config.tie_word_embeddings {
+        (0.0, 1.0 / config.embedding_multiplier)
     } else {
         // Uniform on [-a, a] has standard deviation a/√3.
         let in_features = *shape.last().unwrap_or(&1) as f32;
@@ -81,8 +85,8 @@ fn distribution(name: &str, shape: &[usize]) -> (f32, f32) {
     }
 }
 
-/// The bytes of one synthetic tensor.
-pub fn tensor_bytes(seed: u64, spec: &TensorSpec) -> Result<Vec<u8>> {
+/// The bytes of one synthetic tensor of `config`'s.
+pub fn tensor_bytes(config: &ModelConfig, seed: u64, spec: &TensorSpec) -> Result<Vec<u8>> {
     let width = match spec.dtype {
         Dtype::BF16 | Dtype::F16 => 2,
         Dtype::F32 => 4,
@@ -93,7 +97,7 @@ pub fn tensor_bytes(seed: u64, spec: &TensorSpec) -> Result<Vec<u8>> {
         }
     };
     let base = tensor_seed(seed, &spec.name);
-    let (offset, scale) = distribution(&spec.name, &spec.shape);
+    let (offset, scale) = distribution(config, &spec.name, &spec.shape);
     let numel: usize = spec.shape.iter().product();
     let mut bytes = vec![0u8; numel * width];
     const CHUNK: usize = 1 << 16;
@@ -197,7 +201,7 @@ pub fn synthesize(
         let mut stream = CheckpointStream::create(dir, specs.clone(), options.max_shard_bytes, metadata)?;
         let files = stream.files().count();
         for spec in &specs {
-            stream.write(&spec.name, &tensor_bytes(options.seed, spec)?)?;
+            stream.write(&spec.name, &tensor_bytes(&config, options.seed, spec)?)?;
         }
         stream.finish()?;
         let config_text = serde_json::to_string_pretty(&value).expect("JSON values serialize");

@@ -30,6 +30,8 @@ pub struct AttentionSpec {
     pub sliding_window: Option<usize>,
     /// Multiplier of q·k, normally `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// Scaled scores pass through `cap · tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// Query rows per task.
@@ -197,7 +199,14 @@ pub fn attention(
                 let hi = position - t.k_position;
                 let lo = (position + 1).saturating_sub(window).max(t.k_position) - t.k_position;
                 // The f32 product applied the scale; the 16-bit ones leave it to here.
-                softmax_in_place(&mut row[lo..=hi], sixteen_bit.map(|_| spec.scale));
+                let mut scale = sixteen_bit.map(|_| spec.scale);
+                if let Some(cap) = spec.softcap {
+                    let pre = scale.take().unwrap_or(1.0);
+                    row[lo..=hi]
+                        .iter_mut()
+                        .for_each(|s| *s = cap * (*s * pre / cap).tanh());
+                }
+                softmax_in_place(&mut row[lo..=hi], scale);
                 row[..lo].fill(0.0);
                 row[hi + 1..].fill(0.0);
             }
@@ -585,6 +594,7 @@ mod tests {
             head_dim: spec.head_dim,
             window: spec.sliding_window,
             scale: spec.scale,
+            softcap: spec.softcap,
         };
         let (key_base, positions) = layout.per_row();
         testkit::reference::attention(&q.data, &k.data, &v.data, heads, &key_base, &positions)
@@ -602,6 +612,7 @@ mod tests {
         heads: usize,
         kv_heads: usize,
         window: Option<usize>,
+        softcap: Option<f32>,
     ) {
         let d = 8;
         let rows = layout.rows();
@@ -611,6 +622,7 @@ mod tests {
             head_dim: d,
             sliding_window: window,
             scale: 0.7,
+            softcap,
         };
         let q = HostTensor::new(random(rows * heads * d, 1), rows, heads * d).unwrap();
         let k = HostTensor::new(random(key_rows * kv_heads * d, 2), key_rows, kv_heads * d).unwrap();
@@ -687,15 +699,17 @@ mod tests {
     fn matches_direct_attention_across_blocks_and_sequences() {
         // Blocks whose keys start on a tile step (the first sequence, the second from row 32
         // of [32, 100]) take the AMX tiles; the others fall back to f32.
-        for (lengths, heads, kv_heads, window) in [
-            (&[150][..], 4, 2, None),
-            (&[32, 100], 4, 2, None),
-            (&[3, 70, 1], 4, 4, None),
-            (&[130, 65], 6, 2, Some(40)),
-            (&[5], 2, 1, Some(1)),
+        // Random scores reach ±5: a cap of 1.5 changes most of them (Gemma 2's soft-capping).
+        for (lengths, heads, kv_heads, window, softcap) in [
+            (&[150][..], 4, 2, None, None),
+            (&[32, 100], 4, 2, None, Some(1.5)),
+            (&[3, 70, 1], 4, 4, None, None),
+            (&[130, 65], 6, 2, Some(40), None),
+            (&[130, 65], 6, 2, Some(40), Some(1.5)),
+            (&[5], 2, 1, Some(1), None),
         ] {
             let (layout, rows) = within(lengths);
-            check(&layout, rows, heads, kv_heads, window);
+            check(&layout, rows, heads, kv_heads, window, softcap);
         }
     }
 
@@ -718,8 +732,8 @@ mod tests {
         ];
         let layout = AttentionLayout::new(seqs).unwrap();
         assert_eq!(layout.key_rows(), 300);
-        check(&layout, 400, 4, 2, None);
-        check(&layout, 400, 4, 2, Some(25));
+        check(&layout, 400, 4, 2, None, None);
+        check(&layout, 400, 4, 2, Some(25), Some(1.5));
         // A store too short for the positions is refused.
         let spec = AttentionSpec {
             heads: 1,
@@ -727,6 +741,7 @@ mod tests {
             head_dim: 8,
             sliding_window: None,
             scale: 1.0,
+            softcap: None,
         };
         let (q, kv) = (HostTensor::zeros(71, 8), HostTensor::zeros(299, 8));
         let mut out = HostTensor::zeros(71, 8);

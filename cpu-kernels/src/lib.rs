@@ -48,8 +48,8 @@ pub use convert::{narrow, to_bf16, to_bf16_slice};
 pub use dense::CpuMatrix;
 pub use error::{Error, Result};
 pub use math::{
-    dot, dot_f64, exp_in_place, max, min_max, silu_mul_into, squared_distance_f64, sum, sum_f64,
-    sum_of_squares_f64,
+    dot, dot_f64, exp_in_place, gelu_tanh_mul_into, max, min_max, silu_mul_into, squared_distance_f64, sum,
+    sum_f64, sum_of_squares_f64,
 };
 pub use matmul::{gram, gram_into, gram_rows_into, matmul_transposed};
 pub use memory::{release_freed_memory, retain_freed_memory};

@@ -176,6 +176,19 @@ pub fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
     }
 }
 
+/// `y = gelu_tanh(g) · u`, element-wise, with GELU's tanh approximation
+/// `0.5 · g · (1 + tanh(√(2/π) · (g + 0.044715 · g³)))` evaluated in f32 as PyTorch's
+/// `gelu(approximate="tanh")` does (Gemma's `gelu_pytorch_tanh`).
+pub fn gelu_tanh_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+    // As PyTorch: the constant in f64, rounded once.
+    const BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+    const KAPPA: f32 = 0.044715;
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        let inner = BETA * (g + KAPPA * (g * g * g));
+        *y = 0.5 * g * (1.0 + inner.tanh()) * u;
+    }
+}
+
 /// Partial sums kept by the reductions below. `iter().sum()` over floats is one chain of
 /// dependent additions (the compiler may not reorder them), bound by the adder's latency; 16
 /// or 32 independent partial sums fill the vector units instead. Element `i` always goes to

@@ -5,7 +5,8 @@
 // q [rows, heads*d], out [rows, heads*d]; k and v are a key store [key_rows, kv_heads*d]: the
 // same rows as q in a plain forward pass, a KV cache when decoding. Query row r sits at
 // position pos[r] of its sequence, whose position 0 is key-store row key_base[r]; it sees the
-// key rows key_base[r] + p for p <= pos[r] and pos[r] - p < window. Requires d <= 128 and
+// key rows key_base[r] + p for p <= pos[r] and pos[r] - p < window. With softcap > 0 each
+// scaled score s becomes softcap * tanh(s / softcap) (Gemma 2). Requires d <= 128 and
 // d % 4 == 0.
 
 #define BQ 32
@@ -16,7 +17,8 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                                      const float* __restrict__ v, float* __restrict__ out,
                                      const unsigned int* __restrict__ key_base,
                                      const unsigned int* __restrict__ pos, int rows, int heads,
-                                     int kv_heads, int d, float scale, int window, int bk) {
+                                     int kv_heads, int d, float scale, float softcap, int window,
+                                     int bk) {
     extern __shared__ float smem[];
     float* qs = smem;                       // [BQ][d]
     float* ks = qs + BQ * d;                // [bk][d + 1]
@@ -76,6 +78,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
             if (valid) {
                 dot = 0.0f;
                 for (int c = 0; c < d; c++) dot += qs[r * d + c] * ks[j * (d + 1) + c];
+                if (softcap > 0.0f) dot = tanhf(dot / softcap) * softcap;
             }
             s[r * (bk + 1) + j] = dot;
         }

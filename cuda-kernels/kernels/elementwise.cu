@@ -50,6 +50,30 @@ extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __
     }
 }
 
+// y = gelu_tanh(g) * u: GELU's tanh approximation 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))),
+// as PyTorch evaluates it in f32 (Gemma's gelu_pytorch_tanh).
+extern "C" __global__ void gelu_tanh_mul(const float* __restrict__ g, const float* __restrict__ u,
+                                         float* __restrict__ y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float v = g[i];
+        float inner = 0.7978845608028654f * (v + 0.044715f * (v * v * v));
+        y[i] = 0.5f * v * (1.0f + tanhf(inner)) * u[i];
+    }
+}
+
+// x *= factor (Gemma's embedding multiplier).
+extern "C" __global__ void scale(float* __restrict__ x, float factor, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= factor;
+}
+
+// x = tanh(x / cap) * cap: soft-capped logits (Gemma 2).
+extern "C" __global__ void softcap(float* __restrict__ x, float cap, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+}
+
 // x += y.
 extern "C" __global__ void add_assign(float* __restrict__ x, const float* __restrict__ y, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

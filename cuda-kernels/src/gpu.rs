@@ -397,7 +397,7 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y = silu(g) · u`. CPU twin: `CpuBackend::silu_mul`.
+    /// `y = silu(g) · u`. CPU twin: `cpu_kernels::math::silu_mul_into`.
     pub fn silu_mul(
         &self,
         g: &CudaSlice<f32>,
@@ -405,14 +405,57 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
-        expect_len("silu_mul gate", g, n)?;
-        expect_len("silu_mul up", u, n)?;
-        expect_len("silu_mul y", y, n)?;
-        let f = self.function("silu_mul")?;
+        self.gate_mul("silu_mul", g, u, y, n)
+    }
+
+    /// `y = gelu_tanh(g) · u`. CPU twin: `cpu_kernels::math::gelu_tanh_mul_into`.
+    pub fn gelu_tanh_mul(
+        &self,
+        g: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        self.gate_mul("gelu_tanh_mul", g, u, y, n)
+    }
+
+    fn gate_mul(
+        &self,
+        entry: &'static str,
+        g: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        expect_len(&format!("{entry} gate"), g, n)?;
+        expect_len(&format!("{entry} up"), u, n)?;
+        expect_len(&format!("{entry} y"), y, n)?;
+        let f = self.function(entry)?;
         let n64 = n as i64;
         let mut b = self.stream.launch_builder(&f);
         b.arg(g).arg(u).arg(y).arg(&n64);
         // SAFETY: sizes checked above.
+        unsafe { b.launch(elems(n)) }?;
+        Ok(())
+    }
+
+    /// `x *= factor`. CPU twin: `CpuBackend::scale`.
+    pub fn scale(&self, x: &mut CudaSlice<f32>, factor: f32, n: usize) -> Result<()> {
+        self.in_place("scale", x, factor, n)
+    }
+
+    /// `x = tanh(x / cap) · cap`. CPU twin: the soft-capping of `CpuBackend::logits`.
+    pub fn softcap(&self, x: &mut CudaSlice<f32>, cap: f32, n: usize) -> Result<()> {
+        self.in_place("softcap", x, cap, n)
+    }
+
+    fn in_place(&self, entry: &'static str, x: &mut CudaSlice<f32>, value: f32, n: usize) -> Result<()> {
+        expect_len(entry, x, n)?;
+        let f = self.function(entry)?;
+        let n64 = n as i64;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x).arg(&value).arg(&n64);
+        // SAFETY: size checked above.
         unsafe { b.launch(elems(n)) }?;
         Ok(())
     }
@@ -583,6 +626,7 @@ impl Gpu {
         kv_heads: usize,
         head_dim: usize,
         scale: f32,
+        softcap: Option<f32>,
         window: Option<usize>,
     ) -> Result<()> {
         if head_dim > 128 || !head_dim.is_multiple_of(4) || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
@@ -606,6 +650,7 @@ impl Gpu {
         );
         let w = window.map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32);
         let bk = launch.key_tile as i32;
+        let softcap = softcap.unwrap_or(0.0);
         let mut b = self.stream.launch_builder(&f);
         b.arg(q)
             .arg(k)
@@ -618,6 +663,7 @@ impl Gpu {
             .arg(&kv)
             .arg(&d)
             .arg(&scale)
+            .arg(&softcap)
             .arg(&w)
             .arg(&bk);
         let cfg = LaunchConfig {

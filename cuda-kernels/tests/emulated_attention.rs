@@ -46,6 +46,7 @@ struct Case {
     kv_heads: usize,
     head_dim: usize,
     window: Option<usize>,
+    softcap: Option<f32>,
     key_rows: usize,
     key_base: Vec<u32>,
     pos: Vec<u32>,
@@ -98,6 +99,7 @@ fn run(exe: &Path, case: &Case, seed: u64) {
         bytes.extend((n as u64).to_le_bytes());
     }
     bytes.extend(scale.to_le_bytes());
+    bytes.extend(case.softcap.unwrap_or(0.0).to_le_bytes());
     for values in [&q, &k, &v] {
         bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
     }
@@ -123,6 +125,7 @@ fn run(exe: &Path, case: &Case, seed: u64) {
         head_dim: d,
         window: case.window,
         scale,
+        softcap: case.softcap,
     };
     let want = reference::attention(&q, &k, &v, h, &case.key_base, &case.pos);
     let err = got
@@ -147,6 +150,7 @@ fn attention_kernel_matches_direct_attention_on_the_host() {
                 kv_heads,
                 head_dim,
                 window,
+                softcap: None,
                 key_rows,
                 key_base,
                 pos,
@@ -181,6 +185,12 @@ fn attention_kernel_matches_direct_attention_on_the_host() {
             cached(&[(1, 180), (33, 90)], 256),
         ),
     ];
+    // Gemma 2's soft-capping, at a cap low enough to change most scores here.
+    let capped = Case {
+        softcap: Some(0.3),
+        ..case("plain-softcap-window", 4, 2, 32, Some(20), plain(&[45, 3, 30]))
+    };
+    let cases: Vec<Case> = cases.into_iter().chain([capped]).collect();
     for (i, c) in cases.iter().enumerate() {
         run(exe, c, i as u64);
     }

@@ -10,6 +10,8 @@ pub struct Heads {
     /// Keys at least this many positions back are masked.
     pub window: Option<usize>,
     pub scale: f32,
+    /// Scores pass through `cap · tanh(score / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 /// Causal grouped-query attention: query row `r` (of `q`, `[rows, heads·d]`) sits at position
@@ -36,6 +38,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], h: Heads, key_base: &[u32], po
                         .map(|c| q[r * q_cols + head * d + c] as f64 * k[j * kv_cols + g * d + c] as f64)
                         .sum::<f64>()
                         * h.scale as f64
+                })
+                .map(|s| match h.softcap {
+                    Some(cap) => cap as f64 * (s / cap as f64).tanh(),
+                    None => s,
                 })
                 .collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);

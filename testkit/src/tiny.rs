@@ -9,12 +9,15 @@ use checkpoint::digest::sha256_bytes;
 use safetensors::tensor::TensorView;
 
 /// The tiny reference models, by folder name.
-pub const TINY_MODELS: [&str; 8] = [
+pub const TINY_MODELS: [&str; 11] = [
+    "tiny-gemma2",
+    "tiny-gemma3",
     "tiny-llama",
     "tiny-llama-tied",
     "tiny-llama3",
     "tiny-mistral",
     "tiny-phi3",
+    "tiny-phi3-longrope",
     "tiny-qwen2",
     "tiny-qwen2-yarn",
     "tiny-qwen3",

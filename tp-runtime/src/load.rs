@@ -226,6 +226,17 @@ pub fn read_norm(
         .float_data()?)
 }
 
+/// A norm's weight as the model applies it: `norm_offset + w`, in f32 as transformers adds
+/// Gemma's 1; the stored values unchanged where the offset is 0.
+pub fn applied_norm(config: &ModelConfig, data: FloatData) -> FloatData {
+    if config.norm_offset == 0.0 {
+        return data;
+    }
+    let mut values = data.into_f32().into_vec();
+    values.iter_mut().for_each(|w| *w += config.norm_offset);
+    FloatData::from(values)
+}
+
 /// Writes `rank`'s share of the checkpoint to `path` as one safetensors file: the tensors it
 /// would read, sliced and padded as it would read them, in the order
 /// [`RankPlacement::tensors`] lists them. Returns the bytes of tensor data written.

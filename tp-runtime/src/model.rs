@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use checkpoint::names::{self, Projection};
-use checkpoint::{Checkpoint, FloatData, ModelConfig};
+use checkpoint::{Activation, Checkpoint, FloatData, LayerType, ModelConfig};
 
 use crate::backend::WeightFormat;
 use crate::backend::{
@@ -13,7 +13,7 @@ use crate::backend::{
 };
 use crate::comm::Communicator;
 use crate::decode::{Decoder, KvCache, LayerCache, last_rows, per_sequence};
-use crate::load::{WeightSource, read_linear, read_norm, read_vocab_rows};
+use crate::load::{WeightSource, applied_norm, read_linear, read_norm, read_vocab_rows};
 use crate::placement::RankPlacement;
 use crate::shard::RankShard;
 use crate::{Error, Result};
@@ -88,8 +88,16 @@ pub type Comm<B> = Arc<dyn Communicator<<B as Backend>::Buffer>>;
 pub struct ForwardContext<B: Backend> {
     /// The queries of this pass and where their keys are (the same rows, or a KV cache).
     pub layout: AttentionLayout,
+    /// Where the keys are in the sliding-window layers' stores of a KV cache, where those
+    /// keep fewer positions than the others ([`KvCache::sliding_layout`]).
+    pub sliding_layout: Option<AttentionLayout>,
     pub rope_table: B::Tensor,
+    /// The sliding-window layers' table where their rope base differs (Gemma 3).
+    pub local_rope_table: Option<B::Tensor>,
+    /// The attention of a full-attention layer; a sliding-window layer's adds the window.
     pub attention: AttentionSpec,
+    /// The window of the sliding-window layers.
+    pub sliding_window: Option<usize>,
     pub rms_norm_eps: f32,
     /// Sums the partial outputs of row-parallel projections across ranks (`None`: one rank).
     pub comm: Option<Comm<B>>,
@@ -121,19 +129,47 @@ impl<B: Backend> ForwardContext<B> {
         comm: Option<Comm<B>>,
     ) -> Result<Self> {
         let rope = RopeFrequencies::for_config(config);
+        let positions = layout.positions();
+        let local_rope_table = match config.local_rope_theta {
+            Some(theta) => {
+                let local = RopeFrequencies::new(config.rotary_dim, theta);
+                Some(backend.rope_table(&local, &positions)?)
+            }
+            None => None,
+        };
         Ok(ForwardContext {
-            rope_table: backend.rope_table(&rope, &layout.positions())?,
+            rope_table: backend.rope_table(&rope, &positions)?,
+            local_rope_table,
             layout,
+            sliding_layout: None,
             attention: AttentionSpec {
                 heads: shard.heads.len(),
                 kv_heads: shard.kv_heads.len(),
                 head_dim: config.head_dim,
-                sliding_window: config.sliding_window,
-                scale: 1.0 / (config.head_dim as f32).sqrt(),
+                sliding_window: None,
+                // As transformers: the scale in f64, rounded once.
+                scale: (1.0 / config.query_pre_attn_scalar.sqrt()) as f32,
+                softcap: config.attn_logit_softcapping,
             },
+            sliding_window: config.sliding_window,
             rms_norm_eps: config.rms_norm_eps,
             comm,
         })
+    }
+
+    /// The attention of a layer of type `layer_type`, its rotary table and where its keys are.
+    pub fn for_layer(&self, layer_type: LayerType) -> (AttentionSpec, &B::Tensor, &AttentionLayout) {
+        match layer_type {
+            LayerType::FullAttention => (self.attention, &self.rope_table, &self.layout),
+            LayerType::SlidingAttention => (
+                AttentionSpec {
+                    sliding_window: self.sliding_window,
+                    ..self.attention
+                },
+                self.local_rope_table.as_ref().unwrap_or(&self.rope_table),
+                self.sliding_layout.as_ref().unwrap_or(&self.layout),
+            ),
+        }
     }
 
     /// Completes a row-parallel projection's output: the sum over ranks.
@@ -176,19 +212,22 @@ impl<B: Backend> Default for Workspace<B> {
 }
 
 /// Multi-head attention before o_proj: q/k/v projections of `h`, the per-head q/k norms where
-/// the model has them (`qk_norms`), rotary embeddings, causal attention within each sequence,
-/// into `ws`'s attention output (returned). With `cache`, the
-/// new keys and values are stored in it first and the queries attend to every cached
-/// position of their sequence (`ctx.layout` says where).
+/// the model has them (`qk_norms`), rotary embeddings, causal attention within each sequence
+/// (within the window on a sliding-window layer), into `ws`'s attention output (returned).
+/// With `cache`, the new keys and values are stored in it first and the queries attend to
+/// every cached position of their sequence (`ctx.layout` says where).
+#[allow(clippy::too_many_arguments)]
 pub fn self_attention<'w, B: Backend>(
     backend: &B,
     [q_proj, k_proj, v_proj]: [&Linear<B>; 3],
     qk_norms: Option<&[B::Vector; 2]>,
+    layer_type: LayerType,
     h: &B::Tensor,
     ctx: &ForwardContext<B>,
     ws: &'w mut Workspace<B>,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<&'w B::Tensor> {
+    let (spec, rope_table, layout) = ctx.for_layer(layer_type);
     let rows = backend.dims(h).0;
     let q = reuse(backend, &mut ws.q, rows, q_proj.out_features())?;
     let k = reuse(backend, &mut ws.k, rows, k_proj.out_features())?;
@@ -200,40 +239,35 @@ pub fn self_attention<'w, B: Backend>(
         backend.head_rms_norm(q, q_norm, ctx.rms_norm_eps, ctx.attention.head_dim)?;
         backend.head_rms_norm(k, k_norm, ctx.rms_norm_eps, ctx.attention.head_dim)?;
     }
-    backend.rotary(q, &ctx.rope_table, ctx.attention.head_dim)?;
-    backend.rotary(k, &ctx.rope_table, ctx.attention.head_dim)?;
+    backend.rotary(q, rope_table, spec.head_dim)?;
+    backend.rotary(k, rope_table, spec.head_dim)?;
     let attended = reuse(backend, &mut ws.attended, rows, q_proj.out_features())?;
     match cache {
-        None => backend.attention_into(q, k, v, &ctx.attention, &ctx.layout, attended)?,
+        None => backend.attention_into(q, k, v, &spec, layout, attended)?,
         Some(cache) => {
-            for s in ctx.layout.sequences() {
+            for s in layout.sequences() {
                 let (from, to, n) = (s.queries.start, s.keys + s.past, s.queries.len());
                 backend.copy_rows(k, from, &mut cache.keys, to, n)?;
                 backend.copy_rows(v, from, &mut cache.values, to, n)?;
             }
-            backend.attention_into(
-                q,
-                &cache.keys,
-                &cache.values,
-                &ctx.attention,
-                &ctx.layout,
-                attended,
-            )?
+            backend.attention_into(q, &cache.keys, &cache.values, &spec, layout, attended)?
         }
     }
     Ok(attended)
 }
 
-/// `silu(h · gateᵀ) * (h · upᵀ)`, the input of down_proj, into `ws` (returned).
+/// `activation(h · gateᵀ) * (h · upᵀ)`, the input of down_proj, into `ws` (returned).
 pub fn gated_activation<'w, B: Backend>(
     backend: &B,
+    activation: Activation,
     gate: &Linear<B>,
     up: &Linear<B>,
     h: &B::Tensor,
     ws: &'w mut Workspace<B>,
 ) -> Result<&'w B::Tensor> {
     let rows = backend.dims(h).0;
-    if gate.bias.is_none() && up.bias.is_none() {
+    // The fused kernels compute silu only.
+    if activation == Activation::Silu && gate.bias.is_none() && up.bias.is_none() {
         let activated = reuse(backend, &mut ws.activated, rows, gate.out_features())?;
         if gate
             .kernel
@@ -247,7 +281,7 @@ pub fn gated_activation<'w, B: Backend>(
     gate.forward_into(backend, h, g)?;
     up.forward_into(backend, h, u)?;
     let activated = reuse(backend, &mut ws.activated, rows, gate.out_features())?;
-    backend.silu_mul_into(g, u, activated)?;
+    backend.gate_mul_into(activation, g, u, activated)?;
     Ok(activated)
 }
 
@@ -263,17 +297,25 @@ pub fn project<'w, B: Backend>(
     Ok(out)
 }
 
-/// One decoder layer: attention block and MLP block, each with a pre-norm and a residual.
+/// One decoder layer: attention block and MLP block, each with a pre-norm and a residual, and
+/// with sandwich norms (Gemma) a norm of its output before the residual add.
 pub struct DecoderLayer<B: Backend> {
     pub index: usize,
+    /// Full or sliding-window attention.
+    pub layer_type: LayerType,
+    /// The MLP gate's activation.
+    pub activation: Activation,
     pub input_layernorm: B::Vector,
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
-    /// The per-head norms of queries and keys (Qwen3), `[head_dim]` each.
+    /// The per-head norms of queries and keys (Qwen3, Gemma 3), `[head_dim]` each.
     pub qk_norms: Option<[B::Vector; 2]>,
     pub o_proj: Linear<B>,
-    pub post_attention_layernorm: B::Vector,
+    /// The norm of the MLP's input ([`names::mlp_input_norm`]).
+    pub mlp_norm: B::Vector,
+    /// The norms of the attention and MLP outputs ([`names::block_output_norms`]).
+    pub output_norms: Option<[B::Vector; 2]>,
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
@@ -298,12 +340,14 @@ impl<B: Backend> DecoderLayer<B> {
         let mut norm = |suffix: &str| -> Result<B::Vector> {
             let data = read_norm(source, config, Some(index), suffix)?;
             bytes += data.byte_size();
-            backend.vector(data)
+            backend.vector(applied_norm(config, data))
         };
-        let (input_layernorm, post_attention_layernorm) = (
-            norm(names::INPUT_LAYERNORM)?,
-            norm(names::POST_ATTENTION_LAYERNORM)?,
-        );
+        let input_layernorm = norm(names::INPUT_LAYERNORM)?;
+        let mlp_norm = norm(names::mlp_input_norm(config))?;
+        let output_norms = match names::block_output_norms(config) {
+            Some([attention, mlp]) => Some([norm(attention)?, norm(mlp)?]),
+            None => None,
+        };
         let qk_norms = match config.qk_norm {
             true => Some([norm(names::Q_NORM)?, norm(names::K_NORM)?]),
             false => None,
@@ -315,13 +359,16 @@ impl<B: Backend> DecoderLayer<B> {
         };
         let layer = DecoderLayer {
             index,
+            layer_type: config.layer_types[index],
+            activation: config.activation,
             input_layernorm,
             q_proj: linear(Projection::Q)?,
             k_proj: linear(Projection::K)?,
             v_proj: linear(Projection::V)?,
             qk_norms,
             o_proj: linear(Projection::O)?,
-            post_attention_layernorm,
+            mlp_norm,
+            output_norms,
             gate_proj: linear(Projection::Gate)?,
             up_proj: linear(Projection::Up)?,
             down_proj: linear(Projection::Down)?,
@@ -345,10 +392,10 @@ impl<B: Backend> DecoderLayer<B> {
     /// Bytes held by the layer's weights.
     pub fn byte_size(&self) -> usize {
         self.input_layernorm.byte_size()
-            + self.post_attention_layernorm.byte_size()
-            + self
-                .qk_norms
-                .iter()
+            + self.mlp_norm.byte_size()
+            + [&self.qk_norms, &self.output_norms]
+                .into_iter()
+                .flatten()
                 .flatten()
                 .map(ByteSize::byte_size)
                 .sum::<usize>()
@@ -385,6 +432,26 @@ impl<B: Backend> DecoderLayer<B> {
         self.run(backend, x, ctx, ws, None, tap)
     }
 
+    /// `x += block_out`, the output of block `block` (0 attention, 1 MLP) normed first where
+    /// the layer has output norms (into `scratch`).
+    fn add_residual(
+        &self,
+        backend: &B,
+        x: &mut B::Tensor,
+        block_out: &B::Tensor,
+        block: usize,
+        ctx: &ForwardContext<B>,
+        scratch: &mut B::Tensor,
+    ) -> Result<()> {
+        match &self.output_norms {
+            Some(norms) => {
+                backend.rms_norm_into(block_out, &norms[block], ctx.rms_norm_eps, scratch)?;
+                backend.add_assign(x, scratch)
+            }
+            None => backend.add_assign(x, block_out),
+        }
+    }
+
     fn run(
         &self,
         backend: &B,
@@ -400,7 +467,16 @@ impl<B: Backend> DecoderLayer<B> {
         backend.rms_norm_into(x, &self.input_layernorm, ctx.rms_norm_eps, h)?;
         tap(Projection::Q, h)?;
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let attended = self_attention(backend, projections, self.qk_norms.as_ref(), h, ctx, ws, cache)?;
+        let attended = self_attention(
+            backend,
+            projections,
+            self.qk_norms.as_ref(),
+            self.layer_type,
+            h,
+            ctx,
+            ws,
+            cache,
+        )?;
         tap(Projection::O, attended)?;
         let mut projected = ws.projected.take();
         let out = project(
@@ -410,10 +486,10 @@ impl<B: Backend> DecoderLayer<B> {
             &mut projected,
         )?;
         ctx.reduce(backend, out)?;
-        backend.add_assign(x, out)?;
-        backend.rms_norm_into(x, &self.post_attention_layernorm, ctx.rms_norm_eps, h)?;
+        self.add_residual(backend, x, out, 0, ctx, h)?;
+        backend.rms_norm_into(x, &self.mlp_norm, ctx.rms_norm_eps, h)?;
         tap(Projection::Gate, h)?;
-        let activated = gated_activation(backend, &self.gate_proj, &self.up_proj, h, ws)?;
+        let activated = gated_activation(backend, self.activation, &self.gate_proj, &self.up_proj, h, ws)?;
         tap(Projection::Down, activated)?;
         let out = project(
             backend,
@@ -422,7 +498,7 @@ impl<B: Backend> DecoderLayer<B> {
             &mut projected,
         )?;
         ctx.reduce(backend, out)?;
-        backend.add_assign(x, out)?;
+        self.add_residual(backend, x, out, 1, ctx, h)?;
         ws.normed = normed;
         ws.projected = projected;
         Ok(())
@@ -508,7 +584,7 @@ impl<B: Backend> Model<B> {
             true => {
                 let data = read_norm(source, &config, None, names::FINAL_NORM)?;
                 loaded_bytes += data.byte_size() as u64;
-                Some(backend.vector(data)?)
+                Some(backend.vector(applied_norm(&config, data))?)
             }
             false => None,
         };
@@ -622,6 +698,9 @@ impl<B: Backend> Model<B> {
         {
             comm.all_reduce_sum(self.backend.buffer_mut(&mut x))?;
         }
+        if self.config.embedding_multiplier != 1.0 {
+            self.backend.scale(&mut x, self.config.embedding_multiplier)?;
+        }
         Ok(x)
     }
 
@@ -642,7 +721,8 @@ impl<B: Backend> Model<B> {
     /// rank (its layers, its kv heads), replacing any earlier one.
     pub fn start_cache(&self, sequences: usize, capacity: usize) -> Result<()> {
         let kv_width = self.shard().kv_heads.len() * self.config.head_dim;
-        let cache = KvCache::new(&self.backend, self.layers.len(), kv_width, sequences, capacity)?;
+        let windows: Vec<Option<usize>> = self.layers.iter().map(|l| self.config.window(l.index)).collect();
+        let cache = KvCache::new(&self.backend, &windows, kv_width, sequences, capacity)?;
         *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache);
         Ok(())
     }
@@ -657,27 +737,77 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs this instance's layers on `x`, the residual stream of `new[s]` tokens appended to
-    /// each cached sequence `s` (in sequence order), storing their keys and values.
+    /// each cached sequence `s` (in sequence order), storing their keys and values. Where the
+    /// sliding-window layers' stores take fewer new positions at a time, the tokens pass
+    /// through the layers in several passes (each sequence's first tokens first).
     pub fn run_layers_cached(&self, x: &mut B::Tensor, new: &[usize], ws: &mut Workspace<B>) -> Result<()> {
         let mut guard = self.kv.lock().unwrap_or_else(|e| e.into_inner());
         let cache = guard
             .as_mut()
             .ok_or_else(|| Error::Invalid("decoding needs a KV cache: call start first".into()))?;
-        let layout = cache.layout(new)?;
-        if layout.rows() != self.backend.dims(x).0 {
+        let rows: usize = new.iter().sum();
+        if rows != self.backend.dims(x).0 {
             return Err(Error::Invalid(format!(
-                "{} rows of hidden states for {} new tokens",
+                "{} rows of hidden states for {rows} new tokens",
                 self.backend.dims(x).0,
-                layout.rows()
             )));
         }
-        let ctx = ForwardContext::attending(
+        // Refused before anything is stored: more tokens than the cache holds.
+        cache.layout(new)?;
+        let per_pass = cache.max_new_per_pass();
+        if new.iter().all(|&n| n <= per_pass) {
+            return self.pass_cached(cache, x, new, ws);
+        }
+        let cols = self.backend.dims(x).1;
+        let starts: Vec<usize> = new
+            .iter()
+            .scan(0, |row, &n| {
+                *row += n;
+                Some(*row - n)
+            })
+            .collect();
+        for from in (0..).step_by(per_pass) {
+            let part: Vec<usize> = new
+                .iter()
+                .map(|&n| n.saturating_sub(from).min(per_pass))
+                .collect();
+            let part_rows: usize = part.iter().sum();
+            if part_rows == 0 {
+                break;
+            }
+            let mut chunk = self.backend.alloc(part_rows, cols)?;
+            let mut row = 0;
+            for (&start, &n) in starts.iter().zip(&part) {
+                self.backend.copy_rows(x, start + from, &mut chunk, row, n)?;
+                row += n;
+            }
+            self.pass_cached(cache, &mut chunk, &part, ws)?;
+            let mut row = 0;
+            for (&start, &n) in starts.iter().zip(&part) {
+                self.backend.copy_rows(&chunk, row, x, start + from, n)?;
+                row += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of [`Model::run_layers_cached`], its tokens fitting every store.
+    fn pass_cached(
+        &self,
+        cache: &mut KvCache<B>,
+        x: &mut B::Tensor,
+        new: &[usize],
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        cache.make_room(&self.backend, new)?;
+        let mut ctx = ForwardContext::attending(
             &self.backend,
             &self.config,
-            layout,
+            cache.layout(new)?,
             self.shard(),
             self.comm.clone(),
         )?;
+        ctx.sliding_layout = cache.sliding_layout(new)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers_mut()) {
             layer.forward(&self.backend, x, &ctx, ws, Some(layer_cache))?;
         }
@@ -740,16 +870,22 @@ impl<B: Backend> Model<B> {
                 p.target, p.row, self.config.vocab_size
             )));
         }
-        let parts = self
-            .backend
-            .nll_parts(hidden, self.lm_head()?, predictions, self.shard().vocab.start)?;
+        let parts = self.backend.nll_parts(
+            hidden,
+            self.lm_head()?,
+            predictions,
+            self.shard().vocab.start,
+            self.config.final_logit_softcapping,
+        )?;
         let slices = if self.vocab_parallel() { self.shard().tp } else { 1 };
         Ok(combine_nll_parts(&self.gather(&parts)?, slices))
     }
 
     /// Full logits of the given rows, from final hidden states, on the host (last stage).
     pub fn logits(&self, hidden: &B::Tensor, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let local = self.backend.logits(hidden, self.lm_head()?, rows)?;
+        let local =
+            self.backend
+                .logits(hidden, self.lm_head()?, rows, self.config.final_logit_softcapping)?;
         let all = self.gather(&local)?;
         let per = self.shard().vocab.len();
         let slices = all.len() / (rows.len() * per).max(1);

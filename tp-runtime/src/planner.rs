@@ -7,7 +7,9 @@
 //!   packed int4 with f16 scales and i32 zeros, dense tensors in the model's element type,
 //!   intermediate padding, replicated norms, the vocabulary split or replicated, the first
 //!   stage's embeddings and the last stage's norm and lm_head (or tied embeddings);
-//! - KV cache: `2 × layers × kv_heads_per_rank × head_dim × ctx × batch × kv_bytes`;
+//! - KV cache: `2 × kv_heads_per_rank × head_dim × batch × kv_bytes` times the positions each
+//!   layer keeps: `ctx`, or on a sliding-window layer `min(ctx, 2 × window)`
+//!   ([`stored_positions`], what the runtime's cache allocates);
 //! - activations: one forward pass over `ctx × batch` tokens in f32 — the residual, the
 //!   normed input, q/k/v, the attention output, a projection output, gate/up/activation, the
 //!   rotary table — and, on the last stage, one chunk of logits:
@@ -28,6 +30,7 @@
 use checkpoint::{Dtype, ModelConfig, names};
 use serde::{Deserialize, Serialize};
 
+use crate::decode::stored_positions;
 use crate::placement::{Placement, StagePlan};
 use crate::shard::ShardPlan;
 use crate::{Error, Result};
@@ -233,9 +236,15 @@ pub fn device_memory(
         .ranks()
         .into_iter()
         .map(|rank| {
-            let layers = rank.layers.len() as u64;
             let weights = rank.weight_bytes(config, request.dense.dtype());
-            let kv_cache = kv_cache_bytes(layers, kv, tokens, request.kv_bytes);
+            let kv_cache = kv_cache_bytes(
+                config,
+                rank.layers.clone(),
+                kv,
+                request.ctx,
+                request.batch,
+                request.kv_bytes,
+            );
             let mut activations = 4 * tokens * (3 * h + 2 * q + 2 * kv + 3 * inter + d);
             if rank.is_last() {
                 activations += 4 * tokens.min(LOGITS_ROWS as u64) * rank.shard.vocab.len() as u64;
@@ -254,10 +263,20 @@ pub fn device_memory(
         .collect()
 }
 
-/// Bytes of the keys and values of `layers` layers with `kv_features` features each (per
-/// rank), over `tokens` positions, at `kv_bytes` per value.
-pub fn kv_cache_bytes(layers: u64, kv_features: u64, tokens: u64, kv_bytes: u64) -> u64 {
-    2 * layers * kv_features * tokens * kv_bytes
+/// Bytes of the keys and values of `config`'s `layers` with `kv_features` features each (per
+/// rank), for `batch` sequences of `ctx` positions at `kv_bytes` per value: a sliding-window
+/// layer keeps what the runtime's cache keeps ([`stored_positions`]).
+pub fn kv_cache_bytes(
+    config: &ModelConfig,
+    layers: std::ops::Range<usize>,
+    kv_features: u64,
+    ctx: usize,
+    batch: usize,
+    kv_bytes: u64,
+) -> u64 {
+    layers
+        .map(|l| 2 * kv_features * stored_positions(config.window(l), ctx) as u64 * batch as u64 * kv_bytes)
+        .sum()
 }
 
 /// Bytes of weights one decode step reads on one device: every tensor of the model as stored
@@ -276,14 +295,14 @@ pub fn weight_bytes_per_step(config: &ModelConfig) -> u64 {
 }
 
 /// Bytes of keys and values one sequence's decode step reads at `context` positions on one
-/// device (the cache is f32, as the CPU backend keeps it).
+/// device (the cache is f32, as the CPU backend keeps it): a sliding-window layer reads its
+/// window's.
 pub fn kv_bytes_per_token_step(config: &ModelConfig, context: usize) -> u64 {
-    kv_cache_bytes(
-        config.num_hidden_layers as u64,
-        config.kv_features() as u64,
-        context as u64,
-        4,
-    )
+    (0..config.num_hidden_layers)
+        .map(|l| {
+            2 * config.kv_features() as u64 * context.min(config.window(l).unwrap_or(usize::MAX)) as u64 * 4
+        })
+        .sum()
 }
 
 /// Bytes sent between devices per token: two all-reduces of `hidden` f32 values per layer

@@ -7,7 +7,7 @@
 #![cfg(feature = "cuda")]
 
 use checkpoint::awq::pack_word;
-use checkpoint::{AwqGemm, AwqShape, FloatData};
+use checkpoint::{Activation, AwqGemm, AwqShape, FloatData};
 use cpu_kernels::CpuMatrix;
 use half::{bf16, f16};
 use rand::{RngExt, SeedableRng};
@@ -135,9 +135,20 @@ fn elementwise_kernels_match_cpu() {
 
     let y = random(&mut rng, rows * cols, 3.0);
     let (yc, yg) = both(&g, &y, rows, cols);
-    let want = c.silu_mul(&xc, &yc).unwrap();
-    let got = g.silu_mul(&xg, &yg).unwrap();
-    check("silu_mul", &g.download(&got).unwrap(), &want.data, 1e-5);
+    for activation in [Activation::Silu, Activation::GeluTanh] {
+        let want = c.gate_mul(activation, &xc, &yc).unwrap();
+        let got = g.gate_mul(activation, &xg, &yg).unwrap();
+        check(
+            &format!("gate_mul {activation:?}"),
+            &g.download(&got).unwrap(),
+            &want.data,
+            1e-5,
+        );
+    }
+    let (mut sc, mut sg) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
+    c.scale(&mut sc, 33.94).unwrap();
+    g.scale(&mut sg, 33.94).unwrap();
+    check("scale", &g.download(&sg).unwrap(), &sc.data, 0.0);
 
     let (mut ac, mut ag) = (xc.clone(), g.upload(&x, rows, cols).unwrap());
     c.add_assign(&mut ac, &yc).unwrap();
@@ -180,7 +191,7 @@ fn elementwise_kernels_match_cpu() {
 
     // A gather that would read past its source is refused before anything is launched.
     let err = g
-        .logits(&xg, &tgm_of(&g, cols), &[0, rows])
+        .logits(&xg, &tgm_of(&g, cols), &[0, rows], None)
         .err()
         .expect("row past the source")
         .to_string();
@@ -232,20 +243,28 @@ fn dense_linear_and_scoring_match_cpu() {
             target: 1000 + (r * 11 % 400) as u32,
         })
         .collect();
-    let want = c.nll_parts(&xc, &lc, &preds, 1000).unwrap();
-    let got = g.nll_parts(&xg, &lg, &preds, 1000).unwrap();
-    let got = g.download(&got).unwrap();
-    check("nll parts", &got, &want.data, 1e-5);
-    check(
-        "nll",
-        &combine_nll_parts(&got, 1),
-        &combine_nll_parts(&want.data, 1),
-        1e-5,
-    );
-    let rows = [0, 7, 44];
-    let want = c.logits(&xc, &lc, &rows).unwrap();
-    let got = g.logits(&xg, &lg, &rows).unwrap();
-    check("logits", &g.download(&got).unwrap(), &want.data, 1e-5);
+    // Plain, and soft-capped as Gemma 2's logits (at a cap that bites here).
+    for softcap in [None, Some(0.5)] {
+        let want = c.nll_parts(&xc, &lc, &preds, 1000, softcap).unwrap();
+        let got = g.nll_parts(&xg, &lg, &preds, 1000, softcap).unwrap();
+        let got = g.download(&got).unwrap();
+        check(&format!("nll parts {softcap:?}"), &got, &want.data, 1e-5);
+        check(
+            &format!("nll {softcap:?}"),
+            &combine_nll_parts(&got, 1),
+            &combine_nll_parts(&want.data, 1),
+            1e-5,
+        );
+        let rows = [0, 7, 44];
+        let want = c.logits(&xc, &lc, &rows, softcap).unwrap();
+        let got = g.logits(&xg, &lg, &rows, softcap).unwrap();
+        check(
+            &format!("logits {softcap:?}"),
+            &g.download(&got).unwrap(),
+            &want.data,
+            1e-5,
+        );
+    }
 }
 
 #[test]
@@ -277,12 +296,26 @@ fn attention_matches_cpu() {
             .collect();
         (AttentionLayout::new(seqs).unwrap(), 600 * 4)
     };
-    for ((layout, key_rows), heads, kv_heads, d, window) in [
-        (plain(&[512]), 9, 3, 64, None),
-        (plain(&[70, 33, 1, 130]), 8, 2, 32, None),
-        (plain(&[300, 200]), 4, 4, 128, Some(100)),
-        (cached(&[(1, 511), (1, 0), (1, 77), (1, 300)]), 9, 3, 64, None),
-        (cached(&[(40, 100), (1, 599), (33, 2)]), 8, 2, 32, Some(50)),
+    for ((layout, key_rows), heads, kv_heads, d, window, softcap) in [
+        (plain(&[512]), 9, 3, 64, None, None),
+        (plain(&[70, 33, 1, 130]), 8, 2, 32, None, Some(0.3)),
+        (plain(&[300, 200]), 4, 4, 128, Some(100), None),
+        (
+            cached(&[(1, 511), (1, 0), (1, 77), (1, 300)]),
+            9,
+            3,
+            64,
+            None,
+            None,
+        ),
+        (
+            cached(&[(40, 100), (1, 599), (33, 2)]),
+            8,
+            2,
+            32,
+            Some(50),
+            Some(0.3),
+        ),
     ] {
         let rows = layout.rows();
         let spec = AttentionSpec {
@@ -291,6 +324,7 @@ fn attention_matches_cpu() {
             head_dim: d,
             sliding_window: window,
             scale: 1.0 / (d as f32).sqrt(),
+            softcap,
         };
         let q = random(&mut rng, rows * heads * d, 1.0);
         let k = random(&mut rng, key_rows * kv_heads * d, 1.0);
@@ -301,7 +335,7 @@ fn attention_matches_cpu() {
         let want = c.attention(&qc, &kc, &vc, &spec, &layout).unwrap();
         let got = g.attention(&qg, &kg, &vg, &spec, &layout).unwrap();
         check(
-            &format!("attention {layout:?} {heads}/{kv_heads} d{d} {window:?}"),
+            &format!("attention {layout:?} {heads}/{kv_heads} d{d} {window:?} {softcap:?}"),
             &g.download(&got).unwrap(),
             &want.data,
             1e-5,

@@ -4,7 +4,7 @@
 //! than the sequence, several sequences decoded together (some sitting steps out), and the
 //! model split over tensor-parallel ranks and pipeline stages.
 
-use checkpoint::{Checkpoint, ModelConfig};
+use checkpoint::{Checkpoint, LayerType, ModelConfig};
 use testkit::tiny::{TINY_MODELS, input_ids, tiny};
 use tp_runtime::{CpuBackend, Decoder, Model, PlacementRequest, RankGroup, SeqLayout};
 
@@ -66,6 +66,7 @@ fn decode_slides_its_window_past_the_prompt() {
     let t = tiny("tiny-mistral");
     let mut config = ModelConfig::from_file(&t.dir.join("config.json")).unwrap();
     config.sliding_window = Some(7);
+    config.layer_types = vec![LayerType::SlidingAttention; config.num_hidden_layers];
     let checkpoint = Checkpoint::open(&t.dir).unwrap();
     let model = Model::from_checkpoint(config, &checkpoint, CpuBackend::new()).unwrap();
     let ids = &input_ids("tiny-mistral", 1, LEN, 512)[0];
@@ -171,6 +172,60 @@ fn greedy_decoding_with_the_cache_matches_transformers() {
     }
     assert_eq!(
         checked,
-        ["tiny-llama3", "tiny-phi3", "tiny-qwen2-yarn", "tiny-qwen3"]
+        [
+            "tiny-gemma2",
+            "tiny-gemma3",
+            "tiny-llama3",
+            "tiny-phi3",
+            "tiny-phi3-longrope",
+            "tiny-qwen2-yarn",
+            "tiny-qwen3"
+        ]
     );
+}
+
+/// Gemma's sliding-window layers keep twice their window (64 rows of a 32-token window), not
+/// the 256 positions of the cache: a 70-token prompt passes in chunks the stores take, and 60
+/// decoding steps drop what the window left behind — with the logits of a full forward pass,
+/// on one rank and split over tensor-parallel ranks and pipeline stages.
+#[test]
+fn sliding_window_layers_keep_only_their_window() {
+    const LONG: usize = 130;
+    const LONG_PROMPT: usize = 70;
+    for name in ["tiny-gemma2", "tiny-gemma3"] {
+        let t = tiny(name);
+        let model = Model::load(&t.dir, CpuBackend::new()).unwrap();
+        let ids = &input_ids(name, 1, LONG, model.config().vocab_size as u64)[0];
+        let want = full_logits(&model, ids);
+        let sliding = model
+            .config()
+            .layer_types
+            .iter()
+            .filter(|&&t| t == LayerType::SlidingAttention)
+            .count();
+        let decode = |decoder: &dyn Decoder, bytes: &dyn Fn() -> usize| {
+            decoder.start(1, 256).unwrap();
+            let kv_width = model.config().kv_features();
+            assert_eq!(bytes(), 2 * (sliding * 64 + (3 - sliding) * 256) * kv_width * 4);
+            let first = decoder.extend(&[ids[..LONG_PROMPT].to_vec()]).unwrap();
+            let mut worst = max_diff(first[0].as_ref().unwrap(), &want[LONG_PROMPT - 1]);
+            for (i, &id) in ids.iter().enumerate().skip(LONG_PROMPT) {
+                let got = decoder.extend(&[vec![id]]).unwrap();
+                worst = worst.max(max_diff(got[0].as_ref().unwrap(), &want[i]));
+            }
+            assert!(worst < 1e-4, "{name}: decoded logits differ by {worst}");
+            worst
+        };
+        let worst = decode(&model, &|| model.cache_bytes());
+        eprintln!("{name}: windowed cache, decode vs full pass ±{worst:.1e}");
+        let request = PlacementRequest {
+            tp: Some(2),
+            pp: Some(3),
+            layers: None,
+        };
+        let group = RankGroup::load_cpu(&t.dir, &request).unwrap();
+        // Each of the 2 ranks of a stage holds half the kv heads: together, the same bytes.
+        let worst = decode(&group, &|| group.ranks().iter().map(Model::cache_bytes).sum());
+        eprintln!("{name}: tp 2 × pp 3, windowed cache ±{worst:.1e}");
+    }
 }

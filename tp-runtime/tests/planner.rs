@@ -7,7 +7,9 @@ use checkpoint::{ModelConfig, QuantizationConfig};
 use tp_runtime::planner::{GIB, PlanDecision, PlanRequest, plan};
 use tp_runtime::{Placement, ShardPlan, StagePlan};
 
-const MODELS: [&str; 14] = [
+const MODELS: [&str; 18] = [
+    "gemma-2-9b",
+    "gemma-3-1b",
     "llama-2-7b",
     "llama-2-13b",
     "llama-2-70b",
@@ -16,6 +18,8 @@ const MODELS: [&str; 14] = [
     "llama-3.2-1b",
     "llama-3.3-70b",
     "mistral-7b",
+    "phi-3-mini-4k",
+    "phi-4-mini",
     "qwen2-7b",
     "qwen2-72b",
     "qwen2.5-7b",
@@ -56,7 +60,8 @@ fn hand_count(c: &ModelConfig) -> u64 {
     if c.qkv_bias {
         layer += 2 * (q + 2 * kv);
     }
-    layer += 2 * 2 * h;
+    // Two norms a layer, four with Gemma's sandwich norms.
+    layer += 2 * if c.sandwich_norms { 4 } else { 2 } * h;
     if c.qk_norm {
         layer += 2 * 2 * c.head_dim as u64;
     }
@@ -169,6 +174,21 @@ fn decisions_that_must_hold() {
         err.contains("does not fit: needs") && err.contains("more per device"),
         "{err}"
     );
+}
+
+/// Gemma's sliding-window layers keep twice their window in the cache, as the runtime's
+/// cache does (`KvCache`): Gemma-3-1B's 22 sliding layers (of 26) keep 1024 of 4096 positions,
+/// Gemma-2-9B's 21 (of 42) keep all 4096 of them (a window of 4096).
+#[test]
+fn sliding_window_layers_keep_their_window_in_the_memory_model() {
+    let memory = |c: &ModelConfig| {
+        let request = PlanRequest::new(c, 1, 80 * GIB, 4096, 8);
+        tp_runtime::planner::device_memory(c, &Placement::single(c), &request)[0].kv_cache
+    };
+    let gemma3 = awq("gemma-3-1b");
+    assert_eq!(memory(&gemma3), 2 * 256 * (22 * 1024 + 4 * 4096) * 8 * 2);
+    let gemma2 = awq("gemma-2-9b");
+    assert_eq!(memory(&gemma2), 2 * 2048 * 42 * 4096 * 8 * 2);
 }
 
 #[test]

@@ -49,11 +49,12 @@ fn compare(dir: &Path, tp: usize) {
 
 #[test]
 fn tiny_models_match_one_rank_at_every_valid_tp() {
-    for name in ["tiny-llama", "tiny-llama-tied", "tiny-qwen2", "tiny-mistral"] {
+    for name in testkit::TINY_MODELS {
         let tiny = testkit::tiny(name);
         let dir = tiny.dir.clone();
         // 8 heads, 2 kv heads (8 for tied): tp = 2 and 8 split them, tp = 4 replicates kv
-        // heads of the GQA models.
+        // heads of the GQA models. Every family: Phi-3's fused projections split by head
+        // groups, Gemma's windows and soft-capping, the q/k norms of Qwen3 and Gemma 3.
         for tp in [2, 4, 8] {
             compare(&dir, tp);
         }

@@ -125,3 +125,18 @@ fn tiny_qwen3_qk_norms() {
 fn tiny_phi3_fused_and_partial_rotary() {
     check("tiny-phi3");
 }
+
+#[test]
+fn tiny_gemma2_softcapping_and_alternating_windows() {
+    check("tiny-gemma2");
+}
+
+#[test]
+fn tiny_gemma3_local_rope_and_qk_norms() {
+    check("tiny-gemma3");
+}
+
+#[test]
+fn tiny_phi3_longrope_past_the_original_context() {
+    check("tiny-phi3-longrope");
+}

@@ -275,23 +275,29 @@ fn write_layer(
     q: &QuantizedLayer,
     config: &ModelConfig,
 ) -> Result<()> {
-    out.write(
-        &layer_tensor_name(layer, names::INPUT_LAYERNORM),
-        &f32_as_f16_bytes(&q.input_layernorm),
-    )?;
-    out.write(
-        &layer_tensor_name(layer, names::POST_ATTENTION_LAYERNORM),
-        &f32_as_f16_bytes(&q.post_attention_layernorm),
-    )?;
-    if let Some([q_norm, k_norm]) = &q.qk_norms {
-        out.write(
-            &layer_tensor_name(layer, names::Q_NORM),
-            &f32_as_f16_bytes(q_norm),
-        )?;
-        out.write(
-            &layer_tensor_name(layer, names::K_NORM),
-            &f32_as_f16_bytes(k_norm),
-        )?;
+    // Norms as the checkpoint stores them (`w`, the applied weight less the family's offset),
+    // in the order the tensor specs list them.
+    let mut norms: Vec<(&str, &[f32])> = vec![
+        (names::INPUT_LAYERNORM, &q.input_layernorm),
+        (names::mlp_input_norm(config), &q.mlp_norm),
+    ];
+    if let (Some(suffixes), Some(values)) = (names::block_output_norms(config), &q.output_norms) {
+        norms.extend(suffixes.into_iter().zip(values.iter().map(Vec::as_slice)));
+    }
+    if let Some(values) = &q.qk_norms {
+        norms.extend(
+            [names::Q_NORM, names::K_NORM]
+                .into_iter()
+                .zip(values.iter().map(Vec::as_slice)),
+        );
+    }
+    for (suffix, _) in names::layer_norms(config) {
+        let (_, values) = norms
+            .iter()
+            .find(|(s, _)| *s == suffix)
+            .expect("every norm of the layer is held");
+        let stored: Vec<f32> = values.iter().map(|w| w - config.norm_offset).collect();
+        out.write(&layer_tensor_name(layer, suffix), &f32_as_f16_bytes(&stored))?;
     }
     for stored in StoredLinear::of(config) {
         let prefix = stored.prefix(layer);

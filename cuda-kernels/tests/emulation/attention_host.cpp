@@ -3,7 +3,7 @@
 //
 // Usage: host IN OUT
 //   IN:  u64 rows, key_rows, heads, kv_heads, d, window (0: none), key_tile, grid_x, grid_y,
-//        threads; f32 scale; q (rows x heads*d f32), k and v (key_rows x kv_heads*d f32),
+//        threads; f32 scale, softcap (0: none); q (rows x heads*d f32), k and v (key_rows x kv_heads*d f32),
 //        key_base and pos (rows u32 each).
 //   OUT: out (rows x heads*d f32), NaN wherever the kernel wrote nothing.
 #include <cmath>
@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
     const int rows = (int)head[0], key_rows = (int)head[1], heads = (int)head[2], kv_heads = (int)head[3],
               d = (int)head[4], key_tile = (int)head[6], threads = (int)head[9];
     const int window = head[5] == 0 ? INT_MAX : (int)head[5];
-    std::vector<float> scale(1), q((size_t)rows * heads * d), k((size_t)key_rows * kv_heads * d),
+    std::vector<float> scale(2), q((size_t)rows * heads * d), k((size_t)key_rows * kv_heads * d),
         v((size_t)key_rows * kv_heads * d);
     std::vector<unsigned> key_base(rows), pos(rows);
     read(in, scale);
@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
     std::vector<float> out(q.size(), NAN);
     launch({(unsigned)head[7], (unsigned)head[8], 1}, threads, [&] {
         attention(q.data(), k.data(), v.data(), out.data(), key_base.data(), pos.data(), rows, heads, kv_heads, d,
-                  scale[0], window, key_tile);
+                  scale[0], scale[1], window, key_tile);
     });
     FILE* o = fopen(argv[2], "wb");
     if (!o) return 2;

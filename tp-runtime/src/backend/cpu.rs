@@ -1,7 +1,7 @@
 //! The CPU backend: f32 arithmetic, matrix products by the `gemm` crate, rayon across rows
 //! and heads. It is also the reference twin of every GPU kernel.
 
-use checkpoint::{FloatData, HostData};
+use checkpoint::{Activation, FloatData, HostData};
 use cpu_kernels::attention::{self, Products};
 use cpu_kernels::math::{self, exp_in_place};
 use cpu_kernels::{Compute, CpuAwq, CpuMatrix, HostTensor, PoolRoot, release_freed_memory};
@@ -335,13 +335,30 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn silu_mul_into(&self, gate: &HostTensor, up: &HostTensor, out: &mut HostTensor) -> Result<()> {
-        same_dims("silu_mul", gate, up)?;
-        same_dims("silu_mul", gate, out)?;
+    fn gate_mul_into(
+        &self,
+        activation: Activation,
+        gate: &HostTensor,
+        up: &HostTensor,
+        out: &mut HostTensor,
+    ) -> Result<()> {
+        same_dims("gate_mul", gate, up)?;
+        same_dims("gate_mul", gate, out)?;
+        let kernel = match activation {
+            Activation::Silu => math::silu_mul_into,
+            Activation::GeluTanh => math::gelu_tanh_mul_into,
+        };
         out.data
             .par_chunks_mut(4096)
             .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-            .for_each(|(y, (g, u))| math::silu_mul_into(y, g, u));
+            .for_each(|(y, (g, u))| kernel(y, g, u));
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut HostTensor, factor: f32) -> Result<()> {
+        x.data
+            .par_chunks_mut(4096)
+            .for_each(|x| x.iter_mut().for_each(|v| *v *= factor));
         Ok(())
     }
 
@@ -360,6 +377,7 @@ impl Backend for CpuBackend {
         lm_head: &CpuMatrix,
         predictions: &[Prediction],
         first_id: usize,
+        softcap: Option<f32>,
     ) -> Result<HostTensor> {
         let m = predictions.len().max(1);
         // Whole pairs of the AMX kernel's column blocks, so that a kept lm_head is
@@ -369,15 +387,21 @@ impl Backend for CpuBackend {
             true => (NLL_LOGITS_IN_CACHE / m / 32 * 32).max(32),
             false => (NLL_LOGITS / m / 32 * 32).max(NLL_MIN_COLUMNS),
         };
-        self.nll_parts_in_slices(hidden, lm_head, predictions, first_id, width)
+        self.nll_parts_in_slices(hidden, lm_head, predictions, first_id, width, softcap)
     }
 
-    fn logits(&self, hidden: &HostTensor, lm_head: &CpuMatrix, rows: &[usize]) -> Result<HostTensor> {
-        Ok(HostTensor::new(
-            self.logits_flat(hidden, lm_head, rows)?,
-            rows.len(),
-            lm_head.rows,
-        )?)
+    fn logits(
+        &self,
+        hidden: &HostTensor,
+        lm_head: &CpuMatrix,
+        rows: &[usize],
+        softcap: Option<f32>,
+    ) -> Result<HostTensor> {
+        let mut logits = self.logits_flat(hidden, lm_head, rows)?;
+        if let Some(cap) = softcap {
+            logits.par_chunks_mut(4096).for_each(|l| soft_cap(l, cap));
+        }
+        Ok(HostTensor::new(logits, rows.len(), lm_head.rows)?)
     }
 }
 
@@ -392,6 +416,7 @@ impl CpuBackend {
         predictions: &[Prediction],
         first_id: usize,
         width: usize,
+        softcap: Option<f32>,
     ) -> Result<HostTensor> {
         let rows: Vec<usize> = predictions.iter().map(|p| p.row).collect();
         let x = gather_rows(hidden, lm_head, &rows)?;
@@ -408,6 +433,9 @@ impl CpuBackend {
                 .zip(predictions.par_iter())
                 .zip(running.par_iter_mut().zip(targets.par_iter_mut()))
                 .for_each(|((l, p), (running, target))| {
+                    if let Some(cap) = softcap {
+                        soft_cap(l, cap);
+                    }
                     let id = p.target as usize;
                     if (first_id + v0..first_id + v1).contains(&id) {
                         *target = l[id - first_id - v0];
@@ -431,6 +459,11 @@ impl CpuBackend {
         lm_head.matmul(self.compute, &x, rows.len(), &mut out);
         Ok(out)
     }
+}
+
+/// `l = cap · tanh(l / cap)`, as transformers soft-caps Gemma 2's logits (three f32 steps).
+fn soft_cap(logits: &mut [f32], cap: f32) {
+    logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
 }
 
 /// The selected rows of `hidden`, checked against the lm_head's features, as one `[rows, cols]`
@@ -567,7 +600,7 @@ mod tests {
             .unwrap();
         let h = b.upload(&[0.5, -1.0], 1, 2).unwrap();
         let parts = b
-            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 2 }], 0)
+            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 2 }], 0, None)
             .unwrap();
         let nll = crate::backend::combine_nll_parts(&parts.data, 1);
         let logits = [0.5f64, -1.0, -0.5];
@@ -575,7 +608,7 @@ mod tests {
         assert!((nll[0] as f64 - (lse - logits[2])).abs() < 1e-6);
         // A target another rank holds contributes no logit here.
         let parts = b
-            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 7 }], 0)
+            .nll_parts(&h, &lm, &[Prediction { row: 0, target: 7 }], 0, None)
             .unwrap();
         assert_eq!(parts.data[2], 0.0);
     }
@@ -598,8 +631,14 @@ mod tests {
         let predictions: Vec<Prediction> = [(0, 0), (1, 6), (2, 3), (3, 9), (4, 4)]
             .map(|(row, target)| Prediction { row, target })
             .to_vec();
-        for width in [1, 2, 3, 6, 7, 100] {
-            let parts = b.nll_parts_in_slices(&h, &lm, &predictions, 0, width).unwrap();
+        // Soft-capped at 1.5 (Gemma 2 caps at 30), most of these logits change.
+        for (width, softcap) in [1, 2, 3, 6, 7, 100]
+            .into_iter()
+            .flat_map(|w| [(w, None), (w, Some(1.5f32))])
+        {
+            let parts = b
+                .nll_parts_in_slices(&h, &lm, &predictions, 0, width, softcap)
+                .unwrap();
             let nll = crate::backend::combine_nll_parts(&parts.data, 1);
             for (p, got) in predictions.iter().zip(&nll) {
                 let logits: Vec<f64> = (0..vocab)
@@ -608,6 +647,7 @@ mod tests {
                             .map(|c| (hidden[p.row * cols + c] * weight[v * cols + c]) as f64)
                             .sum()
                     })
+                    .map(|l: f64| softcap.map_or(l, |cap| cap as f64 * (l / cap as f64).tanh()))
                     .collect();
                 let lse = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
                 let target = logits.get(p.target as usize).copied().unwrap_or(0.0);

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use checkpoint::{AwqGemm, FloatData};
+use checkpoint::{Activation, AwqGemm, FloatData};
 use cuda_kernels::Gpu;
 use cuda_kernels::cudarc::driver::CudaSlice;
 use cuda_kernels::gpu::AwqDeviceWeight;
@@ -452,6 +452,7 @@ impl Backend for CudaBackend {
             spec.kv_heads,
             d,
             spec.scale,
+            spec.softcap,
             spec.sliding_window,
         )?;
         Ok(())
@@ -477,11 +478,25 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn silu_mul_into(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
-        Self::same_dims("silu_mul", gate, up)?;
-        Self::same_dims("silu_mul", gate, out)?;
-        self.gpu
-            .silu_mul(&gate.data, &up.data, &mut out.data, gate.rows * gate.cols)?;
+    fn gate_mul_into(
+        &self,
+        activation: Activation,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        Self::same_dims("gate_mul", gate, up)?;
+        Self::same_dims("gate_mul", gate, out)?;
+        let n = gate.rows * gate.cols;
+        match activation {
+            Activation::Silu => self.gpu.silu_mul(&gate.data, &up.data, &mut out.data, n)?,
+            Activation::GeluTanh => self.gpu.gelu_tanh_mul(&gate.data, &up.data, &mut out.data, n)?,
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut CudaTensor, factor: f32) -> Result<()> {
+        self.gpu.scale(&mut x.data, factor, x.rows * x.cols)?;
         Ok(())
     }
 
@@ -497,11 +512,12 @@ impl Backend for CudaBackend {
         lm_head: &CudaMatrix,
         predictions: &[Prediction],
         first_id: usize,
+        softcap: Option<f32>,
     ) -> Result<CudaTensor> {
         let mut parts = Vec::with_capacity(predictions.len() * 3);
         for chunk in predictions.chunks(NLL_CHUNK_ROWS) {
             let rows: Vec<usize> = chunk.iter().map(|p| p.row).collect();
-            let logits = self.logits_rows(hidden, lm_head, &rows)?;
+            let logits = self.logits(hidden, lm_head, &rows, softcap)?;
             let targets: Vec<u32> = chunk.iter().map(|p| p.target).collect();
             let targets = self.gpu.upload(&targets)?;
             let mut out = self.output(chunk.len(), 3)?;
@@ -518,7 +534,18 @@ impl Backend for CudaBackend {
         self.upload(&parts, predictions.len(), 3)
     }
 
-    fn logits(&self, hidden: &CudaTensor, lm_head: &CudaMatrix, rows: &[usize]) -> Result<CudaTensor> {
-        self.logits_rows(hidden, lm_head, rows)
+    fn logits(
+        &self,
+        hidden: &CudaTensor,
+        lm_head: &CudaMatrix,
+        rows: &[usize],
+        softcap: Option<f32>,
+    ) -> Result<CudaTensor> {
+        let mut logits = self.logits_rows(hidden, lm_head, rows)?;
+        if let Some(cap) = softcap {
+            let n = logits.rows * logits.cols;
+            self.gpu.softcap(&mut logits.data, cap, n)?;
+        }
+        Ok(logits)
     }
 }

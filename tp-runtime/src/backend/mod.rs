@@ -10,7 +10,7 @@ pub mod weights;
 
 use std::fmt;
 
-use checkpoint::{FloatData, ModelConfig, RopeScaling};
+use checkpoint::{Activation, FloatData, ModelConfig, RopeScaling};
 
 use crate::{Error, Result};
 
@@ -237,7 +237,7 @@ pub trait LinearKernel<B: Backend>: Send + Sync {
     /// `out = silu(x · Wᵀ) * (x · Upᵀ)` with this kernel as the gate projection, in one pass
     /// that never writes the two products out: `Ok(false)` (nothing written) where this
     /// backend has no such kernel for the pair, and the caller runs the two products and
-    /// [`Backend::silu_mul_into`] instead — with the same result.
+    /// [`Backend::gate_mul_into`] instead — with the same result.
     fn gated_into(
         &self,
         up: &dyn LinearKernel<B>,
@@ -359,23 +359,38 @@ pub trait Backend: Send + Sync + Sized + 'static {
         dst_row: usize,
         rows: usize,
     ) -> Result<()>;
-    /// `silu(gate) * up`.
-    fn silu_mul_into(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// `activation(gate) * up`.
+    fn gate_mul_into(
+        &self,
+        activation: Activation,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x *= factor` (Gemma's embedding multiplier).
+    fn scale(&self, x: &mut Self::Tensor, factor: f32) -> Result<()>;
     /// For each prediction, over the vocabulary slice `lm_head` holds (ids `first_id..`):
     /// `[max logit, Σ exp(logit − max), logit of the target or 0 when another rank holds
     /// it]`, as a `[predictions, 3]` tensor. Logits are computed a slice at a time (of rows
-    /// or of the vocabulary) and never all kept.
+    /// or of the vocabulary) and never all kept; with `softcap`, each is `cap · tanh(l / cap)`.
     fn nll_parts(
         &self,
         hidden: &Self::Tensor,
         lm_head: &Self::Matrix,
         predictions: &[Prediction],
         first_id: usize,
+        softcap: Option<f32>,
     ) -> Result<Self::Tensor>;
-    /// `[rows.len(), lm_head rows]` logits of the selected rows.
-    fn logits(&self, hidden: &Self::Tensor, lm_head: &Self::Matrix, rows: &[usize]) -> Result<Self::Tensor>;
+    /// `[rows.len(), lm_head rows]` logits of the selected rows (soft-capped with `softcap`).
+    fn logits(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Matrix,
+        rows: &[usize],
+        softcap: Option<f32>,
+    ) -> Result<Self::Tensor>;
 
     /// [`Backend::embed_into`] into a new tensor.
     fn embed(&self, table: &Self::Matrix, ids: &[u32], first_id: usize, cols: usize) -> Result<Self::Tensor> {
@@ -403,11 +418,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.attention_into(q, k, v, spec, layout, &mut out)?;
         Ok(out)
     }
-    /// [`Backend::silu_mul_into`] into a new tensor.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+    /// [`Backend::gate_mul_into`] into a new tensor.
+    fn gate_mul(
+        &self,
+        activation: Activation,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
         let (rows, cols) = self.dims(gate);
         let mut out = self.alloc(rows, cols)?;
-        self.silu_mul_into(gate, up, &mut out)?;
+        self.gate_mul_into(activation, gate, up, &mut out)?;
         Ok(out)
     }
 }
