@@ -25,7 +25,7 @@ pub struct LayerInputs {
     pub o: Activations,
     /// Input of gate/up (the normed residual), `[tokens, hidden]`.
     pub mlp: Activations,
-    /// Input of down_proj (`silu(gate) * up`), `[tokens, intermediate]`.
+    /// Input of down_proj (`activation(gate) * up`), `[tokens, intermediate]`.
     pub down: Activations,
 }
 

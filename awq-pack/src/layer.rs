@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tp_runtime::Compute;
 use tp_runtime::compute::Bf16Kernel;
+use tp_runtime::load::applied_norm;
 use tp_runtime::model::{ForwardContext, Linear, Workspace, gated_activation, project, self_attention};
 use tp_runtime::{Backend, DenseWeight, SeqLayout};
 
@@ -101,9 +102,8 @@ impl LayerWeights {
             });
         }
         let norm = |suffix: &str, len: usize| -> Result<Vec<f32>> {
-            let mut w = dense(layer_tensor_name(layer, suffix), &[len])?;
-            w.iter_mut().for_each(|w| *w += config.norm_offset);
-            Ok(w)
+            let stored = checkpoint.tensor_with_shape(&layer_tensor_name(layer, suffix), &[len])?;
+            Ok(applied_norm(config, stored.float_data()?).into_f32().into_vec())
         };
         Ok(LayerWeights {
             layer_type: config.layer_types[layer],

@@ -296,6 +296,18 @@ impl ModelConfig {
             path: path.to_owned(),
         };
         let architecture = keys.architecture()?;
+        let gemma = architecture.is_gemma();
+        // Where a key is absent, transformers' default for the family (Gemma2Config,
+        // Gemma3TextConfig: head_dim 256, query_pre_attn_scalar 256, window 4096, Gemma 2's caps
+        // 50 and 30, Gemma 3's rope base 1,000,000); `null` is absent where transformers
+        // allows it (no cap, no window).
+        let gemma_default = |key: &str, default: Option<f64>| -> Result<Option<f64>> {
+            match keys.map.get(key) {
+                None => Ok(default.filter(|_| gemma)),
+                Some(Value::Null) => Ok(None),
+                Some(_) => keys.opt_f64(key),
+            }
+        };
         let hidden_size = keys.usize("hidden_size")?;
         let num_attention_heads = keys.usize("num_attention_heads")?;
         let num_key_value_heads = keys
@@ -303,6 +315,7 @@ impl ModelConfig {
             .unwrap_or(num_attention_heads);
         let head_dim = match keys.opt_usize("head_dim")? {
             Some(d) => d,
+            None if gemma => 256,
             None => {
                 if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
                     return Err(keys.bad(
@@ -328,7 +341,6 @@ impl ModelConfig {
                 format!("{head_dim} is odd; rotary embeddings need an even head_dim"),
             ));
         }
-        let gemma = architecture.is_gemma();
         // Gemma reads `hidden_activation` (its configs may carry `hidden_act` too).
         let (act_key, default_act) = match gemma {
             true => ("hidden_activation", Activation::GeluTanh),
@@ -360,9 +372,11 @@ impl ModelConfig {
             _ => (attention_bias, attention_bias),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma2 | Architecture::Gemma3 => {
-                keys.opt_usize("sliding_window")?
-            }
+            Architecture::Mistral | Architecture::Phi3 => keys.opt_usize("sliding_window")?,
+            Architecture::Gemma2 | Architecture::Gemma3 => match keys.map.get("sliding_window") {
+                None => Some(4096),
+                Some(_) => keys.opt_usize("sliding_window")?,
+            },
             Architecture::Qwen2 | Architecture::Qwen3
                 if keys.opt_bool("use_sliding_window")?.unwrap_or(false) =>
             {
@@ -378,7 +392,10 @@ impl ModelConfig {
         };
         let num_hidden_layers = keys.usize("num_hidden_layers")?;
         let layer_types = keys.layer_types(architecture, num_hidden_layers, sliding_window)?;
-        let rope_theta = keys.rope_theta()?;
+        let rope_theta = keys.rope_theta(match architecture {
+            Architecture::Gemma3 => 1_000_000.0,
+            _ => 10_000.0,
+        })?;
         let (factor_key, factor) = match keys.rope_parameters() {
             Some((key, p)) if p.contains_key("partial_rotary_factor") => (
                 format!("{key}.partial_rotary_factor"),
@@ -405,15 +422,16 @@ impl ModelConfig {
         }
         let rope_scaling = keys.rope_scaling(rotary_dim)?;
         let local_rope_theta = keys.local_rope_theta(architecture)?;
-        let softcap = |key: &str| -> Result<Option<f32>> {
-            match keys.opt_f64(key)? {
+        let softcap = |key: &str, gemma2_default: f64| -> Result<Option<f32>> {
+            let default = (architecture == Architecture::Gemma2).then_some(gemma2_default);
+            match gemma_default(key, default)? {
                 Some(cap) if gemma && cap > 0.0 => Ok(Some(cap as f32)),
                 Some(cap) if gemma => Err(keys.bad(key, format!("{cap} is not a positive cap"))),
                 _ => Ok(None),
             }
         };
         let query_pre_attn_scalar = match gemma {
-            true => keys.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64),
+            true => gemma_default("query_pre_attn_scalar", Some(256.0))?.unwrap_or(head_dim as f64),
             false => head_dim as f64,
         };
         if query_pre_attn_scalar <= 0.0 {
@@ -451,8 +469,8 @@ impl ModelConfig {
                 1.0
             },
             query_pre_attn_scalar,
-            attn_logit_softcapping: softcap("attn_logit_softcapping")?,
-            final_logit_softcapping: softcap("final_logit_softcapping")?,
+            attn_logit_softcapping: softcap("attn_logit_softcapping", 50.0)?,
+            final_logit_softcapping: softcap("final_logit_softcapping", 30.0)?,
             layer_types,
             sliding_window,
             local_rope_theta,
@@ -774,8 +792,9 @@ impl Keys<'_> {
             .map(|p| ("rope_scaling", p))
     }
 
-    /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5).
-    fn rope_theta(&self) -> Result<f64> {
+    /// `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
+    /// `default` (the family's in transformers) where neither is given.
+    fn rope_theta(&self, default: f64) -> Result<f64> {
         if let Some((key, p)) = self.rope_parameters()
             && let Some(theta) = p.get("rope_theta").filter(|v| !v.is_null())
         {
@@ -790,8 +809,7 @@ impl Keys<'_> {
             Some(theta) => theta
                 .as_f64()
                 .ok_or_else(|| self.bad("rope_theta", format!("expected a number, found {theta}"))),
-            // transformers' default for every family we support.
-            None => Ok(10_000.0),
+            None => Ok(default),
         }
     }
 

@@ -151,6 +151,10 @@ fn synthetic_config(path: &Path, options: &SynthOptions) -> Result<(Value, Model
             )));
         }
         object.insert("num_hidden_layers".into(), layers.into());
+        // The first layers' types (Gemma's windows; transformers 5 lists them for every family).
+        if let Some(Value::Array(types)) = object.get_mut("layer_types") {
+            types.truncate(layers);
+        }
     }
     let torch_dtype = match options.dtype {
         Dtype::BF16 => "bfloat16",
@@ -331,6 +335,37 @@ mod tests {
             .to_f32()
             .unwrap();
         assert_ne!(&*k, &*v);
+    }
+
+    /// A Gemma 2 configuration listing its layers' types, cut to its first layer: the list is
+    /// cut too, and the norms are stored as Gemma stores them (`w`, applied as `1 + w`).
+    #[test]
+    fn fewer_layers_keep_their_types_and_gemma_norms_their_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("config.json");
+        let config = serde_json::json!({"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6, "vocab_size": 300,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]});
+        std::fs::write(&path, config.to_string()).unwrap();
+        let out = tmp.path().join("one");
+        let summary = synthesize(&path, &out, &options(1, u64::MAX), false).unwrap();
+        assert_eq!(
+            summary.config.layer_types,
+            vec![crate::LayerType::SlidingAttention]
+        );
+        let norm = Checkpoint::open(&out)
+            .unwrap()
+            .tensor("model.layers.0.pre_feedforward_layernorm.weight")
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        assert!(
+            norm.iter().all(|w| (-0.11..=0.11).contains(w)),
+            "{:?}",
+            &norm[..4]
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct AttentionSpec {
     pub head_dim: usize,
     /// Keys at least this many positions back are masked.
     pub sliding_window: Option<usize>,
-    /// Multiplier of q·k, normally `1 / sqrt(head_dim)`.
+    /// Multiplier of q·k: `1 / sqrt(head_dim)`, or Gemma's `1 / sqrt(query_pre_attn_scalar)`.
     pub scale: f32,
     /// Scaled scores pass through `cap · tanh(score / cap)` before the softmax (Gemma 2).
     pub softcap: Option<f32>,

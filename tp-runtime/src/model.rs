@@ -215,7 +215,8 @@ impl<B: Backend> Default for Workspace<B> {
 /// the model has them (`qk_norms`), rotary embeddings, causal attention within each sequence
 /// (within the window on a sliding-window layer), into `ws`'s attention output (returned).
 /// With `cache`, the new keys and values are stored in it first and the queries attend to
-/// every cached position of their sequence (`ctx.layout` says where).
+/// every cached position of their sequence (the layer's layout in `ctx` says where:
+/// [`ForwardContext::for_layer`]).
 #[allow(clippy::too_many_arguments)]
 pub fn self_attention<'w, B: Backend>(
     backend: &B,
@@ -740,11 +741,16 @@ impl<B: Backend> Model<B> {
     /// each cached sequence `s` (in sequence order), storing their keys and values. Where the
     /// sliding-window layers' stores take fewer new positions at a time, the tokens pass
     /// through the layers in several passes (each sequence's first tokens first).
+    ///
+    /// A pass that fails after storing anything leaves the cache inconsistent: it is dropped,
+    /// and decoding needs [`Model::start_cache`] again.
     pub fn run_layers_cached(&self, x: &mut B::Tensor, new: &[usize], ws: &mut Workspace<B>) -> Result<()> {
         let mut guard = self.kv.lock().unwrap_or_else(|e| e.into_inner());
         let cache = guard
             .as_mut()
             .ok_or_else(|| Error::Invalid("decoding needs a KV cache: call start first".into()))?;
+        // Refused before anything is stored (the cache stays as it was): hidden states that
+        // are not the new tokens', more tokens than the cache holds.
         let rows: usize = new.iter().sum();
         if rows != self.backend.dims(x).0 {
             return Err(Error::Invalid(format!(
@@ -752,8 +758,21 @@ impl<B: Backend> Model<B> {
                 self.backend.dims(x).0,
             )));
         }
-        // Refused before anything is stored: more tokens than the cache holds.
         cache.layout(new)?;
+        let result = self.extend_cache(cache, x, new, ws);
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    fn extend_cache(
+        &self,
+        cache: &mut KvCache<B>,
+        x: &mut B::Tensor,
+        new: &[usize],
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
         let per_pass = cache.max_new_per_pass();
         if new.iter().all(|&n| n <= per_pass) {
             return self.pass_cached(cache, x, new, ws);
@@ -775,15 +794,18 @@ impl<B: Backend> Model<B> {
             if part_rows == 0 {
                 break;
             }
+            // Each sequence's share of this pass (none for one whose tokens ended, or that
+            // sits the call out), gathered into one tensor and scattered back after it.
+            let shares = || starts.iter().zip(&part).filter(|(_, n)| **n > 0);
             let mut chunk = self.backend.alloc(part_rows, cols)?;
             let mut row = 0;
-            for (&start, &n) in starts.iter().zip(&part) {
+            for (&start, &n) in shares() {
                 self.backend.copy_rows(x, start + from, &mut chunk, row, n)?;
                 row += n;
             }
             self.pass_cached(cache, &mut chunk, &part, ws)?;
             let mut row = 0;
-            for (&start, &n) in starts.iter().zip(&part) {
+            for (&start, &n) in shares() {
                 self.backend.copy_rows(&chunk, row, x, start + from, n)?;
                 row += n;
             }

@@ -229,3 +229,44 @@ fn sliding_window_layers_keep_only_their_window() {
         eprintln!("{name}: tp 2 × pp 3, windowed cache ±{worst:.1e}");
     }
 }
+
+/// Several sequences through Gemma's windowed stores at once: prompts of 70 and 40 tokens
+/// prefilled together in chunks while a third sits the call out, its 100-token prompt later
+/// beside the others' decoding steps, then steps together — each with its own full pass's
+/// logits.
+#[test]
+fn windowed_prefills_of_several_sequences_chunk_together() {
+    let t = tiny("tiny-gemma3");
+    let model = Model::load(&t.dir, CpuBackend::new()).unwrap();
+    let seqs = input_ids("tiny-gemma3", 3, 120, model.config().vocab_size as u64);
+    let want: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| full_logits(&model, s)).collect();
+    model.start(3, 256).unwrap();
+    let mut worst = 0f32;
+    let mut check = |got: Vec<Option<Vec<f32>>>, at: [Option<usize>; 3]| {
+        for (s, (got, at)) in got.iter().zip(at).enumerate() {
+            match at {
+                None => assert!(got.is_none()),
+                Some(p) => worst = worst.max(max_diff(got.as_ref().unwrap(), &want[s][p])),
+            }
+        }
+    };
+    let got = model
+        .extend(&[seqs[0][..70].to_vec(), vec![], seqs[2][..40].to_vec()])
+        .unwrap();
+    check(got, [Some(69), None, Some(39)]);
+    let got = model
+        .extend(&[vec![seqs[0][70]], seqs[1][..100].to_vec(), vec![seqs[2][40]]])
+        .unwrap();
+    check(got, [Some(70), Some(99), Some(40)]);
+    for i in 0..15 {
+        let got = model
+            .extend(&[
+                vec![seqs[0][71 + i]],
+                vec![seqs[1][100 + i]],
+                vec![seqs[2][41 + i]],
+            ])
+            .unwrap();
+        check(got, [Some(71 + i), Some(100 + i), Some(41 + i)]);
+    }
+    assert!(worst < 1e-4, "several windowed sequences differ by {worst}");
+}

@@ -1,6 +1,8 @@
 //! GGUF import end to end: the tiny reference models are written as GGUF files the way
-//! llama.cpp's converter writes them (q/k rows permuted for "llama"), imported back, and
-//! must still reproduce transformers' logits. Malformed GGUF files are clear errors.
+//! llama.cpp's converter (`convert_hf_to_gguf.py`) writes them — q/k rows permuted for
+//! "llama", Gemma's norms stored as the `1 + w` they apply, Phi-3's fused projections kept
+//! fused and its LongRoPE factors as tensors of their own — imported back, and must still
+//! reproduce transformers' logits. Malformed GGUF files are clear errors.
 
 use std::path::Path;
 
@@ -108,11 +110,16 @@ fn permute_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
 fn write_gguf(dir: &Path, path: &Path) {
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let ck = Checkpoint::open(dir).unwrap();
+    use checkpoint::Architecture;
     let (arch, permute) = match config.architecture {
-        checkpoint::Architecture::Qwen2 => ("qwen2", false),
-        checkpoint::Architecture::Qwen3 => ("qwen3", false),
+        Architecture::Qwen2 => ("qwen2", false),
+        Architecture::Qwen3 => ("qwen3", false),
+        Architecture::Phi3 => ("phi3", false),
+        Architecture::Gemma2 => ("gemma2", false),
+        Architecture::Gemma3 => ("gemma3", false),
         _ => ("llama", true),
     };
+    let gemma = config.architecture.is_gemma();
     let mut w = GgufWriter::default();
     w.string("general.architecture", arch);
     w.u32(&format!("{arch}.block_count"), config.num_hidden_layers as u32);
@@ -129,7 +136,7 @@ fn write_gguf(dir: &Path, path: &Path) {
         &format!("{arch}.attention.head_count_kv"),
         config.num_key_value_heads as u32,
     );
-    w.u32(&format!("{arch}.rope.dimension_count"), config.head_dim as u32);
+    w.u32(&format!("{arch}.rope.dimension_count"), config.rotary_dim as u32);
     w.u32(&format!("{arch}.attention.key_length"), config.head_dim as u32);
     w.u32(&format!("{arch}.attention.value_length"), config.head_dim as u32);
     w.u32(&format!("{arch}.context_length"), 1024);
@@ -138,6 +145,42 @@ fn write_gguf(dir: &Path, path: &Path) {
         config.rms_norm_eps,
     );
     w.f32(&format!("{arch}.rope.freq_base"), config.rope_theta as f32);
+    if let Some(window) = config.sliding_window {
+        w.u32(&format!("{arch}.attention.sliding_window"), window as u32);
+    }
+    for (key, cap) in [
+        ("attn_logit_softcapping", config.attn_logit_softcapping),
+        ("final_logit_softcapping", config.final_logit_softcapping),
+    ] {
+        if let Some(cap) = cap {
+            w.f32(&format!("{arch}.{key}"), cap);
+        }
+    }
+    if let Some(theta) = config.local_rope_theta {
+        w.f32(&format!("{arch}.rope.freq_base_swa"), theta as f32);
+    }
+    if config.architecture == Architecture::Gemma3 {
+        // Every third layer full, as the tiny model's [sliding, sliding, full].
+        w.u32(&format!("{arch}.attention.sliding_window_pattern"), 3);
+    }
+    let mut rope_factors = None;
+    if let checkpoint::RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings,
+        attention_factor,
+    } = &config.rope_scaling
+    {
+        w.u32(
+            &format!("{arch}.rope.scaling.original_context_length"),
+            *original_max_position_embeddings as u32,
+        );
+        w.f32(
+            &format!("{arch}.rope.scaling.attn_factor"),
+            *attention_factor as f32,
+        );
+        rope_factors = Some([long_factor.clone(), short_factor.clone()]);
+    }
     let mut tokens = testkit::byte_level_alphabet();
     let mut types = vec![1; 256];
     for i in 256..config.vocab_size {
@@ -150,7 +193,23 @@ fn write_gguf(dir: &Path, path: &Path) {
     w.i32s("tokenizer.ggml.token_type", &types);
     w.strings("tokenizer.ggml.merges", &[]);
 
-    let f32s = |name: &str| ck.tensor(name).unwrap().to_f32().unwrap().to_vec();
+    // Gemma's norms are stored as the 1 + w they apply.
+    let f32s = |name: &str| {
+        let mut v = ck.tensor(name).unwrap().to_f32().unwrap().to_vec();
+        if gemma && name.ends_with("norm.weight") {
+            v.iter_mut().for_each(|w| *w += 1.0);
+        }
+        v
+    };
+    if let Some([long, short]) = rope_factors {
+        for (name, factors) in [
+            ("rope_factors_long.weight", long),
+            ("rope_factors_short.weight", short),
+        ] {
+            let values: Vec<f32> = factors.iter().map(|&f| f as f32).collect();
+            w.tensor(name, &[values.len()], values);
+        }
+    }
     let h = config.hidden_size;
     w.tensor(
         "token_embd.weight",
@@ -174,21 +233,36 @@ fn write_gguf(dir: &Path, path: &Path) {
             w.tensor(&format!("blk.{l}.{gguf}"), &s, v);
         };
         put("attn_norm.weight", "input_layernorm.weight", None);
-        put("ffn_norm.weight", "post_attention_layernorm.weight", None);
-        put(
-            "attn_q.weight",
-            "self_attn.q_proj.weight",
-            Some(config.num_attention_heads),
-        );
-        put(
-            "attn_k.weight",
-            "self_attn.k_proj.weight",
-            Some(config.num_key_value_heads),
-        );
-        put("attn_v.weight", "self_attn.v_proj.weight", None);
+        if gemma {
+            put(
+                "post_attention_norm.weight",
+                "post_attention_layernorm.weight",
+                None,
+            );
+            put("ffn_norm.weight", "pre_feedforward_layernorm.weight", None);
+            put("post_ffw_norm.weight", "post_feedforward_layernorm.weight", None);
+        } else {
+            put("ffn_norm.weight", "post_attention_layernorm.weight", None);
+        }
+        if config.fused_projections {
+            put("attn_qkv.weight", "self_attn.qkv_proj.weight", None);
+            put("ffn_up.weight", "mlp.gate_up_proj.weight", None);
+        } else {
+            put(
+                "attn_q.weight",
+                "self_attn.q_proj.weight",
+                Some(config.num_attention_heads),
+            );
+            put(
+                "attn_k.weight",
+                "self_attn.k_proj.weight",
+                Some(config.num_key_value_heads),
+            );
+            put("attn_v.weight", "self_attn.v_proj.weight", None);
+            put("ffn_gate.weight", "mlp.gate_proj.weight", None);
+            put("ffn_up.weight", "mlp.up_proj.weight", None);
+        }
         put("attn_output.weight", "self_attn.o_proj.weight", None);
-        put("ffn_gate.weight", "mlp.gate_proj.weight", None);
-        put("ffn_up.weight", "mlp.up_proj.weight", None);
         put("ffn_down.weight", "mlp.down_proj.weight", None);
         if config.qk_norm {
             put("attn_q_norm.weight", "self_attn.q_norm.weight", None);
@@ -214,6 +288,12 @@ fn write_gguf(dir: &Path, path: &Path) {
 /// Imports the tiny model through GGUF and compares the last-position logits of both
 /// reference sequences with transformers'.
 fn roundtrip(name: &str) {
+    roundtrip_with(name, |_| {});
+}
+
+/// [`roundtrip`], with `edit` applied to the imported `config.json` before it loads; returns
+/// the loaded configuration.
+fn roundtrip_with(name: &str, edit: impl Fn(&mut serde_json::Value)) -> ModelConfig {
     let tiny = testkit::tiny(name);
     let dir = tiny.dir.clone();
     let tmp = tempfile::tempdir().unwrap();
@@ -222,6 +302,9 @@ fn roundtrip(name: &str) {
     let out = tmp.path().join("imported");
     let summary = import_gguf(&gguf, &out, OutputDtype::F32, false, DEFAULT_MAX_SHARD_BYTES).unwrap();
     assert_eq!(summary.config.num_hidden_layers, 3);
+    let mut config = testkit::read_json(&out.join("config.json"));
+    edit(&mut config);
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
 
     let reference = testkit::read_json(&dir.join("reference.json"));
     let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
@@ -277,6 +360,7 @@ fn roundtrip(name: &str) {
     // The tokenizer written beside the weights loads; with no merges every byte is a token.
     let tok = checkpoint::Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.encode("a1", false).unwrap(), vec![b'a' as u32, b'1' as u32]);
+    model.config().clone()
 }
 
 #[test]
@@ -298,6 +382,41 @@ fn tiny_qwen2_through_gguf() {
 fn tiny_qwen3_through_gguf() {
     // llama.cpp's "qwen3": q/k norms, head size from `attention.key_length` (64 ≠ 256 / 8).
     roundtrip("tiny-qwen3");
+}
+
+#[test]
+fn tiny_phi3_through_gguf() {
+    // llama.cpp's "phi3": `attn_qkv` and `ffn_up` (gate then up) fused, partial rotary from
+    // `rope.dimension_count`.
+    roundtrip("tiny-phi3");
+}
+
+#[test]
+fn tiny_phi3_longrope_through_gguf() {
+    // LongRoPE's factors as the tensors `rope_factors_long` / `rope_factors_short`.
+    roundtrip("tiny-phi3-longrope");
+}
+
+#[test]
+fn tiny_gemma3_through_gguf() {
+    // Norms stored as 1 + w, q/k norms, the local rope base in `rope.freq_base_swa`, the
+    // layers' pattern (sliding, sliding, full) in `attention.sliding_window_pattern`.
+    roundtrip("tiny-gemma3");
+}
+
+#[test]
+fn tiny_gemma2_through_gguf() {
+    // GGUF has no key for `query_pre_attn_scalar`: llama.cpp scales by head_dim's root but for
+    // the 27B (46 layers; hidden / heads), and so does the import. The tiny model's 48 ≠
+    // head_dim 32: with the config's own scale put back, the logits are transformers'.
+    let config = roundtrip_with("tiny-gemma2", |config| {
+        assert_eq!(config["query_pre_attn_scalar"], 32);
+        assert_eq!(config["attn_logit_softcapping"], 50.0);
+        assert_eq!(config["final_logit_softcapping"], 30.0);
+        config["query_pre_attn_scalar"] = 48.into();
+    });
+    assert_eq!(config.window(0), Some(32));
+    assert_eq!(config.window(1), None);
 }
 
 #[test]

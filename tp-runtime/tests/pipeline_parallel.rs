@@ -82,6 +82,11 @@ fn every_placement_scores_like_one_rank() {
                 max_diff(&want_logits, &got_logits) < 1e-4,
                 "{name} tp {tp} pp {pp}: logits"
             );
+            eprintln!(
+                "{name} tp {tp} × pp {pp}: NLL ±{:.1e}, logits ±{:.1e} against one rank",
+                max_diff(&want, &got),
+                max_diff(&want_logits, &got_logits)
+            );
             let stages = group.stage_seconds();
             assert_eq!(stages.len(), pp);
             assert!(stages.iter().all(|&s| s > 0.0), "{stages:?}");

@@ -57,6 +57,7 @@ fn check(name: &str) {
     let hidden = model.forward(&ids, &layout).unwrap();
 
     let mut worst_logit = 0f32;
+    let mut worst_nll = 0f64;
     let mut start = 0;
     for (s, seq) in r.input_ids.iter().enumerate() {
         let rows: Vec<usize> = (seq.len() - 4..seq.len()).map(|p| start + p).collect();
@@ -75,6 +76,7 @@ fn check(name: &str) {
             .collect();
         let nll = model.token_nll(&hidden, &predictions).unwrap();
         let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+        worst_nll = worst_nll.max((mean - r.mean_nll[s]).abs());
         assert!(
             (mean - r.mean_nll[s]).abs() < 1e-5,
             "{name} sequence {s}: mean NLL {mean} vs transformers {}",
@@ -83,7 +85,7 @@ fn check(name: &str) {
         start += seq.len();
     }
     assert!(worst_logit < 1e-4, "{name}: logits differ by up to {worst_logit}");
-    eprintln!("{name}: max |Δlogit| = {worst_logit:.2e}");
+    eprintln!("{name}: max |Δlogit| = {worst_logit:.2e}, max |Δ mean NLL| = {worst_nll:.2e}");
 }
 
 #[test]

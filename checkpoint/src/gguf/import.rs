@@ -58,7 +58,16 @@ struct Hparams {
     rope_theta: f64,
     context: Option<u64>,
     vocab: usize,
+    /// The rope scaling `rope_parameters` holds beside `rope_theta` and `rope_type` (Gemma 3's
+    /// linear factor, Phi-3's LongRoPE factors), if any.
+    rope_scaling: Option<Value>,
+    /// `config.json` keys of the family that llama.cpp stores in its own keys or derives
+    /// (soft-capping, windows, partial rotary, the attention scale).
+    family: serde_json::Map<String, Value>,
 }
+
+/// Phi-3's LongRoPE factors, stored by llama.cpp as tensors of their own (not weights).
+const ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
 
 fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
     let arch = gguf.get_str("general.architecture")?;
@@ -66,9 +75,12 @@ fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
         "llama" => (Architecture::Llama, true),
         "qwen2" => (Architecture::Qwen2, false),
         "qwen3" => (Architecture::Qwen3, false),
+        "phi3" => (Architecture::Phi3, false),
+        "gemma2" => (Architecture::Gemma2, false),
+        "gemma3" => (Architecture::Gemma3, false),
         other => {
             return Err(gguf.error(format!(
-                "general.architecture = `{other}` is not supported (supported: llama, qwen2, qwen3)"
+                "general.architecture = `{other}` is not supported (supported: llama, qwen2, qwen3, phi3, gemma2, gemma3)"
             )));
         }
     };
@@ -94,26 +106,145 @@ fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
             key("attention.key_length")
         )));
     }
-    if let Some(rot) = gguf
-        .metadata
-        .get(&key("rope.dimension_count"))
-        .and_then(MetaValue::as_u64)
+    let mut family = serde_json::Map::new();
+    let f64_key = |k: &str| gguf.metadata.get(&key(k)).and_then(MetaValue::as_f64);
+    let u64_key = |k: &str| gguf.metadata.get(&key(k)).and_then(MetaValue::as_u64);
+    if let Some(rot) = u64_key("rope.dimension_count")
         && rot as usize != head_dim
     {
-        return Err(gguf.error(format!(
-            "partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"
-        )));
+        // Phi-3's partial rotary (Phi-4-mini rotates 3/4 of each head).
+        if architecture != Architecture::Phi3 {
+            return Err(gguf.error(format!(
+                "partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported for `{arch}`"
+            )));
+        }
+        family.insert(
+            "partial_rotary_factor".into(),
+            (rot as f64 / head_dim as f64).into(),
+        );
     }
+    let mut rope_scaling = None;
     if gguf.metadata.contains_key(&key("rope.scaling.type")) {
         let kind = gguf.get_str(&key("rope.scaling.type")).unwrap_or("?");
-        if kind != "none" {
-            return Err(gguf.error(format!("rope scaling `{kind}` is not supported")));
+        match (kind, f64_key("rope.scaling.factor")) {
+            ("none", _) => {}
+            // Gemma 3 (4B and up): linear on the full-attention layers only.
+            ("linear", Some(factor)) if architecture == Architecture::Gemma3 => {
+                rope_scaling = Some(json!({"rope_type": "linear", "factor": factor}));
+            }
+            ("linear", None) if architecture == Architecture::Gemma3 => {
+                return Err(gguf.error(format!(
+                    "rope scaling `linear` without `{}`",
+                    key("rope.scaling.factor")
+                )));
+            }
+            _ => return Err(gguf.error(format!("rope scaling `{kind}` is not supported for `{arch}`"))),
         }
+    }
+    let layers = usize_key("block_count")?;
+    // The attention scale llama.cpp derives: hidden / heads for the 27B models (46 layers of
+    // Gemma 2, 62 of Gemma 3; their query_pre_attn_scalar), head_dim otherwise.
+    let query_pre_attn_scalar = |big: usize| match layers == big {
+        true => hidden / heads,
+        false => head_dim,
+    };
+    match architecture {
+        Architecture::Gemma2 => {
+            family.insert(
+                "attn_logit_softcapping".into(),
+                f64_key("attn_logit_softcapping").unwrap_or(50.0).into(),
+            );
+            family.insert(
+                "final_logit_softcapping".into(),
+                f64_key("final_logit_softcapping").unwrap_or(30.0).into(),
+            );
+            family.insert(
+                "sliding_window".into(),
+                u64_key("attention.sliding_window").unwrap_or(4096).into(),
+            );
+            family.insert("query_pre_attn_scalar".into(), query_pre_attn_scalar(46).into());
+        }
+        Architecture::Gemma3 => {
+            if let Some(cap) = f64_key("final_logit_softcapping").filter(|&c| c > 0.0) {
+                family.insert("final_logit_softcapping".into(), cap.into());
+            }
+            if let Some(window) = u64_key("attention.sliding_window").filter(|&w| w > 0) {
+                family.insert("sliding_window".into(), window.into());
+                // llama.cpp's `attention.sliding_window_pattern`: a period (every n-th layer
+                // full; 6 where absent) or one flag per layer (true: sliding).
+                match gguf.metadata.get(&key("attention.sliding_window_pattern")) {
+                    Some(MetaValue::Array(flags)) => {
+                        let types = flags
+                            .iter()
+                            .map(|f| match f {
+                                MetaValue::Bool(true) => Ok("sliding_attention"),
+                                MetaValue::Bool(false) => Ok("full_attention"),
+                                _ => Err(gguf.error(format!(
+                                    "`{}` holds {f:?}, not a flag per layer",
+                                    key("attention.sliding_window_pattern")
+                                ))),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        family.insert("layer_types".into(), types.into());
+                    }
+                    Some(period) => {
+                        let period = period.as_u64().ok_or_else(|| {
+                            gguf.error(format!(
+                                "`{}` is neither a period nor a flag per layer",
+                                key("attention.sliding_window_pattern")
+                            ))
+                        })?;
+                        family.insert("sliding_window_pattern".into(), period.into());
+                    }
+                    None => {
+                        family.insert("sliding_window_pattern".into(), 6.into());
+                    }
+                }
+            } else {
+                // No window in the file: llama.cpp slides nowhere (transformers would default
+                // to 4096).
+                family.insert("sliding_window".into(), Value::Null);
+            }
+            family.insert(
+                "rope_local_base_freq".into(),
+                f64_key("rope.freq_base_swa").unwrap_or(10_000.0).into(),
+            );
+            family.insert("query_pre_attn_scalar".into(), query_pre_attn_scalar(62).into());
+        }
+        Architecture::Phi3 => {
+            if let Some(window) = u64_key("attention.sliding_window").filter(|&w| w > 0) {
+                family.insert("sliding_window".into(), window.into());
+            }
+            let original = u64_key("rope.scaling.original_context_length");
+            if let Some(original) = original {
+                family.insert("original_max_position_embeddings".into(), original.into());
+            }
+            // LongRoPE: the factors are tensors; the original context a key.
+            if let [Some(long), Some(short)] = ROPE_FACTORS.map(|n| gguf.tensor(n)) {
+                let factors = |t| -> Result<Value> { Ok(gguf.dequantize(t)?.into()) };
+                let mut longrope = json!({
+                    "rope_type": "longrope",
+                    "long_factor": factors(long)?,
+                    "short_factor": factors(short)?,
+                });
+                if let Some(a) = f64_key("rope.scaling.attn_factor") {
+                    longrope["attention_factor"] = a.into();
+                }
+                if original.is_none() {
+                    return Err(gguf.error(format!(
+                        "LongRoPE factors without `{}`",
+                        key("rope.scaling.original_context_length")
+                    )));
+                }
+                rope_scaling = Some(longrope);
+            }
+        }
+        _ => {}
     }
     Ok(Hparams {
         architecture,
         permuted_qk,
-        layers: usize_key("block_count")?,
+        layers,
         hidden,
         intermediate: usize_key("feed_forward_length")?,
         heads,
@@ -134,6 +265,8 @@ fn hparams(gguf: &GgufFile, vocab: usize) -> Result<Hparams> {
             Some(v) => v as usize,
             None => vocab,
         },
+        rope_scaling,
+        family,
     })
 }
 
@@ -171,9 +304,19 @@ fn map_tensor(gguf: &GgufFile, hp: &Hparams, name: &str) -> Result<Mapped> {
         )));
     }
     let permute = |heads: usize| hp.permuted_qk.then_some(heads);
+    let gemma = hp.architecture.is_gemma();
+    let phi3 = hp.architecture == Architecture::Phi3;
+    let qk_norm = matches!(hp.architecture, Architecture::Qwen3 | Architecture::Gemma3);
     let (hf, unpermute_heads, shape) = match rest {
         "attn_norm.weight" => ("input_layernorm.weight", None, vec![h]),
+        // Gemma's MLP input norm; the others' (Gemma's post-attention norm has a name of its own).
+        "ffn_norm.weight" if gemma => ("pre_feedforward_layernorm.weight", None, vec![h]),
         "ffn_norm.weight" => ("post_attention_layernorm.weight", None, vec![h]),
+        "post_attention_norm.weight" if gemma => ("post_attention_layernorm.weight", None, vec![h]),
+        "post_ffw_norm.weight" if gemma => ("post_feedforward_layernorm.weight", None, vec![h]),
+        // Phi-3's fused projections stay fused, q/k/v rows and gate/up rows in HF's order.
+        "attn_qkv.weight" if phi3 => ("self_attn.qkv_proj.weight", None, vec![q + 2 * kv, h]),
+        "ffn_up.weight" if phi3 => ("mlp.gate_up_proj.weight", None, vec![2 * i, h]),
         "attn_q.weight" => ("self_attn.q_proj.weight", permute(hp.heads), vec![q, h]),
         "attn_k.weight" => ("self_attn.k_proj.weight", permute(hp.kv_heads), vec![kv, h]),
         "attn_v.weight" => ("self_attn.v_proj.weight", None, vec![kv, h]),
@@ -184,12 +327,8 @@ fn map_tensor(gguf: &GgufFile, hp: &Hparams, name: &str) -> Result<Mapped> {
         "ffn_gate.weight" => ("mlp.gate_proj.weight", None, vec![i, h]),
         "ffn_up.weight" => ("mlp.up_proj.weight", None, vec![i, h]),
         "ffn_down.weight" => ("mlp.down_proj.weight", None, vec![h, i]),
-        "attn_q_norm.weight" if hp.architecture == Architecture::Qwen3 => {
-            ("self_attn.q_norm.weight", None, vec![hp.head_dim])
-        }
-        "attn_k_norm.weight" if hp.architecture == Architecture::Qwen3 => {
-            ("self_attn.k_norm.weight", None, vec![hp.head_dim])
-        }
+        "attn_q_norm.weight" if qk_norm => ("self_attn.q_norm.weight", None, vec![hp.head_dim]),
+        "attn_k_norm.weight" if qk_norm => ("self_attn.k_norm.weight", None, vec![hp.head_dim]),
         _ => return Err(unknown()),
     };
     Ok(Mapped {
@@ -266,6 +405,10 @@ fn convert(gguf: &GgufFile, hp: &Hparams, t: &GgufTensor, dtype: OutputDtype) ->
         let row_len = if shape.len() == 2 { shape[1] } else { 1 };
         values = unpermute_rows(&values, heads, row_len);
     }
+    // llama.cpp's converter stores Gemma's norm weights as the 1 + w they apply.
+    if hp.architecture.is_gemma() && mapped.hf_name.ends_with("norm.weight") {
+        values.iter_mut().for_each(|v| *v -= 1.0);
+    }
     // Norm weights are kept in f32 like every other tensor unless a smaller dtype is asked for.
     Ok(encode(&values, dtype))
 }
@@ -277,10 +420,20 @@ fn config_json(
     tied: bool,
     dtype: OutputDtype,
 ) -> Value {
+    let activation = match hp.architecture.is_gemma() {
+        true => "gelu_pytorch_tanh",
+        false => "silu",
+    };
+    let mut rope = json!({"rope_theta": hp.rope_theta, "rope_type": "default"});
+    if let Some(Value::Object(scaling)) = &hp.rope_scaling {
+        for (k, v) in scaling {
+            rope[k] = v.clone();
+        }
+    }
     let mut config = json!({
         "architectures": [hp.architecture.hf_name()],
         "model_type": hp.architecture.model_type(),
-        "hidden_act": "silu",
+        "hidden_act": activation,
         "hidden_size": hp.hidden,
         "intermediate_size": hp.intermediate,
         "num_hidden_layers": hp.layers,
@@ -289,7 +442,7 @@ fn config_json(
         "head_dim": hp.head_dim,
         "rms_norm_eps": hp.rms_eps,
         "rope_theta": hp.rope_theta,
-        "rope_parameters": {"rope_theta": hp.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope,
         "tie_word_embeddings": tied,
         "vocab_size": hp.vocab,
         "attention_dropout": 0.0,
@@ -317,6 +470,10 @@ fn config_json(
             obj.insert("attention_bias".into(), false.into());
         }
     }
+    if hp.architecture.is_gemma() {
+        obj.insert("hidden_activation".into(), activation.into());
+    }
+    obj.extend(hp.family.clone());
     if let Some(name) = gguf.metadata.get("general.name").and_then(MetaValue::as_str) {
         obj.insert("_name_or_path".into(), name.into());
     }
@@ -416,6 +573,7 @@ pub fn import_gguf(
     let mut tensors: Vec<(&GgufTensor, TensorSpec)> = gguf
         .tensors
         .iter()
+        .filter(|t| !ROPE_FACTORS.contains(&t.name.as_str()))
         .map(|t| plan(&gguf, &hp, t, dtype).map(|spec| (t, spec)))
         .collect::<Result<_>>()?;
     tensors.sort_by(|a, b| a.1.name.cmp(&b.1.name));
