@@ -122,6 +122,15 @@ const ELEM_THREADS: u32 = 256;
 /// Dynamic shared memory the W4A16 kernels may use.
 const MMA_MAX_SHARED: usize = 96 << 10;
 
+/// The activation of a gated MLP's gate, as the elementwise kernels name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateActivation {
+    /// `silu_mul`.
+    Silu,
+    /// `gelu_tanh_mul` (GELU's tanh approximation).
+    GeluTanh,
+}
+
 /// One device and everything compiled for it.
 pub struct Gpu {
     ordinal: usize,
@@ -397,29 +406,24 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y = silu(g) · u`. CPU twin: `cpu_kernels::math::silu_mul_into`.
-    pub fn silu_mul(
+    /// `y = gate(g) · u`, the input of a gated MLP's down projection. CPU twins:
+    /// `cpu_kernels::math::silu_mul_into`, `gelu_tanh_mul_into`.
+    pub fn gate_mul(
         &self,
+        gate: GateActivation,
         g: &CudaSlice<f32>,
         u: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
-        self.gate_mul("silu_mul", g, u, y, n)
+        let entry = match gate {
+            GateActivation::Silu => "silu_mul",
+            GateActivation::GeluTanh => "gelu_tanh_mul",
+        };
+        self.launch_gate_mul(entry, g, u, y, n)
     }
 
-    /// `y = gelu_tanh(g) · u`. CPU twin: `cpu_kernels::math::gelu_tanh_mul_into`.
-    pub fn gelu_tanh_mul(
-        &self,
-        g: &CudaSlice<f32>,
-        u: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        n: usize,
-    ) -> Result<()> {
-        self.gate_mul("gelu_tanh_mul", g, u, y, n)
-    }
-
-    fn gate_mul(
+    fn launch_gate_mul(
         &self,
         entry: &'static str,
         g: &CudaSlice<f32>,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use checkpoint::{Activation, AwqGemm, FloatData};
 use cuda_kernels::Gpu;
 use cuda_kernels::cudarc::driver::CudaSlice;
-use cuda_kernels::gpu::AwqDeviceWeight;
+use cuda_kernels::gpu::{AwqDeviceWeight, GateActivation};
 use cuda_kernels::layout::MmaLayout;
 use half::{bf16, f16};
 
@@ -488,10 +488,12 @@ impl Backend for CudaBackend {
         Self::same_dims("gate_mul", gate, up)?;
         Self::same_dims("gate_mul", gate, out)?;
         let n = gate.rows * gate.cols;
-        match activation {
-            Activation::Silu => self.gpu.silu_mul(&gate.data, &up.data, &mut out.data, n)?,
-            Activation::GeluTanh => self.gpu.gelu_tanh_mul(&gate.data, &up.data, &mut out.data, n)?,
-        }
+        let kernel = match activation {
+            Activation::Silu => GateActivation::Silu,
+            Activation::GeluTanh => GateActivation::GeluTanh,
+        };
+        self.gpu
+            .gate_mul(kernel, &gate.data, &up.data, &mut out.data, n)?;
         Ok(())
     }
 
