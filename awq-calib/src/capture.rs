@@ -6,7 +6,7 @@
 use checkpoint::names::{self, Projection};
 use checkpoint::{Checkpoint, ModelConfig};
 use tp_runtime::load::{WeightSource, read_vocab_rows};
-use tp_runtime::model::{DecoderLayer, ForwardContext, Workspace};
+use tp_runtime::model::{DecoderLayer, ForwardContext, Workspace, embed_scaled};
 use tp_runtime::{Backend, Compute, HostTensor, SeqLayout};
 
 use crate::{Activations, CalibError, Result};
@@ -127,10 +127,7 @@ impl<'a, B: Backend> LayerStream<'a, B> {
             config,
             &whole,
         )?)?;
-        let mut embedded = backend.embed(&table, &ids, 0, config.hidden_size)?;
-        if config.embedding_multiplier != 1.0 {
-            backend.scale(&mut embedded, config.embedding_multiplier)?;
-        }
+        let embedded = embed_scaled(backend, config, &table, &ids, 0)?;
         let x = HostTensor::new(backend.download(&embedded)?, ids.len(), config.hidden_size)?;
         drop((table, embedded));
         checkpoint.tensor(names::EMBED_TOKENS)?.release_pages();

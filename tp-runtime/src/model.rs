@@ -298,6 +298,23 @@ pub fn project<'w, B: Backend>(
     Ok(out)
 }
 
+/// The embeddings of `ids` as the first layer sees them: rows of `table` (which holds the ids
+/// from `first_id` on; others get zero rows) times the family's embedding multiplier (Gemma's
+/// √hidden).
+pub fn embed_scaled<B: Backend>(
+    backend: &B,
+    config: &ModelConfig,
+    table: &B::Matrix,
+    ids: &[u32],
+    first_id: usize,
+) -> Result<B::Tensor> {
+    let mut x = backend.embed(table, ids, first_id, config.hidden_size)?;
+    if config.embedding_multiplier != 1.0 {
+        backend.scale(&mut x, config.embedding_multiplier)?;
+    }
+    Ok(x)
+}
+
 /// One decoder layer: attention block and MLP block, each with a pre-norm and a residual, and
 /// with sandwich norms (Gemma) a norm of its output before the residual add.
 pub struct DecoderLayer<B: Backend> {
@@ -691,16 +708,13 @@ impl<B: Backend> Model<B> {
                 self.config.vocab_size
             )));
         }
-        let mut x = self
-            .backend
-            .embed(table, ids, self.shard().vocab.start, self.config.hidden_size)?;
+        // Each rank's rows are its table's scaled values or zeros: their sum is exact, so the
+        // multiplier may come before the all-reduce.
+        let mut x = embed_scaled(&self.backend, &self.config, table, ids, self.shard().vocab.start)?;
         if self.vocab_parallel()
             && let Some(comm) = &self.comm
         {
             comm.all_reduce_sum(self.backend.buffer_mut(&mut x))?;
-        }
-        if self.config.embedding_multiplier != 1.0 {
-            self.backend.scale(&mut x, self.config.embedding_multiplier)?;
         }
         Ok(x)
     }
